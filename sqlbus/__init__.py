@@ -1,0 +1,85 @@
+"""sqlbus: a durable, transactional message bus for agents, inside one SQLite file.
+
+>>> import sqlbus
+>>> bus = sqlbus.connect("team.db")                       # doctest: +SKIP
+>>> alice, bob = bus.agent("alice"), bus.agent("bob")     # doctest: +SKIP
+>>> alice.publish("bob", "task_assignment", {"task": {"id": "t1", "type": "build"}})  # doctest: +SKIP
+>>> for d in bob.receive(limit=10, wait=1.0):             # doctest: +SKIP
+...     with d:
+...         print(d.message.payload)
+"""
+
+from .bus import Agent, AgentInfo, Bus, DeadLetter, Delivery, SentRecord, Transaction, connect
+from .errors import (
+    AuthenticationError,
+    DatabaseError,
+    Discard,
+    LeaseLostError,
+    PayloadTooLargeError,
+    RemoteError,
+    RequestTimeoutError,
+    Retry,
+    SqlbusError,
+    ValidationError,
+    VersionConflictError,
+)
+from .messages import (
+    MESSAGE_TYPES,
+    Headers,
+    Health,
+    Message,
+    Progress,
+    StatusUpdate,
+    Task,
+    TaskAssignment,
+    TaskError,
+    TaskMetrics,
+    TaskResources,
+    TaskResult,
+    decode_payload,
+)
+from .state import StateEntry, StateStore
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # opening a bus
+    "connect",
+    "Bus",
+    "Agent",
+    "Delivery",
+    "Transaction",
+    # records
+    "AgentInfo",
+    "SentRecord",
+    "DeadLetter",
+    "StateEntry",
+    "StateStore",
+    # messages and typed payloads
+    "MESSAGE_TYPES",
+    "Message",
+    "Headers",
+    "TaskAssignment",
+    "Task",
+    "TaskResources",
+    "TaskResult",
+    "TaskError",
+    "TaskMetrics",
+    "StatusUpdate",
+    "Progress",
+    "Health",
+    "decode_payload",
+    # errors
+    "SqlbusError",
+    "ValidationError",
+    "PayloadTooLargeError",
+    "DatabaseError",
+    "LeaseLostError",
+    "VersionConflictError",
+    "RequestTimeoutError",
+    "RemoteError",
+    "AuthenticationError",
+    # control-flow signals for handlers
+    "Retry",
+    "Discard",
+]

@@ -1,0 +1,1202 @@
+"""The bus API: open a database, register agents, publish, receive, ack, fail, dead-letter.
+
+>>> import sqlbus
+>>> with sqlbus.connect("team.db") as bus:                    # doctest: +SKIP
+...     alice, bob = bus.agent("alice"), bus.agent("bob")
+...     alice.publish("bob", "notification", {"text": "hi"})
+...     for d in bob.receive(limit=10, wait=1.0):
+...         with d:                         # clean exit acks; an exception fails (retry)
+...             print(d.message.payload)
+
+The bus owns policy (defaults, the clock, connections, wake-ups); all SQL is in
+:mod:`sqlbus.storage`. Every write is one short ``BEGIN IMMEDIATE`` transaction; no
+transaction is open while a handler runs (claim, run the handler, ack in another).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+import time
+import traceback as traceback_module
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import apsw
+import msgspec
+
+from . import storage
+from .errors import (
+    AuthenticationError,
+    DatabaseError,
+    Discard,
+    LeaseLostError,
+    Retry,
+    ValidationError,
+)
+from .messages import (
+    MESSAGE_TYPES,
+    Message,
+    Outgoing,
+    check_agent_id,
+    decode_message,
+    encode_json,
+    iso_ms,
+    prepare,
+)
+from .state import StateStore, StateWrite, check_key
+
+__all__ = [
+    "connect",
+    "Bus",
+    "Agent",
+    "Delivery",
+    "Transaction",
+    "AgentInfo",
+    "SentRecord",
+    "DeadLetter",
+    "DURABILITY",
+]
+
+DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+ALIVE_WITHIN_MS = 60_000  # an agent seen within this window counts as alive
+_TOUCH_EVERY_MS = 1_000  # receive() refreshes last_seen at most this often per agent object
+_PUBLISH_KEYS = frozenset(
+    ("to", "type", "payload", "priority", "ttl", "requires_ack", "correlation_id", "delay", "id")
+)
+NON_RETRYABLE: tuple[type[BaseException], ...] = (
+    ValidationError,
+    msgspec.ValidationError,
+    AuthenticationError,
+    PermissionError,
+)
+
+
+class AgentInfo(msgspec.Struct, kw_only=True):
+    """A registered agent. ``alive``: seen within the last 60 s (ISO 8601 UTC times)."""
+
+    id: str
+    registered_at: str
+    last_seen: str
+    status: str
+    alive: bool
+
+
+class SentRecord(msgspec.Struct, kw_only=True):
+    """An archived message and the agents it was delivered to (empty for an unmatched broadcast)."""
+
+    message: Message
+    recipients: list[str]
+    sent_at: str
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """A delivery that ended in dead letters, with why (``reason``) and the error, if any.
+
+    ``reason`` is ``max_attempts``, ``non_retryable``, ``discarded``, ``expired`` or the
+    caller's text; ``context`` a JSON object; ``failed_at`` ISO 8601 UTC.
+    """
+
+    id: int
+    agent: str
+    message: Message
+    reason: str
+    error_name: str | None
+    error_message: str | None
+    traceback: str | None
+    context: dict[str, Any]
+    failed_at: str
+    attempts: int
+
+
+def _seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
+    """Check a duration in seconds (programmer mistakes raise ValueError/TypeError at once)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    if value != value or value < 0 or (not allow_zero and value == 0):
+        rule = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {rule} seconds, got {value!r}")
+    return float(value)
+
+
+_all_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+# Connections inherited by a forked child are parked here and never used or closed: closing
+# them in the child could disturb the parent's locks and shared memory.
+_parked_after_fork: list[Any] = []
+
+
+def _after_fork_in_child() -> None:
+    for bus in list(_all_buses):
+        bus._forget_connections()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def connect(
+    path: str | os.PathLike[str],
+    *,
+    durability: str = "normal",
+    lease: float = 30.0,
+    max_attempts: int = 5,
+    backoff_base: float = 1.0,
+    backoff_cap: float = 16.0,
+    max_payload_bytes: int = 1_048_576,
+    busy_timeout: float = 5.0,
+    clock: Callable[[], float] | None = None,
+    mode: int = 0o600,
+    non_retryable: Iterable[type[BaseException]] = (),
+) -> Bus:
+    """Open (creating if needed) the sqlbus database at ``path`` and return a :class:`Bus`.
+
+    >>> bus = sqlbus.connect("team.db", durability="full")   # doctest: +SKIP
+
+    ``durability``: ``"normal"`` (commits survive a process crash) or ``"full"`` (fsync every
+    commit: they also survive power loss). ``lease``, ``backoff_*`` and ``busy_timeout`` are
+    seconds; ``clock`` returns epoch seconds (for tests); ``mode`` is the new file's
+    permissions; ``non_retryable`` adds exception classes that dead-letter at once. A file that
+    is not a healthy sqlbus database raises :class:`DatabaseError` and is left untouched.
+    """
+    return Bus(
+        path,
+        durability=durability,
+        lease=lease,
+        max_attempts=max_attempts,
+        backoff_base=backoff_base,
+        backoff_cap=backoff_cap,
+        max_payload_bytes=max_payload_bytes,
+        busy_timeout=busy_timeout,
+        clock=clock,
+        mode=mode,
+        non_retryable=non_retryable,
+    )
+
+
+class _Write:
+    """``with bus._write() as conn``: one BEGIN IMMEDIATE transaction on this thread's
+    connection; apsw errors become :class:`DatabaseError`; waiters are woken after commit."""
+
+    __slots__ = ("bus", "conn")
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+
+    def __enter__(self) -> apsw.Connection:
+        conn = self.conn = self.bus._conn()
+        try:
+            storage.begin(conn)
+        except apsw.Error as exc:
+            raise self.bus._database_error(exc) from exc
+        return conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        conn = self.conn
+        if exc_type is None:
+            try:
+                storage.commit(conn)
+            except apsw.Error as error:
+                self._rollback()
+                raise self.bus._database_error(error) from error
+            self.bus._committed()
+            return
+        self._rollback()
+        if isinstance(exc, apsw.Error):
+            raise self.bus._database_error(exc) from exc
+
+    def _rollback(self) -> None:
+        try:
+            storage.rollback(self.conn)
+        except apsw.Error:
+            pass  # the connection already ended the transaction
+
+
+class _Read:
+    """``with bus._reading() as conn``: translate apsw errors for a read (no transaction)."""
+
+    __slots__ = ("bus", "conn")
+
+    def __init__(self, bus: Bus, conn: apsw.Connection | None) -> None:
+        self.bus = bus
+        self.conn = conn
+
+    def __enter__(self) -> apsw.Connection:
+        if self.conn is None:
+            self.conn = self.bus._conn()
+        return self.conn
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, apsw.Error):
+            raise self.bus._database_error(exc) from exc
+
+
+class Bus:
+    """A handle on one sqlbus database file, shared by the agents of this process.
+
+    Safe to share between threads (each thread gets its own connection) and across
+    ``os.fork()`` (a child opens its own connections). Use :func:`connect` to make one.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        durability: str = "normal",
+        lease: float = 30.0,
+        max_attempts: int = 5,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 16.0,
+        max_payload_bytes: int = 1_048_576,
+        busy_timeout: float = 5.0,
+        clock: Callable[[], float] | None = None,
+        mode: int = 0o600,
+        non_retryable: Iterable[type[BaseException]] = (),
+    ) -> None:
+        if durability not in DURABILITY:
+            raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")
+        self.lease = _seconds(lease, "lease", allow_zero=False)
+        if type(max_attempts) is not int or max_attempts < 1:
+            raise ValueError(f"max_attempts must be an int >= 1, got {max_attempts!r}")
+        self.backoff_base = _seconds(backoff_base, "backoff_base")
+        self.backoff_cap = _seconds(backoff_cap, "backoff_cap")
+        if type(max_payload_bytes) is not int or max_payload_bytes < 2:
+            raise ValueError(f"max_payload_bytes must be an int >= 2, got {max_payload_bytes!r}")
+        self.busy_timeout = _seconds(busy_timeout, "busy_timeout")
+        if clock is not None and not callable(clock):
+            raise TypeError("clock must be a callable returning epoch seconds")
+        extra = tuple(non_retryable)
+        for cls in extra:
+            if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+                raise TypeError(f"non_retryable takes exception classes, got {cls!r}")
+        self.path = os.path.abspath(os.fspath(path))
+        self.durability = durability
+        self.max_attempts = max_attempts
+        self.max_payload_bytes = max_payload_bytes
+        self.clock: Callable[[], float] = clock or time.time
+        self.non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE + extra
+        self._synchronous = DURABILITY[durability]
+        self._local = threading.local()
+        self._connections: list[apsw.Connection] = []
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
+        self._closed = False
+        self._open_file(mode)
+        self.state = StateStore(self, None)
+        _all_buses.add(self)
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open_file(self, mode: int) -> None:
+        path = self.path
+        if path == ":memory:" or os.path.basename(path) == ":memory:":
+            raise ValueError("sqlbus needs a database file path that several processes can open")
+        created = False
+        if not os.path.exists(path):
+            directory = os.path.dirname(path) or "."
+            if not os.path.isdir(directory):
+                raise DatabaseError(f"cannot create {path}: directory {directory} does not exist")
+            try:
+                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode))
+                created = True
+            except FileExistsError:
+                pass  # another process created it first
+            except OSError as exc:
+                raise DatabaseError(f"cannot create {path}: {exc.strerror}") from exc
+        elif os.path.isdir(path):
+            raise DatabaseError(f"{path} is a directory, not a database file")
+        try:
+            empty = storage.check_file(path)
+            conn = self._conn()
+            if empty or created:
+                storage.set_wal_mode(conn, path)
+            storage.initialize(conn, path)
+            if not (empty or created):
+                storage.set_wal_mode(conn, path)
+        except apsw.Error as exc:
+            self.close()
+            raise self._database_error(exc) from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def _conn(self) -> apsw.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise DatabaseError(f"the bus on {self.path} is closed")
+        try:
+            conn = storage.open_connection(
+                self.path, synchronous=self._synchronous, busy_timeout=self.busy_timeout
+            )
+        except apsw.Error as exc:
+            raise self._database_error(exc) from exc
+        with self._lock:
+            self._connections.append(conn)
+        self._local.conn = conn
+        return conn
+
+    def _forget_connections(self) -> None:
+        """In a forked child: never touch the parent's connections; open new ones on demand."""
+        _parked_after_fork.extend(self._connections)
+        self._connections = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._waiting = 0
+
+    def _database_error(self, exc: apsw.Error) -> DatabaseError:
+        """Say in one line what an apsw error means for the user."""
+        path = self.path
+        if isinstance(exc, apsw.BusyError):
+            return DatabaseError(
+                f"{path}: database is locked: another writer held it for more than "
+                f"busy_timeout={self.busy_timeout}s; nothing was written"
+            )
+        if isinstance(exc, apsw.FullError):
+            return DatabaseError(
+                f"{path}: disk full (ENOSPC); nothing was written. Free space and retry"
+            )
+        if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+            return DatabaseError(
+                f"{path} is corrupt ({exc}); run 'sqlbus check' and restore from a 'sqlbus backup'"
+            )
+        if isinstance(exc, apsw.ReadOnlyError):
+            return DatabaseError(f"{path} is read-only ({exc}); check the file's permissions")
+        if isinstance(exc, apsw.CantOpenError):
+            return DatabaseError(f"cannot open {path} ({exc}); check the path and permissions")
+        if isinstance(exc, apsw.IOError):
+            return DatabaseError(f"{path}: I/O error ({exc})")
+        return DatabaseError(f"{path}: {exc}")
+
+    def close(self) -> None:
+        """Close every connection this bus opened. Safe to call twice."""
+        self._closed = True
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except apsw.Error:
+                pass
+        self._local = threading.local()
+
+    def __enter__(self) -> Bus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<sqlbus.Bus {self.path!r} durability={self.durability!r}>"
+
+    # -- time, transactions, wake-ups ----------------------------------------------------------
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    def _write(self) -> _Write:
+        return _Write(self)
+
+    def _reading(self, conn: apsw.Connection | None = None) -> _Read:
+        return _Read(self, conn)
+
+    def _committed(self) -> None:
+        if self._waiting:
+            with self._changed:
+                self._changed.notify_all()
+
+    def _wait_for_change(self, baseline: int, timeout: float) -> None:
+        """Block up to ``timeout`` seconds until a commit may have made work (``baseline`` is
+        ``data_version`` read before the last look). Commits of this process wake at once;
+        others are seen by checking ``data_version`` at a slowly growing interval."""
+        conn = self._conn()
+        end = time.monotonic() + timeout
+        interval = 0.0005
+        with self._changed:
+            self._waiting += 1
+            try:
+                while True:
+                    with self._reading(conn):
+                        if storage.data_version(conn) != baseline:
+                            return
+                    remaining = end - time.monotonic()
+                    if remaining <= 0:
+                        return
+                    if self._changed.wait(min(interval, remaining)):
+                        return
+                    interval = min(interval * 2, 0.05)
+            finally:
+                self._waiting -= 1
+
+    def _data_version(self) -> int:
+        conn = self._conn()
+        with self._reading(conn):
+            return storage.data_version(conn)
+
+    # -- agents ----------------------------------------------------------------------------
+
+    def agent(self, agent_id: str) -> Agent:
+        """Register (or re-register) ``agent_id`` and return its handle; records last_seen."""
+        check_agent_id(agent_id)
+        now = self._now_ms()
+        with self._write() as conn:
+            storage.register_agent(conn, agent_id, now)
+        return Agent(self, agent_id)
+
+    def agents(self) -> list[AgentInfo]:
+        """The registry: every agent with its registration time, last_seen, status, alive."""
+        now = self._now_ms()
+        with self._reading() as conn:
+            rows = storage.list_agents(conn)
+        return [
+            AgentInfo(
+                id=agent_id,
+                registered_at=iso_ms(registered_at),
+                last_seen=iso_ms(last_seen),
+                status=status,
+                alive=now - last_seen <= ALIVE_WITHIN_MS,
+            )
+            for agent_id, registered_at, last_seen, status in rows
+        ]
+
+    # -- archive and dead letters -----------------------------------------------------------
+
+    def sent(self, agent: str | None = None, limit: int = 100) -> list[SentRecord]:
+        """The sent archive, newest first; ``agent`` keeps messages sent by or to it."""
+        if agent is not None:
+            check_agent_id(agent, "agent")
+        _check_limit(limit)
+        with self._reading() as conn:
+            rows = storage.list_sent(conn, agent, limit)
+        return [
+            SentRecord(message=decode_message(body), recipients=recipients, sent_at=iso_ms(sent_at))
+            for body, recipients, sent_at in rows
+        ]
+
+    def dead_letters(self, agent: str | None = None, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, newest first; ``agent`` keeps those of one recipient."""
+        if agent is not None:
+            check_agent_id(agent, "agent")
+        _check_limit(limit)
+        with self._reading() as conn:
+            rows = storage.list_dead_letters(conn, agent, limit)
+        return [_dead_letter_from_row(row) for row in rows]
+
+    def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
+        """One dead letter by id, or None."""
+        with self._reading() as conn:
+            row = storage.get_dead_letter(conn, dead_letter_id)
+        return None if row is None else _dead_letter_from_row(row)
+
+    def requeue(self, dead_letter_id: int) -> str:
+        """Put a dead letter back in its agent's inbox (attempts reset, fresh TTL); returns the
+        message id. Raises ``KeyError`` when there is no such dead letter."""
+        if type(dead_letter_id) is not int:
+            raise TypeError(f"dead_letter_id must be an int, got {type(dead_letter_id).__name__}")
+        now = self._now_ms()
+        with self._write() as conn:
+            row = storage.get_dead_letter(conn, dead_letter_id)
+            if row is None:
+                raise KeyError(f"no dead letter with id {dead_letter_id}")
+            message = decode_message(row[-1])
+            storage.requeue(conn, dead_letter_id, now, message.headers.ttl)
+        return message.id
+
+    def purge_dead_letters(self, older_than: float | None = None) -> int:
+        """Delete dead letters older than ``older_than`` seconds (None = all); returns how many."""
+        cutoff = None
+        if older_than is not None:
+            cutoff = self._now_ms() - int(_seconds(older_than, "older_than") * 1000)
+        with self._write() as conn:
+            return storage.purge_dead_letters(conn, cutoff)
+
+    # -- writing messages (shared by agents, transactions and deliveries) ------------------------
+
+    def _prepare(
+        self,
+        sender: str,
+        to: Any,
+        type: str,
+        payload: Any,
+        *,
+        priority: int = 3,
+        ttl: int = 30_000,
+        requires_ack: bool = False,
+        correlation_id: str | None = None,
+        delay: float = 0.0,
+        id: str | None = None,
+        now: int,
+        prefix: str = "",
+        broadcast_pattern: str | None = None,
+    ) -> _Publish:
+        delay_ms = int(_seconds(delay, f"{prefix}delay") * 1000)
+        outgoing = prepare(
+            sender, to, type, payload, now_ms=now, priority=priority, ttl=ttl,
+            requires_ack=requires_ack, correlation_id=correlation_id, id=id,
+            max_payload_bytes=self.max_payload_bytes, prefix=prefix,
+            broadcast_pattern=broadcast_pattern,
+        )
+        return _Publish(outgoing, delay_ms)
+
+    def _prepare_broadcast(
+        self, sender: str, type: str, payload: Any, pattern: str, headers: dict[str, Any], now: int
+    ) -> _Broadcast:
+        if type_of(pattern) is not str or not pattern:
+            raise ValidationError(f"pattern: expected a non-empty str, got {pattern!r}")
+        unknown = set(headers) - (_PUBLISH_KEYS - {"to", "type", "payload"})
+        if unknown:
+            raise TypeError(f"broadcast() got unknown header(s): {', '.join(sorted(unknown))}")
+        delay = headers.pop("delay", 0.0)
+        message_id = headers.pop("id", None)
+        checked = self._prepare(
+            sender, [], type, payload, now=now, id=message_id, delay=delay,
+            broadcast_pattern=pattern, **headers,
+        )
+        kwargs = dict(headers, id=checked.outgoing.id, payload=payload)
+        return _Broadcast(self, sender, type, pattern, kwargs, checked.delay_ms, now)
+
+    def _publish_in(
+        self,
+        conn: apsw.Connection,
+        now: int,
+        sender: str,
+        to: list[str] | None,
+        type: str,
+        payload: dict[str, Any],
+        *,
+        pattern: str = "*",
+    ) -> str:
+        """Publish a message the library builds itself, inside the caller's transaction:
+        to ``to``, or broadcast to ``pattern`` when ``to`` is None."""
+        if to is None:
+            return self._prepare_broadcast(sender, type, payload, pattern, {}, now).write(conn, now)
+        return self._prepare(sender, to, type, payload, now=now).write(conn, now)
+
+
+type_of = type  # the name `type` is a parameter in many methods below
+
+
+def _check_limit(limit: object) -> int:
+    if type(limit) is not int or limit < 1:
+        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+    return limit
+
+
+def _dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
+    dead_id, agent, reason, error_name, error_message, tb, context, failed_at, attempts, body = row
+    return DeadLetter(
+        id=dead_id,
+        agent=agent,
+        message=decode_message(body),
+        reason=reason,
+        error_name=error_name,
+        error_message=error_message,
+        traceback=tb,
+        context=msgspec.json.decode(context) if context else {},
+        failed_at=iso_ms(failed_at),
+        attempts=attempts,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pending writes: validated before any transaction, written inside one.
+
+
+class _Publish:
+    """A validated message waiting to be written (now, or with a delivery's ack)."""
+
+    __slots__ = ("outgoing", "delay_ms")
+
+    def __init__(self, outgoing: Outgoing, delay_ms: int) -> None:
+        self.outgoing = outgoing
+        self.delay_ms = delay_ms
+
+    def write(self, conn: apsw.Connection, now: int) -> str:
+        storage.publish(conn, [self.outgoing], [now + self.delay_ms], now)
+        return self.outgoing.id
+
+
+class _Broadcast:
+    """A validated broadcast; its recipients are matched in the transaction that writes it."""
+
+    __slots__ = ("bus", "sender", "type", "pattern", "kwargs", "delay_ms", "prepared_at")
+
+    def __init__(
+        self, bus: Bus, sender: str, type: str, pattern: str, kwargs: dict[str, Any],
+        delay_ms: int, prepared_at: int,
+    ) -> None:
+        self.bus = bus
+        self.sender = sender
+        self.type = type
+        self.pattern = pattern
+        self.kwargs = kwargs
+        self.delay_ms = delay_ms
+        self.prepared_at = prepared_at
+
+    def write(self, conn: apsw.Connection, now: int) -> str:
+        recipients = [
+            agent
+            for agent in storage.agent_ids(conn)
+            if agent != self.sender and fnmatch.fnmatchcase(agent, self.pattern)
+        ]
+        kwargs = self.kwargs
+        out = prepare(
+            self.sender, recipients, self.type, kwargs["payload"], now_ms=self.prepared_at,
+            priority=kwargs.get("priority", 3), ttl=kwargs.get("ttl", 30_000),
+            requires_ack=kwargs.get("requires_ack", False),
+            correlation_id=kwargs.get("correlation_id"), id=kwargs["id"],
+            broadcast_pattern=self.pattern, max_payload_bytes=self.bus.max_payload_bytes,
+        )
+        storage.publish(conn, [out], [now + self.delay_ms], now)
+        return out.id
+
+
+def _write_all(conn: apsw.Connection, ops: Sequence[Any], now: int) -> list[Any]:
+    """Write pending publishes in one go (one statement batch), other ops one by one."""
+    if all(type_of(op) is _Publish for op in ops):
+        storage.publish(conn, [op.outgoing for op in ops], [now + op.delay_ms for op in ops], now)
+        return [op.outgoing.id for op in ops]
+    return [op.write(conn, now) for op in ops]
+
+
+# ---------------------------------------------------------------------------------------------
+# Agents
+
+
+class Agent:
+    """One agent on the bus: publishes, receives and owns its inbox. Get one from
+    :meth:`Bus.agent`. Thread-safe like the bus."""
+
+    def __init__(self, bus: Bus, agent_id: str) -> None:
+        self.bus = bus
+        self.id = agent_id
+        self.state = StateStore(bus, agent_id)
+        self._touched_at = 0
+
+    def __repr__(self) -> str:
+        return f"<sqlbus.Agent {self.id!r}>"
+
+    # -- publishing ------------------------------------------------------------------------
+
+    def publish(
+        self,
+        to: str | list[str],
+        type: str,
+        payload: Any = None,
+        *,
+        priority: int = 3,
+        ttl: int = 30_000,
+        requires_ack: bool = False,
+        correlation_id: str | None = None,
+        delay: float = 0.0,
+        id: str | None = None,
+    ) -> str:
+        """Publish one message to one agent or a list (one message, N inboxes, all or none).
+
+        ``ttl`` is in milliseconds (0 = never expires), ``delay`` in seconds. Returns the id;
+        publishing an ``id`` that exists already writes nothing and returns it (idempotent).
+        """
+        bus = self.bus
+        now = bus._now_ms()
+        op = bus._prepare(
+            self.id, to, type, payload, priority=priority, ttl=ttl, requires_ack=requires_ack,
+            correlation_id=correlation_id, delay=delay, id=id, now=now,
+        )
+        with bus._write() as conn:
+            op.write(conn, now)
+        return op.outgoing.id
+
+    def publish_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
+        """Publish many messages in one transaction: another process sees all or none.
+
+        Each item is a dict with the keyword names of :meth:`publish`; every item is validated
+        first, and an error names the item (``[3].priority: ...``).
+        """
+        bus = self.bus
+        now = bus._now_ms()
+        ops = self._prepare_many(items, now)
+        if not ops:
+            return []
+        with bus._write() as conn:
+            _write_all(conn, ops, now)
+        return [op.outgoing.id for op in ops]
+
+    def _prepare_many(self, items: Sequence[dict[str, Any]], now: int) -> list[_Publish]:
+        if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
+            raise TypeError("publish_many takes a list of dicts")
+        ops = []
+        for index, item in enumerate(items):
+            prefix = f"[{index}]."
+            if type_of(item) is not dict:
+                raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}")
+            unknown = set(item) - _PUBLISH_KEYS
+            if unknown:
+                raise ValidationError(f"[{index}]: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+            for required in ("to", "type"):
+                if required not in item:
+                    raise ValidationError(f"{prefix}{required}: required")
+            ops.append(self.bus._prepare(self.id, now=now, prefix=prefix, **item))
+        return ops
+
+    def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:
+        """Send one message to every registered agent matching ``pattern`` (``*``, ``?``,
+        ``[...]``) except the sender; returns its id (a pattern that matches nobody delivers
+        nothing). ``headers``: ``priority``, ``ttl``, ``requires_ack``, ``correlation_id``,
+        ``delay``, ``id``."""
+        bus = self.bus
+        now = bus._now_ms()
+        op = bus._prepare_broadcast(self.id, type, payload, pattern, dict(headers), now)
+        with bus._write() as conn:
+            return op.write(conn, now)
+
+    def transaction(self) -> Transaction:
+        """``with alice.transaction() as tx:`` publish, write state and run your own SQL
+        (``tx.execute``) in one transaction: all of it commits, or none of it."""
+        return Transaction(self)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def receive(
+        self,
+        limit: int = 1,
+        wait: float = 0.0,
+        lease: float | None = None,
+        types: Iterable[str] | None = None,
+    ) -> list[Delivery]:
+        """Claim up to ``limit`` messages, highest priority first, then in publish order.
+
+        Each is leased to this caller for ``lease`` seconds (default: the bus's). ``wait``
+        (seconds) blocks until a message arrives or the time runs out. ``types`` keeps only
+        those message types. Expired messages move to dead letters and are never returned.
+        """
+        _check_limit(limit)
+        wait = _seconds(wait, "wait")
+        lease_ms = int(_seconds(self.bus.lease if lease is None else lease, "lease", allow_zero=False) * 1000)
+        types_json = None
+        if types is not None:
+            types = [types] if isinstance(types, str) else list(types)
+            for name in types:
+                if name not in MESSAGE_TYPES:
+                    raise ValidationError(f"types: unknown message type {name!r}")
+            types_json = encode_json(types).decode()
+        bus = self.bus
+        deadline = time.monotonic() + wait
+        while True:
+            baseline = bus._data_version() if wait > 0 else 0
+            deliveries = self._claim(limit, lease_ms, types_json)
+            if deliveries or wait <= 0:
+                return deliveries
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return []
+            bus._wait_for_change(baseline, min(remaining, self._until_due()))
+
+    def _until_due(self) -> float:
+        """Seconds until one of this agent's retries, delayed messages or leases comes due."""
+        bus = self.bus
+        with bus._reading() as conn:
+            due = storage.next_due(conn, self.id)
+        if due is None:
+            return 3600.0
+        return max(0.001, (due - bus._now_ms()) / 1000)
+
+    def _claim(self, limit: int, lease_ms: int, types_json: str | None) -> list[Delivery]:
+        bus = self.bus
+        now = bus._now_ms()
+        lease_until = now + lease_ms
+        claimed: list[tuple[Any, ...]] = []
+        with bus._write() as conn:
+            storage.promote_due(conn, self.id, now)
+            while len(claimed) < limit:
+                want = limit - len(claimed)
+                rows = storage.claim(conn, self.id, now, lease_until, want, types_json)
+                for row in rows:
+                    seq, _claims, attempts, _priority, expires_at, _sent_at, _body = row
+                    if expires_at is not None and now > expires_at:
+                        storage.dead_letter(conn, seq, None, now, "expired", attempts=attempts - 1)
+                    elif attempts > bus.max_attempts:
+                        storage.dead_letter(
+                            conn, seq, None, now, "max_attempts", error_name="LeaseExpired",
+                            error_message=f"the lease ran out {attempts - 1} times without an ack",
+                            attempts=attempts - 1,
+                        )
+                    else:
+                        claimed.append(row)
+                if len(rows) < want:
+                    break
+            if now - self._touched_at >= _TOUCH_EVERY_MS:
+                storage.touch_agent(conn, self.id, now)
+                self._touched_at = now
+        deliveries = []
+        for seq, claims, attempts, _priority, _expires_at, _sent_at, body in claimed:
+            message = decode_message(body)
+            message.headers.retry_count = attempts - 1
+            deliveries.append(Delivery(self, message, seq, claims, attempts, lease_until / 1000))
+        return deliveries
+
+    def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """Ack many deliveries (with their buffered effects) in one transaction, all or none.
+
+        Raises :class:`LeaseLostError` (and commits nothing) if any lease was lost, and
+        ``ValueError`` if a delivery is not this agent's.
+        """
+        deliveries = list(deliveries)
+        if not deliveries:
+            return
+        for d in deliveries:
+            if not isinstance(d, Delivery) or d.agent is not self and d.agent.id != self.id:
+                raise ValueError(f"{d!r} was not received by agent {self.id!r}")
+            if d._settled is not None and d._settled != "acked":
+                raise ValueError(f"{d!r} was already settled ({d._settled})")
+        pending = [d for d in deliveries if d._settled is None]
+        if not pending:
+            return
+        bus = self.bus
+        now = bus._now_ms()
+        notices = [d._ack_notice(now) for d in pending if d.message.headers.requires_ack]
+        with bus._write() as conn:
+            for d in pending:
+                if storage.ack(conn, d._seq, d._claims, now) is None:
+                    raise LeaseLostError(
+                        f"message {d.message.id} to {self.id!r}: the lease of attempt "
+                        f"{d.attempts} was lost (it ran out and the message was claimed again, "
+                        "or is gone); nothing was acked"
+                    )
+                for effect in d._effects:
+                    effect.write(conn, now)
+            for notice in notices:
+                notice.write(conn, now)
+        for d in pending:
+            d._settled = "acked"
+
+
+# ---------------------------------------------------------------------------------------------
+# Deliveries
+
+
+class Delivery:
+    """A message leased to one receiver: ack it, fail it, extend it or dead-letter it.
+
+    ``with d:`` acks on a clean exit and fails on an exception (which it re-raises);
+    :class:`sqlbus.Retry` and :class:`sqlbus.Discard` raised inside are handled, not re-raised.
+    ``reply``, ``publish`` and ``state`` writes are buffered and committed with the ack.
+    ``attempts`` is 1 on the first delivery; ``lease_until`` is in epoch seconds.
+    """
+
+    __slots__ = ("agent", "message", "attempts", "lease_until", "_seq", "_claims", "_effects",
+                 "_settled", "state")
+
+    def __init__(
+        self, agent: Agent, message: Message, seq: int, claims: int, attempts: int,
+        lease_until: float,
+    ) -> None:
+        self.agent = agent
+        self.message = message
+        self.attempts = attempts
+        self.lease_until = lease_until
+        self._seq = seq
+        self._claims = claims
+        self._effects: list[Any] = []
+        self._settled: str | None = None
+        self.state = _BufferedState(self)
+
+    def __repr__(self) -> str:
+        return (f"<sqlbus.Delivery {self.message.type} {self.message.id} to {self.agent.id!r} "
+                f"attempt {self.attempts}>")
+
+    # -- context manager -------------------------------------------------------------------
+
+    def __enter__(self) -> Delivery:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        if self._settled is not None:
+            return False
+        if exc_type is None:
+            self.ack()
+            return False
+        if isinstance(exc, Retry):
+            self.retry(exc.delay)
+            return True
+        if isinstance(exc, Discard):
+            self.dead_letter(exc.reason)
+            return True
+        if not isinstance(exc, Exception):
+            self.release()  # KeyboardInterrupt, SystemExit: give the message back, untouched
+            return False
+        self.fail(exc)
+        return False
+
+    # -- settling --------------------------------------------------------------------------
+
+    def ack(self) -> None:
+        """Remove the message from the inbox and commit the buffered effects, in one
+        transaction. Raises :class:`LeaseLostError` if the lease was lost."""
+        self.agent.ack([self])
+
+    def fail(
+        self,
+        exc: BaseException | None = None,
+        *,
+        retryable: bool | None = None,
+        context: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a failure: retry after backoff, or dead-letter when this was the last
+        attempt or the error is non-retryable. Buffered effects are discarded."""
+        self._settle_failure(exc, retryable=retryable, context=context, delay=None, counted=True)
+
+    def retry(self, delay: float | None = None) -> None:
+        """Put the message back for another attempt after ``delay`` seconds (None = backoff),
+        without counting a failure. The last attempt still ends in dead letters."""
+        self._settle_failure(None, retryable=True, context=None, delay=delay, counted=False)
+
+    def dead_letter(self, reason: str = "discarded", *, context: dict[str, Any] | None = None) -> None:
+        """Move the message to dead letters now with ``reason``."""
+        if type_of(reason) is not str or not reason:
+            raise ValueError(f"reason must be a non-empty str, got {reason!r}")
+        self._check_open()
+        bus = self.agent.bus
+        now = bus._now_ms()
+        context_json = _context_json(context)
+        with bus._write() as conn:
+            if not storage.dead_letter(conn, self._seq, self._claims, now, reason,
+                                       context_json=context_json):
+                raise self._lease_lost()
+        self._settled = "dead"
+
+    def extend(self, lease: float | None = None) -> None:
+        """Keep the message ``lease`` more seconds from now (default: the bus's lease)."""
+        self._check_open()
+        bus = self.agent.bus
+        lease_s = _seconds(bus.lease if lease is None else lease, "lease", allow_zero=False)
+        now = bus._now_ms()
+        lease_until = now + int(lease_s * 1000)
+        with bus._write() as conn:
+            if not storage.extend(conn, self._seq, self._claims, lease_until):
+                raise self._lease_lost()
+        self.lease_until = lease_until / 1000
+
+    def release(self) -> None:
+        """Give the message back now, for anyone to claim (the attempt still counts)."""
+        if self._settled is not None:
+            return
+        bus = self.agent.bus
+        with bus._write() as conn:
+            storage.extend(conn, self._seq, self._claims, bus._now_ms())
+        self._settled = "released"
+
+    # -- buffered effects ------------------------------------------------------------------
+
+    def reply(self, data: Any = None, *, success: bool = True, error: str | None = None) -> str:
+        """Buffer a ``response`` to the sender: ``{"success", "data", "request_id"}`` (and
+        ``"error"`` on failure) with the request's correlation id. Returns its id."""
+        payload, correlation_id = response_payload(self.message, data, success, error)
+        return self.publish(self.message.sender, "response", payload, correlation_id=correlation_id)
+
+    def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
+        """Buffer a message from this agent, published with the ack (validated now)."""
+        self._check_open()
+        bus = self.agent.bus
+        op = bus._prepare(self.agent.id, to, type, payload, now=bus._now_ms(), **headers)
+        self._effects.append(op)
+        return op.outgoing.id
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._settled is not None:
+            raise ValueError(f"{self!r} was already settled ({self._settled})")
+
+    def _lease_lost(self) -> LeaseLostError:
+        return LeaseLostError(
+            f"message {self.message.id} to {self.agent.id!r}: the lease of attempt "
+            f"{self.attempts} was lost (it ran out and the message was claimed again, or is gone)"
+        )
+
+    def _ack_notice(self, now: int) -> _Publish:
+        message = self.message
+        return self.agent.bus._prepare(
+            self.agent.id, message.sender, "notification",
+            {"acknowledgment": True, "original_message_id": message.id,
+             "processed_at": iso_ms(now)},
+            correlation_id=message.id, now=now,
+        )
+
+    def _settle_failure(
+        self,
+        exc: BaseException | None,
+        *,
+        retryable: bool | None,
+        context: dict[str, Any] | None,
+        delay: float | None,
+        counted: bool,
+    ) -> None:
+        self._check_open()
+        bus = self.agent.bus
+        if delay is not None:
+            delay = _seconds(delay, "delay")
+        error_name = type_of(exc).__name__ if exc is not None else None
+        error_message = str(exc) if exc is not None else None
+        tb = (
+            "".join(traceback_module.format_exception(type_of(exc), exc, exc.__traceback__))
+            if exc is not None else None
+        )
+        context_json = _context_json(context)
+        if retryable is None:
+            retryable = not isinstance(exc, bus.non_retryable)
+        now = bus._now_ms()
+        if not retryable:
+            reason = "non_retryable"
+        elif self.attempts >= bus.max_attempts:
+            reason = "max_attempts"
+        else:
+            reason = None
+        if delay is None:
+            backoff = bus.backoff_base * (2 ** (self.attempts - 1))
+            delay = min(bus.backoff_cap, backoff)
+        last_error = f"{error_name}: {error_message}" if exc is not None else None
+        with bus._write() as conn:
+            if reason is None:
+                due_at = now + int(delay * 1000)
+                ok = storage.retry(conn, self._seq, self._claims, due_at, last_error)
+            else:
+                ok = storage.dead_letter(
+                    conn, self._seq, self._claims, now, reason, error_name, error_message, tb,
+                    context_json,
+                )
+            if not ok:
+                raise self._lease_lost()
+            if counted:  # messages_failed and error_rates both come from these counts
+                storage.count_error(conn, error_name or "UnknownError")
+        self._settled = "retrying" if reason is None else "dead"
+
+
+def response_payload(
+    request: Message, data: Any, success: bool, error: str | None
+) -> tuple[dict[str, Any], str]:
+    """The payload and correlation id of the response to ``request`` (SPEC 5.1)."""
+    payload: dict[str, Any] = {"success": bool(success), "data": data, "request_id": request.id}
+    if not success or error is not None:
+        payload["error"] = error if error is not None else "request failed"
+    correlation_id = request.headers.correlation_id
+    return payload, correlation_id if isinstance(correlation_id, str) else request.id
+
+
+def _context_json(context: dict[str, Any] | None) -> str | None:
+    if context is None:
+        return None
+    if type_of(context) is not dict:
+        raise TypeError(f"context must be a dict, got {type_of(context).__name__}")
+    try:
+        return msgspec.json.encode(context).decode()
+    except (TypeError, msgspec.EncodeError) as exc:
+        raise ValidationError(f"context: {exc}") from exc
+
+
+class _BufferedState:
+    """``d.state``: state writes buffered and committed with the delivery's ack."""
+
+    __slots__ = ("_delivery",)
+
+    def __init__(self, delivery: Delivery) -> None:
+        self._delivery = delivery
+
+    def get(self, key: str) -> Any:
+        """The latest committed entry (buffered writes are not visible before the ack)."""
+        return self._delivery.agent.state.get(key)
+
+    def set(
+        self, key: str, value: Any, *, expected_version: int | None = None, notify: bool = True,
+        subscribers: list[str] | None = None, include_value: bool = False,
+    ) -> None:
+        """Buffer a write of ``key``; the version check happens at the ack."""
+        from .messages import encode_json_value
+
+        d = self._delivery
+        d._check_open()
+        check_key(key)
+        value_json = encode_json_value(value, d.agent.bus.max_payload_bytes, "value")
+        d._effects.append(
+            StateWrite(d.agent.bus, d.agent.id, key, value_json, expected_version, notify,
+                       subscribers, include_value)
+        )
+
+    def delete(self, key: str, *, expected_version: int | None = None, notify: bool = True,
+               subscribers: list[str] | None = None) -> None:
+        """Buffer a delete of ``key``."""
+        d = self._delivery
+        d._check_open()
+        check_key(key)
+        d._effects.append(
+            StateWrite(d.agent.bus, d.agent.id, key, None, expected_version, notify, subscribers,
+                       False)
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The transactional outbox
+
+
+class Transaction:
+    """``with alice.transaction() as tx:`` one write transaction for messages, state and the
+    application's own SQL (``tx.execute``); it commits on a clean exit and rolls back on an
+    exception. It holds the write lock until the block ends: keep the block short."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._write: _Write | None = None
+        self._conn: apsw.Connection | None = None
+        self.state: StateStore = StateStore(agent.bus, agent.id)
+
+    def __enter__(self) -> Transaction:
+        if self._write is not None:
+            raise RuntimeError("this transaction is already open")
+        self._write = self.agent.bus._write()
+        self._conn = self._write.__enter__()
+        self.state = StateStore(self.agent.bus, self.agent.id, self._conn)
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        write, self._write, self._conn = self._write, None, None
+        assert write is not None
+        write.__exit__(exc_type, exc, tb)
+
+    def _connection(self) -> apsw.Connection:
+        if self._conn is None:
+            raise RuntimeError("use the transaction in a with block: with agent.transaction() as tx")
+        return self._conn
+
+    def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
+        """Run the application's own SQL in this transaction (bound parameters); returns rows."""
+        conn = self._connection()
+        try:
+            return conn.execute(sql, params).fetchall()
+        except apsw.Error as exc:
+            raise self.agent.bus._database_error(exc) from exc
+
+    def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
+        """Like :meth:`Agent.publish`, committed with the transaction."""
+        conn = self._connection()
+        bus = self.agent.bus
+        now = bus._now_ms()
+        op = bus._prepare(self.agent.id, to, type, payload, now=now, **headers)
+        return op.write(conn, now)
+
+    def publish_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
+        """Like :meth:`Agent.publish_many`, committed with the transaction."""
+        conn = self._connection()
+        now = self.agent.bus._now_ms()
+        ops = self.agent._prepare_many(items, now)
+        _write_all(conn, ops, now)
+        return [op.outgoing.id for op in ops]
+
+    def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:
+        """Like :meth:`Agent.broadcast`, committed with the transaction."""
+        conn = self._connection()
+        bus = self.agent.bus
+        now = bus._now_ms()
+        return bus._prepare_broadcast(self.agent.id, type, payload, pattern, dict(headers), now).write(conn, now)
+

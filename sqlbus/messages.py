@@ -1,0 +1,482 @@
+"""Messages: the msgspec structs, their validation and their JSON form.
+
+A message is validated and encoded once, here, before anything touches the database; storage
+only ever sees the encoded bytes. Encoders and decoders are built once at import.
+
+>>> out = prepare("alice", "bob", "notification", {"text": "hi"}, now_ms=1_700_000_000_000)
+>>> out.recipients
+['bob']
+>>> decode_message(out.body).sender
+'alice'
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import secrets
+import threading
+import time
+from typing import Annotated, Any, Literal, Union, get_args
+
+import msgspec
+from msgspec import UNSET, Meta, Struct, UnsetType, field
+
+from .errors import PayloadTooLargeError, ValidationError
+
+__all__ = [
+    "MESSAGE_TYPES",
+    "MessageType",
+    "Headers",
+    "Message",
+    "Task",
+    "TaskResources",
+    "TaskAssignment",
+    "TaskError",
+    "TaskMetrics",
+    "TaskResult",
+    "Progress",
+    "Health",
+    "StatusUpdate",
+    "TYPED_PAYLOADS",
+    "Outgoing",
+    "prepare",
+    "new_message_id",
+    "iso_ms",
+    "decode_message",
+    "decode_payload",
+    "check_agent_id",
+    "encode_payload",
+    "encode_json_value",
+]
+
+# ---------------------------------------------------------------------------------------------
+# The message model (SPEC 1)
+
+MessageType = Literal[
+    "request",
+    "response",
+    "notification",
+    "error",
+    "task_assignment",
+    "task_result",
+    "status_update",
+    "heartbeat",
+    "shutdown",
+    "broadcast",
+    "event",
+    "state_change",
+    "state_sync_request",
+]
+MESSAGE_TYPES: frozenset[str] = frozenset(get_args(MessageType))
+
+Priority = Annotated[int, Meta(ge=1, le=5)]
+MessageId = Annotated[str, Meta(pattern=r"^msg-[0-9]{13}-[a-z0-9]{9}$")]
+
+
+class Headers(Struct, kw_only=True):
+    """Message headers. ``ttl`` is in milliseconds (0 = never expires); 5 is the top priority."""
+
+    priority: Priority = 3
+    ttl: Annotated[int, Meta(ge=0)] = 30_000
+    requires_ack: bool = False
+    correlation_id: Union[str, UnsetType] = UNSET
+    retry_count: Annotated[int, Meta(ge=0)] = 0
+    broadcast_pattern: Union[str, UnsetType] = UNSET
+
+
+class Message(Struct, kw_only=True, rename={"sender": "from"}):
+    """One message, as delivered. Its JSON form validates against the seed's base schema.
+
+    ``sender`` is the JSON key ``from``. ``headers.retry_count`` is the number of earlier
+    deliveries of this message to this recipient.
+    """
+
+    id: MessageId
+    sender: str
+    to: Union[str, list[str]]
+    type: MessageType
+    timestamp: str
+    payload: dict[str, Any]
+    headers: Headers = field(default_factory=Headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed payloads (SPEC 1.3), field for field as in the seed. Optional parts are UNSET, so a
+# struct passed to publish encodes to just the fields that were given.
+
+
+class TaskResources(Struct, kw_only=True, omit_defaults=True):
+    """Resource limits of a task; ``timeout`` in seconds as the seed has it (an integer)."""
+
+    cpu_limit: Union[str, UnsetType] = UNSET
+    memory_limit: Union[str, UnsetType] = UNSET
+    timeout: Union[int, UnsetType] = UNSET
+
+
+class Task(Struct, kw_only=True, omit_defaults=True):
+    """The task inside a ``task_assignment``; ``id`` and ``type`` are required."""
+
+    id: str
+    type: str
+    description: Union[str, UnsetType] = UNSET
+    parameters: Union[dict[str, Any], UnsetType] = UNSET
+    deadline: Union[str, UnsetType] = UNSET
+    priority: Union[Priority, UnsetType] = UNSET
+    dependencies: Union[list[str], UnsetType] = UNSET
+    resources: Union[TaskResources, UnsetType] = UNSET
+
+
+class TaskAssignment(Struct, kw_only=True, omit_defaults=True):
+    """Payload of ``task_assignment``: ``{"task": {...}}``."""
+
+    task: Task
+
+
+class TaskError(Struct, kw_only=True, omit_defaults=True):
+    """Why a task failed."""
+
+    code: str
+    message: str
+    details: Union[dict[str, Any], UnsetType] = UNSET
+
+
+class TaskMetrics(Struct, kw_only=True, omit_defaults=True):
+    """What a task cost; ``execution_time`` in milliseconds."""
+
+    execution_time: Union[int, UnsetType] = UNSET
+    memory_used: Union[str, UnsetType] = UNSET
+    cpu_used: Union[float, UnsetType] = UNSET
+
+
+class TaskResult(Struct, kw_only=True, omit_defaults=True):
+    """Payload of ``task_result``."""
+
+    task_id: str
+    status: Literal["completed", "failed", "timeout"]
+    result: Union[dict[str, Any], None, UnsetType] = UNSET
+    error: Union[TaskError, UnsetType] = UNSET
+    metrics: Union[TaskMetrics, UnsetType] = UNSET
+    artifacts: Union[list[str], UnsetType] = UNSET
+
+
+class Progress(Struct, kw_only=True, omit_defaults=True):
+    """Progress of the current task; ``percentage`` is 0..100."""
+
+    current_task: Union[str, UnsetType] = UNSET
+    percentage: Union[Annotated[int, Meta(ge=0, le=100)], UnsetType] = UNSET
+    eta: Union[str, UnsetType] = UNSET
+
+
+class Health(Struct, kw_only=True, omit_defaults=True):
+    """Health figures an agent reports about itself."""
+
+    cpu_usage: Union[float, UnsetType] = UNSET
+    memory_usage: Union[str, UnsetType] = UNSET
+    load_average: Union[float, UnsetType] = UNSET
+
+
+class StatusUpdate(Struct, kw_only=True, omit_defaults=True):
+    """Payload of ``status_update``."""
+
+    agent_status: Literal["idle", "busy", "error", "shutting_down"]
+    current_tasks: Union[list[str], UnsetType] = UNSET
+    progress: Union[Progress, UnsetType] = UNSET
+    health: Union[Health, UnsetType] = UNSET
+
+
+TYPED_PAYLOADS: dict[str, type[Struct]] = {
+    "task_assignment": TaskAssignment,
+    "task_result": TaskResult,
+    "status_update": StatusUpdate,
+}
+
+# ---------------------------------------------------------------------------------------------
+# Encoding, ids, time
+
+_encode = msgspec.json.Encoder().encode
+_decode_any = msgspec.json.Decoder().decode
+_message_decoder = msgspec.json.Decoder(Message)
+_iso_second_cache: dict[int, str] = {}
+
+
+class _RandomPool(threading.local):
+    """Random base32 characters from ``secrets``, fetched 4 KiB at a time (one syscall, not one
+    per id). Per thread; emptied in a forked child so parent and child never share ids."""
+
+    chars = ""
+    offset = 0
+
+    def take(self, n: int) -> str:
+        if self.offset + n > len(self.chars):
+            self.chars = base64.b32encode(secrets.token_bytes(4095)).decode().lower()
+            self.offset = 0
+        start = self.offset
+        self.offset = start + n
+        return self.chars[start : start + n]
+
+
+_random_pool = _RandomPool()
+os.register_at_fork(after_in_child=lambda: setattr(_random_pool, "chars", ""))
+
+
+def new_message_id(now_ms: int) -> str:
+    """``msg-<13-digit epoch ms>-<9 random chars of [a-z0-9]>``, the random part from ``secrets``.
+
+    The random part is 45 bits in base32 (``a-z2-7``), a subset of the schema's alphabet.
+    """
+    return f"msg-{now_ms:013d}-{_random_pool.take(9)}"
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """Epoch milliseconds as ISO 8601 UTC with milliseconds: ``2026-11-24T05:46:52.123Z``."""
+    seconds, ms = divmod(epoch_ms, 1000)
+    prefix = _iso_second_cache.get(seconds)
+    if prefix is None:
+        if len(_iso_second_cache) > 64:
+            _iso_second_cache.clear()
+        prefix = _iso_second_cache[seconds] = time.strftime(
+            "%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)
+        )
+    return f"{prefix}.{ms:03d}Z"
+
+
+def decode_message(body: bytes) -> Message:
+    """Decode a stored message body into a :class:`Message`."""
+    return _message_decoder.decode(body)
+
+
+def decode_payload(message: Message, struct_type: type[Struct]) -> Any:
+    """Decode a message's payload into a typed struct, e.g. ``decode_payload(m, TaskResult)``."""
+    try:
+        return msgspec.convert(message.payload, struct_type)
+    except msgspec.ValidationError as exc:
+        raise ValidationError(_msgspec_error_text(exc, "payload")) from exc
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: before anything is written, with errors that name the field and the rule.
+
+_PATTERN_CHARS = re.compile(r"[*?\[]")
+_known_agent_ids: set[str] = set()
+
+
+def check_agent_id(value: object, field_name: str = "agent id") -> str:
+    """Return ``value`` if it is a valid agent id, else raise :class:`ValidationError`."""
+    if value in _known_agent_ids:
+        return value  # type: ignore[return-value]
+    if type(value) is not str:
+        raise ValidationError(f"{field_name}: expected str, got {type(value).__name__}")
+    if not 1 <= len(value) <= 200:
+        raise ValidationError(f"{field_name}: expected 1..200 characters, got {len(value)}")
+    if not value.isprintable():
+        raise ValidationError(f"{field_name}: expected printable text, got {value!r}")
+    if _PATTERN_CHARS.search(value):
+        raise ValidationError(
+            f"{field_name}: {value!r} contains a pattern character (* ? [); "
+            "publish takes agent ids, use broadcast(pattern=...) to match many"
+        )
+    if len(_known_agent_ids) < 10_000:
+        _known_agent_ids.add(value)
+    return value
+
+
+def _check_int(value: object, name: str, low: int, high: int | None) -> int:
+    if type(value) is not int:
+        raise ValidationError(f"{name}: expected int, got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f">= {low} and <= {high}"
+        raise ValidationError(f"{name}: expected int {rule}, got {value}")
+    return value
+
+
+def _msgspec_error_text(exc: msgspec.ValidationError, root: str) -> str:
+    text = str(exc)
+    match = re.match(r"^(.*) - at `\$(.*)`$", text, re.S)
+    if not match:
+        return f"{root}: {text[0].lower() + text[1:] if text else text}"
+    rule, path = match.groups()
+    rule = rule.replace("`", "")
+    return f"{root}{path}: {rule[0].lower() + rule[1:]}"
+
+
+def _find_non_json(value: Any, path: str) -> str | None:
+    """Walk a payload and name the first value that is not plain JSON (slow path, errors only)."""
+    kind = type(value)
+    if value is None or kind is bool or kind is str or kind is int:
+        return None
+    if kind is float:
+        return None if value == value and value not in (float("inf"), float("-inf")) else (
+            f"{path}: {value!r} is not JSON (NaN and infinity are not allowed)"
+        )
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                return f"{path}: key {key!r} is not a string (JSON object keys are strings)"
+            found = _find_non_json(item, f"{path}.{key}")
+            if found:
+                return found
+        return None
+    if kind is list:
+        for index, item in enumerate(value):
+            found = _find_non_json(item, f"{path}[{index}]")
+            if found:
+                return found
+        return None
+    return f"{path}: {kind.__name__} is not JSON (use dict, list, str, int, float, bool, None)"
+
+
+def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
+    """Encode any JSON value, refusing what would not come back the same (NaN, bytes, tuples,
+    objects, non-string keys) and anything larger than ``max_bytes`` encoded."""
+    try:
+        encoded = _encode(value)
+    except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+        raise ValidationError(_find_non_json(value, name) or f"{name}: {exc}") from exc
+    if len(encoded) > max_bytes:
+        raise PayloadTooLargeError(
+            f"{name}: encoded size {len(encoded)} bytes exceeds max_payload_bytes={max_bytes}"
+        )
+    # msgspec quietly writes NaN as null and bytes as base64; a round trip catches both.
+    if _decode_any(encoded) != value:
+        raise ValidationError(
+            _find_non_json(value, name) or f"{name}: does not survive a JSON round trip"
+        )
+    return encoded
+
+
+def encode_payload(payload: Any, type_: str, max_bytes: int, name: str = "payload") -> bytes:
+    """Validate a payload and return its JSON bytes.
+
+    It must be a JSON object that round-trips exactly (no NaN, bytes, tuples or objects), no
+    larger than ``max_bytes`` encoded, and match the typed struct for the typed kinds.
+    """
+    if isinstance(payload, Struct):
+        payload = msgspec.to_builtins(payload)
+    if type(payload) is not dict:
+        raise ValidationError(f"{name}: expected a JSON object (dict), got {type(payload).__name__}")
+    encoded = encode_json_value(payload, max_bytes, name)
+    struct_type = TYPED_PAYLOADS.get(type_)
+    if struct_type is not None:
+        try:
+            msgspec.convert(payload, struct_type)
+        except msgspec.ValidationError as exc:
+            raise ValidationError(_msgspec_error_text(exc, name)) from exc
+    return encoded
+
+
+class Outgoing(Struct, frozen=True):
+    """A validated message ready to be written: its id, routing columns and encoded body."""
+
+    id: str
+    sender: str
+    recipients: list[str]
+    type: str
+    priority: int
+    ttl: int
+    requires_ack: bool
+    correlation_id: str | None
+    body: bytes
+    caller_id: bool = False  # the caller chose the id: check it for idempotency
+
+
+def prepare(
+    sender: str,
+    to: str | list[str],
+    type: str,
+    payload: Any,
+    *,
+    now_ms: int,
+    priority: int = 3,
+    ttl: int = 30_000,
+    requires_ack: bool = False,
+    correlation_id: str | None = None,
+    id: str | None = None,
+    broadcast_pattern: str | None = None,
+    max_payload_bytes: int = 1_048_576,
+    prefix: str = "",
+) -> Outgoing:
+    """Validate one message and encode it. ``prefix`` (e.g. ``"[3]."``) goes before field names.
+
+    A list ``to`` is deduplicated, keeping order. ``broadcast_pattern`` marks a broadcast, whose
+    ``to`` was expanded by the caller and may be empty.
+    """
+    if type not in MESSAGE_TYPES:
+        raise ValidationError(
+            f"{prefix}type: expected one of {', '.join(sorted(MESSAGE_TYPES))}, got {type!r}"
+        )
+    _check_int(priority, f"{prefix}headers.priority", 1, 5)
+    _check_int(ttl, f"{prefix}headers.ttl", 0, None)
+    if requires_ack is not True and requires_ack is not False:
+        raise ValidationError(
+            f"{prefix}headers.requires_ack: expected bool, got {builtin_type(requires_ack)}"
+        )
+    if correlation_id is not None and not isinstance(correlation_id, str):
+        raise ValidationError(
+            f"{prefix}headers.correlation_id: expected str, got {builtin_type(correlation_id)}"
+        )
+    if isinstance(to, str):
+        recipients = [check_agent_id(to, f"{prefix}to")]
+    elif isinstance(to, (list, tuple)):
+        recipients = []
+        for index, agent in enumerate(to):
+            check_agent_id(agent, f"{prefix}to[{index}]")
+            if agent not in recipients:
+                recipients.append(agent)
+        if not recipients and broadcast_pattern is None:
+            raise ValidationError(f"{prefix}to: expected at least one agent id, got an empty list")
+    else:
+        raise ValidationError(f"{prefix}to: expected str or list of str, got {builtin_type(to)}")
+    caller_id = id is not None
+    if id is None:
+        id = new_message_id(now_ms)
+    elif type_of(id) is not str or not _ID_RE.match(id):
+        raise ValidationError(
+            f"{prefix}id: expected msg-<13 digits>-<9 chars of [a-z0-9]>, got {id!r}"
+        )
+    if payload is None:
+        payload = {}
+    encoded_payload = encode_payload(payload, type, max_payload_bytes, f"{prefix}payload")
+    headers = Headers(
+        priority=priority,
+        ttl=ttl,
+        requires_ack=requires_ack,
+        correlation_id=UNSET if correlation_id is None else correlation_id,
+        broadcast_pattern=UNSET if broadcast_pattern is None else broadcast_pattern,
+    )
+    message = Message(
+        id=id,
+        sender=sender,
+        to=recipients if broadcast_pattern is not None or not isinstance(to, str) else to,
+        type=type,  # type: ignore[arg-type]
+        timestamp=iso_ms(now_ms),
+        payload=msgspec.Raw(encoded_payload),  # type: ignore[arg-type]
+        headers=headers,
+    )
+    return Outgoing(
+        id=id,
+        sender=sender,
+        recipients=recipients,
+        type=type,
+        priority=priority,
+        ttl=ttl,
+        requires_ack=requires_ack,
+        correlation_id=correlation_id,
+        body=_encode(message),
+        caller_id=caller_id,
+    )
+
+
+_ID_RE = re.compile(r"^msg-[0-9]{13}-[a-z0-9]{9}$")
+type_of = type  # `type` is shadowed by the parameter of the same name in prepare()
+
+
+def builtin_type(value: object) -> str:
+    """The name of ``value``'s type, for error messages."""
+    return type_of(value).__name__
+
+
+def encode_json(value: Any) -> bytes:
+    """Encode a plain JSON value the library built itself (no validation)."""
+    return _encode(value)

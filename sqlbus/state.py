@@ -1,0 +1,263 @@
+"""Versioned shared state: one JSON value per key, with a version that goes 1, 2, 3, ...
+
+>>> v = bus.state.set("plan", {"steps": 3})          # doctest: +SKIP
+>>> bus.state.get("plan").version                   # doctest: +SKIP
+1
+>>> alice.state.update("counter", lambda old: (old or 0) + 1)   # doctest: +SKIP
+
+Every write is one short transaction that also logs the change (``state_log``, read by
+``watch``) and, unless ``notify=False``, sends a ``state_change`` message in the same
+transaction. ``update`` runs the caller's function outside any transaction and writes with a
+compare-and-set, retrying on conflict, so no lock is held while user code runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import apsw
+import msgspec
+
+from . import storage
+from .errors import ValidationError, VersionConflictError
+from .messages import encode_json_value, iso_ms
+
+if TYPE_CHECKING:
+    from .bus import Bus
+
+__all__ = ["StateEntry", "StateStore", "SYSTEM_SENDER"]
+
+# The sender of state_change messages written through ``bus.state`` (no agent).
+SYSTEM_SENDER = "sqlbus"
+
+
+class StateEntry(msgspec.Struct, kw_only=True):
+    """One version of a key. ``updated_at`` is ISO 8601 UTC; ``deleted`` only in watch streams."""
+
+    key: str
+    value: Any
+    version: int
+    updated_by: str | None
+    updated_at: str
+    deleted: bool = False
+
+
+def entry_from_row(row: tuple[Any, ...]) -> StateEntry:
+    key, value, version, deleted, updated_by, updated_at = row
+    return StateEntry(
+        key=key,
+        value=None if deleted else msgspec.json.decode(value),
+        version=version,
+        updated_by=updated_by,
+        updated_at=iso_ms(updated_at),
+        deleted=bool(deleted),
+    )
+
+
+def check_key(key: object) -> str:
+    if type(key) is not str or not 1 <= len(key) <= 512:
+        raise ValidationError(f"state key: expected a str of 1..512 characters, got {key!r}")
+    return key
+
+
+def write_version(
+    conn: apsw.Connection,
+    key: str,
+    value_json: bytes | None,
+    expected_version: int | None,
+    updated_by: str | None,
+    now: int,
+) -> int:
+    """Write the next version of ``key`` (``value_json=None`` deletes) inside the caller's
+    transaction, checking ``expected_version`` (0 = must be absent); returns the new version."""
+    row = storage.get_state(conn, key)
+    current = 0 if row is None or row[3] else row[2]
+    if expected_version is not None and expected_version != current:
+        raise VersionConflictError(
+            f"state {key!r}: expected version {expected_version}, found {current}"
+            + (" (absent)" if current == 0 else "")
+        )
+    if value_json is None and current == 0:
+        return 0  # deleting an absent key changes nothing
+    version = (row[2] if row is not None else 0) + 1
+    storage.put_state(conn, key, value_json or b"null", version, value_json is None, updated_by, now)
+    return version
+
+
+class StateStore:
+    """Shared state seen through one agent (``updated_by``), or through the bus (``None``).
+
+    ``subscribers`` (agent ids) receive the ``state_change`` message; when omitted it is
+    broadcast to every registered agent but the writer. ``include_value=True`` puts the new
+    value in the message as ``full_value``.
+    """
+
+    def __init__(self, bus: Bus, updated_by: str | None, conn: apsw.Connection | None = None):
+        self._bus = bus
+        self._updated_by = updated_by
+        self._conn = conn  # set inside agent.transaction(): use the caller's transaction
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def get(self, key: str) -> StateEntry | None:
+        """The latest version of ``key``, or None when it is absent (or deleted)."""
+        check_key(key)
+        with self._bus._reading(self._conn) as conn:
+            row = storage.get_state(conn, key)
+        return None if row is None or row[3] else entry_from_row(row)
+
+    def keys(self, prefix: str = "") -> list[str]:
+        """Live keys that start with ``prefix``, sorted."""
+        with self._bus._reading(self._conn) as conn:
+            return storage.state_keys(conn, prefix)
+
+    def items(self, prefix: str = "") -> list[StateEntry]:
+        """Live entries whose key starts with ``prefix``, sorted by key."""
+        with self._bus._reading(self._conn) as conn:
+            return [entry_from_row(row) for row in storage.state_entries(conn, prefix)]
+
+    # -- writes --------------------------------------------------------------------------
+
+    def set(
+        self,
+        key: str,
+        value: Any,
+        *,
+        expected_version: int | None = None,
+        notify: bool = True,
+        subscribers: list[str] | None = None,
+        include_value: bool = False,
+    ) -> int:
+        """Write ``value`` (any JSON value) as the next version of ``key``; returns the version.
+
+        ``expected_version=N`` writes only if the current version is N (0 = absent) and
+        raises :class:`VersionConflictError` otherwise.
+        """
+        check_key(key)
+        value_json = encode_json_value(value, self._bus.max_payload_bytes, "value")
+        return self._write(key, value_json, expected_version, notify, subscribers, include_value)
+
+    def delete(
+        self,
+        key: str,
+        *,
+        expected_version: int | None = None,
+        notify: bool = True,
+        subscribers: list[str] | None = None,
+    ) -> int:
+        """Delete ``key``; returns the version of the deletion (0 when it was absent)."""
+        check_key(key)
+        return self._write(key, None, expected_version, notify, subscribers, False)
+
+    def update(
+        self,
+        key: str,
+        fn: Callable[[Any], Any],
+        *,
+        notify: bool = True,
+        subscribers: list[str] | None = None,
+        include_value: bool = False,
+        max_tries: int = 1000,
+    ) -> int:
+        """Atomically replace the value with ``fn(old_value)`` (``old`` is None when absent).
+
+        ``fn`` runs outside any transaction and may run more than once: the write is a
+        compare-and-set that retries when another writer got in first.
+        """
+        check_key(key)
+        for _ in range(max_tries):
+            entry = self.get(key)
+            version = 0 if entry is None else entry.version
+            new_value = fn(None if entry is None else entry.value)
+            value_json = encode_json_value(new_value, self._bus.max_payload_bytes, "value")
+            try:
+                return self._write(key, value_json, version, notify, subscribers, include_value)
+            except VersionConflictError:
+                continue
+        raise VersionConflictError(f"state {key!r}: update lost the race {max_tries} times")
+
+    def _write(
+        self,
+        key: str,
+        value_json: bytes | None,
+        expected_version: int | None,
+        notify: bool,
+        subscribers: list[str] | None,
+        include_value: bool,
+    ) -> int:
+        op = StateWrite(
+            self._bus, self._updated_by, key, value_json, expected_version, notify, subscribers,
+            include_value,
+        )
+        if self._conn is not None:
+            return op.write(self._conn, self._bus._now_ms())
+        now = self._bus._now_ms()
+        with self._bus._write() as conn:
+            return op.write(conn, now)
+
+    def watch(self, prefix: str = "", *, poll: float = 1.0) -> Iterator[StateEntry]:
+        """Yield the current entries under ``prefix`` (by key), then every later change.
+
+        See :mod:`sqlbus.watch`; this is the blocking iterator form.
+        """
+        from .watch import watch_state
+
+        return watch_state(self._bus, prefix, poll=poll)
+
+
+class StateWrite:
+    """One pending state write; runs inside a transaction (now, or at a delivery's ack)."""
+
+    __slots__ = (
+        "bus", "updated_by", "key", "value_json", "expected_version", "notify", "subscribers",
+        "include_value", "_notice",
+    )
+
+    def __init__(
+        self,
+        bus: Bus,
+        updated_by: str | None,
+        key: str,
+        value_json: bytes | None,
+        expected_version: int | None,
+        notify: bool,
+        subscribers: list[str] | None,
+        include_value: bool,
+    ) -> None:
+        if expected_version is not None and (
+            type(expected_version) is not int or expected_version < 0
+        ):
+            raise ValueError(f"expected_version must be an int >= 0, got {expected_version!r}")
+        self.bus = bus
+        self.updated_by = updated_by
+        self.key = key
+        self.value_json = value_json
+        self.expected_version = expected_version
+        self.notify = notify
+        self.subscribers = list(subscribers) if subscribers is not None else None
+        self.include_value = include_value
+
+    def write(self, conn: apsw.Connection, now: int) -> int:
+        version = write_version(
+            conn, self.key, self.value_json, self.expected_version, self.updated_by, now
+        )
+        if version and self.notify:
+            payload: dict[str, Any] = {
+                "key": self.key,
+                "version": version,
+                "updated_by": self.updated_by,
+                "updated_at": iso_ms(now),
+            }
+            if self.value_json is None:
+                payload["deleted"] = True
+            if self.include_value:
+                payload["full_value"] = (
+                    None if self.value_json is None else msgspec.json.decode(self.value_json)
+                )
+            sender = self.updated_by or SYSTEM_SENDER
+            self.bus._publish_in(
+                conn, now, sender, self.subscribers, "state_change", payload, pattern="*"
+            )
+        return version
+

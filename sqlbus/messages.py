@@ -259,13 +259,16 @@ def decode_payload(message: Message, struct_type: type[Struct]) -> Any:
 # Validation: before anything is written, with errors that name the field and the rule.
 
 _PATTERN_CHARS = re.compile(r"[*?\[]")
+# ttl bound (~31,700 years): expires_at = now + ttl must fit the 64-bit integer column.
+MAX_TTL_MS = 10**15
 _known_agent_ids: set[str] = set()
 
 
 def check_agent_id(value: object, field_name: str = "agent id") -> str:
     """Return ``value`` if it is a valid agent id, else raise :class:`ValidationError`."""
-    if value in _known_agent_ids:
-        return value  # type: ignore[return-value]
+    # type() first: a str subclass equal to a known id must not slip past the type check.
+    if type(value) is str and value in _known_agent_ids:
+        return value
     if type(value) is not str:
         raise ValidationError(f"{field_name}: expected str, got {type(value).__name__}")
     if not 1 <= len(value) <= 200:
@@ -304,7 +307,10 @@ def _msgspec_error_text(exc: msgspec.ValidationError, root: str) -> str:
 def _find_non_json(value: Any, path: str) -> str | None:
     """Walk a payload and name the first value that is not plain JSON (slow path, errors only)."""
     kind = type(value)
-    if value is None or kind is bool or kind is str or kind is int:
+    if kind is str:
+        return None if _is_utf8(value) else (
+            f"{path}: {value!r} is not valid Unicode (a lone surrogate has no UTF-8 form)")
+    if value is None or kind is bool or kind is int:
         return None
     if kind is float:
         return None if value == value and value not in (float("inf"), float("-inf")) else (
@@ -314,6 +320,8 @@ def _find_non_json(value: Any, path: str) -> str | None:
         for key, item in value.items():
             if type(key) is not str:
                 return f"{path}: key {key!r} is not a string (JSON object keys are strings)"
+            if not _is_utf8(key):
+                return f"{path}: key {key!r} is not valid Unicode (a lone surrogate)"
             found = _find_non_json(item, f"{path}.{key}")
             if found:
                 return found
@@ -332,7 +340,8 @@ def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
     objects, non-string keys) and anything larger than ``max_bytes`` encoded."""
     try:
         encoded = _encode(value)
-    except (TypeError, OverflowError, msgspec.EncodeError) as exc:
+    # UnicodeEncodeError: a lone surrogate ("\ud800") has no UTF-8 form, so no JSON form either.
+    except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError) as exc:
         raise ValidationError(_find_non_json(value, name) or f"{name}: {exc}") from exc
     if len(encoded) > max_bytes:
         raise PayloadTooLargeError(
@@ -407,15 +416,17 @@ def prepare(
             f"{prefix}type: expected one of {', '.join(sorted(MESSAGE_TYPES))}, got {type!r}"
         )
     _check_int(priority, f"{prefix}headers.priority", 1, 5)
-    _check_int(ttl, f"{prefix}headers.ttl", 0, None)
+    _check_int(ttl, f"{prefix}headers.ttl", 0, MAX_TTL_MS)
     if requires_ack is not True and requires_ack is not False:
         raise ValidationError(
             f"{prefix}headers.requires_ack: expected bool, got {builtin_type(requires_ack)}"
         )
-    if correlation_id is not None and not isinstance(correlation_id, str):
-        raise ValidationError(
-            f"{prefix}headers.correlation_id: expected str, got {builtin_type(correlation_id)}"
-        )
+    if correlation_id is not None and (
+        type_of(correlation_id) is not str or not _is_utf8(correlation_id)
+    ):
+        got = builtin_type(correlation_id) if type_of(correlation_id) is not str else (
+            "a str with a lone surrogate")
+        raise ValidationError(f"{prefix}headers.correlation_id: expected str, got {got}")
     if isinstance(to, str):
         recipients = [check_agent_id(to, f"{prefix}to")]
     elif isinstance(to, (list, tuple)):
@@ -470,6 +481,15 @@ def prepare(
 
 _ID_RE = re.compile(r"^msg-[0-9]{13}-[a-z0-9]{9}$")
 type_of = type  # `type` is shadowed by the parameter of the same name in prepare()
+
+
+def _is_utf8(text: str) -> bool:
+    """False for a str with a lone surrogate, which has no UTF-8 (so no JSON, no SQLite) form."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def builtin_type(value: object) -> str:

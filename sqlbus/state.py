@@ -58,6 +58,10 @@ def entry_from_row(row: tuple[Any, ...]) -> StateEntry:
 def check_key(key: object) -> str:
     if type(key) is not str or not 1 <= len(key) <= 512:
         raise ValidationError(f"state key: expected a str of 1..512 characters, got {key!r}")
+    try:
+        key.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate cannot be stored (no UTF-8 form)
+        raise ValidationError(f"state key: {key!r} is not valid Unicode ({exc.reason})") from exc
     return key
 
 

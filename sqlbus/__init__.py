@@ -10,6 +10,18 @@
 """
 
 from .bus import Agent, AgentInfo, Bus, DeadLetter, Delivery, SentRecord, Transaction, connect
+from .metrics import (
+    AgentActivity,
+    AgentStats,
+    BackupResult,
+    CheckReport,
+    InboxEntry,
+    Metrics,
+    PruneResult,
+    QueueDepth,
+    Throughput,
+    VacuumResult,
+)
 from .errors import (
     AuthenticationError,
     DatabaseError,
@@ -39,6 +51,7 @@ from .messages import (
     decode_payload,
 )
 from .state import StateEntry, StateStore
+from .worker import Event, Events, current_delivery
 
 __version__ = "0.1.0"
 
@@ -55,6 +68,21 @@ __all__ = [
     "DeadLetter",
     "StateEntry",
     "StateStore",
+    # handlers, request/response and events (sqlbus.worker)
+    "current_delivery",
+    "Event",
+    "Events",
+    # operations: metrics and upkeep (sqlbus.metrics)
+    "Metrics",
+    "Throughput",
+    "QueueDepth",
+    "AgentActivity",
+    "AgentStats",
+    "InboxEntry",
+    "PruneResult",
+    "CheckReport",
+    "BackupResult",
+    "VacuumResult",
     # messages and typed payloads
     "MESSAGE_TYPES",
     "Message",

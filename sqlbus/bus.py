@@ -21,12 +21,16 @@ import threading
 import time
 import traceback as traceback_module
 import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .worker import Events
 
 import apsw
 import msgspec
 
+from . import metrics as ops
 from . import storage
 from .errors import (
     AuthenticationError,
@@ -46,7 +50,9 @@ from .messages import (
     iso_ms,
     prepare,
 )
+from .metrics import ARCHIVE_RETENTION, DEAD_RETENTION
 from .state import StateStore, StateWrite, check_key
+from .wakeup import ANY, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
 
 __all__ = [
     "connect",
@@ -111,6 +117,11 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     attempts: int
 
 
+# The longest duration accepted anywhere (~31,700 years): times are stored as epoch ms in
+# 64-bit integers, and an infinite or larger value would overflow them (OverflowError).
+MAX_SECONDS = 10**12
+
+
 def _seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
     """Check a duration in seconds (programmer mistakes raise ValueError/TypeError at once)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -118,6 +129,8 @@ def _seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
     if value != value or value < 0 or (not allow_zero and value == 0):
         rule = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be {rule} seconds, got {value!r}")
+    if value > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS} seconds, got {value!r}")
     return float(value)
 
 
@@ -148,6 +161,8 @@ def connect(
     clock: Callable[[], float] | None = None,
     mode: int = 0o600,
     non_retryable: Iterable[type[BaseException]] = (),
+    archive_retention: float | None = ARCHIVE_RETENTION,
+    dead_retention: float | None = DEAD_RETENTION,
 ) -> Bus:
     """Open (creating if needed) the sqlbus database at ``path`` and return a :class:`Bus`.
 
@@ -158,6 +173,11 @@ def connect(
     seconds; ``clock`` returns epoch seconds (for tests); ``mode`` is the new file's
     permissions; ``non_retryable`` adds exception classes that dead-letter at once. A file that
     is not a healthy sqlbus database raises :class:`DatabaseError` and is left untouched.
+    Retention (seconds; None keeps them for ever): acked messages of the sent archive are
+    deleted ``archive_retention`` (7 days) after their ack and dead letters
+    ``dead_retention`` (30 days) after they failed, a small batch at a time, at most about
+    once a minute per process, after one of its writes; totals in :meth:`Bus.metrics` keep
+    counting them.
     """
     return Bus(
         path,
@@ -171,6 +191,8 @@ def connect(
         clock=clock,
         mode=mode,
         non_retryable=non_retryable,
+        archive_retention=archive_retention,
+        dead_retention=dead_retention,
     )
 
 
@@ -189,6 +211,7 @@ class _Write:
             storage.begin(conn)
         except apsw.Error as exc:
             raise self.bus._database_error(exc) from exc
+        reset_marks()  # the commit rings whom this transaction marks (sqlbus.wakeup)
         return conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -229,6 +252,12 @@ class _Read:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if isinstance(exc, apsw.Error):
             raise self.bus._database_error(exc) from exc
+        if isinstance(exc, UnicodeDecodeError):
+            # sqlbus only ever stores valid UTF-8 text: damaged bytes that SQLite did not notice
+            raise DatabaseError(
+                f"{self.bus.path} is corrupt (a text column holds invalid UTF-8: {exc}); "
+                "run 'sqlbus check' and restore from a 'sqlbus backup'"
+            ) from exc
 
 
 class Bus:
@@ -252,6 +281,8 @@ class Bus:
         clock: Callable[[], float] | None = None,
         mode: int = 0o600,
         non_retryable: Iterable[type[BaseException]] = (),
+        archive_retention: float | None = ARCHIVE_RETENTION,
+        dead_retention: float | None = DEAD_RETENTION,
     ) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")
@@ -275,12 +306,24 @@ class Bus:
         self.max_payload_bytes = max_payload_bytes
         self.clock: Callable[[], float] = clock or time.time
         self.non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE + extra
+        self.archive_retention = (
+            None if archive_retention is None else _seconds(archive_retention, "archive_retention")
+        )
+        self.dead_retention = (
+            None if dead_retention is None else _seconds(dead_retention, "dead_retention")
+        )
+        self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep (WAL size)
+        self._retention_due = 0.0  # ... and of the next background retention pass
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
         self._connections: list[apsw.Connection] = []
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiting = 0
+        self._wakeup = Wakeup(self.path, self._checkpoint_when_idle)
+        # Correlation ids that requests of this process await, per agent id (sqlbus.worker):
+        # receive() and run() of that agent skip those responses. Replaced, never mutated.
+        self._awaiting: dict[str, frozenset[str]] = {}
         self._closed = False
         self._open_file(mode)
         self.state = StateStore(self, None)
@@ -339,13 +382,36 @@ class Bus:
         return conn
 
     def _forget_connections(self) -> None:
-        """In a forked child: never touch the parent's connections; open new ones on demand."""
-        _parked_after_fork.extend(self._connections)
+        """In a forked child: drop the parent's connections; open new ones on demand.
+
+        SQLite keeps per-process books of the locks it holds on a file, and a forked child
+        inherits the parent's books but not its locks. A connection the child opened on top of
+        them would believe it holds the shared lock it never took, so the parent, closing last,
+        would delete the WAL under the child. Closing the inherited connections first (the
+        parent's real locks make the close leave the files alone) clears the books. A
+        connection caught inside a transaction by the fork is parked instead, never touched:
+        its rollback would edit the WAL index the parent is still writing.
+        """
+        for conn in self._connections:
+            try:
+                idle = conn.get_autocommit()
+            except apsw.Error:
+                idle = False
+            if idle:
+                try:
+                    conn.close()
+                except apsw.Error:
+                    _parked_after_fork.append(conn)
+            else:
+                _parked_after_fork.append(conn)
         self._connections = []
         self._local = threading.local()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._waiting = 0
+        self._wakeup.forget()  # the parent's doorbell stays the parent's
+        self._wakeup = Wakeup(self.path, self._checkpoint_when_idle)
+        self._awaiting = {}  # the parent's waiting requests are not the child's
 
     def _database_error(self, exc: apsw.Error) -> DatabaseError:
         """Say in one line what an apsw error means for the user."""
@@ -374,6 +440,7 @@ class Bus:
     def close(self) -> None:
         """Close every connection this bus opened. Safe to call twice."""
         self._closed = True
+        self._wakeup.close()  # removes this process's doorbell and wakes its waiters
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
@@ -404,32 +471,44 @@ class Bus:
         return _Read(self, conn)
 
     def _committed(self) -> None:
-        if self._waiting:
-            with self._changed:
-                self._changed.notify_all()
+        """After a commit: ring the waiters the transaction concerns (every process's; see
+        sqlbus.wakeup). Called outside a write, it wakes every waiter."""
+        self._wakeup.ring(take_marks())
+        if time.monotonic() >= self._upkeep_due:
+            self._upkeep()
 
-    def _wait_for_change(self, baseline: int, timeout: float) -> None:
-        """Block up to ``timeout`` seconds until a commit may have made work (``baseline`` is
-        ``data_version`` read before the last look). Commits of this process wake at once;
-        others are seen by checking ``data_version`` at a slowly growing interval."""
+    def _upkeep(self) -> None:
+        """Background upkeep after a write, at most every ``WAL_CHECK_EVERY`` seconds: keep
+        the WAL bounded under sustained load and, about once a minute, prune past retention
+        (sqlbus.metrics.background_upkeep). Never fails the caller's operation."""
+        self._upkeep_due = time.monotonic() + ops.WAL_CHECK_EVERY
+        ops.background_upkeep(self)
+
+    def _wait_for_change(self, baseline: int, timeout: float, agent: str | None = None) -> None:
+        """Block up to ``timeout`` seconds until a commit may have made work for ``agent``
+        (None: any commit). ``baseline`` is ``data_version`` read before the caller last
+        looked, so a commit between that look and this wait is never missed. Rings of any
+        process wake the wait at once (sqlbus.wakeup); data_version is re-checked at least
+        every wakeup.FALLBACK seconds in case a ring was lost."""
         conn = self._conn()
-        end = time.monotonic() + timeout
-        interval = 0.0005
-        with self._changed:
-            self._waiting += 1
-            try:
-                while True:
-                    with self._reading(conn):
-                        if storage.data_version(conn) != baseline:
-                            return
-                    remaining = end - time.monotonic()
-                    if remaining <= 0:
-                        return
-                    if self._changed.wait(min(interval, remaining)):
-                        return
-                    interval = min(interval * 2, 0.05)
-            finally:
-                self._waiting -= 1
+
+        def changed() -> bool:
+            with self._reading(conn):
+                return storage.data_version(conn) != baseline
+
+        self._wakeup.wait(changed, timeout, ANY if agent is None else agent_tag(agent))
+
+    def _checkpoint_when_idle(self) -> None:
+        """Called by a waiter after commits and then quiet (sqlbus.wakeup.IDLE_AFTER): fold
+        the WAL back into the database now, so that SQLite's automatic checkpoint does not land
+        inside a later commit (measured: it made a round trip's p99 milliseconds long)."""
+        if self._closed:
+            return
+        try:
+            with self._reading() as conn:
+                storage.checkpoint(conn, "PASSIVE")
+        except DatabaseError:
+            pass  # busy or read-only: an optimisation only
 
     def _data_version(self) -> int:
         conn = self._conn()
@@ -513,6 +592,102 @@ class Bus:
         with self._write() as conn:
             return storage.purge_dead_letters(conn, cutoff)
 
+    def requeue_dead_letters(self, agent: str | None = None, reason: str | None = None) -> list[str]:
+        """Requeue every dead letter of ``agent`` with ``reason`` (None: any), in one
+        transaction, like :meth:`requeue`; returns the message ids, oldest first."""
+        if agent is not None:
+            check_agent_id(agent, "agent")
+        now = self._now_ms()
+        ids = []
+        with self._write() as conn:
+            for dead_letter_id, body in storage.dead_letter_ids(conn, agent, reason):
+                message = decode_message(body)
+                storage.requeue(conn, dead_letter_id, now, message.headers.ttl)
+                ids.append(message.id)
+        return ids
+
+    # -- operations: metrics, stats, retention, checks, backup (see sqlbus.metrics) --------------
+
+    def metrics(self) -> ops.Metrics:
+        """Bus-wide :class:`sqlbus.Metrics` read from the file (the same in every process).
+
+        >>> m = bus.metrics(); m.messages_sent, m.queue_depths["bob"].ready   # doctest: +SKIP
+        """
+        with self._reading() as conn:
+            return ops.compute_metrics(conn, self._now_ms(), self.path)
+
+    def stats(self) -> list[ops.AgentStats]:
+        """Per-agent inbox depths (ready, leased, retrying, dead, oldest ready age in ms) of
+        every registered agent and every recipient; cheap at any archive size."""
+        with self._reading() as conn:
+            return ops.compute_stats(conn, self._now_ms(), storage.agent_ids(conn))
+
+    def peek(self, agent: str, limit: int = 10) -> list[ops.InboxEntry]:
+        """Look at ``agent``'s inbox without claiming anything: queued messages in delivery
+        order (ready or leased), then scheduled ones (retries, delayed) by due time."""
+        check_agent_id(agent, "agent")
+        _check_limit(limit)
+        return ops.peek(self, agent, limit)
+
+    def tail(
+        self,
+        agent: str | None = None,
+        types: Iterable[str] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Iterator[SentRecord]:
+        """Yield messages as any process publishes them, from now on, for ``timeout``
+        seconds (None: until the caller stops iterating). ``agent`` keeps those sent by or to
+        it; ``types`` those types.
+
+        >>> for record in bus.tail(types=["error"]): print(record.message.id)   # doctest: +SKIP
+        """
+        if agent is not None:
+            check_agent_id(agent, "agent")
+        if types is not None:
+            types = [types] if isinstance(types, str) else list(types)
+            for name in types:
+                if name not in MESSAGE_TYPES:
+                    raise ValidationError(f"types: unknown message type {name!r}")
+        if timeout is not None:
+            timeout = _seconds(timeout, "timeout")
+        return ops.tail(self, agent, types, timeout=timeout)
+
+    def prune(
+        self,
+        sent_older_than: float | None = ARCHIVE_RETENTION,
+        dead_older_than: float | None = DEAD_RETENTION,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ops.PruneResult:
+        """Delete acked messages acked more than ``sent_older_than`` seconds ago (the sent
+        archive) and dead letters older than ``dead_older_than`` seconds (None: keep them),
+        in short transactions. Metrics totals keep counting what is deleted.
+        ``progress(done, total)`` is called as batches commit."""
+        if sent_older_than is not None:
+            sent_older_than = _seconds(sent_older_than, "sent_older_than")
+        if dead_older_than is not None:
+            dead_older_than = _seconds(dead_older_than, "dead_older_than")
+        return ops.prune(self, sent_older_than, dead_older_than, progress=progress)
+
+    def check(self) -> ops.CheckReport:
+        """Integrity check, schema version, file and WAL sizes, whether a reader pins the WAL,
+        and leases that ran out; ``report.ok`` is False when ``report.problems`` is not empty."""
+        return ops.check(self)
+
+    def backup(
+        self, dest: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
+    ) -> ops.BackupResult:
+        """Copy the database, online, to the new file ``dest``: a consistent snapshot of the
+        moment the backup starts, while other processes keep writing.
+        ``progress(pages_done, pages_total)``."""
+        return ops.backup(self, dest, progress=progress)
+
+    def vacuum(self) -> ops.VacuumResult:
+        """Give the space of deleted rows back to the file system (after a large prune) and
+        truncate the WAL. Holds the write lock while it runs."""
+        return ops.vacuum(self)
+
     # -- writing messages (shared by agents, transactions and deliveries) ------------------------
 
     def _prepare(
@@ -580,8 +755,9 @@ type_of = type  # the name `type` is a parameter in many methods below
 
 
 def _check_limit(limit: object) -> int:
-    if type(limit) is not int or limit < 1:
-        raise ValueError(f"limit must be an int >= 1, got {limit!r}")
+    # The upper bound is SQLite's 64-bit LIMIT (a larger int raised OverflowError).
+    if type(limit) is not int or limit < 1 or limit >= 2**63:
+        raise ValueError(f"limit must be an int >= 1 (and < 2**63), got {limit!r}")
     return limit
 
 
@@ -616,6 +792,7 @@ class _Publish:
 
     def write(self, conn: apsw.Connection, now: int) -> str:
         storage.publish(conn, [self.outgoing], [now + self.delay_ms], now)
+        mark(self.outgoing.recipients)  # the commit rings these agents' waiters
         return self.outgoing.id
 
 
@@ -651,6 +828,8 @@ class _Broadcast:
             broadcast_pattern=self.pattern, max_payload_bytes=self.bus.max_payload_bytes,
         )
         storage.publish(conn, [out], [now + self.delay_ms], now)
+        if recipients:  # matched nobody: leave the ring untargeted (a state write may ride on it)
+            mark(recipients)
         return out.id
 
 
@@ -658,6 +837,8 @@ def _write_all(conn: apsw.Connection, ops: Sequence[Any], now: int) -> list[Any]
     """Write pending publishes in one go (one statement batch), other ops one by one."""
     if all(type_of(op) is _Publish for op in ops):
         storage.publish(conn, [op.outgoing for op in ops], [now + op.delay_ms for op in ops], now)
+        for op in ops:
+            mark(op.outgoing.recipients)
         return [op.outgoing.id for op in ops]
     return [op.write(conn, now) for op in ops]
 
@@ -738,7 +919,7 @@ class Agent:
             for required in ("to", "type"):
                 if required not in item:
                     raise ValidationError(f"{prefix}{required}: required")
-            ops.append(self.bus._prepare(self.id, now=now, prefix=prefix, **item))
+            ops.append(self.bus._prepare(self.id, now=now, prefix=prefix, **{"payload": None, **item}))
         return ops
 
     def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:
@@ -777,6 +958,10 @@ class Agent:
         lease_ms = int(_seconds(self.bus.lease if lease is None else lease, "lease", allow_zero=False) * 1000)
         types_json = None
         if types is not None:
+            if not isinstance(types, (str, Iterable)):
+                raise TypeError(
+                    f"types must be a message type or a list of them, got {type_of(types).__name__}"
+                )
             types = [types] if isinstance(types, str) else list(types)
             for name in types:
                 if name not in MESSAGE_TYPES:
@@ -792,13 +977,13 @@ class Agent:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            bus._wait_for_change(baseline, min(remaining, self._until_due()))
+            bus._wait_for_change(baseline, min(remaining, self._until_due()), self.id)
 
     def _until_due(self) -> float:
         """Seconds until one of this agent's retries, delayed messages or leases comes due."""
         bus = self.bus
         with bus._reading() as conn:
-            due = storage.next_due(conn, self.id)
+            due = storage.next_due(conn, self.id, bus._now_ms())
         if due is None:
             return 3600.0
         return max(0.001, (due - bus._now_ms()) / 1000)
@@ -809,10 +994,16 @@ class Agent:
         lease_until = now + lease_ms
         claimed: list[tuple[Any, ...]] = []
         with bus._write() as conn:
+            mark_quiet()  # a claim makes no work for anyone: its commit rings nobody
             storage.promote_due(conn, self.id, now)
             while len(claimed) < limit:
                 want = limit - len(claimed)
-                rows = storage.claim(conn, self.id, now, lease_until, want, types_json)
+                skip = bus._awaiting.get(self.id)
+                if skip:  # responses a request of this process is waiting for are its own
+                    rows = storage.claim_skipping(conn, self.id, now, lease_until, want,
+                                                  types_json, encode_json(list(skip)).decode())
+                else:
+                    rows = storage.claim(conn, self.id, now, lease_until, want, types_json)
                 for row in rows:
                     seq, _claims, attempts, _priority, expires_at, _sent_at, _body = row
                     if expires_at is not None and now > expires_at:
@@ -832,7 +1023,15 @@ class Agent:
                 self._touched_at = now
         deliveries = []
         for seq, claims, attempts, _priority, _expires_at, _sent_at, body in claimed:
-            message = decode_message(body)
+            try:
+                message = decode_message(body)
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                # SQLite has no page checksums: damaged bytes inside a stored body go unseen
+                # until here. Say so in our own error; the leases run out as after a crash.
+                raise DatabaseError(
+                    f"{bus.path} is corrupt: the stored body of message row {seq} to "
+                    f"{self.id!r} cannot be decoded ({exc}); restore from a 'sqlbus backup'"
+                ) from exc
             message.headers.retry_count = attempts - 1
             deliveries.append(Delivery(self, message, seq, claims, attempts, lease_until / 1000))
         return deliveries
@@ -851,13 +1050,17 @@ class Agent:
                 raise ValueError(f"{d!r} was not received by agent {self.id!r}")
             if d._settled is not None and d._settled != "acked":
                 raise ValueError(f"{d!r} was already settled ({d._settled})")
-        pending = [d for d in deliveries if d._settled is None]
+        # dict.fromkeys: a delivery listed twice is acked once (a second UPDATE would find the
+        # row acked and wrongly report the lease lost).
+        pending = [d for d in dict.fromkeys(deliveries) if d._settled is None]
         if not pending:
             return
         bus = self.bus
         now = bus._now_ms()
         notices = [d._ack_notice(now) for d in pending if d.message.headers.requires_ack]
         with bus._write() as conn:
+            if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
+                mark_quiet()  # rings only the agents its buffered publishes reach
             for d in pending:
                 if storage.ack(conn, d._seq, d._claims, now) is None:
                     raise LeaseLostError(
@@ -871,6 +1074,81 @@ class Agent:
                 notice.write(conn, now)
         for d in pending:
             d._settled = "acked"
+
+    # -- handlers, the run loop, request/response, events (the logic is in sqlbus.worker) ----
+
+    def subscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
+        """Call ``handler(message)`` in :meth:`run` for every message of ``type`` (``"*"``:
+        every type). Subscribing the same handler twice has no further effect.
+
+        A handler reaches its :class:`Delivery` with :func:`sqlbus.current_delivery` to buffer
+        publishes, replies and state writes that commit with the ack.
+        """
+        from .worker import dispatcher
+
+        dispatcher(self).subscribe(type, handler)
+
+    def unsubscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
+        """Stop calling ``handler`` for ``type`` (nothing happens if it was not subscribed)."""
+        from .worker import dispatcher
+
+        dispatcher(self).unsubscribe(type, handler)
+
+    def run(self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None) -> int:
+        """Claim messages and dispatch them to the handlers until :meth:`stop`, SIGINT or
+        SIGTERM; returns how many messages it processed.
+
+        ``until_idle=True`` drains what is ready now (not retries due later) and returns.
+        Messages are acked when every handler succeeds and failed (retry or dead letter) when
+        one raises; a message without handler is acked and counted as ``unhandled``. A signal
+        (handled only when run() is in the main thread) lets the message in hand finish; the
+        other claimed ones go back at once. ``limit``: messages claimed at a time; ``lease``
+        (seconds, default the bus's) is extended in the background while a handler runs.
+        """
+        from .worker import dispatcher
+
+        return dispatcher(self).run(until_idle, limit=limit, lease=lease)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the message in hand (safe from any thread)."""
+        from .worker import dispatcher
+
+        dispatcher(self).stop()
+
+    def request(
+        self, to: str, payload: Any = None, timeout: float = 30.0, *, priority: int = 3,
+        ttl: int | None = None,
+    ) -> Any:
+        """Send a ``request`` to agent ``to`` and wait up to ``timeout`` seconds for the
+        ``data`` of its response.
+
+        >>> alice.request("bob", {"q": 1}, timeout=5.0)          # doctest: +SKIP
+
+        Raises :class:`sqlbus.RemoteError` (the remote error text) when the response says
+        ``success: false``, :class:`sqlbus.RequestTimeoutError` when none comes in time (a
+        response arriving later is discarded and counted as ``late_responses``). ``ttl`` (ms)
+        defaults to the timeout. Works while this agent's :meth:`run` runs in another thread.
+        """
+        from .worker import request
+
+        return request(self, to, payload, timeout, priority=priority, ttl=ttl)
+
+    def respond(
+        self, message: Message, data: Any = None, success: bool = True, *, error: str | None = None
+    ) -> str:
+        """Answer the request ``message`` with ``data`` (or a failure with ``error``); returns
+        the response's id. Inside that request's handler it commits with the ack."""
+        from .worker import respond
+
+        return respond(self, message, data, success, error=error)
+
+    @property
+    def events(self) -> Events:
+        """Events (SPEC 7): ``agent.events.emit(name, data, targets=None)``, ``.on(name,
+        handler)``, ``.off(name, handler)``; see :class:`sqlbus.Events`."""
+        from .worker import dispatcher
+
+        return dispatcher(self).events
 
 
 # ---------------------------------------------------------------------------------------------
@@ -975,6 +1253,7 @@ class Delivery:
         now = bus._now_ms()
         lease_until = now + int(lease_s * 1000)
         with bus._write() as conn:
+            mark_quiet()  # a later deadline makes no work for anyone
             if not storage.extend(conn, self._seq, self._claims, lease_until):
                 raise self._lease_lost()
         self.lease_until = lease_until / 1000
@@ -986,6 +1265,7 @@ class Delivery:
         bus = self.agent.bus
         with bus._write() as conn:
             storage.extend(conn, self._seq, self._claims, bus._now_ms())
+            mark([self.agent.id])  # ready again: wake the agent's other receivers
         self._settled = "released"
 
     # -- buffered effects ------------------------------------------------------------------
@@ -1062,6 +1342,7 @@ class Delivery:
             if reason is None:
                 due_at = now + int(delay * 1000)
                 ok = storage.retry(conn, self._seq, self._claims, due_at, last_error)
+                mark([self.agent.id])  # its waiters re-read the next due time
             else:
                 ok = storage.dead_letter(
                     conn, self._seq, self._claims, now, reason, error_name, error_message, tb,

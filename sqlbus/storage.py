@@ -73,6 +73,10 @@ CREATE TABLE message (
 CREATE INDEX message_claim ON message (agent, priority DESC, seq, visible_at) WHERE state = 0;
 CREATE INDEX message_due ON message (agent, visible_at) WHERE state = 1;
 CREATE INDEX message_id ON message (message_id);
+-- A requester takes its response by correlation id (sqlbus.worker). Partial on waiting
+-- responses only, so every other publish and ack touches no page of it.
+CREATE INDEX message_response ON message (agent, json_extract(CAST(body AS TEXT), '$.headers.correlation_id'))
+    WHERE state = 0 AND type = 'response';
 
 CREATE TABLE dead_letter (
     id INTEGER PRIMARY KEY,
@@ -109,6 +113,27 @@ CREATE TABLE state_log (
 CREATE TABLE error_counts (
     name TEXT PRIMARY KEY,
     count INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+-- Totals that outlive the rows they count: prune, purge and requeue fold what they remove
+-- into these (per agent; '' = the whole bus), never the hot publish/ack path. Names used:
+-- sent, received, delivery_ms, dead, expired; other modules may add their own (e.g.
+-- unhandled, late_responses) with add_counters().
+CREATE TABLE counters (
+    name TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    value INTEGER NOT NULL,
+    PRIMARY KEY (name, agent)
+) STRICT, WITHOUT ROWID;
+
+-- Requests that timed out (sqlbus.worker): a response that arrives for one later is
+-- discarded and counted as late_responses, never handed to a handler. Written only when a
+-- request times out.
+CREATE TABLE request_timeout (
+    agent TEXT NOT NULL,
+    correlation_id TEXT NOT NULL,
+    timed_out_at INTEGER NOT NULL,
+    PRIMARY KEY (agent, correlation_id)
 ) STRICT, WITHOUT ROWID;
 """
 
@@ -158,6 +183,16 @@ def check_file(path: str) -> bool:
         raise DatabaseError(f"{path} is corrupt: bad page size {page_size} in the header")
     header_pages = int.from_bytes(header[28:32], "big")
     header_valid = header[24:28] == header[92:96]
+    try:
+        wal_size = os.path.getsize(path + "-wal")
+    except OSError:
+        wal_size = 0
+    if wal_size > 32:
+        # A WAL with frames may hold pages a checkpoint has not copied yet: a checkpoint writes
+        # page 1 (the header, with the new page count) before the pages after the end of the
+        # file, so mid-checkpoint (or after a process was killed there) the file is shorter
+        # than its header says and is healthy: SQLite finishes the copy from the WAL.
+        return False
     if size % page_size:
         raise DatabaseError(
             f"{path} is corrupt or truncated: size {size} is not a multiple of the page size "
@@ -325,13 +360,18 @@ def publish(
     """
     fresh: list[bool] = []
     rows: list[tuple[Any, ...]] = []
+    chosen: set[str] = set()  # caller-chosen ids of this batch: a repeat is skipped like one in the db
     for message, visible in zip(messages, visible_at, strict=True):
-        if message.caller_id and message_exists(conn, message.id):
-            fresh.append(False)
-            continue
+        if message.caller_id:
+            if message.id in chosen or message_exists(conn, message.id):
+                fresh.append(False)
+                continue
+            chosen.add(message.id)
         fresh.append(True)
         state = QUEUED if visible <= now else SCHEDULED
-        expires_at = now + message.ttl if message.ttl else None
+        # TTL counts from when the message can first be delivered, so a delay longer than the
+        # ttl does not doom the message before anyone could see it.
+        expires_at = visible + message.ttl if message.ttl else None
         if not message.recipients:  # a broadcast that matched nobody: archive only
             rows.append((message.id, message.sender, None, message.type, message.priority,
                          ACKED, now, expires_at, now, now, message.body))
@@ -465,13 +505,14 @@ def count_error(conn: apsw.Connection, name: str) -> None:
     )
 
 
-def next_due(conn: apsw.Connection, agent: str) -> int | None:
-    """Earliest time (ms) at which one of ``agent``'s rows becomes ready: a retry, a delayed
-    message or a lease running out; None when nothing is pending."""
+def next_due(conn: apsw.Connection, agent: str, now: int) -> int | None:
+    """Earliest time (ms) after ``now`` at which one of ``agent``'s rows becomes ready: a
+    retry, a delayed message or a lease running out; None when nothing is pending."""
     rows = conn.execute(
         "SELECT min(t) FROM (SELECT min(visible_at) AS t FROM message WHERE agent = ?1 AND state = 1"
-        " UNION ALL SELECT min(visible_at) FROM message WHERE agent = ?1 AND state = 0)",
-        (agent,),
+        " UNION ALL SELECT min(visible_at) FROM message WHERE agent = ?1 AND state = 0"
+        " AND visible_at > ?2)",
+        (agent, now),
     ).fetchall()
     return rows[0][0] if rows else None
 
@@ -504,25 +545,30 @@ def requeue(conn: apsw.Connection, dead_letter_id: int, now: int, ttl_ms: int) -
     """Queue a dead letter's row again, attempts reset and TTL counted from now (``ttl_ms``
     0 = never expires), and drop the dead-letter record. False when there is no such record."""
     rows = conn.execute(
-        "DELETE FROM dead_letter WHERE id = ? RETURNING seq", (dead_letter_id,)
+        "DELETE FROM dead_letter WHERE id = ? RETURNING seq, reason", (dead_letter_id,)
     ).fetchall()
     if not rows:
         return False
-    conn.execute(
+    requeued = conn.execute(
         "UPDATE message SET state = 0, attempts = 0, visible_at = ?1, done_at = NULL,"
-        " expires_at = CASE WHEN ?2 > 0 THEN ?1 + ?2 END WHERE seq = ?3",
+        " expires_at = CASE WHEN ?2 > 0 THEN ?1 + ?2 END WHERE seq = ?3 RETURNING agent",
         (now, ttl_ms, rows[0][0]),
-    )
+    ).fetchall()
+    # The move to dead letters still happened: keep it in the totals (metrics).
+    agent = requeued[0][0] if requeued else None
+    if agent is not None:
+        add_counters(conn, [("dead", agent, 1)] + ([("expired", agent, 1)] if rows[0][1] == "expired" else []))
     return True
 
 
 def purge_dead_letters(conn: apsw.Connection, older_than: int | None) -> int:
     """Delete dead letters (and their rows) that failed before ``older_than`` ms (None = all)."""
-    seqs = conn.execute(
-        "DELETE FROM dead_letter WHERE ?1 IS NULL OR failed_at < ?1 RETURNING seq", (older_than,)
+    dead = conn.execute(
+        "DELETE FROM dead_letter WHERE ?1 IS NULL OR failed_at < ?1 RETURNING seq, reason",
+        (older_than,),
     ).fetchall()
-    conn.executemany("DELETE FROM message WHERE seq = ?", seqs)
-    return len(seqs)
+    retire_rows(conn, dead)  # keeps their counts in the metrics' totals
+    return len(dead)
 
 
 def list_sent(
@@ -628,3 +674,392 @@ def state_log_after(
 
 def state_log_head(conn: apsw.Connection) -> int:
     return conn.execute("SELECT coalesce(max(seq), 0) FROM state_log").fetchall()[0][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Watch (sqlbus.watch): a snapshot of state and the log position it corresponds to
+
+
+def state_snapshot(conn: apsw.Connection, prefix: str) -> tuple[list[tuple[Any, ...]], int]:
+    """Live entries under ``prefix`` (as :func:`state_entries`) and the state_log head, read
+    in one read transaction so that the log after that head holds exactly the later changes.
+    Inside a caller's open transaction, reads there (already one snapshot)."""
+    if not conn.get_autocommit():
+        return state_entries(conn, prefix), state_log_head(conn)
+    conn.execute("BEGIN DEFERRED")
+    try:
+        entries = state_entries(conn, prefix)
+        head = state_log_head(conn)
+    finally:
+        conn.execute("COMMIT")  # a read-only transaction: COMMIT just ends it
+    return entries, head
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and upkeep: totals, depths, retention (prune), checks, peek and tail
+#
+# Metrics are read from the rows themselves (no counter is touched by publish, claim or ack);
+# what retention deletes is folded into ``counters`` in the same transaction, so totals never
+# go down when the archive is pruned.
+
+_RETIRED = " RETURNING message_id, sender, agent, state, sent_at, done_at"
+
+
+def add_counters(conn: apsw.Connection, deltas: Sequence[tuple[str, str, int]]) -> None:
+    """Add ``(name, agent, delta)`` to the counters (agent ``''``: the whole bus)."""
+    conn.executemany(
+        "INSERT INTO counters (name, agent, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (name, agent) DO UPDATE SET value = value + excluded.value",
+        [d for d in deltas if d[2]],
+    )
+
+
+def read_counters(conn: apsw.Connection) -> list[tuple[str, str, int]]:
+    """Every counter: (name, agent, value)."""
+    return conn.execute("SELECT name, agent, value FROM counters ORDER BY name, agent").fetchall()
+
+
+def fold_retired(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Fold deleted message rows (message_id, sender, agent, state, sent_at, done_at, reason)
+    into the counters: acked rows into received/delivery_ms, dead rows into dead/expired, and
+    a message whose last row went into sent (its sender's), so every total stays the same."""
+    deltas: dict[tuple[str, str], int] = {}
+
+    def add(name: str, agent: str, value: int = 1) -> None:
+        deltas[name, agent] = deltas.get((name, agent), 0) + value
+
+    senders: dict[str, str] = {}
+    for message_id, sender, agent, state, sent_at, done_at, reason in rows:
+        senders[message_id] = sender
+        if agent is None:
+            continue
+        if state == ACKED:
+            add("received", agent)
+            add("delivery_ms", agent, done_at - sent_at)
+        elif state == DEAD:
+            add("dead", agent)
+            if reason == "expired":
+                add("expired", agent)
+    for message_id, sender in senders.items():
+        if not message_exists(conn, message_id):
+            add("sent", sender)
+    add_counters(conn, [(name, agent, value) for (name, agent), value in deltas.items()])
+
+
+def retire_rows(conn: apsw.Connection, dead: Sequence[tuple[int, str]]) -> None:
+    """Delete the message rows of dead-letter records already deleted (``(seq, reason)``)
+    and fold them into the counters."""
+    rows: list[tuple[Any, ...]] = []
+    for seq, reason in dead:
+        for row in conn.execute("DELETE FROM message WHERE seq = ?" + _RETIRED, (seq,)):
+            rows.append((*row, reason))
+    fold_retired(conn, rows)
+
+
+def _archive_bound(conn: apsw.Connection, cutoff: int) -> int:
+    """A seq below which every row acked before ``cutoff`` lies: the first row sent at or
+    after it (a row is acked after it is sent). Walks only the rows older than the cutoff,
+    which retention keeps few, instead of the whole table: no index on done_at, because an
+    index the ack must update would cost every ack an extra page."""
+    rows = conn.execute(
+        "SELECT seq FROM message WHERE sent_at >= ? ORDER BY seq LIMIT 1", (cutoff,)
+    ).fetchall()
+    return rows[0][0] if rows else 1 << 62
+
+
+def prune_acked(conn: apsw.Connection, cutoff: int, limit: int) -> int:
+    """Delete up to ``limit`` acked rows (the sent archive) acked before ``cutoff`` ms, oldest
+    first, folding them into the counters; returns how many."""
+    bound = _archive_bound(conn, cutoff)
+    rows = conn.execute(
+        "DELETE FROM message WHERE seq IN (SELECT seq FROM message WHERE seq < ?1 AND state = 2"
+        " AND done_at < ?2 ORDER BY seq LIMIT ?3)" + _RETIRED,
+        (bound, cutoff, limit),
+    ).fetchall()
+    fold_retired(conn, [(*row, None) for row in rows])
+    return len(rows)
+
+
+def prune_dead(conn: apsw.Connection, cutoff: int, limit: int) -> int:
+    """Delete up to ``limit`` dead letters (record and row) that failed before ``cutoff`` ms,
+    oldest first, folding them into the counters; returns how many."""
+    dead = conn.execute(
+        "DELETE FROM dead_letter WHERE id IN (SELECT id FROM dead_letter WHERE failed_at < ?"
+        " ORDER BY failed_at LIMIT ?) RETURNING seq, reason",
+        (cutoff, limit),
+    ).fetchall()
+    retire_rows(conn, dead)
+    return len(dead)
+
+
+def count_prunable(
+    conn: apsw.Connection, acked_cutoff: int | None, dead_cutoff: int | None
+) -> tuple[int, int]:
+    """How many acked rows and dead letters the cutoffs would prune (None: none)."""
+    acked = dead = 0
+    if acked_cutoff is not None:
+        acked = conn.execute(
+            "SELECT count(*) FROM message WHERE seq < ? AND state = 2 AND done_at < ?",
+            (_archive_bound(conn, acked_cutoff), acked_cutoff),
+        ).fetchall()[0][0]
+    if dead_cutoff is not None:
+        dead = conn.execute(
+            "SELECT count(*) FROM dead_letter WHERE failed_at < ?", (dead_cutoff,)
+        ).fetchall()[0][0]
+    return acked, dead
+
+
+def depth_rows(conn: apsw.Connection, now: int) -> list[tuple[str, int, int, int, int, int | None]]:
+    """Per recipient: (agent, ready, leased, retrying, dead, oldest ready sent_at or None).
+
+    Reads the partial indexes of queued and scheduled rows plus the dead-letter table, never
+    the archive, so it costs the size of the backlog, not of the file. A scheduled row that
+    is due counts as ready (the next claim queues it)."""
+    depths: dict[str, list[Any]] = {}
+
+    def entry(agent: str) -> list[Any]:
+        return depths.setdefault(agent, [0, 0, 0, 0, None])
+
+    for state in (QUEUED, SCHEDULED):
+        for agent, due, later, first_due in conn.execute(
+            "SELECT agent, sum(visible_at <= ?1), sum(visible_at > ?1),"
+            " min(CASE WHEN visible_at <= ?1 THEN seq END) FROM message"
+            " WHERE state = ?2 AND agent IS NOT NULL GROUP BY agent",
+            (now, state),
+        ):
+            e = entry(agent)
+            e[0] += due
+            e[1 if state == QUEUED else 2] += later
+            if first_due is not None:
+                e[4] = first_due if e[4] is None else min(e[4], first_due)
+    for agent, dead in conn.execute(
+        "SELECT m.agent, count(*) FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+        " WHERE m.agent IS NOT NULL GROUP BY m.agent"
+    ):
+        entry(agent)[3] = dead
+    result = []
+    for agent in sorted(depths):
+        ready, leased, retrying, dead, first_seq = depths[agent]
+        oldest = None
+        if first_seq is not None:
+            oldest = conn.execute(
+                "SELECT sent_at FROM message WHERE seq = ?", (first_seq,)
+            ).fetchall()[0][0]
+        result.append((agent, ready, leased, retrying, dead, oldest))
+    return result
+
+
+def acked_rows(conn: apsw.Connection, now: int) -> list[tuple[str, int, int, int, int]]:
+    """Per recipient: (agent, acked, sum of done_at - sent_at in ms, acked in the last
+    second, acked in the last minute). A scan of the whole table: the price of keeping the
+    ack path free of counter updates."""
+    return conn.execute(
+        "SELECT agent, count(*), sum(done_at - sent_at), sum(done_at > ?1 - 1000),"
+        " sum(done_at > ?1 - 60000) FROM message WHERE state = 2 AND agent IS NOT NULL"
+        " GROUP BY agent",
+        (now,),
+    ).fetchall()
+
+
+def sent_rows(conn: apsw.Connection) -> list[tuple[str, int]]:
+    """Per sender: (sender, messages sent), one per message id however many recipients."""
+    return conn.execute(
+        "SELECT sender, count(DISTINCT message_id) FROM message GROUP BY sender"
+    ).fetchall()
+
+
+def dead_reason_rows(conn: apsw.Connection) -> list[tuple[str, int]]:
+    """(reason, dead letters) for the dead letters kept now."""
+    return conn.execute("SELECT reason, count(*) FROM dead_letter GROUP BY reason").fetchall()
+
+
+def error_count_rows(conn: apsw.Connection) -> list[tuple[str, int]]:
+    """(exception name, failures) since the file was made."""
+    return conn.execute("SELECT name, count FROM error_counts ORDER BY name").fetchall()
+
+
+def expired_leases(conn: apsw.Connection, now: int) -> int:
+    """Deliveries whose lease ran out without an ack or a fail (a receiver crashed, hung or
+    released them) and that nobody has claimed again yet."""
+    return conn.execute(
+        "SELECT count(*) FROM message WHERE state = 0 AND attempts > 0 AND visible_at <= ?",
+        (now,),
+    ).fetchall()[0][0]
+
+
+def integrity_check(conn: apsw.Connection, max_errors: int = 20) -> list[str]:
+    """SQLite's integrity check: ``['ok']`` or up to ``max_errors`` problems."""
+    return [row[0] for row in conn.execute(f"PRAGMA integrity_check({int(max_errors)})")]
+
+
+def schema_marks(conn: apsw.Connection) -> tuple[int, int]:
+    """(application_id, user_version) of the file."""
+    return (
+        conn.execute("PRAGMA application_id").fetchall()[0][0],
+        conn.execute("PRAGMA user_version").fetchall()[0][0],
+    )
+
+
+def peek_rows(
+    conn: apsw.Connection, agent: str, limit: int
+) -> list[tuple[int, int, int, int, bytes]]:
+    """An agent's inbox without claiming: (state, visible_at, attempts, sent_at, body) of
+    queued rows in delivery order, then scheduled rows by due time."""
+    rows = conn.execute(
+        "SELECT state, visible_at, attempts, sent_at, body FROM message WHERE agent = ?"
+        " AND state = 0 ORDER BY priority DESC, seq LIMIT ?",
+        (agent, limit),
+    ).fetchall()
+    if len(rows) < limit:
+        rows += conn.execute(
+            "SELECT state, visible_at, attempts, sent_at, body FROM message WHERE agent = ?"
+            " AND state = 1 ORDER BY visible_at, seq LIMIT ?",
+            (agent, limit - len(rows)),
+        ).fetchall()
+    return rows
+
+
+def last_seq(conn: apsw.Connection) -> int:
+    """The newest row's seq (0 when empty): where a tail starts."""
+    return conn.execute("SELECT coalesce(max(seq), 0) FROM message").fetchall()[0][0]
+
+
+def rows_after(
+    conn: apsw.Connection, after_seq: int, limit: int
+) -> list[tuple[int, str, str | None, int, bytes]]:
+    """Rows published after ``after_seq``, in publish order: (seq, message_id, agent,
+    sent_at, body)."""
+    return conn.execute(
+        "SELECT seq, message_id, agent, sent_at, body FROM message WHERE seq > ? ORDER BY seq"
+        " LIMIT ?",
+        (after_seq, limit),
+    ).fetchall()
+
+
+def dead_letter_ids(
+    conn: apsw.Connection, agent: str | None, reason: str | None
+) -> list[tuple[int, bytes]]:
+    """(id, body) of the dead letters of ``agent`` with ``reason`` (None: any), oldest first."""
+    return conn.execute(
+        "SELECT d.id, m.body FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+        " WHERE (?1 IS NULL OR m.agent = ?1) AND (?2 IS NULL OR d.reason = ?2) ORDER BY d.id",
+        (agent, reason),
+    ).fetchall()
+
+
+# ---------------------------------------------------------------------------------------------
+# Run loop and request/response (sqlbus.worker)
+#
+# A requester takes its own response by correlation id (index message_response), and a run
+# loop of the same agent in the same process skips responses that a local request awaits, so
+# the loop never steals them. Requests that timed out are remembered in request_timeout so
+# that their late responses are discarded and counted instead of reaching a handler.
+
+_CORRELATION = "json_extract(CAST(body AS TEXT), '$.headers.correlation_id')"
+
+_CLAIM_SKIPPING = (
+    "UPDATE message SET visible_at = ?1, attempts = attempts + 1, claims = claims + 1"
+    " WHERE seq IN (SELECT seq FROM message WHERE agent = ?2 AND state = 0 AND visible_at <= ?3"
+    " AND (?5 IS NULL OR type IN (SELECT value FROM json_each(?5)))"
+    f" AND NOT (type = 'response' AND {_CORRELATION} IN (SELECT value FROM json_each(?6)))"
+    " ORDER BY priority DESC, seq LIMIT ?4)"
+    " RETURNING seq, claims, attempts, priority, expires_at, sent_at, body"
+)
+
+
+def claim_skipping(
+    conn: apsw.Connection,
+    agent: str,
+    now: int,
+    lease_until: int,
+    limit: int,
+    types_json: str | None,
+    skip_json: str,
+) -> list[tuple[int, int, int, int, int | None, int, bytes]]:
+    """Like :func:`claim`, but leave alone the ``response`` rows whose correlation id is in
+    ``skip_json`` (a JSON list): responses that a request of this process is waiting for."""
+    rows = conn.execute(
+        _CLAIM_SKIPPING, (lease_until, agent, now, limit, types_json, skip_json)
+    ).fetchall()
+    if len(rows) > 1:
+        rows.sort(key=lambda row: (-row[3], row[0]))
+    return rows
+
+
+_RESPONSE_WHERE = (
+    f"agent = ?1 AND state = 0 AND type = 'response' AND {_CORRELATION} = ?2 AND visible_at <= ?3"
+)
+
+
+def has_response(conn: apsw.Connection, agent: str, correlation_id: str, now: int) -> bool:
+    """Whether a ready response with ``correlation_id`` waits in ``agent``'s inbox (a read:
+    lets a waiting requester skip the write transaction when nothing came)."""
+    return bool(
+        conn.execute(
+            f"SELECT 1 FROM message WHERE {_RESPONSE_WHERE} LIMIT 1", (agent, correlation_id, now)
+        ).fetchall()
+    )
+
+
+def take_response(
+    conn: apsw.Connection, agent: str, correlation_id: str, now: int
+) -> tuple[int, bytes] | None:
+    """Claim and ack in one step the oldest ready response with ``correlation_id`` in
+    ``agent``'s inbox; returns (seq, body) or None. An expired one is left for the claim,
+    which dead-letters it."""
+    rows = conn.execute(
+        "UPDATE message SET state = 2, done_at = ?3, attempts = attempts + 1,"
+        f" claims = claims + 1 WHERE seq = (SELECT seq FROM message WHERE {_RESPONSE_WHERE}"
+        " AND (expires_at IS NULL OR expires_at >= ?3) ORDER BY seq LIMIT 1)"
+        " RETURNING seq, body",
+        (agent, correlation_id, now),
+    ).fetchall()
+    return (rows[0][0], rows[0][1]) if rows else None
+
+
+def record_request_timeout(
+    conn: apsw.Connection, agent: str, correlation_id: str, now: int, keep_ms: int
+) -> None:
+    """Remember that ``agent``'s request ``correlation_id`` timed out, and forget records
+    older than ``keep_ms`` (their responses, if any ever come, count as unknown ones)."""
+    conn.execute("DELETE FROM request_timeout WHERE timed_out_at < ?", (now - keep_ms,))
+    conn.execute(
+        "INSERT OR REPLACE INTO request_timeout (agent, correlation_id, timed_out_at)"
+        " VALUES (?, ?, ?)",
+        (agent, correlation_id, now),
+    )
+
+
+def request_timed_out(conn: apsw.Connection, agent: str, correlation_id: str) -> bool:
+    """Whether ``agent``'s request ``correlation_id`` timed out (its response is late)."""
+    return bool(
+        conn.execute(
+            "SELECT 1 FROM request_timeout WHERE agent = ? AND correlation_id = ?",
+            (agent, correlation_id),
+        ).fetchall()
+    )
+
+
+def forget_request_timeout(conn: apsw.Connection, agent: str, correlation_id: str) -> None:
+    conn.execute(
+        "DELETE FROM request_timeout WHERE agent = ? AND correlation_id = ?",
+        (agent, correlation_id),
+    )
+
+
+def take_late_responses(conn: apsw.Connection, agent: str, now: int) -> int:
+    """Ack (discard) the ready responses in ``agent``'s inbox whose request timed out, forget
+    those timeouts and return how many were discarded (the caller counts them)."""
+    rows = conn.execute(
+        "UPDATE message SET state = 2, done_at = ?2, attempts = attempts + 1,"
+        " claims = claims + 1 WHERE seq IN (SELECT seq FROM message WHERE agent = ?1"
+        f" AND state = 0 AND type = 'response' AND visible_at <= ?2 AND {_CORRELATION} IN"
+        " (SELECT correlation_id FROM request_timeout WHERE agent = ?1))"
+        f" RETURNING {_CORRELATION}",
+        (agent, now),
+    ).fetchall()
+    conn.executemany(
+        "DELETE FROM request_timeout WHERE agent = ? AND correlation_id = ?",
+        [(agent, row[0]) for row in rows],
+    )
+    return len(rows)

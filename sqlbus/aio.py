@@ -1,0 +1,565 @@
+"""sqlbus for asyncio: the same API, with coroutines wherever the database is touched.
+
+>>> import sqlbus.aio
+>>> async def main():                                             # doctest: +SKIP
+...     bus = await sqlbus.aio.connect("team.db")
+...     alice, bob = await bus.agent("alice"), await bus.agent("bob")
+...     await alice.publish("bob", "notification", {"text": "hi"})
+...     for d in await bob.receive(limit=10, wait=5.0):
+...         async with d:                     # clean exit acks; an exception fails it
+...             print(d.message.payload)
+...     async for entry in bus.state.watch("job/"):
+...         ...
+...     await bus.close()
+
+How it stays off the event loop:
+
+- Every call that touches SQLite runs on a small thread pool of the bus (each thread has its
+  own connection, like any thread of a :class:`sqlbus.Bus`); the caller's contextvars go with
+  it.
+- Waiting (``receive(wait=...)``, ``watch``) never occupies a thread: the coroutine awaits a
+  future that the process's doorbell resolves when a commit concerns it (sqlbus.wakeup), and
+  looks again at least every ``wakeup.FALLBACK`` seconds.
+- ``request`` and ``run`` are the blocking calls of sqlbus.worker on threads of their own;
+  ``run`` calls plain handlers on its thread and schedules ``async def`` handlers on the event
+  loop (``run_coroutine_threadsafe``), waiting for their result before it acks.
+
+``subscribe``, ``unsubscribe``, ``stop`` and ``events.on/off`` are plain calls; ``reply``,
+``publish`` and state writes of a delivery are plain calls too (they only buffer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import inspect
+import signal
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from . import worker
+from .bus import Agent, Bus, Delivery, Transaction, _seconds
+from .errors import VersionConflictError
+from .messages import Message, encode_json_value
+from .state import StateEntry, StateStore, check_key
+from .wakeup import ANY, FALLBACK, agent_tag
+from .watch import Watch, _check_poll, _check_prefix
+
+__all__ = [
+    "connect",
+    "AsyncBus",
+    "AsyncAgent",
+    "AsyncDelivery",
+    "AsyncStateStore",
+    "AsyncEvents",
+    "AsyncTransaction",
+]
+
+T = TypeVar("T")
+
+_POOL_THREADS = 8  # threads for short database calls (one connection each)
+_WAIT_THREADS = 64  # threads for blocking requests (reused, so connections are too)
+
+
+async def connect(path: Any, **policy: Any) -> AsyncBus:
+    """Open the database at ``path`` (same keyword policy as :func:`sqlbus.connect`).
+
+    >>> bus = await sqlbus.aio.connect("team.db", durability="full")   # doctest: +SKIP
+    """
+    pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="sqlbus-aio")
+    try:
+        bus = await asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(Bus, path, **policy)
+        )
+    except BaseException:
+        pool.shutdown(wait=False)
+        raise
+    return AsyncBus(bus, pool)
+
+
+def _call(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: Any) -> Awaitable[T]:
+    """Run ``fn`` on ``pool`` with the caller's contextvars (e.g. the current delivery)."""
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, fn, *args, **kwargs)
+    return asyncio.get_running_loop().run_in_executor(pool, call)
+
+
+def _offloaded(name: str, doc: str) -> Callable[..., Awaitable[Any]]:
+    """A coroutine method that runs the sync object's method ``name`` on the pool."""
+
+    async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return await _call(self._pool, getattr(self.sync, name), *args, **kwargs)
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = doc
+    return method
+
+
+class AsyncBus:
+    """An asyncio handle on a :class:`sqlbus.Bus` (``bus.sync``); get one from :func:`connect`.
+    ``async with`` closes it."""
+
+    def __init__(self, bus: Bus, pool: ThreadPoolExecutor) -> None:
+        self.sync = bus
+        self._pool = pool
+        self._waits = ThreadPoolExecutor(_WAIT_THREADS, thread_name_prefix="sqlbus-aio-wait")
+        self.state = AsyncStateStore(self, bus.state)
+
+    @property
+    def path(self) -> str:
+        return self.sync.path
+
+    def __repr__(self) -> str:
+        return f"<sqlbus.aio.AsyncBus {self.sync.path!r}>"
+
+    async def agent(self, agent_id: str) -> AsyncAgent:
+        """Register (or re-register) ``agent_id`` and return its asyncio handle."""
+        return AsyncAgent(self, await _call(self._pool, self.sync.agent, agent_id))
+
+    agents = _offloaded("agents", "The registry (see :meth:`sqlbus.Bus.agents`).")
+    sent = _offloaded("sent", "The sent archive, newest first (see :meth:`sqlbus.Bus.sent`).")
+    dead_letters = _offloaded("dead_letters", "Dead letters, newest first.")
+    dead_letter = _offloaded("dead_letter", "One dead letter by id, or None.")
+    requeue = _offloaded("requeue", "Put a dead letter back in its agent's inbox.")
+    requeue_dead_letters = _offloaded("requeue_dead_letters", "Requeue many dead letters.")
+    purge_dead_letters = _offloaded("purge_dead_letters", "Delete dead letters (seconds).")
+    metrics = _offloaded("metrics", "Metrics shared by every process (SPEC 8).")
+    stats = _offloaded("stats", "Per-agent queue depths.")
+    peek = _offloaded("peek", "Look at an inbox without claiming.")
+    prune = _offloaded("prune", "Delete old archive rows (see :meth:`sqlbus.Bus.prune`).")
+    check = _offloaded("check", "Integrity and schema check.")
+    backup = _offloaded("backup", "Online, consistent copy of the database.")
+    vacuum = _offloaded("vacuum", "Rebuild the file to reclaim space.")
+
+    async def close(self) -> None:
+        """Close the bus: its connections, its doorbell and its threads."""
+        try:
+            await _call(self._pool, self.sync.close)
+        finally:
+            self._pool.shutdown(wait=False)
+            self._waits.shutdown(wait=False)
+
+    async def __aenter__(self) -> AsyncBus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncAgent:
+    """An asyncio handle on a :class:`sqlbus.Agent` (``agent.sync``)."""
+
+    def __init__(self, bus: AsyncBus, agent: Agent) -> None:
+        self.bus = bus
+        self.sync = agent
+        self.id = agent.id
+        self._pool = bus._pool
+        self.state = AsyncStateStore(bus, agent.state)
+        self.events = AsyncEvents(self)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wrapped: dict[Any, Callable[..., Any]] = {}
+
+    def __repr__(self) -> str:
+        return f"<sqlbus.aio.AsyncAgent {self.id!r}>"
+
+    publish = _offloaded("publish", "Publish one message (see :meth:`sqlbus.Agent.publish`); returns its id.")
+    publish_many = _offloaded("publish_many", "Publish many messages in one transaction.")
+    broadcast = _offloaded("broadcast", "Send to every registered agent matching ``pattern``.")
+    respond = _offloaded("respond", "Answer a request message (buffered inside its handler).")
+
+    def transaction(self) -> AsyncTransaction:
+        """``async with agent.transaction() as tx:`` (see :class:`AsyncTransaction`)."""
+        return AsyncTransaction(self)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def receive(
+        self,
+        limit: int = 1,
+        wait: float = 0.0,
+        lease: float | None = None,
+        types: Iterable[str] | None = None,
+    ) -> list[AsyncDelivery]:
+        """Claim up to ``limit`` messages (see :meth:`sqlbus.Agent.receive`); ``wait``
+        (seconds) waits for one without blocking the event loop."""
+        wait = _seconds(wait, "wait")
+        types = [types] if isinstance(types, str) else (None if types is None else list(types))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        wakeup = self.bus.sync._wakeup
+        tag = agent_tag(self.id)
+        while True:
+            token = wakeup.token(tag) if wait > 0 else None  # before the look: nothing is lost
+            deliveries, until_due = await self._look(limit, lease, types, wait > 0)
+            if deliveries or token is None:
+                return [AsyncDelivery(self, d) for d in deliveries]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            await wakeup.wait_async(token, min(remaining, until_due, FALLBACK), tag)
+
+    async def _look(
+        self, limit: int, lease: float | None, types: list[str] | None, waiting: bool
+    ) -> tuple[list[Delivery], float]:
+        agent = self.sync
+
+        def look() -> tuple[list[Delivery], float]:
+            found = agent.receive(limit=limit, wait=0.0, lease=lease, types=types)
+            return found, (agent._until_due() if waiting and not found else 0.0)
+
+        future = asyncio.ensure_future(_call(self._pool, look))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Cancelled while the claim ran: give back whatever it leased, at once.
+            future.add_done_callback(_release_claimed)
+            raise
+
+    async def ack(self, deliveries: Sequence[AsyncDelivery | Delivery]) -> None:
+        """Ack many deliveries in one transaction, all or none (see :meth:`sqlbus.Agent.ack`)."""
+        plain = [d.sync if isinstance(d, AsyncDelivery) else d for d in deliveries]
+        await _call(self._pool, self.sync.ack, plain)
+
+    # -- handlers, the run loop, requests ----------------------------------------------------
+
+    def subscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
+        """Call ``handler(message)`` from :meth:`run` for each message of ``type`` (``"*"``:
+        all). ``async def`` handlers run on the event loop that runs :meth:`run`."""
+        self.sync.subscribe(type, self._wrap(handler))
+
+    def unsubscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
+        """Stop calling ``handler`` for ``type``."""
+        self.sync.unsubscribe(type, self._wrapped.get(handler, handler))
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the message in hand."""
+        self.sync.stop()
+
+    async def run(self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None) -> int:
+        """Claim and dispatch until :meth:`stop`, SIGINT/SIGTERM (when the loop runs in the
+        main thread) or cancellation; returns how many messages were processed.
+
+        The claim loop runs on a thread of its own; cancelling this coroutine stops it
+        gracefully (the message in hand finishes, the others go back) before re-raising.
+        """
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or not supported here: stop() still works
+        future: asyncio.Future[int] = loop.create_future()
+
+        def target() -> None:
+            try:
+                result = self.sync.run(until_idle, limit=limit, lease=lease)
+            except BaseException as exc:  # delivered to the awaiting coroutine
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+
+        thread = threading.Thread(target=target, name=f"sqlbus-run-{self.id}", daemon=True)
+        thread.start()
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self.stop()
+            await asyncio.wait([future])  # in-flight work finishes or goes back first
+            raise
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    async def request(
+        self, to: str, payload: Any = None, timeout: float = 30.0, *, priority: int = 3,
+        ttl: int | None = None,
+    ) -> Any:
+        """Send a ``request`` and await the ``data`` of its response (see
+        :meth:`sqlbus.Agent.request`): raises :class:`sqlbus.RemoteError` or
+        :class:`sqlbus.RequestTimeoutError` (after ``timeout`` seconds)."""
+        return await _call(
+            self.bus._waits, self.sync.request, to, payload, timeout, priority=priority, ttl=ttl
+        )
+
+    def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
+        """A plain callable for the sync dispatcher; ``async def`` handlers run on the loop."""
+        if not callable(handler):
+            raise TypeError(f"handler must be callable, got {handler!r}")
+        if not _is_async(handler):
+            return handler
+        wrapped = self._wrapped.get(handler)
+        if wrapped is not None:
+            return wrapped
+
+        def call_on_loop(*args: Any) -> Any:
+            loop = self._loop
+            if loop is None or loop.is_closed():
+                raise RuntimeError("async handlers run only from sqlbus.aio's agent.run()")
+            delivery = worker.current_delivery()
+
+            async def with_delivery() -> Any:
+                token = worker._current.set(delivery)  # current_delivery() inside the handler
+                try:
+                    return await handler(*args)
+                finally:
+                    worker._current.reset(token)
+
+            return asyncio.run_coroutine_threadsafe(with_delivery(), loop).result()
+
+        functools.update_wrapper(call_on_loop, handler)
+        self._wrapped[handler] = call_on_loop
+        return call_on_loop
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """An ``async def`` function, or an object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+        type(fn).__call__ if not inspect.isroutine(fn) else None
+    )
+
+
+def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _release_claimed(future: asyncio.Future[tuple[list[Delivery], float]]) -> None:
+    if future.cancelled() or future.exception() is not None:
+        return
+    for d in future.result()[0]:
+        try:
+            d.release()
+        except Exception:
+            pass  # its lease runs out by itself: nothing is lost
+
+
+class AsyncEvents:
+    """``agent.events`` for asyncio: ``await emit(...)``; ``on``/``off`` are plain calls and
+    take plain or ``async def`` handlers."""
+
+    def __init__(self, agent: AsyncAgent) -> None:
+        self._agent = agent
+
+    async def emit(self, name: str, data: Any = None, targets: str | list[str] | None = None,
+                   **options: Any) -> str:
+        """Send event ``name`` (see :meth:`sqlbus.Events.emit`); returns the message id."""
+        agent = self._agent
+        return await _call(agent._pool, agent.sync.events.emit, name, data, targets, **options)
+
+    def on(self, name: str, handler: Callable[..., Any]) -> None:
+        """Call ``handler(event)`` from ``run()`` for every event ``name`` (``"*"``: all)."""
+        self._agent.sync.events.on(name, self._agent._wrap(handler))
+
+    def off(self, name: str, handler: Callable[..., Any]) -> None:
+        """Stop calling ``handler`` for ``name``."""
+        self._agent.sync.events.off(name, self._agent._wrapped.get(handler, handler))
+
+
+class AsyncDelivery:
+    """A leased message (see :class:`sqlbus.Delivery`, ``d.sync``): ``await d.ack()``,
+    ``fail``, ``retry``, ``dead_letter``, ``extend``, ``release``; ``async with d:`` acks on a
+    clean exit and fails on an exception. ``reply``/``publish``/``state.set`` only buffer."""
+
+    def __init__(self, agent: AsyncAgent, delivery: Delivery) -> None:
+        self.agent = agent
+        self.sync = delivery
+        self._pool = agent._pool
+        self.message: Message = delivery.message
+        self.state = _AsyncBufferedState(self)
+
+    def __repr__(self) -> str:
+        return f"<sqlbus.aio.AsyncDelivery of {self.sync!r}>"
+
+    @property
+    def attempts(self) -> int:
+        return self.sync.attempts
+
+    @property
+    def lease_until(self) -> float:
+        return self.sync.lease_until
+
+    ack = _offloaded("ack", "Ack, with the buffered effects, in one transaction.")
+    fail = _offloaded("fail", "Record a failure: retry after backoff or dead-letter.")
+    retry = _offloaded("retry", "Retry after ``delay`` seconds (None = backoff), not counted as a failure.")
+    dead_letter = _offloaded("dead_letter", "Move to dead letters now with ``reason``.")
+    extend = _offloaded("extend", "Keep the lease ``lease`` more seconds.")
+    release = _offloaded("release", "Give the message back now.")
+
+    def reply(self, data: Any = None, *, success: bool = True, error: str | None = None) -> str:
+        """Buffer a ``response`` to the sender (committed with the ack)."""
+        return self.sync.reply(data, success=success, error=error)
+
+    def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
+        """Buffer a message (committed with the ack)."""
+        return self.sync.publish(to, type, payload, **headers)
+
+    async def __aenter__(self) -> AsyncDelivery:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        return await _call(self._pool, self.sync.__exit__, exc_type, exc, tb)
+
+
+class _AsyncBufferedState:
+    """``d.state`` for asyncio: ``await get``; ``set``/``delete`` buffer until the ack."""
+
+    def __init__(self, delivery: AsyncDelivery) -> None:
+        self._delivery = delivery
+
+    async def get(self, key: str) -> StateEntry | None:
+        d = self._delivery
+        return await _call(d._pool, d.sync.state.get, key)
+
+    def set(self, key: str, value: Any, **options: Any) -> None:
+        self._delivery.sync.state.set(key, value, **options)
+
+    def delete(self, key: str, **options: Any) -> None:
+        self._delivery.sync.state.delete(key, **options)
+
+
+class AsyncStateStore:
+    """Versioned shared state for asyncio (see :class:`sqlbus.StateStore`)."""
+
+    def __init__(self, bus: AsyncBus, store: StateStore) -> None:
+        self._bus = bus
+        self.sync = store
+
+    async def get(self, key: str) -> StateEntry | None:
+        """The latest version of ``key``, or None."""
+        return await _call(self._bus._pool, self.sync.get, key)
+
+    async def keys(self, prefix: str = "") -> list[str]:
+        """Live keys under ``prefix``, sorted."""
+        return await _call(self._bus._pool, self.sync.keys, prefix)
+
+    async def items(self, prefix: str = "") -> list[StateEntry]:
+        """Live entries under ``prefix``, sorted by key."""
+        return await _call(self._bus._pool, self.sync.items, prefix)
+
+    async def set(self, key: str, value: Any, **options: Any) -> int:
+        """Write the next version of ``key``; returns it (``expected_version=`` for CAS)."""
+        return await _call(self._bus._pool, self.sync.set, key, value, **options)
+
+    async def delete(self, key: str, **options: Any) -> int:
+        """Delete ``key``; returns the version of the deletion (0 when absent)."""
+        return await _call(self._bus._pool, self.sync.delete, key, **options)
+
+    async def update(
+        self, key: str, fn: Callable[[Any], Any], *, max_tries: int = 1000, **options: Any
+    ) -> int:
+        """Atomically replace the value with ``fn(old)`` (plain or ``async def``; may run more
+        than once): a compare-and-set that retries when another writer got in first."""
+        if not _is_async(fn):
+            return await _call(self._bus._pool, self.sync.update, key, fn,
+                               max_tries=max_tries, **options)
+        check_key(key)
+        for _ in range(max_tries):
+            entry = await self.get(key)
+            version = 0 if entry is None else entry.version
+            new_value = await fn(None if entry is None else entry.value)
+            encode_json_value(new_value, self._bus.sync.max_payload_bytes, "value")
+            try:
+                return await self.set(key, new_value, expected_version=version, **options)
+            except VersionConflictError:
+                continue
+        raise VersionConflictError(f"state {key!r}: update lost the race {max_tries} times")
+
+    def watch(self, prefix: str = "", *, poll: float = 1.0) -> AsyncIterator[StateEntry]:
+        """``async for entry in bus.state.watch("job/")``: the entries under ``prefix`` (by
+        key), then every later change in commit order (see :mod:`sqlbus.watch`); the snapshot
+        is taken when iteration starts. ``poll``: seconds between looks at most."""
+        _check_prefix(prefix)
+        return _watch(self._bus, prefix, _check_poll(poll))
+
+
+async def _watch(bus: AsyncBus, prefix: str, poll: float) -> AsyncIterator[StateEntry]:
+    watch = Watch(bus.sync, prefix)
+    wakeup = bus.sync._wakeup
+    for entry in await _call(bus._pool, watch.snapshot):
+        yield entry
+    while True:
+        token = wakeup.token(ANY)  # before the look: a commit after it wakes the wait
+        changes = await _call(bus._pool, watch.changes)
+        if changes:
+            for entry in changes:
+                yield entry
+            continue
+        await wakeup.wait_async(token, poll, ANY)
+
+
+class AsyncTransaction:
+    """``async with agent.transaction() as tx:`` one write transaction (see
+    :class:`sqlbus.Transaction`): ``await tx.publish(...)``, ``publish_many``, ``broadcast``,
+    ``execute``, and ``tx.state`` (``await tx.state.set(...)``). Every call runs on one thread
+    of its own (a transaction belongs to one connection); it holds the database's write lock
+    until the block ends, so keep the block short and await nothing slow inside it."""
+
+    def __init__(self, agent: AsyncAgent) -> None:
+        self.agent = agent
+        self.sync = Transaction(agent.sync)
+        self._thread: ThreadPoolExecutor | None = None
+        self.state: _AsyncTxState = _AsyncTxState(self)
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._thread is None:
+            raise RuntimeError("use the transaction in an async with block")
+        return await _call(self._thread, fn, *args, **kwargs)
+
+    async def __aenter__(self) -> AsyncTransaction:
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlbus-aio-tx")
+        try:
+            await self._run(self.sync.__enter__)
+        except BaseException:
+            self._thread.shutdown(wait=False)
+            self._thread = None
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            # shielded: a cancelled block still ends its transaction on its own thread
+            await asyncio.shield(self._run(self.sync.__exit__, exc_type, exc, tb))
+        finally:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                thread.shutdown(wait=False)
+
+    async def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
+        """Publish, committed with the transaction; returns the id."""
+        return await self._run(self.sync.publish, to, type, payload, **headers)
+
+    async def publish_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
+        """Publish many, committed with the transaction."""
+        return await self._run(self.sync.publish_many, items)
+
+    async def broadcast(self, type: str, payload: Any = None, **options: Any) -> str:
+        """Broadcast, committed with the transaction."""
+        return await self._run(self.sync.broadcast, type, payload, **options)
+
+    async def execute(self, sql: str, params: Any = ()) -> list[tuple[Any, ...]]:
+        """Run your own SQL in the transaction; returns the rows."""
+        return await self._run(self.sync.execute, sql, params)
+
+
+class _AsyncTxState:
+    def __init__(self, tx: AsyncTransaction) -> None:
+        self._tx = tx
+
+    async def get(self, key: str) -> StateEntry | None:
+        return await self._tx._run(lambda: self._tx.sync.state.get(key))
+
+    async def set(self, key: str, value: Any, **options: Any) -> int:
+        return await self._tx._run(lambda: self._tx.sync.state.set(key, value, **options))
+
+    async def delete(self, key: str, **options: Any) -> int:
+        return await self._tx._run(lambda: self._tx.sync.state.delete(key, **options))

@@ -1,0 +1,647 @@
+"""Operations: metrics, queue depths, retention, checks, backup, vacuum, peek and tail.
+
+>>> m = bus.metrics()                                  # doctest: +SKIP
+>>> m.messages_sent, m.queue_depths["bob"].ready, m.throughput.per_minute   # doctest: +SKIP
+>>> print(to_prometheus(m))                            # doctest: +SKIP
+
+Everything here is read from the rows of the database file (SPEC 8: shared by every process),
+never from one process's memory, and nothing on the publish/claim/ack path writes a counter:
+an extra B-tree page per commit costs about a third of single-message throughput (see
+:mod:`sqlbus.storage`). What retention deletes is folded into the ``counters`` table in the
+same transaction, so totals survive pruning. The :class:`sqlbus.Bus` methods of the same names
+are the public entry points; the CLI (:mod:`sqlbus.cli`) prints what they return.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import apsw
+import msgspec
+
+from . import storage
+from .errors import DatabaseError
+from .messages import Message, decode_message, iso_ms
+
+if TYPE_CHECKING:
+    from .bus import Bus, SentRecord
+
+__all__ = [
+    "Metrics",
+    "Throughput",
+    "QueueDepth",
+    "AgentActivity",
+    "AgentStats",
+    "InboxEntry",
+    "PruneResult",
+    "CheckReport",
+    "BackupResult",
+    "VacuumResult",
+    "ARCHIVE_RETENTION",
+    "DEAD_RETENTION",
+    "to_prometheus",
+]
+
+ARCHIVE_RETENTION = 7 * 86400.0  # s: acked rows (the sent archive) older than this are pruned
+DEAD_RETENTION = 30 * 86400.0  # s: dead letters older than this are pruned
+UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
+UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
+UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
+WAL_CHECK_EVERY = 0.1  # s: how often a writing process looks at the WAL's size
+WAL_LIMIT = 64 * 1024 * 1024  # bytes (= journal_size_limit): above this, truncate the WAL
+WAL_WAIT = 0.05  # s: how long that checkpoint may wait for readers (writers wait meanwhile)
+WAL_BACKOFF = 5.0  # s: after a truncation that could not finish, before the next try
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+class Throughput(msgspec.Struct, kw_only=True):
+    """Acked deliveries in the last second (``per_second``) and the last minute (``per_minute``)."""
+
+    per_second: float
+    per_minute: float
+
+
+class QueueDepth(msgspec.Struct, kw_only=True):
+    """One agent's inbox: ``ready`` to claim now, ``leased`` (in flight), ``retrying`` (or
+    delayed: due later), ``dead`` (dead letters kept)."""
+
+    ready: int
+    leased: int
+    retrying: int
+    dead: int
+
+
+class AgentActivity(msgspec.Struct, kw_only=True):
+    """Messages an agent ``sent`` (one per id) and deliveries it ``received`` (acked)."""
+
+    sent: int
+    received: int
+
+
+class Metrics(msgspec.Struct, kw_only=True):
+    """Bus-wide metrics (SPEC 8), the same for every process on the file.
+
+    Totals count since the file was made (retention folds what it deletes into them):
+    ``messages_sent`` one per message id; ``messages_received`` acked deliveries;
+    ``messages_failed`` failures (not ``Retry``), by name in ``error_rates``;
+    ``messages_dead_lettered`` every move to dead letters, ``messages_expired`` the part of
+    them whose reason is ``expired``; ``messages_unhandled`` and ``late_responses`` as counted
+    by the run loop. ``average_delivery_ms``: publish to ack. ``success_rate``: acked /
+    (acked + dead-lettered), 1.0 when both are 0. ``oldest_ready_age_ms``: age of the oldest
+    message ready to claim (lag), 0 when none. Sizes in bytes; ``timestamp`` ISO 8601 UTC.
+    """
+
+    messages_sent: int
+    messages_received: int
+    messages_failed: int
+    messages_dead_lettered: int
+    messages_expired: int
+    messages_unhandled: int
+    late_responses: int
+    average_delivery_ms: float
+    throughput: Throughput
+    error_rates: dict[str, int]
+    agent_activity: dict[str, AgentActivity]
+    success_rate: float
+    queue_depths: dict[str, QueueDepth]
+    oldest_ready_age_ms: int
+    wal_bytes: int
+    db_bytes: int
+    timestamp: str
+
+
+class AgentStats(msgspec.Struct, kw_only=True):
+    """One agent's inbox as ``sqlbus stats`` shows it (``oldest_ready_age_ms`` 0 when empty)."""
+
+    agent: str
+    ready: int
+    leased: int
+    retrying: int
+    dead: int
+    oldest_ready_age_ms: int
+
+
+class InboxEntry(msgspec.Struct, kw_only=True):
+    """A message in an inbox, seen without claiming it: ``status`` is ``ready``, ``leased``
+    or ``scheduled`` (a retry or delayed message, due at ``visible_at``, ISO 8601 UTC);
+    ``attempts`` deliveries so far."""
+
+    message: Message
+    status: str
+    attempts: int
+    visible_at: str
+
+
+class PruneResult(msgspec.Struct, kw_only=True):
+    """What a prune deleted: acked rows of the sent archive and dead letters."""
+
+    acked: int
+    dead_letters: int
+
+
+class CheckReport(msgspec.Struct, kw_only=True):
+    """The health of a database file (``sqlbus check``). ``ok`` is False when ``problems``
+    is not empty; ``wal_pinned`` says a reader holds an old snapshot, so the WAL cannot be
+    checkpointed past it and grows."""
+
+    ok: bool
+    problems: list[str]
+    integrity: list[str]
+    schema_version: int
+    supported_schema_version: int
+    db_bytes: int
+    wal_bytes: int
+    wal_frames: int
+    wal_frames_checkpointed: int
+    wal_pinned: bool
+    expired_leases: int
+
+
+class BackupResult(msgspec.Struct, kw_only=True):
+    """A finished backup: where, how many pages and bytes, how long it took (seconds)."""
+
+    dest: str
+    pages: int
+    bytes: int
+    seconds: float
+
+
+class VacuumResult(msgspec.Struct, kw_only=True):
+    """File sizes (database plus WAL, bytes) before and after a vacuum."""
+
+    bytes_before: int
+    bytes_after: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics and stats
+
+
+def file_sizes(path: str) -> tuple[int, int]:
+    """(database bytes, WAL bytes) of the file at ``path`` (0 for a missing WAL)."""
+
+    def size(name: str) -> int:
+        try:
+            return os.path.getsize(name)
+        except OSError:
+            return 0
+
+    return size(path), size(path + "-wal")
+
+
+def _read_snapshot(conn: apsw.Connection) -> None:
+    # One read transaction, so every query below sees the same commit.
+    conn.execute("BEGIN DEFERRED")
+    conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+
+
+def _end_read(conn: apsw.Connection) -> None:
+    if not conn.get_autocommit():
+        conn.execute("COMMIT")
+
+
+def compute_stats(conn: apsw.Connection, now: int, agents: Iterable[str] = ()) -> list[AgentStats]:
+    """Per-agent depths from the partial indexes (cheap whatever the archive size)."""
+    by_agent = {
+        agent: AgentStats(agent=agent, ready=0, leased=0, retrying=0, dead=0, oldest_ready_age_ms=0)
+        for agent in agents
+    }
+    for agent, ready, leased, retrying, dead, oldest in storage.depth_rows(conn, now):
+        by_agent[agent] = AgentStats(
+            agent=agent, ready=ready, leased=leased, retrying=retrying, dead=dead,
+            oldest_ready_age_ms=0 if oldest is None else max(0, now - oldest),
+        )
+    return [by_agent[agent] for agent in sorted(by_agent)]
+
+
+def compute_metrics(conn: apsw.Connection, now: int, path: str) -> Metrics:
+    """Read :class:`Metrics` from the file in one read transaction."""
+    _read_snapshot(conn)
+    try:
+        registered = storage.agent_ids(conn)
+        stats = compute_stats(conn, now, registered)
+        acked = storage.acked_rows(conn, now)
+        sent = storage.sent_rows(conn)
+        reasons = dict(storage.dead_reason_rows(conn))
+        errors = dict(storage.error_count_rows(conn))
+        counters = storage.read_counters(conn)
+    finally:
+        _end_read(conn)
+
+    def total(name: str) -> int:
+        return sum(value for n, _agent, value in counters if n == name)
+
+    def per_agent(name: str) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for n, agent, value in counters:
+            if n == name and agent:
+                result[agent] = result.get(agent, 0) + value
+        return result
+
+    sent_by = per_agent("sent")
+    for sender, count in sent:
+        sent_by[sender] = sent_by.get(sender, 0) + count
+    received_by = per_agent("received")
+    delivery_ms = total("delivery_ms")
+    last_second = last_minute = 0
+    for agent, count, ms, second, minute in acked:
+        received_by[agent] = received_by.get(agent, 0) + count
+        delivery_ms += ms or 0
+        last_second += second or 0
+        last_minute += minute or 0
+    received = sum(received_by.values())
+    dead = sum(s.dead for s in stats) + total("dead")
+    names = set(registered) | set(sent_by) | set(received_by)
+    db_bytes, wal_bytes = file_sizes(path)
+    return Metrics(
+        messages_sent=sum(sent_by.values()),
+        messages_received=received,
+        messages_failed=sum(errors.values()),
+        messages_dead_lettered=dead,
+        messages_expired=reasons.get("expired", 0) + total("expired"),
+        messages_unhandled=total("unhandled"),
+        late_responses=total("late_responses"),
+        average_delivery_ms=round(delivery_ms / received, 3) if received else 0.0,
+        throughput=Throughput(per_second=float(last_second), per_minute=float(last_minute)),
+        error_rates=errors,
+        agent_activity={
+            name: AgentActivity(sent=sent_by.get(name, 0), received=received_by.get(name, 0))
+            for name in sorted(names)
+        },
+        success_rate=received / (received + dead) if received + dead else 1.0,
+        queue_depths={
+            s.agent: QueueDepth(ready=s.ready, leased=s.leased, retrying=s.retrying, dead=s.dead)
+            for s in stats
+        },
+        oldest_ready_age_ms=max((s.oldest_ready_age_ms for s in stats), default=0),
+        wal_bytes=wal_bytes,
+        db_bytes=db_bytes,
+        timestamp=iso_ms(now),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prometheus text exposition format (version 0.0.4)
+
+_HELP = {
+    "messages_sent": ("counter", "Messages published, one per message id however many recipients."),
+    "messages_received": ("counter", "Deliveries acked."),
+    "messages_failed": ("counter", "Handler failures (Retry excluded)."),
+    "messages_dead_lettered": ("counter", "Moves to dead letters."),
+    "messages_expired": ("counter", "Messages dead-lettered because their ttl ran out."),
+    "messages_unhandled": ("counter", "Messages acked with no handler for their type."),
+    "late_responses": ("counter", "Responses that arrived after their request timed out."),
+    "average_delivery_ms": ("gauge", "Mean time from publish to ack, in milliseconds."),
+    "throughput_per_second": ("gauge", "Deliveries acked in the last second."),
+    "throughput_per_minute": ("gauge", "Deliveries acked in the last minute."),
+    "error_rates": ("counter", "Handler failures by exception name."),
+    "agent_activity": ("counter", "Messages sent and deliveries received (acked) per agent."),
+    "success_rate": ("gauge", "Acked / (acked + dead-lettered), 0..1."),
+    "queue_depths": ("gauge", "Messages per agent inbox by state (ready, leased, retrying, dead)."),
+    "oldest_ready_age_ms": ("gauge", "Age of the oldest message ready to claim, in milliseconds."),
+    "wal_bytes": ("gauge", "Size of the write-ahead log file in bytes."),
+    "db_bytes": ("gauge", "Size of the database file in bytes."),
+}
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def to_prometheus(m: Metrics) -> str:
+    """``m`` in the Prometheus text format: ``# HELP`` and ``# TYPE`` per metric, then one
+    sample per line, named ``sqlbus_<field>``, with an ``agent`` label where per agent."""
+    samples: dict[str, list[tuple[str, float]]] = {name: [] for name in _HELP}
+    for name in _HELP:
+        if hasattr(m, name) and name not in ("error_rates", "agent_activity", "queue_depths"):
+            samples[name].append(("", getattr(m, name)))
+    samples["throughput_per_second"].append(("", m.throughput.per_second))
+    samples["throughput_per_minute"].append(("", m.throughput.per_minute))
+    for error, count in sorted(m.error_rates.items()):
+        samples["error_rates"].append((f'{{error="{_label(error)}"}}', count))
+    for agent, activity in m.agent_activity.items():
+        for direction in ("sent", "received"):
+            samples["agent_activity"].append(
+                (f'{{agent="{_label(agent)}",direction="{direction}"}}', getattr(activity, direction))
+            )
+    for agent, depth in m.queue_depths.items():
+        for state in ("ready", "leased", "retrying", "dead"):
+            samples["queue_depths"].append(
+                (f'{{agent="{_label(agent)}",state="{state}"}}', getattr(depth, state))
+            )
+    lines = []
+    for name, (kind, text) in _HELP.items():
+        full = f"sqlbus_{name}"
+        lines.append(f"# HELP {full} {text}")
+        lines.append(f"# TYPE {full} {kind}")
+        lines.extend(f"{full}{labels} {_number(value)}" for labels, value in samples[name])
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Retention
+
+
+def prune(
+    bus: Bus,
+    sent_older_than: float | None,
+    dead_older_than: float | None,
+    *,
+    batch: int = 5000,
+    progress: Callable[[int, int], None] | None = None,
+) -> PruneResult:
+    """Delete acked rows acked more than ``sent_older_than`` seconds ago and dead letters
+    older than ``dead_older_than`` seconds (None: keep them), in short transactions of
+    ``batch`` rows so writers are never held up for long. ``progress(done, total)``."""
+    now = bus._now_ms()
+    acked_cutoff = None if sent_older_than is None else now - int(sent_older_than * 1000)
+    dead_cutoff = None if dead_older_than is None else now - int(dead_older_than * 1000)
+    total = 0
+    if progress is not None:
+        with bus._reading() as conn:
+            total = sum(storage.count_prunable(conn, acked_cutoff, dead_cutoff))
+        progress(0, total)
+    result = PruneResult(acked=0, dead_letters=0)
+    for kind, cutoff in (("acked", acked_cutoff), ("dead", dead_cutoff)):
+        if cutoff is None:
+            continue
+        while True:
+            with bus._write() as conn:
+                if kind == "acked":
+                    n = storage.prune_acked(conn, cutoff, batch)
+                    result.acked += n
+                else:
+                    n = storage.prune_dead(conn, cutoff, batch)
+                    result.dead_letters += n
+            if progress is not None:
+                done = result.acked + result.dead_letters
+                progress(done, max(total, done))
+            if n < batch:
+                break
+    return result
+
+
+def upkeep(bus: Bus) -> int:
+    """One background retention pass: at most ``UPKEEP_BATCH`` acked rows and as many dead
+    letters past the bus's retention, in one short transaction. Returns rows deleted."""
+    archive, dead = bus.archive_retention, bus.dead_retention
+    if archive is None and dead is None:
+        return 0
+    now = bus._now_ms()
+    deleted = 0
+    with bus._write() as conn:
+        if archive is not None:
+            deleted += storage.prune_acked(conn, now - int(archive * 1000), UPKEEP_BATCH)
+        if dead is not None:
+            deleted += storage.prune_dead(conn, now - int(dead * 1000), UPKEEP_BATCH)
+    return deleted
+
+
+def bound_wal(bus: Bus) -> bool | None:
+    """Truncate the WAL when it is larger than ``WAL_LIMIT``: True when it did, None when
+    it was small enough, False when readers kept it pinned for ``WAL_WAIT``.
+
+    SQLite's automatic (passive) checkpoints copy the WAL back into the database but can
+    only start the WAL over from its beginning at a moment when no reader is using it, which
+    under sustained load from several processes may never come: measured, the WAL grew to
+    80 MB in 20 s of 2 publishers and 2 consumers. A TRUNCATE checkpoint makes that moment:
+    it waits (at most ``WAL_WAIT``, holding writers back meanwhile) for the current readers
+    to finish, then empties the file. A reader that holds a snapshot longer (a backup, a long
+    transaction) makes it give up; ``check`` reports such a reader as pinning the WAL.
+    """
+    try:
+        if os.path.getsize(bus.path + "-wal") < WAL_LIMIT:
+            return None
+    except OSError:
+        return None
+    conn = storage.open_connection(bus.path, synchronous=bus._synchronous, busy_timeout=WAL_WAIT)
+    started = time.monotonic()
+    try:
+        # Copy the WAL back first without holding writers back (PASSIVE), so that the
+        # TRUNCATE, which does block them, has only the last few frames left to copy.
+        storage.checkpoint(conn, "PASSIVE")
+        busy, _frames, _done = storage.checkpoint(conn, "TRUNCATE")
+    except apsw.Error:
+        busy = 1
+    finally:
+        conn.close()
+    if not busy:
+        return True
+    # Busy at once: another process is checkpointing (it will have copied the WAL; the next
+    # look retries). Busy after waiting: a reader pins the WAL.
+    return None if time.monotonic() - started < WAL_WAIT / 2 else False
+
+
+def background_upkeep(bus: Bus) -> None:
+    """What a process does after some of its writes (see ``Bus._committed``): bound the WAL
+    and, about once a minute, run a retention pass. Errors are swallowed: upkeep must never
+    fail the write that triggered it, and the next pass tries again."""
+    now = time.monotonic()
+    try:
+        if bound_wal(bus) is False:  # readers kept it pinned: do not hold writers back again soon
+            bus._upkeep_due = now + WAL_BACKOFF
+    except (OSError, apsw.Error, DatabaseError):
+        pass
+    if now < bus._retention_due:
+        return
+    bus._retention_due = now + UPKEEP_EVERY
+    try:
+        if upkeep(bus) >= UPKEEP_BATCH:
+            bus._retention_due = time.monotonic() + UPKEEP_CATCH_UP
+    except DatabaseError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks, backup, vacuum
+
+
+def check(bus: Bus) -> CheckReport:
+    """Integrity, schema version, file sizes, WAL pinning and expired leases of the bus's file."""
+    conn = bus._conn()
+    now = bus._now_ms()
+    problems: list[str] = []
+    with bus._reading(conn):
+        integrity = storage.integrity_check(conn)
+        application_id, version = storage.schema_marks(conn)
+        leases = storage.expired_leases(conn, now)
+        # A passive checkpoint copies what it can and says how far it got: frames it could not
+        # copy belong to snapshots that some reader still holds. Ask twice, a moment apart, so
+        # a transaction that was merely running does not count as pinning.
+        busy, frames, done = storage.checkpoint(conn, "PASSIVE")
+        if frames > 0 and done < frames:
+            time.sleep(0.05)
+            busy, frames, done = storage.checkpoint(conn, "PASSIVE")
+    pinned = frames > 0 and done < frames
+    if integrity != ["ok"]:
+        problems.append(f"integrity check failed: {'; '.join(integrity[:3])}")
+    if application_id != storage.APPLICATION_ID:
+        problems.append(f"not marked as a sqlbus database (application_id {application_id:#x})")
+    if version != storage.SCHEMA_VERSION:
+        problems.append(f"schema version {version}, this sqlbus reads {storage.SCHEMA_VERSION}")
+    if pinned:
+        problems.append(
+            f"WAL pinned: {frames - done} of {frames} frames cannot be checkpointed because a "
+            "reader holds an old snapshot (a long read transaction); the WAL grows until it ends"
+        )
+    db_bytes, wal_bytes = file_sizes(bus.path)
+    return CheckReport(
+        ok=not problems, problems=problems, integrity=integrity, schema_version=version,
+        supported_schema_version=storage.SCHEMA_VERSION, db_bytes=db_bytes, wal_bytes=wal_bytes,
+        wal_frames=max(frames, 0), wal_frames_checkpointed=max(done, 0), wal_pinned=pinned,
+        expired_leases=leases,
+    )
+
+
+def backup(
+    bus: Bus,
+    dest: str | os.PathLike[str],
+    *,
+    pages_per_step: int = 1024,
+    progress: Callable[[int, int], None] | None = None,
+) -> BackupResult:
+    """Copy the database to the new file ``dest`` with SQLite's online backup API.
+
+    The copy is one consistent snapshot, taken when the backup starts: a read transaction is
+    held on the source for the whole copy, so writers in other processes keep going (WAL) and
+    the copy never restarts. ``progress(pages_done, pages_total)``. ``dest`` must not exist.
+    """
+    dest_path = os.path.abspath(os.fspath(dest))
+    if os.path.exists(dest_path):
+        raise DatabaseError(f"backup destination {dest_path} exists; refusing to overwrite it")
+    directory = os.path.dirname(dest_path)
+    if not os.path.isdir(directory):
+        raise DatabaseError(f"backup destination directory {directory} does not exist")
+    started = time.monotonic()
+    source = storage.open_connection(
+        bus.path, synchronous=bus._synchronous, busy_timeout=bus.busy_timeout
+    )
+    created = False
+    try:
+        os.close(os.open(dest_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        created = True
+        target = apsw.Connection(dest_path)
+        try:
+            source.execute("BEGIN DEFERRED")
+            source.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+            with target.backup("main", source, "main") as copy:
+                while not copy.done:
+                    copy.step(pages_per_step)
+                    if progress is not None:
+                        progress(copy.page_count - copy.remaining, copy.page_count)
+                pages = copy.page_count
+            source.execute("COMMIT")
+        finally:
+            target.close()
+    except BaseException as exc:
+        if created:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                try:
+                    os.remove(dest_path + suffix)
+                except OSError:
+                    pass
+        if isinstance(exc, apsw.Error):
+            raise DatabaseError(f"backup to {dest_path} failed: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise DatabaseError(f"cannot create {dest_path}: {exc.strerror}") from exc
+        raise
+    finally:
+        source.close()
+    return BackupResult(
+        dest=dest_path, pages=pages, bytes=os.path.getsize(dest_path),
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def vacuum(bus: Bus) -> VacuumResult:
+    """Rebuild the file to give the space of deleted rows back to the file system, then
+    truncate the WAL. It takes the write lock for its whole run (seconds for a large file)."""
+    before = sum(file_sizes(bus.path))
+    conn = bus._conn()
+    with bus._reading(conn):
+        conn.execute("VACUUM")
+        storage.checkpoint(conn, "TRUNCATE")
+    return VacuumResult(bytes_before=before, bytes_after=sum(file_sizes(bus.path)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Peek and tail
+
+
+def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
+    """An agent's inbox without claiming anything: queued messages in delivery order, then
+    scheduled ones (retries, delayed) by due time."""
+    now = bus._now_ms()
+    with bus._reading() as conn:
+        rows = storage.peek_rows(conn, agent, limit)
+    entries = []
+    for state, visible_at, attempts, _sent_at, body in rows:
+        if state == storage.SCHEDULED:
+            status = "scheduled"
+        else:
+            status = "ready" if visible_at <= now else "leased"
+        entries.append(
+            InboxEntry(message=decode_message(body), status=status, attempts=attempts,
+                       visible_at=iso_ms(visible_at))
+        )
+    return entries
+
+
+def tail(
+    bus: Bus,
+    agent: str | None,
+    types: Iterable[str] | None,
+    *,
+    timeout: float | None,
+    from_seq: int | None = None,
+) -> Iterator[SentRecord]:
+    """Yield messages as they are published (by any process), from now on, until
+    ``timeout`` seconds pass (None: forever). ``agent`` keeps messages sent by or to it,
+    ``types`` those types."""
+    from .bus import SentRecord
+
+    wanted = None if types is None else set(types)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with bus._reading() as conn:
+        cursor = storage.last_seq(conn) if from_seq is None else from_seq
+    while True:
+        baseline = bus._data_version()
+        with bus._reading() as conn:
+            rows = storage.rows_after(conn, cursor, 500)
+        if len(rows) == 500:
+            # Rows of one message are written together; keep the last message whole.
+            last_id = rows[-1][1]
+            trimmed = [row for row in rows if row[1] != last_id]
+            if trimmed:
+                rows = trimmed
+        groups: list[list[tuple[Any, ...]]] = []
+        for row in rows:
+            if groups and groups[-1][0][1] == row[1]:
+                groups[-1].append(row)
+            else:
+                groups.append([row])
+        for group in groups:
+            cursor = group[-1][0]
+            message = decode_message(group[0][4])
+            recipients = [row[2] for row in group if row[2] is not None]
+            if wanted is not None and message.type not in wanted:
+                continue
+            if agent is not None and message.sender != agent and agent not in recipients:
+                continue
+            yield SentRecord(message=message, recipients=recipients, sent_at=iso_ms(group[0][3]))
+        if rows:
+            continue
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is not None and remaining <= 0:
+            return
+        bus._wait_for_change(baseline, 1.0 if remaining is None else min(remaining, 1.0))

@@ -1,0 +1,689 @@
+"""The dispatch loop: subscriptions, ``run()``, request/response and events (SPEC 5, 5.1, 7).
+
+>>> bob.subscribe("task_assignment", lambda message: do(message.payload))   # doctest: +SKIP
+>>> bob.subscribe("request", lambda message: {"answer": 42})   # the return value is the response
+>>> bob.run()                      # until bob.stop(), SIGINT or SIGTERM      # doctest: +SKIP
+>>> alice.request("bob", {"q": 1}, timeout=5.0)                              # doctest: +SKIP
+{'answer': 42}
+
+How a message goes through the loop:
+
+1. ``receive`` claims it (one short write transaction) with a lease.
+2. Every handler for its type, then every wildcard (``"*"``) handler, is called with the
+   :class:`~sqlbus.Message`, with no transaction open. A background keeper extends the lease
+   (at half the lease) while handlers run, so a long handler does not lose its message.
+3. All succeed: the message is acked, together with what the handlers buffered on the
+   current delivery (``sqlbus.current_delivery().publish/reply/state``), in one transaction.
+   One raises: the delivery fails (retry with backoff, or dead letter), the buffered effects
+   are dropped. ``Retry``/``Discard`` retry or dead-letter without counting a failure.
+4. A message nobody handles is acked and counted (counter ``unhandled``).
+
+Buffered effects: a handler reaches its delivery through :func:`current_delivery` (a context
+variable, set while a handler runs). ``agent.publish`` inside a handler commits at once;
+``current_delivery().publish`` commits with the ack, so a handler's outputs exist if and only
+if its input was consumed.
+
+Request/response: ``request`` publishes a ``request`` whose ``correlation_id`` is fresh, then
+takes the ``response`` with that id straight from its inbox (an index on it, by correlation
+id). While it waits, ``receive``/``run`` of the same agent in this process skip that
+response, so a requester may run its own loop in another thread (a loop of the same agent id
+in *another process* does not know of the request: give each process its own agent id). A
+request that times out is recorded in the database; its response, if it comes later, is
+discarded and counted (counter ``late_responses``) rather than handed to any handler: by the
+agent's run loop, or by its next request. A ``request`` handler's return value becomes the
+response; if it raises, the response says ``success: false`` with ``error: str(exc)`` and the
+request is acked, not retried (the requester is told at once; the error is still counted in
+the error rates). ``Discard`` dead-letters the request and answers with a failure; ``Retry``
+retries it without answering.
+
+Events: ``agent.events.on(name, handler)`` calls ``handler(event)`` with an :class:`Event`
+(name, data, emitted_at, emitted_by, correlation_id) for events of that name, after the
+``subscribe("event")`` and wildcard handlers, which get the message as usual.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import secrets
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import apsw
+import msgspec
+
+from . import storage
+from .bus import _check_limit, _seconds, response_payload
+from .errors import (
+    DatabaseError,
+    Discard,
+    LeaseLostError,
+    RemoteError,
+    RequestTimeoutError,
+    Retry,
+    ValidationError,
+    VersionConflictError,
+)
+from .messages import MESSAGE_TYPES, Message, check_agent_id, decode_message, iso_ms
+from .wakeup import agent_tag, mark_quiet
+
+if TYPE_CHECKING:
+    from .bus import Agent, Bus, Delivery
+
+__all__ = [
+    "Event",
+    "Events",
+    "Dispatcher",
+    "current_delivery",
+    "request",
+    "respond",
+    "UNHANDLED",
+    "LATE_RESPONSES",
+]
+
+log = logging.getLogger("sqlbus")
+
+Handler = Callable[[Message], Any]
+EventHandler = Callable[["Event"], Any]
+
+# Counter names (table ``counters``, per agent), written only on these rare paths.
+UNHANDLED = "unhandled"
+LATE_RESPONSES = "late_responses"
+
+# How long an idle run() waits before it looks at its stop flag again (seconds): the longest
+# a signal can take to end an idle loop (stop() rings the loop awake at once). Each look is a
+# claim transaction, so a longer slice costs less CPU while idle.
+_IDLE_SLICE = 1.0
+# How long a timed-out request is remembered, so that its late response is recognised (ms).
+_REMEMBER_TIMEOUTS_MS = 24 * 3600 * 1000
+
+_current: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
+    "sqlbus_current_delivery", default=None
+)
+
+
+def current_delivery() -> Delivery | None:
+    """The :class:`~sqlbus.Delivery` the calling handler is processing (None outside one).
+
+    Use it to buffer effects that must commit together with the ack::
+
+        def handle(message):
+            d = sqlbus.current_delivery()
+            d.publish("carol", "notification", {"text": "done"})   # sent with the ack
+            d.state.set("job/42", {"status": "done"})              # written with the ack
+    """
+    return _current.get()
+
+
+class Event(msgspec.Struct, kw_only=True):
+    """An event as an ``events.on`` handler receives it (the payload of an ``event`` message).
+
+    ``emitted_at`` is ISO 8601 UTC; ``correlation_id`` is the emitter's, or None.
+    """
+
+    name: str
+    data: Any = None
+    emitted_at: str = ""
+    emitted_by: str = ""
+    correlation_id: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Effects written with an ack (the delivery's buffered effects take any object with write())
+
+
+class _Count:
+    """Add one to an agent's counter, in the ack's transaction."""
+
+    __slots__ = ("name", "agent")
+
+    def __init__(self, name: str, agent: str) -> None:
+        self.name = name
+        self.agent = agent
+
+    def write(self, conn: apsw.Connection, now: int) -> None:
+        storage.add_counters(conn, [(self.name, self.agent, 1)])
+
+
+class _DiscardLate:
+    """A late response: forget its request's timeout and count it, in the ack's transaction."""
+
+    __slots__ = ("agent", "correlation_id")
+
+    def __init__(self, agent: str, correlation_id: str) -> None:
+        self.agent = agent
+        self.correlation_id = correlation_id
+
+    def write(self, conn: apsw.Connection, now: int) -> None:
+        storage.forget_request_timeout(conn, self.agent, self.correlation_id)
+        storage.add_counters(conn, [(LATE_RESPONSES, self.agent, 1)])
+
+
+class _CountError:
+    """Count a request handler's exception in the error rates (the request is acked)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def write(self, conn: apsw.Connection, now: int) -> None:
+        storage.count_error(conn, self.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Subscriptions and the run loop
+
+
+def dispatcher(agent: Agent) -> Dispatcher:
+    """The agent object's dispatcher (its subscriptions and run loop), made on first use."""
+    found = agent.__dict__.get("_dispatcher")
+    if found is None:
+        found = agent.__dict__.setdefault("_dispatcher", Dispatcher(agent))
+    return found
+
+
+def _check_callable(handler: object) -> None:
+    if not callable(handler):
+        raise TypeError(f"handler must be callable, got {type(handler).__name__}")
+
+
+class Dispatcher:
+    """One agent object's handlers and run loop (used through :class:`~sqlbus.Agent`)."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+        self._lock = threading.Lock()
+        # Replaced, never mutated: the loop reads them without the lock.
+        self._handlers: dict[str, tuple[Handler, ...]] = {}
+        self._event_handlers: dict[str, tuple[EventHandler, ...]] = {}
+        self._stop = threading.Event()
+        self._running = False
+        self.events = Events(self)
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscribe(self, type: str, handler: Handler) -> None:
+        if type != "*" and type not in MESSAGE_TYPES:
+            raise ValidationError(
+                f"type: expected '*' or one of {', '.join(sorted(MESSAGE_TYPES))}, got {type!r}"
+            )
+        _check_callable(handler)
+        with self._lock:
+            self._handlers = _added(self._handlers, type, handler)
+
+    def unsubscribe(self, type: str, handler: Handler) -> None:
+        with self._lock:
+            self._handlers = _removed(self._handlers, type, handler)
+
+    def on(self, name: str, handler: EventHandler) -> None:
+        _check_event_name(name)
+        _check_callable(handler)
+        with self._lock:
+            self._event_handlers = _added(self._event_handlers, name, handler)
+
+    def off(self, name: str, handler: EventHandler) -> None:
+        with self._lock:
+            self._event_handlers = _removed(self._event_handlers, name, handler)
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:  # wake the loop now, wherever it waits (only this agent's waiters wake)
+            self.agent.bus._wakeup.ring({agent_tag(self.agent.id)})
+        except OSError:
+            pass  # it notices within _IDLE_SLICE anyway
+
+    def run(self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None) -> int:
+        _check_limit(limit)
+        agent = self.agent
+        bus = agent.bus
+        lease_s = _seconds(bus.lease if lease is None else lease, "lease", allow_zero=False)
+        with self._lock:
+            if self._running:
+                raise RuntimeError(f"run() is already running for agent {agent.id!r}")
+            self._running = True
+        keeper = _LeaseKeeper(bus, lease_s)
+        restore = self._install_signal_handlers()
+        processed = 0
+        try:
+            while not self._stop.is_set():
+                # receive()'s own wait, unrolled so that stop() can end it (it rings us).
+                baseline = 0 if until_idle else bus._data_version()
+                deliveries = agent.receive(limit=limit, lease=lease_s)
+                if deliveries:
+                    processed += self._process(deliveries, keeper)
+                elif until_idle:
+                    break
+                elif not self._stop.is_set():
+                    wait = min(_IDLE_SLICE, agent._until_due())
+                    bus._wait_for_change(baseline, wait, agent.id)
+        finally:
+            keeper.close()
+            restore()
+            with self._lock:
+                self._running = False
+            self._stop.clear()  # a later run() starts afresh
+        return processed
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        """SIGINT/SIGTERM stop the loop gracefully (a second one interrupts the handler);
+        only in the main thread, where Python lets us install them."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        stop = self._stop
+
+        def on_signal(signum: int, frame: Any) -> None:
+            if stop.is_set():
+                raise KeyboardInterrupt(f"second signal {signum}: stopping now")
+            log.info("sqlbus: signal %d: finishing the message in hand, then stopping", signum)
+            stop.set()
+
+        previous: dict[int, Any] = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, on_signal)
+            except (ValueError, OSError):
+                pass
+
+        def restore() -> None:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+        return restore
+
+    def _process(self, deliveries: Sequence[Delivery], keeper: _LeaseKeeper) -> int:
+        done = 0
+        keeper.hold(deliveries)
+        try:
+            for d in deliveries:
+                if self._stop.is_set():
+                    break  # the rest go back below, untouched
+                try:
+                    self._dispatch(d)
+                except LeaseLostError as exc:
+                    log.warning("sqlbus: %s; another receiver has it now", exc)
+                keeper.drop(d)
+                done += 1
+        finally:
+            for d in deliveries:
+                if d._settled is None:
+                    try:
+                        d.release()
+                    except DatabaseError:  # the lease runs out by itself: nothing is lost
+                        log.warning("sqlbus: could not release %r", d)
+            keeper.drop_all(deliveries)
+        return done
+
+    def _dispatch(self, d: Delivery) -> None:
+        message = d.message
+        agent = self.agent
+        if message.type == "response" and self._is_late(message):
+            d._effects.append(_DiscardLate(agent.id, message.headers.correlation_id))  # type: ignore[arg-type]
+            d.ack()
+            return
+        handlers = self._handlers.get(message.type, ()) + self._handlers.get("*", ())
+        event_handlers: tuple[EventHandler, ...] = ()
+        event = None
+        if message.type == "event":
+            event = _event_of(message)
+            if event is not None and event.emitted_by == agent.id:
+                d.ack()  # an agent never handles its own events
+                return
+            if event is not None:
+                event_handlers = self._event_handlers.get(event.name, ())
+                if event.name != "*":
+                    event_handlers += self._event_handlers.get("*", ())
+        if not handlers and not event_handlers:
+            log.debug("sqlbus: no handler for %s message %s; acked", message.type, message.id)
+            d._effects.append(_Count(UNHANDLED, agent.id))
+            d.ack()
+            return
+        token = _current.set(d)
+        try:
+            result = None
+            try:
+                for handler in handlers:
+                    value = handler(message)
+                    if result is None:
+                        result = value
+                for event_handler in event_handlers:
+                    event_handler(event)  # type: ignore[arg-type]
+            except Retry as signal_:
+                d.retry(signal_.delay)
+            except Discard as signal_:
+                d.dead_letter(signal_.reason)
+                if message.type == "request":  # tell the requester now, not at its timeout
+                    respond(agent, message, None, success=False,
+                            error=f"discarded: {signal_.reason}")
+            except Exception as exc:
+                if message.type != "request":
+                    d.fail(exc)
+                else:
+                    # The requester is waiting: answer with the error and consume the request
+                    # (a retry would answer late or twice). Counted in the error rates.
+                    d._effects.clear()
+                    d._effects.append(_CountError(type(exc).__name__))
+                    d.reply(None, success=False, error=str(exc) or type(exc).__name__)
+                    d.ack()
+            else:
+                self._succeed(d, result)
+        finally:
+            _current.reset(token)
+
+    def _succeed(self, d: Delivery, result: Any) -> None:
+        """Ack after the handlers succeeded (answering a request with their result). When a
+        buffered effect cannot be written (a state write's version check fails at the ack, a
+        value cannot be encoded), the delivery fails instead: retried, or dead-lettered for
+        a non-retryable error, and the loop goes on."""
+        if d.message.type == "request" and not _has_response(d):
+            try:
+                d.reply(result)
+            except ValidationError as exc:  # the return value cannot be sent as JSON
+                d._effects.append(_CountError(type(exc).__name__))
+                d.reply(None, success=False, error=f"the handler's return value: {exc}")
+        try:
+            d.ack()
+        except (VersionConflictError, ValidationError) as exc:
+            d.fail(exc)
+
+    def _is_late(self, message: Message) -> bool:
+        correlation_id = message.headers.correlation_id
+        if not isinstance(correlation_id, str):
+            return False
+        bus = self.agent.bus
+        with bus._reading() as conn:
+            return storage.request_timed_out(conn, self.agent.id, correlation_id)
+
+
+def _added(table: dict[str, tuple[Any, ...]], key: str, handler: Any) -> dict[str, tuple[Any, ...]]:
+    current = table.get(key, ())
+    if handler in current:
+        return table  # subscribing twice does not call the handler twice
+    return {**table, key: current + (handler,)}
+
+
+def _removed(table: dict[str, tuple[Any, ...]], key: str, handler: Any) -> dict[str, tuple[Any, ...]]:
+    current = table.get(key, ())
+    if handler not in current:
+        return table
+    rest = tuple(h for h in current if h != handler)
+    new = dict(table)
+    if rest:
+        new[key] = rest
+    else:
+        del new[key]
+    return new
+
+
+def _has_response(d: Delivery) -> bool:
+    """Whether the handler already buffered a response (``respond``/``reply``)."""
+    for effect in d._effects:
+        outgoing = getattr(effect, "outgoing", None)
+        if outgoing is not None and outgoing.type == "response":
+            return True
+    return False
+
+
+class _LeaseKeeper:
+    """Extends the leases of the deliveries a loop holds, from a background thread, when less
+    than half the lease is left (checked every quarter lease), so long handlers keep them."""
+
+    def __init__(self, bus: Bus, lease: float) -> None:
+        self.bus = bus
+        self.lease = lease
+        self._held: dict[int, Delivery] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, deliveries: Sequence[Delivery]) -> None:
+        with self._lock:
+            for d in deliveries:
+                self._held[id(d)] = d
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._keep, name="sqlbus-lease-keeper", daemon=True
+                )
+                self._thread.start()
+
+    def drop(self, d: Delivery) -> None:
+        with self._lock:
+            self._held.pop(id(d), None)
+
+    def drop_all(self, deliveries: Sequence[Delivery]) -> None:
+        with self._lock:
+            for d in deliveries:
+                self._held.pop(id(d), None)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _keep(self) -> None:
+        interval = min(max(self.lease / 4, 0.01), 5.0)
+        while not self._closed.wait(interval):
+            with self._lock:
+                held = list(self._held.values())
+            for d in held:
+                if d._settled is not None:
+                    continue
+                if d.lease_until - self.bus.clock() > self.lease / 2:
+                    continue
+                try:
+                    d.extend(self.lease)
+                except (LeaseLostError, ValueError):
+                    pass  # settled meanwhile, or really lost: the ack will say so
+                except DatabaseError as exc:
+                    log.warning("sqlbus: could not extend the lease of %r: %s", d, exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Request / response
+
+
+# Agents of each bus that had a request time out in this process: their next request sweeps
+# late responses out of the inbox in its publish transaction (for requesters without a loop).
+_registry_lock = threading.Lock()
+_had_timeouts: weakref.WeakKeyDictionary[Bus, set[str]] = weakref.WeakKeyDictionary()
+
+
+def _await(bus: Bus, agent_id: str, correlation_id: str) -> None:
+    with _registry_lock:
+        bus._awaiting = {
+            **bus._awaiting,
+            agent_id: bus._awaiting.get(agent_id, frozenset()) | {correlation_id},
+        }
+
+
+def _unawait(bus: Bus, agent_id: str, correlation_id: str) -> None:
+    with _registry_lock:
+        rest = bus._awaiting.get(agent_id, frozenset()) - {correlation_id}
+        awaiting = dict(bus._awaiting)
+        if rest:
+            awaiting[agent_id] = rest
+        else:
+            awaiting.pop(agent_id, None)
+        bus._awaiting = awaiting
+
+
+def request(
+    agent: Agent,
+    to: str,
+    payload: Any = None,
+    timeout: float = 30.0,
+    *,
+    priority: int = 3,
+    ttl: int | None = None,
+) -> Any:
+    """Send a ``request`` to ``to`` and return the ``data`` of its response.
+
+    ``timeout`` is in seconds; ``ttl`` (ms) defaults to the timeout, so a request nobody
+    picked up in time expires (dead letter ``expired``) instead of being answered uselessly.
+    Raises :class:`RemoteError` with the remote error text when the response says
+    ``success: false``, and :class:`RequestTimeoutError` when none comes in time.
+    """
+    check_agent_id(to, "to")
+    timeout = _seconds(timeout, "timeout", allow_zero=False)
+    bus = agent.bus
+    correlation_id = f"req-{secrets.token_hex(10)}"
+    ttl_ms = max(1, math.ceil(timeout * 1000)) if ttl is None else ttl
+    deadline = time.monotonic() + timeout
+    now = bus._now_ms()
+    op = bus._prepare(agent.id, to, "request", payload, priority=priority, ttl=ttl_ms,
+                      correlation_id=correlation_id, now=now)
+    with _registry_lock:
+        sweep = agent.id in _had_timeouts.get(bus, ())
+    _await(bus, agent.id, correlation_id)  # before the request exists: its response is ours
+    try:
+        with bus._write() as conn:
+            op.write(conn, now)
+            if sweep:
+                _sweep_late_responses(conn, agent.id, now)
+        while True:
+            baseline = bus._data_version()
+            message = _take_response(agent, correlation_id)
+            if message is not None:
+                return _result_of(message)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            bus._wait_for_change(baseline, remaining, agent.id)
+        # Out of time: one last look and the record of the timeout, in one transaction, so a
+        # response is either returned now or recognised as late when it comes.
+        now = bus._now_ms()
+        with bus._write() as conn:
+            mark_quiet()
+            taken = storage.take_response(conn, agent.id, correlation_id, now)
+            if taken is None:
+                storage.record_request_timeout(
+                    conn, agent.id, correlation_id, now, _REMEMBER_TIMEOUTS_MS
+                )
+                _sweep_late_responses(conn, agent.id, now)
+        if taken is not None:
+            return _result_of(decode_message(taken[1]))
+        with _registry_lock:
+            _had_timeouts.setdefault(bus, set()).add(agent.id)
+        raise RequestTimeoutError(
+            f"request {correlation_id} from {agent.id!r} to {to!r}: no response within "
+            f"timeout={timeout:g}s"
+        )
+    finally:
+        _unawait(bus, agent.id, correlation_id)
+
+
+def _sweep_late_responses(conn: apsw.Connection, agent_id: str, now: int) -> None:
+    count = storage.take_late_responses(conn, agent_id, now)
+    if count:
+        storage.add_counters(conn, [(LATE_RESPONSES, agent_id, count)])
+
+
+def _take_response(agent: Agent, correlation_id: str) -> Message | None:
+    bus = agent.bus
+    now = bus._now_ms()
+    with bus._reading() as conn:  # a read first: most wake-ups are other agents' commits
+        if not storage.has_response(conn, agent.id, correlation_id, now):
+            return None
+    with bus._write() as conn:
+        mark_quiet()  # taking a response makes work for nobody: ring no one
+        taken = storage.take_response(conn, agent.id, correlation_id, now)
+    return None if taken is None else decode_message(taken[1])
+
+
+def _result_of(response: Message) -> Any:
+    payload = response.payload
+    if payload.get("success") is True:
+        return payload.get("data")
+    error = payload.get("error")
+    raise RemoteError(str(error) if error else f"request failed (response {response.id})")
+
+
+def respond(
+    agent: Agent, message: Message, data: Any = None, success: bool = True,
+    *, error: str | None = None,
+) -> str:
+    """Answer the request ``message``; returns the response's id.
+
+    Inside a handler of that request the response is buffered and commits with the ack;
+    elsewhere it is published at once.
+    """
+    d = _current.get()
+    if d is not None and d._settled is None and d.message.id == message.id and d.agent.id == agent.id:
+        return d.reply(data, success=success, error=error)
+    payload, correlation_id = response_payload(message, data, success, error)
+    return agent.publish(message.sender, "response", payload, correlation_id=correlation_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Events
+
+
+def _check_event_name(name: object) -> str:
+    if type(name) is not str or not name:
+        raise ValidationError(f"event name: expected a non-empty str, got {name!r}")
+    return name
+
+
+def _event_of(message: Message) -> Event | None:
+    """The event in an ``event`` message, or None when its payload is not one."""
+    try:
+        return msgspec.convert(message.payload, Event)
+    except msgspec.ValidationError:
+        log.warning("sqlbus: event message %s has no valid event payload", message.id)
+        return None
+
+
+class Events:
+    """``agent.events``: emit events, and handle other agents' events by name.
+
+    >>> alice.events.emit("build.done", {"sha": "abc"})            # doctest: +SKIP
+    >>> bob.events.on("build.done", lambda event: print(event.data))   # doctest: +SKIP
+
+    Handlers receive an :class:`Event` and run in the agent's ``run()`` loop; ``"*"``
+    handles every event. An agent never handles its own events.
+    """
+
+    def __init__(self, owner: Dispatcher) -> None:
+        self._owner = owner
+
+    def emit(
+        self,
+        name: str,
+        data: Any = None,
+        targets: str | list[str] | None = None,
+        *,
+        correlation_id: str | None = None,
+        priority: int = 3,
+        ttl: int = 30_000,
+    ) -> str:
+        """Send event ``name`` with ``data`` to ``targets`` (agent ids), or to every other
+        registered agent when ``targets`` is None; returns the message id. ``ttl`` in ms."""
+        _check_event_name(name)
+        agent = self._owner.agent
+        payload = {
+            "name": name,
+            "data": data,
+            "emitted_at": iso_ms(agent.bus._now_ms()),
+            "emitted_by": agent.id,
+            "correlation_id": correlation_id,
+        }
+        if targets is None:
+            return agent.broadcast("event", payload, priority=priority, ttl=ttl,
+                                   correlation_id=correlation_id)
+        return agent.publish(targets, "event", payload, priority=priority, ttl=ttl,
+                             correlation_id=correlation_id)
+
+    def on(self, name: str, handler: EventHandler) -> None:
+        """Call ``handler(event)`` for every event ``name`` (``"*"``: every event)."""
+        self._owner.on(name, handler)
+
+    def off(self, name: str, handler: EventHandler) -> None:
+        """Stop calling ``handler`` for ``name`` (nothing happens if it was not registered)."""
+        self._owner.off(name, handler)

@@ -1,0 +1,69 @@
+"""A forked child must not be cut off when the parent closes its bus (SQLite's lock books are
+per process and a fork copies them without the locks)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from pathlib import Path
+
+import sqlbus
+
+
+def _child(path: str, started, release) -> None:
+    bus = sqlbus.connect(path)
+    child = bus.agent("child")
+    child.publish("parent", "notification", {"step": "started"}, ttl=0)
+    started.set()
+    release.wait(10)
+    # The parent has closed its bus by now: the child's connection must still be live.
+    child.publish("parent", "notification", {"step": "after-parent-closed"}, ttl=0)
+    bus.close()
+
+
+def test_a_forked_child_keeps_working_after_the_parent_closes_its_bus(tmp_path: Path) -> None:
+    path = str(tmp_path / "bus.db")
+    bus = sqlbus.connect(path)
+    bus.agent("parent").publish("parent", "notification", {"step": "before-fork"}, ttl=0)
+    context = multiprocessing.get_context("fork")
+    started, release = context.Event(), context.Event()
+    process = context.Process(target=_child, args=(path, started, release))
+    process.start()
+    assert started.wait(10)
+    bus.close()
+    # While the child is connected, the WAL must survive the parent's close.
+    assert os.path.exists(path + "-wal")
+    release.set()
+    process.join(10)
+    assert process.exitcode == 0
+    with sqlbus.connect(path) as again:
+        steps = [d.message.payload["step"] for d in again.agent("parent").receive(limit=10)]
+    assert steps == ["before-fork", "started", "after-parent-closed"]
+
+
+def _child_using_parents_bus(bus: sqlbus.Bus, started, release) -> None:
+    agent = bus.agent("child")
+    started.set()
+    release.wait(10)
+    agent.publish("parent", "notification", {"step": "child"}, ttl=0)
+
+
+def test_a_child_may_use_the_bus_it_inherited_after_the_parent_closed_its_own(
+    tmp_path: Path,
+) -> None:
+    path = str(tmp_path / "bus.db")
+    bus = sqlbus.connect(path)
+    parent = bus.agent("parent")
+    context = multiprocessing.get_context("fork")
+    started, release = context.Event(), context.Event()
+    process = context.Process(target=_child_using_parents_bus, args=(bus, started, release))
+    process.start()
+    assert started.wait(10)
+    bus.close()
+    assert os.path.exists(path + "-wal")
+    release.set()
+    process.join(10)
+    assert process.exitcode == 0
+    with sqlbus.connect(path) as again:
+        assert [d.message.payload for d in again.agent("parent").receive()] == [{"step": "child"}]
+    del parent

@@ -45,7 +45,9 @@ TASKS = [
 
 
 def say(who: str, text: str) -> None:
-    print(f"[{time.time() - STARTED:5.2f}s] {who:<11} {text}", flush=True)
+    # One write per line, so lines from the worker processes never interleave mid-line.
+    line = f"[{time.time() - STARTED:5.2f}s] {who:<11} {text}\n"
+    os.write(sys.stdout.fileno(), line.encode())
 
 
 # ---------------------------------------------------------------------------------------------

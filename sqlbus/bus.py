@@ -353,7 +353,7 @@ class Bus:
             empty = storage.check_file(path)
             conn = self._conn()
             if empty or created:
-                storage.set_wal_mode(conn, path)
+                storage.set_wal_mode(conn, path, new_file=True)
             storage.initialize(conn, path)
             if not (empty or created):
                 storage.set_wal_mode(conn, path)
@@ -998,12 +998,9 @@ class Agent:
             storage.promote_due(conn, self.id, now)
             while len(claimed) < limit:
                 want = limit - len(claimed)
-                skip = bus._awaiting.get(self.id)
-                if skip:  # responses a request of this process is waiting for are its own
-                    rows = storage.claim_skipping(conn, self.id, now, lease_until, want,
-                                                  types_json, encode_json(list(skip)).decode())
-                else:
-                    rows = storage.claim(conn, self.id, now, lease_until, want, types_json)
+                skip = bus._awaiting.get(self.id)  # responses a local request waits for
+                skip_json = encode_json(list(skip)).decode() if skip else None
+                rows = storage.claim(conn, self.id, now, lease_until, want, types_json, skip_json)
                 for row in rows:
                     seq, _claims, attempts, _priority, expires_at, _sent_at, _body = row
                     if expires_at is not None and now > expires_at:

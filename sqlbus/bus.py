@@ -235,6 +235,9 @@ class _Write:
             pass  # the connection already ended the transaction
 
 
+_DAMAGE = (UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError, IndexError)
+
+
 class _Read:
     """``with bus._reading() as conn``: translate apsw errors for a read (no transaction)."""
 
@@ -252,10 +255,11 @@ class _Read:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if isinstance(exc, apsw.Error):
             raise self.bus._database_error(exc) from exc
-        if isinstance(exc, UnicodeDecodeError):
-            # sqlbus only ever stores valid UTF-8 text: damaged bytes that SQLite did not notice
+        if isinstance(exc, _DAMAGE):
+            # sqlbus only stores valid UTF-8 text and message bodies it encoded itself, and its
+            # indexes point at rows that exist: anything else is damage SQLite did not notice.
             raise DatabaseError(
-                f"{self.bus.path} is corrupt (a text column holds invalid UTF-8: {exc}); "
+                f"{self.bus.path} is corrupt ({type_of(exc).__name__}: {exc}); "
                 "run 'sqlbus check' and restore from a 'sqlbus backup'"
             ) from exc
 
@@ -499,9 +503,10 @@ class Bus:
         self._wakeup.wait(changed, timeout, ANY if agent is None else agent_tag(agent))
 
     def _checkpoint_when_idle(self) -> None:
-        """Called by a waiter after commits and then quiet (sqlbus.wakeup.IDLE_AFTER): fold
-        the WAL back into the database now, so that SQLite's automatic checkpoint does not land
-        inside a later commit (measured: it made a round trip's p99 milliseconds long)."""
+        """Called by the checkpointer thread of a waiting process that sees commits
+        (sqlbus.wakeup.CHECKPOINT_EVERY): fold the WAL back into the database, so that SQLite's
+        automatic checkpoint does not land inside a commit (measured: with SQLite's default it
+        made a round trip's p99 milliseconds long)."""
         if self._closed:
             return
         try:
@@ -548,12 +553,12 @@ class Bus:
         if agent is not None:
             check_agent_id(agent, "agent")
         _check_limit(limit)
-        with self._reading() as conn:
-            rows = storage.list_sent(conn, agent, limit)
-        return [
-            SentRecord(message=decode_message(body), recipients=recipients, sent_at=iso_ms(sent_at))
-            for body, recipients, sent_at in rows
-        ]
+        with self._reading() as conn:  # decoding inside: a damaged body is a DatabaseError
+            return [
+                SentRecord(message=decode_message(body), recipients=recipients,
+                           sent_at=iso_ms(sent_at))
+                for body, recipients, sent_at in storage.list_sent(conn, agent, limit)
+            ]
 
     def dead_letters(self, agent: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, newest first; ``agent`` keeps those of one recipient."""
@@ -562,13 +567,13 @@ class Bus:
         _check_limit(limit)
         with self._reading() as conn:
             rows = storage.list_dead_letters(conn, agent, limit)
-        return [_dead_letter_from_row(row) for row in rows]
+            return [_dead_letter_from_row(row) for row in rows]
 
     def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
         """One dead letter by id, or None."""
         with self._reading() as conn:
             row = storage.get_dead_letter(conn, dead_letter_id)
-        return None if row is None else _dead_letter_from_row(row)
+            return None if row is None else _dead_letter_from_row(row)
 
     def requeue(self, dead_letter_id: int) -> str:
         """Put a dead letter back in its agent's inbox (attempts reset, fresh TTL); returns the
@@ -954,7 +959,7 @@ class Agent:
         those message types. Expired messages move to dead letters and are never returned.
         """
         _check_limit(limit)
-        wait = _seconds(wait, "wait")
+        wait = _seconds(min(wait, MAX_SECONDS) if wait == float("inf") else wait, "wait")
         lease_ms = int(_seconds(self.bus.lease if lease is None else lease, "lease", allow_zero=False) * 1000)
         types_json = None
         if types is not None:

@@ -450,7 +450,16 @@ def claim(
     select = _SELECT_READY[(types_json is not None, skip_json is not None)]
     params = {"agent": agent, "now": now, "limit": limit, "types": types_json, "skip": skip_json}
     seqs = conn.execute(select, params).fetchall()
-    return [conn.execute(_LEASE, (lease_until, seq)).fetchall()[0] for (seq,) in seqs]
+    leased = []
+    for (seq,) in seqs:
+        rows = conn.execute(_LEASE, (lease_until, seq)).fetchall()
+        if not rows:  # the index lists a row the table does not have: a damaged file
+            raise DatabaseError(
+                f"the database is corrupt: index message_claim lists message row {seq}, which "
+                "the table does not hold; run 'sqlbus check' and restore from a 'sqlbus backup'"
+            )
+        leased.append(rows[0])
+    return leased
 
 
 def ack(conn: apsw.Connection, seq: int, claims: int, now: int) -> int | None:
@@ -748,9 +757,10 @@ def fold_retired(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> None
     def add(name: str, agent: str, value: int = 1) -> None:
         deltas[name, agent] = deltas.get((name, agent), 0) + value
 
-    senders: dict[str, str] = {}
+    # (id, sender) as sent_rows() counts them: one message per id and sender.
+    senders: set[tuple[str, str]] = set()
     for message_id, sender, agent, state, sent_at, done_at, reason in rows:
-        senders[message_id] = sender
+        senders.add((message_id, sender))
         if agent is None:
             continue
         if state == ACKED:
@@ -760,8 +770,11 @@ def fold_retired(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> None
             add("dead", agent)
             if reason == "expired":
                 add("expired", agent)
-    for message_id, sender in senders.items():
-        if not message_exists(conn, message_id):
+    for message_id, sender in senders:
+        if not conn.execute(
+            "SELECT 1 FROM message WHERE message_id = ? AND sender = ? LIMIT 1",
+            (message_id, sender),
+        ).fetchall():
             add("sent", sender)
     add_counters(conn, [(name, agent, value) for (name, agent), value in deltas.items()])
 
@@ -787,17 +800,35 @@ def _archive_bound(conn: apsw.Connection, cutoff: int) -> int:
     return rows[0][0] if rows else 1 << 62
 
 
-def prune_acked(conn: apsw.Connection, cutoff: int, limit: int) -> int:
+def archive_bound(conn: apsw.Connection, cutoff: int) -> int:
+    """The seq below which :func:`prune_acked` looks (see ``_archive_bound``); compute it once
+    for a long prune of many batches instead of once per batch."""
+    return _archive_bound(conn, cutoff)
+
+
+def prune_acked(
+    conn: apsw.Connection, cutoff: int, limit: int, after: int = 0, bound: int | None = None
+) -> tuple[int, int]:
     """Delete up to ``limit`` acked rows (the sent archive) acked before ``cutoff`` ms, oldest
-    first, folding them into the counters; returns how many."""
-    bound = _archive_bound(conn, cutoff)
+    first, with seq in (``after``, ``bound``), folding them into the counters. Returns (how
+    many, the last seq looked at): pass it as ``after`` to the next batch so that rows kept
+    at the front (pending, dead) are not walked again."""
+    if bound is None:
+        bound = _archive_bound(conn, cutoff)
+    seqs = conn.execute(
+        "SELECT seq FROM message WHERE seq > ?1 AND seq < ?2 AND state = 2 AND done_at < ?3"
+        " ORDER BY seq LIMIT ?4",
+        (after, bound, cutoff, limit),
+    ).fetchall()
+    if not seqs:
+        return 0, after
     rows = conn.execute(
-        "DELETE FROM message WHERE seq IN (SELECT seq FROM message WHERE seq < ?1 AND state = 2"
-        " AND done_at < ?2 ORDER BY seq LIMIT ?3)" + _RETIRED,
-        (bound, cutoff, limit),
+        "DELETE FROM message WHERE seq BETWEEN ?1 AND ?2 AND state = 2 AND done_at < ?3"
+        + _RETIRED,
+        (seqs[0][0], seqs[-1][0], cutoff),
     ).fetchall()
     fold_retired(conn, [(*row, None) for row in rows])
-    return len(rows)
+    return len(rows), seqs[-1][0]
 
 
 def prune_dead(conn: apsw.Connection, cutoff: int, limit: int) -> int:

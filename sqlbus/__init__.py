@@ -10,18 +10,6 @@
 """
 
 from .bus import Agent, AgentInfo, Bus, DeadLetter, Delivery, SentRecord, Transaction, connect
-from .metrics import (
-    AgentActivity,
-    AgentStats,
-    BackupResult,
-    CheckReport,
-    InboxEntry,
-    Metrics,
-    PruneResult,
-    QueueDepth,
-    Throughput,
-    VacuumResult,
-)
 from .errors import (
     AuthenticationError,
     DatabaseError,
@@ -49,6 +37,18 @@ from .messages import (
     TaskResources,
     TaskResult,
     decode_payload,
+)
+from .metrics import (
+    AgentActivity,
+    AgentStats,
+    BackupResult,
+    CheckReport,
+    InboxEntry,
+    Metrics,
+    PruneResult,
+    QueueDepth,
+    Throughput,
+    VacuumResult,
 )
 from .state import StateEntry, StateStore
 from .worker import Event, Events, current_delivery

@@ -174,7 +174,8 @@ def connect(
     permissions; ``non_retryable`` adds exception classes that dead-letter at once. A file that
     is not a healthy sqlbus database raises :class:`DatabaseError` and is left untouched.
     Retention (seconds; None keeps them for ever): acked messages of the sent archive are
-    deleted ``archive_retention`` (7 days) after their ack and dead letters
+    deleted ``archive_retention`` (7 days) after their ack (state changes in the log watch
+    replays age the same way) and dead letters
     ``dead_retention`` (30 days) after they failed, a small batch at a time, at most about
     once a minute per process, after one of its writes; totals in :meth:`Bus.metrics` keep
     counting them.
@@ -322,8 +323,7 @@ class Bus:
         self._local = threading.local()
         self._connections: list[apsw.Connection] = []
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._waiting = 0
+        # Wake-ups of waiters, in this process and others (doorbells, checkpoints): sqlbus.wakeup
         self._wakeup = Wakeup(self.path, self._checkpoint_when_idle)
         # Correlation ids that requests of this process await, per agent id (sqlbus.worker):
         # receive() and run() of that agent skip those responses. Replaced, never mutated.
@@ -411,8 +411,6 @@ class Bus:
         self._connections = []
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)
-        self._waiting = 0
         self._wakeup.forget()  # the parent's doorbell stays the parent's
         self._wakeup = Wakeup(self.path, self._checkpoint_when_idle)
         self._awaiting = {}  # the parent's waiting requests are not the child's

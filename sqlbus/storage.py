@@ -843,6 +843,20 @@ def prune_dead(conn: apsw.Connection, cutoff: int, limit: int) -> int:
     return len(dead)
 
 
+def prune_state_log(conn: apsw.Connection, cutoff: int, limit: int) -> int:
+    """Delete up to ``limit`` of the oldest state changes logged before ``cutoff`` (ms).
+
+    Only the log (what ``watch`` replays) shrinks; ``state`` keeps every key's latest version.
+    Looks at the ``limit`` oldest entries only, so a pass with nothing to delete is cheap.
+    """
+    conn.execute(
+        "DELETE FROM state_log WHERE seq IN (SELECT seq FROM state_log ORDER BY seq LIMIT ?)"
+        " AND updated_at < ?",
+        (limit, cutoff),
+    )
+    return conn.changes()
+
+
 def count_prunable(
     conn: apsw.Connection, acked_cutoff: int | None, dead_cutoff: int | None
 ) -> tuple[int, int]:

@@ -15,6 +15,7 @@ transaction is open while a handler runs (claim, run the handler, ack in another
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import os
 import threading
@@ -354,12 +355,20 @@ class Bus:
         elif os.path.isdir(path):
             raise DatabaseError(f"{path} is a directory, not a database file")
         try:
-            empty = storage.check_file(path)
-            conn = self._conn()
+            stat = os.stat(path)
+            self._file_id = (stat.st_dev, stat.st_ino)
+            # Reading the header opens and closes the file, and closing any descriptor of a file
+            # drops every POSIX lock this process holds on it, SQLite's included: so only a file
+            # that no bus of this process has open yet is read (one that is open was checked).
+            in_use_here = any(
+                bus._file_id == self._file_id and not bus._closed for bus in list(_all_buses)
+            )
+            empty = False if in_use_here else storage.check_file(path)
             if empty or created:
-                storage.set_wal_mode(conn, path, new_file=True)
-            storage.initialize(conn, path)
-            if not (empty or created):
+                self._initialize_new_file(path)
+            else:
+                conn = self._conn()
+                storage.initialize(conn, path)
                 storage.set_wal_mode(conn, path)
         except apsw.Error as exc:
             self.close()
@@ -367,6 +376,25 @@ class Bus:
         except BaseException:
             self.close()
             raise
+
+    def _initialize_new_file(self, path: str) -> None:
+        """Switch an empty file to WAL and create the schema, one process at a time.
+
+        Two processes switching the same empty file to WAL at once can lock each other out
+        (measured: one waits out its whole busy timeout), so they take turns on an flock of
+        the directory; the file itself is not opened for that (see _open_file).
+        """
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            fcntl.flock(directory, fcntl.LOCK_EX)
+            still_empty = storage.check_file(path)  # before our connection: it reads the file
+            conn = self._conn()
+            if still_empty:  # nobody initialised it while we waited
+                storage.set_wal_mode(conn, path, new_file=True)
+            storage.initialize(conn, path)
+            storage.set_wal_mode(conn, path)
+        finally:
+            os.close(directory)  # releases the flock
 
     def _conn(self) -> apsw.Connection:
         conn = getattr(self._local, "conn", None)

@@ -7,6 +7,8 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import pytest
+
 import sqlbus
 
 
@@ -67,3 +69,26 @@ def test_a_child_may_use_the_bus_it_inherited_after_the_parent_closed_its_own(
     with sqlbus.connect(path) as again:
         assert [d.message.payload for d in again.agent("parent").receive()] == [{"step": "child"}]
     del parent
+
+
+def _my_locks_on(path: str) -> list[str]:
+    """This process's POSIX locks on ``path``, as the kernel lists them."""
+    inode, pid = os.stat(path).st_ino, os.getpid()
+    with open("/proc/locks") as locks:
+        return [line for line in locks if f":{inode} " in line and f" {pid} " in line]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux /proc/locks")
+def test_opening_a_second_bus_on_a_file_keeps_the_locks_of_the_first(tmp_path: Path) -> None:
+    # Closing any descriptor of a file drops all of the process's POSIX locks on it, SQLite's
+    # included (then another process, closing last, would delete the WAL under this one).
+    # connect() reads the file's header only when no bus of this process has it open.
+    path = str(tmp_path / "bus.db")
+    first = sqlbus.connect(path)
+    first.agent("parent").publish("parent", "notification", {}, ttl=0)
+    held = _my_locks_on(path)
+    assert held  # WAL mode: an open connection keeps a shared lock on the file
+    second = sqlbus.connect(path)
+    assert len(_my_locks_on(path)) == len(held)
+    second.close()
+    first.close()

@@ -1089,13 +1089,16 @@ class Agent:
         with bus._write() as conn:
             if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
                 mark_quiet()  # rings only the agents its buffered publishes reach
+            if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
+                lost = next(
+                    d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now)
+                )
+                raise LeaseLostError(
+                    f"message {lost.message.id} to {self.id!r}: the lease of attempt "
+                    f"{lost.attempts} was lost (it ran out and the message was claimed again, "
+                    "or is gone); nothing was acked"
+                )
             for d in pending:
-                if storage.ack(conn, d._seq, d._claims, now) is None:
-                    raise LeaseLostError(
-                        f"message {d.message.id} to {self.id!r}: the lease of attempt "
-                        f"{d.attempts} was lost (it ran out and the message was claimed again, "
-                        "or is gone); nothing was acked"
-                    )
                 for effect in d._effects:
                     effect.write(conn, now)
             for notice in notices:

@@ -402,9 +402,13 @@ def publish(
 
 # json_extract over the body: only for response rows, and indexed (message_response below).
 _CORRELATION = "json_extract(CAST(body AS TEXT), '$.headers.correlation_id')"
-# Claims pick rows with one SELECT on message_claim, then lease each by its seq: measured here,
-# that costs a quarter of one ``UPDATE ... WHERE seq IN (SELECT ... LIMIT n)`` for n = 1.
-_READY = "SELECT seq FROM message WHERE agent = :agent AND state = 0 AND visible_at <= :now"
+# A claim picks its rows with one SELECT on message_claim and leases them with one executemany
+# by seq: measured here, a quarter of the cost of ``UPDATE ... WHERE seq IN (SELECT ... LIMIT
+# n) RETURNING`` for n = 1, and cheaper per row for batches too.
+_READY = (
+    "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, body FROM message"
+    " WHERE agent = :agent AND state = 0 AND visible_at <= :now"
+)
 _READY_TYPES = " AND type IN (SELECT value FROM json_each(:types))"
 _READY_NOT_AWAITED = (
     f" AND NOT (type = 'response' AND {_CORRELATION} IN (SELECT value FROM json_each(:skip)))"
@@ -418,7 +422,7 @@ _SELECT_READY = {
 }
 _LEASE = (
     "UPDATE message SET visible_at = ?, attempts = attempts + 1, claims = claims + 1"
-    " WHERE seq = ? RETURNING seq, claims, attempts, priority, expires_at, sent_at, body"
+    " WHERE seq = ?"
 )
 
 
@@ -449,27 +453,34 @@ def claim(
     """
     select = _SELECT_READY[(types_json is not None, skip_json is not None)]
     params = {"agent": agent, "now": now, "limit": limit, "types": types_json, "skip": skip_json}
-    seqs = conn.execute(select, params).fetchall()
-    leased = []
-    for (seq,) in seqs:
-        rows = conn.execute(_LEASE, (lease_until, seq)).fetchall()
-        if not rows:  # the index lists a row the table does not have: a damaged file
-            raise DatabaseError(
-                f"the database is corrupt: index message_claim lists message row {seq}, which "
-                "the table does not hold; run 'sqlbus check' and restore from a 'sqlbus backup'"
-            )
-        leased.append(rows[0])
-    return leased
+    rows = conn.execute(select, params).fetchall()
+    if len(rows) == 1:
+        conn.execute(_LEASE, (lease_until, rows[0][0]))
+    elif rows:
+        conn.executemany(_LEASE, [(lease_until, row[0]) for row in rows])
+    return rows
 
 
-def ack(conn: apsw.Connection, seq: int, claims: int, now: int) -> int | None:
-    """Mark a leased row acked; returns its ``sent_at``, or None when that lease is gone."""
-    rows = conn.execute(
-        "UPDATE message SET state = 2, done_at = ? WHERE seq = ? AND claims = ? AND state = 0"
-        " RETURNING sent_at",
-        (now, seq, claims),
-    ).fetchall()
-    return rows[0][0] if rows else None
+def ack(conn: apsw.Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:
+    """Mark leased rows acked, given as (seq, claims); False when any of those leases is
+    gone (the caller then rolls the whole transaction back: a batch ack is all or nothing)."""
+    before = conn.total_changes()
+    conn.executemany(
+        "UPDATE message SET state = 2, done_at = ? WHERE seq = ? AND claims = ? AND state = 0",
+        [(now, seq, claims) for seq, claims in leases],
+    )
+    return conn.total_changes() - before == len(leases)
+
+
+def acked_now(conn: apsw.Connection, seq: int, claims: int, now: int) -> bool:
+    """Whether this transaction's ack took the lease (seq, claims): to name, after a failed
+    batch ack, a delivery whose lease was lost."""
+    return bool(
+        conn.execute(
+            "SELECT 1 FROM message WHERE seq = ? AND claims = ? AND state = 2 AND done_at = ?",
+            (seq, claims, now),
+        ).fetchall()
+    )
 
 
 def extend(conn: apsw.Connection, seq: int, claims: int, lease_until: int) -> bool:

@@ -75,6 +75,16 @@ ANY: Any = None  # interest of a waiter that wakes on every ring (state watch, r
 _NEVER = object()  # interest of the asyncio proxy: never wakes on a ring, only polls
 
 
+# A fork while our checkpointer thread is inside SQLite could leave the child with a SQLite
+# mutex held for ever; a fork waits for the checkpoint in progress instead.
+_no_fork_inside = threading.Lock()
+os.register_at_fork(
+    before=_no_fork_inside.acquire,
+    after_in_parent=_no_fork_inside.release,
+    after_in_child=_no_fork_inside.release,
+)
+
+
 def doorbell_dir(db_path: str) -> str:
     """The directory of the doorbells of the database at ``db_path``."""
     return db_path + ".doorbells"
@@ -93,13 +103,13 @@ def agent_tag(agent_id: str) -> bytes:
     return tag
 
 
-def _unlink_doorbell(dir_fd: int, name: list[str], owner: int) -> None:
+def _unlink_doorbell(directory: str, name: list[str], owner: int) -> None:
     """Finalizer: remove a doorbell file (``name[0]``: it is renamed as its interest grows),
     but only in the process that bound it (a forked child must not remove its parent's)."""
     if os.getpid() != owner:
         return
     try:
-        os.unlink(name[0], dir_fd=dir_fd)
+        os.unlink(os.path.join(directory, name[0]))
     except OSError:
         pass
 
@@ -283,7 +293,14 @@ class Wakeup:
     def ring(self, tags: set[bytes] | None = None) -> None:
         """After a commit: wake the waiters of every process. ``tags`` (from
         :func:`agent_tag`) names the agents that got work; None means anything may have
-        changed; an empty collection (a claim, a plain ack) rings nobody."""
+        changed; an empty collection (a claim, a plain ack) rings nobody. Never raises: the
+        commit is done, and a lost ring only delays a waiter until its fallback poll."""
+        try:
+            self._ring(tags)
+        except (OSError, ValueError):
+            pass  # e.g. the directory vanished, or another thread is closing the bus
+
+    def _ring(self, tags: set[bytes] | None) -> None:
         self._dirty = True
         if tags is not None and not tags:
             return
@@ -357,7 +374,7 @@ class Wakeup:
 
     def _remove(self, name: str) -> None:
         try:
-            os.unlink(name, dir_fd=self._dir_fd)
+            os.unlink(os.path.join(self.directory, name))
         except OSError:
             pass
 
@@ -405,7 +422,7 @@ class Wakeup:
             self._address = self._address_of(name)
             self._holder = [name]
             self._finalizer = weakref.finalize(
-                self, _unlink_doorbell, self._dir_fd, self._holder, os.getpid()
+                self, _unlink_doorbell, self.directory, self._holder, os.getpid()
             )
             self._peers = [peer for peer in self._peers if peer[0] != name]
         self._bump_generation()
@@ -437,7 +454,7 @@ class Wakeup:
                 return  # _bind names it
             new = _doorbell_name(self._stem, self._wants_any, self._wants)
             try:
-                os.rename(old, new, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+                os.rename(os.path.join(self.directory, old), os.path.join(self.directory, new))
             except OSError:
                 return  # deleted under us: the fallback poll makes a new one
             self._name = self._holder[0] = new
@@ -450,7 +467,7 @@ class Wakeup:
         if name is None or self._dir_fd is None:
             return False
         try:
-            return os.stat(name, dir_fd=self._dir_fd).st_ino == self._ino
+            return os.stat(os.path.join(self.directory, name)).st_ino == self._ino
         except OSError:
             return False
 
@@ -628,7 +645,8 @@ class Wakeup:
                     break  # quiet: the next leader that sees commits sets the event again
                 self._dirty = False
                 try:
-                    self.checkpoint()  # type: ignore[misc]
+                    with _no_fork_inside:
+                        self.checkpoint()  # type: ignore[misc]
                 except Exception:
                     pass  # an optimisation: never let it break anything
             wanted.clear()

@@ -1000,15 +1000,28 @@ class Agent:
             types_json = encode_json(types).decode()
         bus = self.bus
         deadline = time.monotonic() + wait
+        woken = False
         while True:
             baseline = bus._data_version() if wait > 0 else 0
-            deliveries = self._claim(limit, lease_ms, types_json)
-            if deliveries or wait <= 0:
-                return deliveries
+            # After a wake-up, look with a read first: a commit that made no work for this
+            # agent then costs no write transaction, which would hold up the real writers.
+            if not woken or self._has_work(types_json):
+                deliveries = self._claim(limit, lease_ms, types_json)
+                if deliveries or wait <= 0:
+                    return deliveries
+            woken = True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
             bus._wait_for_change(baseline, min(remaining, self._until_due()), self.id)
+
+    def _has_work(self, types_json: str | None = None) -> bool:
+        """Whether :meth:`receive` would find a message now (a read, no write lock)."""
+        bus = self.bus
+        skip = bus._awaiting.get(self.id)
+        skip_json = encode_json(list(skip)).decode() if skip else None
+        with bus._reading() as conn:
+            return storage.has_work(conn, self.id, bus._now_ms(), types_json, skip_json)
 
     def _until_due(self) -> float:
         """Seconds until one of this agent's retries, delayed messages or leases comes due."""

@@ -405,10 +405,8 @@ _CORRELATION = "json_extract(CAST(body AS TEXT), '$.headers.correlation_id')"
 # A claim picks its rows with one SELECT on message_claim and leases them with one executemany
 # by seq: measured here, a quarter of the cost of ``UPDATE ... WHERE seq IN (SELECT ... LIMIT
 # n) RETURNING`` for n = 1, and cheaper per row for batches too.
-_READY = (
-    "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, body FROM message"
-    " WHERE agent = :agent AND state = 0 AND visible_at <= :now"
-)
+_READY_ROWS = " FROM message WHERE agent = :agent AND state = 0 AND visible_at <= :now"
+_READY = "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, body" + _READY_ROWS
 _READY_TYPES = " AND type IN (SELECT value FROM json_each(:types))"
 _READY_NOT_AWAITED = (
     f" AND NOT (type = 'response' AND {_CORRELATION} IN (SELECT value FROM json_each(:skip)))"
@@ -417,6 +415,15 @@ _READY_ORDER = " ORDER BY priority DESC, seq LIMIT :limit"
 _SELECT_READY = {
     (types, skip): _READY + (_READY_TYPES if types else "") + (_READY_NOT_AWAITED if skip else "")
     + _READY_ORDER
+    for types in (False, True)
+    for skip in (False, True)
+}
+_SCHEDULED_DUE = (
+    " OR EXISTS (SELECT 1 FROM message WHERE agent = :agent AND state = 1 AND visible_at <= :now)"
+)
+_HAS_WORK = {
+    (types, skip): "SELECT EXISTS (SELECT 1" + _READY_ROWS + (_READY_TYPES if types else "")
+    + (_READY_NOT_AWAITED if skip else "") + " LIMIT 1)" + _SCHEDULED_DUE
     for types in (False, True)
     for skip in (False, True)
 }
@@ -459,6 +466,19 @@ def claim(
     elif rows:
         conn.executemany(_LEASE, [(lease_until, row[0]) for row in rows])
     return rows
+
+
+def has_work(
+    conn: apsw.Connection,
+    agent: str,
+    now: int,
+    types_json: str | None = None,
+    skip_json: str | None = None,
+) -> bool:
+    """Whether a claim with the same arguments would find something (a read: no lock)."""
+    select = _HAS_WORK[(types_json is not None, skip_json is not None)]
+    params = {"agent": agent, "now": now, "types": types_json, "skip": skip_json}
+    return bool(conn.execute(select, params).fetchall()[0][0])
 
 
 def ack(conn: apsw.Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:

@@ -252,11 +252,17 @@ class Dispatcher:
         keeper = _LeaseKeeper(bus, lease_s)
         restore = self._install_signal_handlers()
         processed = 0
+        full = False  # the last claim took a whole batch: more is likely waiting
         try:
             while not self._stop.is_set():
                 # receive()'s own wait, unrolled so that stop() can end it (it rings us).
                 baseline = 0 if until_idle else bus._data_version()
-                deliveries = agent.receive(limit=limit, lease=lease_s)
+                # A read first: an empty claim would take the write lock for nothing.
+                if full or agent._has_work():
+                    deliveries = agent.receive(limit=limit, lease=lease_s)
+                else:
+                    deliveries = []
+                full = len(deliveries) == limit
                 if deliveries:
                     processed += self._process(deliveries, keeper)
                 elif until_idle:

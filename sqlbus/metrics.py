@@ -196,14 +196,11 @@ def file_sizes(path: str) -> tuple[int, int]:
 
 
 def _read_snapshot(conn: apsw.Connection) -> None:
-    # One read transaction, so every query below sees the same commit.
-    conn.execute("BEGIN DEFERRED")
-    conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+    storage.begin_read(conn)  # one read transaction: every query below sees the same commit
 
 
 def _end_read(conn: apsw.Connection) -> None:
-    if not conn.get_autocommit():
-        conn.execute("COMMIT")
+    storage.end_read(conn)
 
 
 def compute_stats(conn: apsw.Connection, now: int, agents: Iterable[str] = ()) -> list[AgentStats]:
@@ -445,8 +442,7 @@ def bound_wal(bus: Bus) -> bool | None:
     conn = storage.open_connection(bus.path, synchronous=bus._synchronous, busy_timeout=WAL_WAIT)
     try:
         busy, frames, _done = storage.checkpoint(conn, "PASSIVE")
-        page_size = int(conn.execute("PRAGMA page_size").fetchall()[0][0])  # type: ignore[arg-type]
-        if frames * (page_size + 24) < WAL_LIMIT:
+        if frames * (storage.page_size(conn) + 24) < WAL_LIMIT:
             return None  # the WAL started over already; the file keeps its size for reuse
         started = time.monotonic()
         busy, _frames, _done = storage.checkpoint(conn, "RESTART")
@@ -551,15 +547,14 @@ def backup(
         created = True
         target = apsw.Connection(dest_path)
         try:
-            source.execute("BEGIN DEFERRED")
-            source.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+            storage.begin_read(source)  # one snapshot for the whole copy: consistent
             with target.backup("main", source, "main") as copy:
                 while not copy.done:
                     copy.step(pages_per_step)
                     if progress is not None:
                         progress(copy.page_count - copy.remaining, copy.page_count)
                 pages = copy.page_count
-            source.execute("COMMIT")
+            storage.end_read(source)
         finally:
             target.close()
     except BaseException as exc:

@@ -302,6 +302,23 @@ def rollback(conn: apsw.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
+def begin_read(conn: apsw.Connection) -> None:
+    """Start a read transaction that holds one snapshot until :func:`end_read` (a deferred
+    BEGIN takes its snapshot at the first read, so read once now)."""
+    conn.execute("BEGIN DEFERRED")
+    conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+
+
+def end_read(conn: apsw.Connection) -> None:
+    """End a read transaction (COMMIT of a read-only transaction only releases the snapshot)."""
+    if not conn.get_autocommit():
+        conn.execute("COMMIT")
+
+
+def page_size(conn: apsw.Connection) -> int:
+    return int(conn.execute("PRAGMA page_size").fetchall()[0][0])
+
+
 def checkpoint(conn: apsw.Connection, mode: str = "PASSIVE") -> tuple[int, int, int]:
     """Run a WAL checkpoint; returns (busy, wal frames, frames checkpointed)."""
     assert mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
@@ -746,12 +763,12 @@ def state_snapshot(conn: apsw.Connection, prefix: str) -> tuple[list[tuple[Any, 
     Inside a caller's open transaction, reads there (already one snapshot)."""
     if not conn.get_autocommit():
         return state_entries(conn, prefix), state_log_head(conn)
-    conn.execute("BEGIN DEFERRED")
+    begin_read(conn)
     try:
         entries = state_entries(conn, prefix)
         head = state_log_head(conn)
     finally:
-        conn.execute("COMMIT")  # a read-only transaction: COMMIT just ends it
+        end_read(conn)
     return entries, head
 
 

@@ -583,7 +583,7 @@ def vacuum(bus: Bus) -> VacuumResult:
     before = sum(file_sizes(bus.path))
     conn = bus._conn()
     with bus._reading(conn):
-        conn.execute("VACUUM")
+        storage.vacuum(conn)
         storage.checkpoint(conn, "TRUNCATE")
     return VacuumResult(bytes_before=before, bytes_after=sum(file_sizes(bus.path)))
 

@@ -315,6 +315,11 @@ def end_read(conn: apsw.Connection) -> None:
         conn.execute("COMMIT")
 
 
+def vacuum(conn: apsw.Connection) -> None:
+    """Rebuild the file without its free pages (holds the write lock while it runs)."""
+    conn.execute("VACUUM")
+
+
 def page_size(conn: apsw.Connection) -> int:
     return int(conn.execute("PRAGMA page_size").fetchall()[0][0])
 

@@ -1003,9 +1003,9 @@ class Agent:
         woken = False
         while True:
             baseline = bus._data_version() if wait > 0 else 0
-            # After a wake-up, look with a read first: a commit that made no work for this
-            # agent then costs no write transaction, which would hold up the real writers.
-            if not woken or self._has_work(types_json):
+            # A receiver that may wait looks with a read first: finding nothing then costs no
+            # write transaction, which would hold up the writers it is waiting for.
+            if (wait <= 0 and not woken) or self._has_work(types_json):
                 deliveries = self._claim(limit, lease_ms, types_json)
                 if deliveries or wait <= 0:
                     return deliveries

@@ -549,19 +549,22 @@ def request(
         sweep = agent.id in _had_timeouts.get(bus, ())
     _await(bus, agent.id, correlation_id)  # before the request exists: its response is ours
     try:
+        # Read before our own commit (which does not move it): a response committed at any
+        # time after the request then shows, so there is no need to look for it at once.
+        baseline = bus._data_version()
         with bus._write() as conn:
             op.write(conn, now)
             if sweep:
                 _sweep_late_responses(conn, agent.id, now)
         while True:
-            baseline = bus._data_version()
-            message = _take_response(agent, correlation_id)
-            if message is not None:
-                return _result_of(message)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             bus._wait_for_change(baseline, remaining, agent.id)
+            baseline = bus._data_version()
+            message = _take_response(agent, correlation_id)
+            if message is not None:
+                return _result_of(message)
         # Out of time: one last look and the record of the timeout, in one transaction, so a
         # response is either returned now or recognised as late when it comes.
         now = bus._now_ms()

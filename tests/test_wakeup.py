@@ -181,14 +181,14 @@ def test_messages_to_other_agents_do_not_wake_a_waiting_receiver(
     with sqlbus.connect(db_path) as bus:
         bob, alice = bus.agent("bob"), bus.agent("alice")
         bus.agent("carol")
-        claims = []
-        original = bob._claim
+        looks = []
+        original = bob._has_work  # receive(wait=...) looks with a read before it claims
 
-        def counting_claim(*args):
-            claims.append(1)
+        def counting_look(*args):
+            looks.append(1)
             return original(*args)
 
-        bob._claim = counting_claim
+        bob._has_work = counting_look
         got: list[sqlbus.Delivery] = []
         waiter = threading.Thread(target=lambda: got.extend(bob.receive(wait=60.0)))
         waiter.start()
@@ -197,11 +197,11 @@ def test_messages_to_other_agents_do_not_wake_a_waiting_receiver(
         # fewer rings than a doorbell holds (a full one counts as "anything may have changed")
         for n in range(min(5, wakeup._OVERFLOW - 1)):
             alice.publish("carol", "notification", {"n": n})
-        assert len(claims) == 1  # bob never looked again: those rings were for carol
+        assert len(looks) == 1  # bob never looked again: those rings were for carol
         alice.publish("bob", "notification", {"n": "bob"})
         waiter.join(30)
         assert [d.message.payload for d in got] == [{"n": "bob"}]
-        assert len(claims) == 2
+        assert len(looks) == 2
 
 
 def test_a_waiting_receiver_wakes_when_a_delayed_message_comes_due(bus: sqlbus.Bus) -> None:

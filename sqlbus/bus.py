@@ -738,7 +738,9 @@ class Bus:
         prefix: str = "",
         broadcast_pattern: str | None = None,
     ) -> _Publish:
-        delay_ms = int(_seconds(delay, f"{prefix}delay") * 1000)
+        # the common delay=0 skips the checks of _seconds (still exact: 0 and 0.0 only)
+        delay_ms = 0 if delay == 0 and type_of(delay) in (int, float) else (
+            int(_seconds(delay, f"{prefix}delay") * 1000))
         outgoing = prepare(
             sender, to, type, payload, now_ms=now, priority=priority, ttl=ttl,
             requires_ack=requires_ack, correlation_id=correlation_id, id=id,
@@ -940,17 +942,23 @@ class Agent:
         if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
             raise TypeError("publish_many takes a list of dicts")
         ops = []
+        prepare_one = self.bus._prepare
         for index, item in enumerate(items):
-            prefix = f"[{index}]."
             if type_of(item) is not dict:
                 raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}")
-            unknown = set(item) - _PUBLISH_KEYS
-            if unknown:
-                raise ValidationError(f"[{index}]: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
-            for required in ("to", "type"):
-                if required not in item:
-                    raise ValidationError(f"{prefix}{required}: required")
-            ops.append(self.bus._prepare(self.id, now=now, prefix=prefix, **{"payload": None, **item}))
+            if not _PUBLISH_KEYS.issuperset(item):
+                unknown = sorted(map(str, set(item) - _PUBLISH_KEYS))
+                raise ValidationError(f"[{index}]: unknown key(s) {', '.join(unknown)}")
+            if "to" not in item or "type" not in item:
+                missing = "to" if "to" not in item else "type"
+                raise ValidationError(f"[{index}].{missing}: required")
+            get = item.get
+            ops.append(prepare_one(
+                self.id, item["to"], item["type"], get("payload"), priority=get("priority", 3),
+                ttl=get("ttl", 30_000), requires_ack=get("requires_ack", False),
+                correlation_id=get("correlation_id"), delay=get("delay", 0.0), id=get("id"),
+                now=now, prefix=f"[{index}].",
+            ))
         return ops
 
     def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:

@@ -415,8 +415,11 @@ def prepare(
         raise ValidationError(
             f"{prefix}type: expected one of {', '.join(sorted(MESSAGE_TYPES))}, got {type!r}"
         )
-    _check_int(priority, f"{prefix}headers.priority", 1, 5)
-    _check_int(ttl, f"{prefix}headers.ttl", 0, MAX_TTL_MS)
+    # Fast paths first: the names for an error message are built only when one is raised.
+    if type_of(priority) is not int or not 1 <= priority <= 5:
+        _check_int(priority, f"{prefix}headers.priority", 1, 5)
+    if type_of(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS:
+        _check_int(ttl, f"{prefix}headers.ttl", 0, MAX_TTL_MS)
     if requires_ack is not True and requires_ack is not False:
         raise ValidationError(
             f"{prefix}headers.requires_ack: expected bool, got {builtin_type(requires_ack)}"
@@ -427,7 +430,9 @@ def prepare(
         got = builtin_type(correlation_id) if type_of(correlation_id) is not str else (
             "a str with a lone surrogate")
         raise ValidationError(f"{prefix}headers.correlation_id: expected str, got {got}")
-    if isinstance(to, str):
+    if type_of(to) is str and to in _known_agent_ids:
+        recipients = [to]
+    elif isinstance(to, str):
         recipients = [check_agent_id(to, f"{prefix}to")]
     elif isinstance(to, (list, tuple)):
         recipients = []

@@ -252,7 +252,7 @@ class Dispatcher:
         keeper = _LeaseKeeper(bus, lease_s)
         restore = self._install_signal_handlers()
         processed = 0
-        full = False  # the last claim took a whole batch: more is likely waiting
+        full = False  # the last claim took a whole batch (of several): more likely waits
         try:
             while not self._stop.is_set():
                 # receive()'s own wait, unrolled so that stop() can end it (it rings us).
@@ -262,7 +262,7 @@ class Dispatcher:
                     deliveries = agent.receive(limit=limit, lease=lease_s)
                 else:
                     deliveries = []
-                full = len(deliveries) == limit
+                full = limit > 1 and len(deliveries) == limit
                 if deliveries:
                     processed += self._process(deliveries, keeper)
                 elif until_idle:

@@ -23,21 +23,27 @@ def _child(path: str, started, release) -> None:
     bus.close()
 
 
-def test_a_forked_child_keeps_working_after_the_parent_closes_its_bus(tmp_path: Path) -> None:
-    path = str(tmp_path / "bus.db")
-    bus = sqlbus.connect(path)
-    bus.agent("parent").publish("parent", "notification", {"step": "before-fork"}, ttl=0)
+def _fork_then_close_the_parent_bus(bus: sqlbus.Bus, target, args: tuple) -> None:
+    """Fork a child running ``target(*args, started, release)``, close the parent's bus once
+    the child is connected, check the WAL survived, then let the child finish its work."""
     context = multiprocessing.get_context("fork")
     started, release = context.Event(), context.Event()
-    process = context.Process(target=_child, args=(path, started, release))
+    process = context.Process(target=target, args=(*args, started, release))
     process.start()
     assert started.wait(10)
     bus.close()
     # While the child is connected, the WAL must survive the parent's close.
-    assert os.path.exists(path + "-wal")
+    assert os.path.exists(bus.path + "-wal")
     release.set()
     process.join(10)
     assert process.exitcode == 0
+
+
+def test_a_forked_child_keeps_working_after_the_parent_closes_its_bus(tmp_path: Path) -> None:
+    path = str(tmp_path / "bus.db")
+    bus = sqlbus.connect(path)
+    bus.agent("parent").publish("parent", "notification", {"step": "before-fork"}, ttl=0)
+    _fork_then_close_the_parent_bus(bus, _child, (path,))
     with sqlbus.connect(path) as again:
         steps = [d.message.payload["step"] for d in again.agent("parent").receive(limit=10)]
     assert steps == ["before-fork", "started", "after-parent-closed"]
@@ -55,20 +61,10 @@ def test_a_child_may_use_the_bus_it_inherited_after_the_parent_closed_its_own(
 ) -> None:
     path = str(tmp_path / "bus.db")
     bus = sqlbus.connect(path)
-    parent = bus.agent("parent")
-    context = multiprocessing.get_context("fork")
-    started, release = context.Event(), context.Event()
-    process = context.Process(target=_child_using_parents_bus, args=(bus, started, release))
-    process.start()
-    assert started.wait(10)
-    bus.close()
-    assert os.path.exists(path + "-wal")
-    release.set()
-    process.join(10)
-    assert process.exitcode == 0
+    bus.agent("parent")
+    _fork_then_close_the_parent_bus(bus, _child_using_parents_bus, (bus,))
     with sqlbus.connect(path) as again:
         assert [d.message.payload for d in again.agent("parent").receive()] == [{"step": "child"}]
-    del parent
 
 
 def _my_locks_on(path: str) -> list[str]:

@@ -101,18 +101,48 @@ class Client:
         pass
 
 
+class QueuePerName(Client):
+    """A client over a library object per queue, made on first use and closed at the end."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._queues: dict[str, Any] = {}
+
+    def make_queue(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def queue(self, name: str) -> Any:
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = self.make_queue(name)
+        return q
+
+    def close(self) -> None:
+        for q in self._queues.values():
+            q.close()
+
+
 class Peer:
     """A system under test: metadata plus how to make a fresh store and open clients."""
 
     name = "?"  # the --systems key
     label = "?"  # how the table names it
     package: str | None = None  # the distribution whose version is recorded
+    module: str | None = None  # the module it imports; check() says when it is missing
     has_batch = False
     batch_note = ""
     caveats: tuple[str, ...] = ()
 
     def check(self) -> None:
         """Raise :class:`Unavailable` when the system cannot run here."""
+        if self.module is None:
+            return
+        try:
+            importlib.import_module(self.module)
+        except ImportError as exc:
+            raise Unavailable(
+                f"{self.package} is not installed (pip install '.[bench]')"
+            ) from exc
 
     def version(self) -> str:
         if self.package is None:

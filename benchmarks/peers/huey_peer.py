@@ -8,7 +8,7 @@ import json
 import os
 import sqlite3
 
-from . import Client, Peer, Unavailable, payload
+from . import Client, Peer, payload
 
 
 class HueyClient(Client):
@@ -44,6 +44,7 @@ class HueyPeer(Peer):
     name = "huey"
     label = "huey SqliteStorage"
     package = "huey"
+    module = "huey"
     caveats = (
         "no acks: dequeue deletes the row, so a consumer crash loses the task",
         "measured at the storage layer (enqueue/dequeue of raw bytes), below the task "
@@ -51,12 +52,6 @@ class HueyPeer(Peer):
         "itself polls 0.1 s doubling up to 10 s)",
         "large backlogs are prefilled by a direct INSERT of the rows enqueue() writes",
     )
-
-    def check(self) -> None:
-        try:
-            import huey  # noqa: F401
-        except ImportError as exc:
-            raise Unavailable("huey is not installed (pip install huey)") from exc
 
     def settings(self, store: str) -> str:
         conn = sqlite3.connect(store)

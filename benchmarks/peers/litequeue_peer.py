@@ -7,23 +7,16 @@ import json
 import os
 import sqlite3
 
-from . import Client, Peer, Unavailable, payload
+from . import Peer, QueuePerName, payload
 
 
-class LiteQueueClient(Client):
+class LiteQueueClient(QueuePerName):
     blocking = False  # litequeue has no blocking pop
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._queues: dict[str, object] = {}
+    def make_queue(self, name: str):
+        from litequeue import LiteQueue
 
-    def queue(self, name: str):
-        q = self._queues.get(name)
-        if q is None:
-            from litequeue import LiteQueue
-
-            q = self._queues[name] = LiteQueue(self.path, queue_name=name)
-        return q
+        return LiteQueue(self.path, queue_name=name)
 
     def put(self, queue: str, i: int) -> None:
         self.queue(queue).put(json.dumps(payload(i)))
@@ -42,27 +35,18 @@ class LiteQueueClient(Client):
         q.done(message.message_id)
         return json.loads(message.data)["i"]
 
-    def close(self) -> None:
-        for q in self._queues.values():
-            q.close()
-
 
 class LiteQueuePeer(Peer):
     name = "litequeue"
     label = "litequeue"
     package = "litequeue"
+    module = "litequeue"
     has_batch = True
     batch_note = "put() inside its transaction(mode='IMMEDIATE') context manager"
     caveats = (
         "no blocking pop: polls every 1 ms",
         "batch = its public transaction() context manager around put(); it has no batch put",
     )
-
-    def check(self) -> None:
-        try:
-            import litequeue  # noqa: F401
-        except ImportError as exc:
-            raise Unavailable("litequeue is not installed (pip install litequeue)") from exc
 
     def settings(self, store: str) -> str:
         return ("journal_mode=WAL, synchronous=NORMAL, temp_store=MEMORY, cache_size=-256000 "

@@ -7,25 +7,18 @@ import os
 import sqlite3
 import time
 
-from . import Client, Peer, Unavailable, payload
+from . import Peer, QueuePerName, payload
 
 
-class PersistQueueClient(Client):
+class PersistQueueClient(QueuePerName):
     # get(block=True) waits on an in-process threading.Event and otherwise re-checks only
     # every 10 s (TICK_FOR_WAIT), so it does not see other processes' puts: poll instead.
     blocking = False
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._queues: dict[str, object] = {}
+    def make_queue(self, name: str):
+        from persistqueue import SQLiteAckQueue
 
-    def queue(self, name: str):
-        q = self._queues.get(name)
-        if q is None:
-            from persistqueue import SQLiteAckQueue
-
-            q = self._queues[name] = SQLiteAckQueue(self.path, name=name)
-        return q
+        return SQLiteAckQueue(self.path, name=name)
 
     def put(self, queue: str, i: int) -> None:
         self.queue(queue).put(payload(i))
@@ -41,15 +34,12 @@ class PersistQueueClient(Client):
         q.ack(item)
         return item["i"]
 
-    def close(self) -> None:
-        for q in self._queues.values():
-            q.close()
-
 
 class PersistQueuePeer(Peer):
     name = "persist-queue"
     label = "persist-queue SQLiteAckQueue"
     package = "persist-queue"
+    module = "persistqueue"
     caveats = (
         "no batch put for the ack queue; no cross-process blocking get (polls every 1 ms)",
         "every SQLiteAckQueue opened with the default auto_resume=True puts all unacked "
@@ -58,12 +48,6 @@ class PersistQueuePeer(Peer):
         "large backlogs are prefilled by a direct INSERT of the same rows put() writes "
         "(pickle protocol 4, status 0)",
     )
-
-    def check(self) -> None:
-        try:
-            import persistqueue  # noqa: F401
-        except ImportError as exc:
-            raise Unavailable("persist-queue is not installed (pip install persist-queue)") from exc
 
     def settings(self, store: str) -> str:
         conn = sqlite3.connect(os.path.join(store, "data.db"))

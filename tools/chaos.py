@@ -169,14 +169,18 @@ def worker_consumer(cfg: dict[str, Any], log) -> None:
         except sqlbus.DatabaseError as exc:
             log.write(_error_line(exc))
         for d in keep:
-            key = d.message.payload["key"]
-            try:
-                d.ack()
-                log.write(f"K {key}\n")
-            except sqlbus.LeaseLostError:
-                log.write(f"L {key}\n")
-            except sqlbus.DatabaseError as exc:
-                log.write(_error_line(exc) + f"X {key}\n")
+            _ack_and_log(d, d.message.payload["key"], log)
+
+
+def _ack_and_log(d: sqlbus.Delivery, key: Any, log) -> None:
+    """Ack one delivery and log the outcome: K acked, L lease lost, X error."""
+    try:
+        d.ack()
+        log.write(f"K {key}\n")
+    except sqlbus.LeaseLostError:
+        log.write(f"L {key}\n")
+    except sqlbus.DatabaseError as exc:
+        log.write(_error_line(exc) + f"X {key}\n")
 
 
 def worker_updater(cfg: dict[str, Any], log) -> None:
@@ -211,15 +215,9 @@ def worker_responder(cfg: dict[str, Any], log) -> None:
         for d in deliveries:
             key = d.message.payload.get("key")
             log.write(f"D {key} {d.attempts} {d.message.headers.priority}\n")
-            try:
-                if d.message.type == "request":
-                    d.reply({"key": key})  # buffered: commits with the ack or not at all
-                d.ack()
-                log.write(f"K {key}\n")
-            except sqlbus.LeaseLostError:
-                log.write(f"L {key}\n")
-            except sqlbus.DatabaseError as exc:
-                log.write(_error_line(exc) + f"X {key}\n")
+            if d.message.type == "request":
+                d.reply({"key": key})  # buffered: commits with the ack or not at all
+            _ack_and_log(d, key, log)
 
 
 def worker_requester(cfg: dict[str, Any], log) -> None:

@@ -237,7 +237,7 @@ class _Write:
             pass  # the connection already ended the transaction
 
 
-_DAMAGE = (UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError, IndexError)
+_DAMAGE = (UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError)
 
 
 class _Read:
@@ -258,8 +258,8 @@ class _Read:
         if isinstance(exc, apsw.Error):
             raise self.bus._database_error(exc) from exc
         if isinstance(exc, _DAMAGE):
-            # sqlbus only stores valid UTF-8 text and message bodies it encoded itself, and its
-            # indexes point at rows that exist: anything else is damage SQLite did not notice.
+            # sqlbus only stores valid UTF-8 text and message bodies it encoded itself: anything
+            # else is damage SQLite did not notice.
             raise DatabaseError(
                 f"{self.bus.path} is corrupt ({type_of(exc).__name__}: {exc}); "
                 "run 'sqlbus check' and restore from a 'sqlbus backup'"

@@ -679,6 +679,11 @@ def list_sent(
             "SELECT agent, sent_at, body FROM message WHERE message_id = ? ORDER BY seq",
             (message_id,),
         ).fetchall()
+        if not rows:  # the message_id index names a row the table lacks
+            raise DatabaseError(
+                f"the file is corrupt: message {message_id!r} is in an index but not in its table; "
+                "run 'sqlbus check' and restore from a 'sqlbus backup'"
+            )
         recipients = [row[0] for row in rows if row[0] is not None]
         result.append((rows[0][2], recipients, rows[0][1]))
     return result

@@ -10,6 +10,7 @@ and tests/test_schemas.py fails when one is out of date.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -46,7 +47,23 @@ def schema_for(struct: type[msgspec.Struct]) -> dict[str, Any]:
     schema.update(top)
     if components:
         schema["definitions"] = dict(sorted(components.items()))
-    return schema
+    return _clean_descriptions(schema)
+
+
+def _clean_descriptions(node: Any) -> Any:
+    """Dedent every ``description`` the way ``inspect.cleandoc`` does. msgspec 0.23 started
+    dedenting docstrings itself and older releases copy them verbatim; cleaning here keeps the
+    files the same whichever release is installed."""
+    if isinstance(node, dict):
+        return {
+            key: inspect.cleandoc(value)
+            if key == "description" and isinstance(value, str)
+            else _clean_descriptions(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_clean_descriptions(item) for item in node]
+    return node
 
 
 def render() -> dict[str, str]:

@@ -325,7 +325,8 @@ class Bus:
         self._connections: list[apsw.Connection] = []
         self._lock = threading.Lock()
         # Wake-ups of waiters, in this process and others (doorbells, checkpoints): sqlbus.wakeup
-        self._wakeup = Wakeup(self.path, self._checkpoint_when_idle)
+        self._wakeup = Wakeup(self.path)
+        self._checkpointer = ops.Checkpointer(self._checkpoint)
         # Correlation ids that requests of this process await, per agent id (sqlbus.worker):
         # receive() and run() of that agent skip those responses. Replaced, never mutated.
         self._awaiting: dict[str, frozenset[str]] = {}
@@ -404,7 +405,8 @@ class Bus:
             raise DatabaseError(f"the bus on {self.path} is closed")
         try:
             conn = storage.open_connection(
-                self.path, synchronous=self._synchronous, busy_timeout=self.busy_timeout
+                self.path, synchronous=self._synchronous, busy_timeout=self.busy_timeout,
+                wal_hook=self._wal_hook if ops.CHECKPOINT_FRAMES else None,
             )
         except apsw.Error as exc:
             raise self._database_error(exc) from exc
@@ -440,7 +442,8 @@ class Bus:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._wakeup.forget()  # the parent's doorbell stays the parent's
-        self._wakeup = Wakeup(self.path, self._checkpoint_when_idle)
+        self._wakeup = Wakeup(self.path)
+        self._checkpointer = ops.Checkpointer(self._checkpoint)  # the parent's thread is not here
         self._awaiting = {}  # the parent's waiting requests are not the child's
 
     def _database_error(self, exc: apsw.Error) -> DatabaseError:
@@ -471,6 +474,7 @@ class Bus:
         """Close every connection this bus opened. Safe to call twice."""
         self._closed = True
         self._wakeup.close()  # removes this process's doorbell and wakes its waiters
+        self._checkpointer.close()
         with self._lock:
             connections, self._connections = self._connections, []
         for conn in connections:
@@ -528,11 +532,11 @@ class Bus:
 
         self._wakeup.wait(changed, timeout, ANY if agent is None else agent_tag(agent))
 
-    def _checkpoint_when_idle(self) -> None:
-        """Called by the checkpointer thread of a waiting process that sees commits
-        (sqlbus.wakeup.CHECKPOINT_EVERY): fold the WAL back into the database, so that SQLite's
-        automatic checkpoint does not land inside a commit (measured: with SQLite's default it
-        made a round trip's p99 milliseconds long)."""
+    def _wal_hook(self, frames: int) -> None:
+        self._checkpointer.wal_hook(frames)  # through the bus: a forked child has a new one
+
+    def _checkpoint(self) -> None:
+        """A PASSIVE checkpoint on the calling thread's connection (the checkpointer thread's)."""
         if self._closed:
             return
         try:

@@ -15,6 +15,7 @@ are the public entry points; the CLI (:mod:`sqlbus.cli`) prints what they return
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,10 @@ WAL_CHECK_EVERY = 0.1  # s: how often a writing process looks at the WAL's size
 WAL_LIMIT = 64 * 1024 * 1024  # bytes of WAL frames (= journal_size_limit) before a restart
 WAL_WAIT = 0.05  # s: how long that checkpoint may wait for readers (writers wait meanwhile)
 WAL_BACKOFF = 5.0  # s: after a restart that readers kept from finishing, before the next
+# A commit that leaves at least this many frames in the WAL wakes the process's checkpointer
+# thread (0: no checkpointer; SQLite's automatic checkpoint inside commits instead).
+CHECKPOINT_FRAMES = 1000
+CHECKPOINT_GAP = 0.01  # s: the least time between two checkpoints of one process
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,6 +423,79 @@ def upkeep(bus: Bus) -> int:
     return deleted
 
 
+# ---------------------------------------------------------------------------------------------
+# WAL upkeep
+
+
+# A fork while a checkpointer thread is inside SQLite could leave the child with a SQLite mutex
+# held for ever; a fork waits for the checkpoint in progress instead.
+_no_fork_inside = threading.Lock()
+os.register_at_fork(
+    before=_no_fork_inside.acquire,
+    after_in_parent=_no_fork_inside.release,
+    after_in_child=_no_fork_inside.release,
+)
+
+
+class Checkpointer:
+    """Copies the WAL back into the database from a thread of its own, so that no commit
+    pays for a checkpoint.
+
+    SQLite's automatic checkpoint runs inside whichever commit takes the WAL past its
+    threshold, and a checkpoint ends with an fsync of the database file: measured with 2
+    producer and 2 consumer processes, a quarter of a consumer's time went there, and a
+    ping-pong's p99 went from ~1.6 to ~4.5 ms. Every connection of the bus reports the WAL's
+    length after each of its commits (:meth:`wal_hook`, SQLite's WAL hook, which replaces the
+    automatic checkpoint); past ``CHECKPOINT_FRAMES`` the thread (started on first need) runs
+    ``checkpoint``, at most once per ``CHECKPOINT_GAP``, and otherwise sleeps on an event.
+    """
+
+    def __init__(self, checkpoint: Callable[[], None]) -> None:
+        self._checkpoint = checkpoint
+        self._wanted = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pid = os.getpid()
+
+    def wal_hook(self, frames: int) -> None:
+        """After a commit of this process that left ``frames`` frames in the WAL."""
+        if frames >= CHECKPOINT_FRAMES and not self._wanted.is_set():
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is not None or self._closed or self._pid != os.getpid():
+                    return
+                thread = threading.Thread(target=self._run, name="sqlbus-checkpoint", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:
+                    return  # interpreter shutting down: bound_wal still bounds the WAL
+                self._thread = thread
+        self._wanted.set()
+
+    def _run(self) -> None:
+        wanted = self._wanted
+        while True:
+            wanted.wait()
+            if self._closed or self._pid != os.getpid():
+                return
+            wanted.clear()
+            try:
+                with _no_fork_inside:
+                    self._checkpoint()
+            except Exception:  # noqa: BLE001 - an optimisation: never let it break anything
+                pass
+            time.sleep(CHECKPOINT_GAP)
+
+    def close(self) -> None:
+        """Let the thread end (it holds no transaction between checkpoints)."""
+        self._closed = True
+        self._wanted.set()
+
+
 def bound_wal(bus: Bus) -> bool | None:
     """Make the WAL start over when it holds more than ``WAL_LIMIT`` bytes of frames: True
     when it did, None when there was no need, False when readers kept it pinned for
@@ -584,7 +662,11 @@ def vacuum(bus: Bus) -> VacuumResult:
     conn = bus._conn()
     with bus._reading(conn):
         storage.vacuum(conn)
-        storage.checkpoint(conn, "TRUNCATE")
+        # Busy at once when a checkpointer thread (this process's, after VACUUM's commit, or
+        # another's) is copying the same frames: a moment later the WAL can be truncated.
+        deadline = time.monotonic() + bus.busy_timeout
+        while storage.checkpoint(conn, "TRUNCATE")[0] and time.monotonic() < deadline:
+            time.sleep(0.005)
     return VacuumResult(bytes_before=before, bytes_after=sum(file_sizes(bus.path)))
 
 

@@ -20,13 +20,6 @@ How it works (figures in ``benchmarks/latency.py``):
   between the look and the wait is seen; a slow fallback poll (``FALLBACK`` seconds) covers a
   lost ring or a deleted doorbell (which is then made again); a doorbell left by a crashed
   process refuses rings (ECONNREFUSED) and the ringer removes it.
-- **Checkpoints off the hot path.** SQLite's automatic checkpoint runs inside a commit, adding
-  milliseconds to whichever message happens to trigger it (measured: a ping-pong's p99 went
-  from ~1.6 ms to ~4.5 ms with SQLite's default threshold). A process that waits and sees
-  commits wakes its *checkpointer* thread, which runs ``checkpoint`` (the bus: a PASSIVE
-  checkpoint on the thread's own connection) every ``CHECKPOINT_EVERY`` seconds while commits
-  keep coming, so the WAL stays short and the automatic checkpoint (a backstop) rarely fires;
-  when commits stop it sleeps on an event. A wake-up never waits for a checkpoint.
 """
 
 from __future__ import annotations
@@ -46,10 +39,9 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["Wakeup", "ANY", "FALLBACK", "CHECKPOINT_EVERY", "agent_tag", "doorbell_dir"]
+__all__ = ["Wakeup", "ANY", "FALLBACK", "agent_tag", "doorbell_dir"]
 
 FALLBACK = 0.5  # seconds: the longest a waiter sleeps without re-checking the database
-CHECKPOINT_EVERY = 0.1  # seconds between checkpoints while commits keep coming (0: none)
 REFRESH_EVERY = 1.0  # seconds: ringers re-list the doorbell directory at least this often
 MAX_TAGS = 64  # more recipients than this in one commit: ring "anything changed" instead
 GENERATION = "generation"
@@ -73,16 +65,6 @@ _PROC_FD = os.path.isdir("/proc/self/fd")
 
 ANY: Any = None  # interest of a waiter that wakes on every ring (state watch, run loops)
 _NEVER = object()  # interest of the asyncio proxy: never wakes on a ring, only polls
-
-
-# A fork while our checkpointer thread is inside SQLite could leave the child with a SQLite
-# mutex held for ever; a fork waits for the checkpoint in progress instead.
-_no_fork_inside = threading.Lock()
-os.register_at_fork(
-    before=_no_fork_inside.acquire,
-    after_in_parent=_no_fork_inside.release,
-    after_in_child=_no_fork_inside.release,
-)
 
 
 def doorbell_dir(db_path: str) -> str:
@@ -171,15 +153,11 @@ class Wakeup:
 
     ``ring(tags)`` after a commit; ``wait(check, timeout, tag)`` to sleep until a ring for
     ``tag`` (an agent id; :data:`ANY` for every ring), until ``check()`` is true, or until
-    ``timeout`` seconds pass. ``checkpoint`` is called from a thread of its own, every
-    ``CHECKPOINT_EVERY`` seconds while a waiting process sees commits.
+    ``timeout`` seconds pass.
     """
 
-    def __init__(self, db_path: str, checkpoint: Callable[[], None] | None = None) -> None:
+    def __init__(self, db_path: str) -> None:
         self.directory = doorbell_dir(db_path)
-        self.checkpoint = checkpoint
-        self._checkpointer = False  # the checkpointer thread was started
-        self._checkpoint_wanted = threading.Event()
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -215,7 +193,6 @@ class Wakeup:
         self._interest: dict[bytes, int] = {}
         self._async: set[_AsyncWaiter] = set()
         self._proxy_running = False
-        self._dirty = False  # commits seen since the last checkpoint
 
     # -- setup ---------------------------------------------------------------------------
 
@@ -301,7 +278,6 @@ class Wakeup:
             pass  # e.g. the directory vanished, or another thread is closing the bus
 
     def _ring(self, tags: set[bytes] | None) -> None:
-        self._dirty = True
         if tags is not None and not tags:
             return
         gen = self._gen
@@ -610,46 +586,12 @@ class Wakeup:
 
     def _lead(self, timeout: float) -> None:
         """Poll the doorbell for up to ``timeout`` seconds (as the process's one poller)."""
-        if self._dirty and not self._checkpoint_wanted.is_set():
-            self._start_checkpoints()
         if not self._poller.poll(max(0.0, timeout) * 1000):
             return
         got, tags = self._drain()
         if got:
-            self._dirty = True
             with self._lock:
                 self._count(tags)
-
-    def _start_checkpoints(self) -> None:
-        """Wake the checkpointer thread (made once per process that waits)."""
-        if self.checkpoint is None or CHECKPOINT_EVERY <= 0 or self._closed:
-            return
-        with self._lock:
-            start = not self._checkpointer
-            self._checkpointer = True
-        self._checkpoint_wanted.set()
-        if start:
-            threading.Thread(target=self._checkpoints, name="sqlbus-checkpoint",
-                             daemon=True).start()
-
-    def _checkpoints(self) -> None:
-        """Fold the WAL back every CHECKPOINT_EVERY seconds while commits keep coming; sleep
-        on an event (no CPU at all) while they do not. One thread, one connection, for the
-        life of the bus."""
-        wanted = self._checkpoint_wanted
-        while not self._closed and self._pid == os.getpid():
-            wanted.wait()
-            while not self._closed:
-                time.sleep(CHECKPOINT_EVERY)
-                if not self._dirty:
-                    break  # quiet: the next leader that sees commits sets the event again
-                self._dirty = False
-                try:
-                    with _no_fork_inside:
-                        self.checkpoint()  # type: ignore[misc]
-                except Exception:
-                    pass  # an optimisation: never let it break anything
-            wanted.clear()
 
     def _rebind(self) -> None:
         with self._lock:
@@ -712,7 +654,6 @@ class Wakeup:
                 return
             self._closed = True
             self._count(None)
-            self._checkpoint_wanted.set()  # lets the checkpointer thread end
             idle = not self._leading and not self._waiters
         if self._pid != os.getpid():
             return

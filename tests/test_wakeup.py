@@ -17,6 +17,7 @@ import pytest
 
 import sqlbus
 import sqlbus.wakeup as wakeup
+from sqlbus import storage
 
 CTX = mp.get_context("fork")
 
@@ -326,28 +327,31 @@ def test_a_process_is_rung_only_for_the_agents_its_doorbell_asks_for(db_path: Pa
             peer.close()
 
 
-def test_a_waiting_process_that_sees_commits_checkpoints_the_wal_off_the_hot_path(
+def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
     db_path: Path,
 ) -> None:
-    with sqlbus.connect(db_path) as bus, sqlbus.connect(db_path) as other:
-        bob = bus.agent("bob")
+    with sqlbus.connect(db_path) as bus:
+        alice = bus.agent("alice")
         calls: list[str] = []
-        checkpoint = bus._wakeup.checkpoint
-        assert checkpoint is not None
+        checkpoint = bus._checkpointer._checkpoint
 
         def counting() -> None:
             calls.append(threading.current_thread().name)
             checkpoint()
 
-        bus._wakeup.checkpoint = counting
-        alice = other.agent("alice")
-        for n in range(20):
-            alice.publish("bob", "notification", {"n": n})
-            assert len(bob.receive(wait=10.0)) == 1
+        bus._checkpointer._checkpoint = counting
+        alice.publish("bob", "notification", {})
+        assert calls == []  # a short WAL: no checkpoint at all
+        big = {"text": "x" * 1500}  # each message fills most of a 2 KiB page
+        for _ in range(4):
+            alice.publish_many([{"to": "bob", "type": "notification", "payload": big}] * 400)
         end = time.monotonic() + 20
         while not calls and time.monotonic() < end:
-            bob.receive(wait=0.05)
-        assert calls and set(calls) == {"sqlbus-checkpoint"}  # never on the receiving thread
+            time.sleep(0.01)
+        assert calls and set(calls) == {"sqlbus-checkpoint"}  # never on the committing thread
+        time.sleep(0.1)
+        busy, frames, done = storage.checkpoint(bus._conn(), "PASSIVE")
+        assert busy == 0 and done == frames  # everything committed was copied back
 
 
 def test_a_forked_child_waits_on_a_doorbell_of_its_own_and_leaves_the_parents_alone(

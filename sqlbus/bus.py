@@ -369,7 +369,7 @@ class Bus:
                 self._initialize_new_file(path)
             else:
                 conn = self._conn()
-                storage.initialize(conn, path)
+                storage.initialize(conn, path, self._now_ms())
                 storage.set_wal_mode(conn, path)
         except apsw.Error as exc:
             self.close()
@@ -392,7 +392,7 @@ class Bus:
             conn = self._conn()
             if still_empty:  # nobody initialised it while we waited
                 storage.set_wal_mode(conn, path, new_file=True)
-            storage.initialize(conn, path)
+            storage.initialize(conn, path, self._now_ms())
             storage.set_wal_mode(conn, path)
         finally:
             os.close(directory)  # releases the flock
@@ -1039,7 +1039,7 @@ class Agent:
         """Seconds until one of this agent's retries, delayed messages or leases comes due."""
         bus = self.bus
         with bus._reading() as conn:
-            due = storage.next_due(conn, self.id, bus._now_ms())
+            due = storage.next_due(conn, self.id)
         if due is None:
             return 3600.0
         return max(0.001, (due - bus._now_ms()) / 1000)
@@ -1320,7 +1320,7 @@ class Delivery:
             return
         bus = self.agent.bus
         with bus._write() as conn:
-            storage.extend(conn, self._seq, self._claims, bus._now_ms())
+            storage.release(conn, self._seq, self._claims, bus._now_ms())
             mark([self.agent.id])  # ready again: wake the agent's other receivers
         self._settled = "released"
 

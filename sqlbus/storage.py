@@ -12,11 +12,16 @@ Tables (all STRICT):
   and an ack updates it: measured here, every extra B-tree page a commit touches costs about
   a third of single-message throughput, so state moves inside one row instead of between
   tables, and partial indexes keep only the rows each query needs.
-  ``state``: 0 queued, 1 scheduled (retry backoff or delayed publish), 2 acked, 3 dead.
-  A queued row is *ready* when ``visible_at <= now``; a claim leases it by moving
-  ``visible_at`` to the lease deadline and adding one to ``attempts`` and ``claims``, so a
-  lease that runs out makes the row ready again by itself. ``(seq, claims)`` names one lease
-  (``claims`` never resets, unlike ``attempts``): ack, fail and extend are guarded by it.
+  ``state``: 0 queued (ready), 1 leased, 2 acked, 3 dead, 4 scheduled (retry backoff or
+  delayed publish). ``visible_at`` is when a queued row became ready, when a lease runs out
+  and when a scheduled row comes due. A claim leases a row (state 1, ``visible_at`` the
+  deadline, one more ``attempts`` and ``claims``), which takes it out of the claim index: a
+  claim never walks over rows other receivers hold, however many. Scheduled rows that came
+  due and leases that ran out are queued again by the next claim (:func:`promote_due`),
+  keeping their place in the order. ``(seq, claims)`` names one lease (``claims`` never
+  resets, unlike ``attempts``): ack, fail and extend are guarded by it. 0 and 1 are the
+  values SQLite stores in no bytes at all, so a claim (0 to 1) leaves the row's size alone
+  and SQLite rewrites it in place, never touching the overflow pages of a large body.
   A broadcast that matched nobody is archived as one row with ``agent`` NULL.
 - ``dead_letter``: why a row ended dead (reason, error, traceback, context).
 - ``agents``: the registry.
@@ -36,21 +41,14 @@ import apsw
 
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x5153_4255  # "QSBU": marks a file as a sqlbus database
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 # ---------------------------------------------------------------------------------------------
 # Schema
 
-SCHEMA = """
-CREATE TABLE agents (
-    id TEXT PRIMARY KEY,
-    registered_at INTEGER NOT NULL,
-    last_seen INTEGER NOT NULL,
-    status TEXT NOT NULL DEFAULT 'active'
-) STRICT, WITHOUT ROWID;
-
+MESSAGE_TABLE = """
 CREATE TABLE message (
     seq INTEGER PRIMARY KEY,           -- publish order
     message_id TEXT NOT NULL,
@@ -58,8 +56,8 @@ CREATE TABLE message (
     agent TEXT,                        -- recipient; NULL: a broadcast that matched nobody
     type TEXT NOT NULL,
     priority INTEGER NOT NULL CHECK (priority BETWEEN 1 AND 5),
-    state INTEGER NOT NULL CHECK (state IN (0, 1, 2, 3)),
-    visible_at INTEGER NOT NULL,       -- queued: ready at / leased until; scheduled: due at
+    state INTEGER NOT NULL CHECK (state IN (0, 1, 2, 3, 4)),
+    visible_at INTEGER NOT NULL,       -- queued: ready at; leased: until; scheduled: due at
     expires_at INTEGER,                -- NULL: never expires
     attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     claims INTEGER NOT NULL DEFAULT 0,
@@ -68,16 +66,34 @@ CREATE TABLE message (
     last_error TEXT,
     body BLOB NOT NULL
 ) STRICT;
+"""
+
+MESSAGE_INDEXES = """
 -- The claim walks this index in delivery order and reads visible_at from it (covering), so a
 -- claim touches only the head of one agent's queue whatever the backlog or archive size.
 CREATE INDEX message_claim ON message (agent, priority DESC, seq, visible_at) WHERE state = 0;
-CREATE INDEX message_due ON message (agent, visible_at) WHERE state = 1;
+-- Rows waiting for a time: leased ones (until) and scheduled ones (due at).
+CREATE INDEX message_wait ON message (agent, visible_at) WHERE state IN (1, 4);
 CREATE INDEX message_id ON message (message_id);
--- A requester takes its response by correlation id (sqlbus.worker). Partial on waiting
--- responses only, so every other publish and ack touches no page of it.
+-- A requester finds its response by correlation id (sqlbus.worker). Partial on responses
+-- only, so no other publish touches a page of it; an ack does not either (state is not in it).
 CREATE INDEX message_response ON message (agent, json_extract(CAST(body AS TEXT), '$.headers.correlation_id'))
-    WHERE state = 0 AND type = 'response';
+    WHERE type = 'response';
+"""
 
+SCHEMA = (
+    """
+CREATE TABLE agents (
+    id TEXT PRIMARY KEY,
+    registered_at INTEGER NOT NULL,
+    last_seen INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'active'
+) STRICT, WITHOUT ROWID;
+
+"""
+    + MESSAGE_TABLE
+    + MESSAGE_INDEXES
+    + """
 CREATE TABLE dead_letter (
     id INTEGER PRIMARY KEY,
     seq INTEGER NOT NULL UNIQUE,       -- the message row, kept with state 3
@@ -136,6 +152,7 @@ CREATE TABLE request_timeout (
     PRIMARY KEY (agent, correlation_id)
 ) STRICT, WITHOUT ROWID;
 """
+)
 
 # ---------------------------------------------------------------------------------------------
 # Opening a database
@@ -238,8 +255,9 @@ def open_connection(
     return conn
 
 
-def initialize(conn: apsw.Connection, path: str) -> None:
-    """Create the schema in an empty file, or check that an existing file is ours and current."""
+def initialize(conn: apsw.Connection, path: str, now: int) -> None:
+    """Create the schema in an empty file, or check that an existing file is ours and current
+    (upgrading an older schema in one transaction: see :func:`_migrate`)."""
     application_id = conn.execute("PRAGMA application_id").fetchall()[0][0]
     user_version = conn.execute("PRAGMA user_version").fetchall()[0][0]
     if application_id == APPLICATION_ID:
@@ -269,9 +287,16 @@ def initialize(conn: apsw.Connection, path: str) -> None:
                 "no sqlbus mark); refusing to change it"
             )
         if application_id == APPLICATION_ID:
-            raise DatabaseError(
-                f"{path} has sqlbus schema version {user_version}, which this version cannot migrate"
-            )
+            if user_version not in _MIGRATIONS:
+                raise DatabaseError(
+                    f"{path} has sqlbus schema version {user_version}, which this version "
+                    "cannot migrate"
+                )
+            for version in range(user_version, SCHEMA_VERSION):
+                _MIGRATIONS[version](conn, now)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            commit(conn)
+            return
         conn.execute(SCHEMA)
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -280,6 +305,27 @@ def initialize(conn: apsw.Connection, path: str) -> None:
         rollback(conn)
         raise
 
+
+def _migrate_1_to_2(conn: apsw.Connection, now: int) -> None:
+    """Schema 1 kept leased rows queued (state 0, ``visible_at`` the lease deadline), so a
+    claim walked over every lease other receivers held. Schema 2 gives them a state of their
+    own (1; scheduled rows move from 1 to 4); the state CHECK changes with it, which SQLite
+    can only do by copying the table."""
+    conn.execute("ALTER TABLE message RENAME TO message_v1")
+    conn.execute(MESSAGE_TABLE)
+    conn.execute(
+        "INSERT INTO message SELECT seq, message_id, sender, agent, type, priority,"
+        " CASE WHEN state = 0 AND visible_at > ? THEN 1 WHEN state = 1 THEN 4 ELSE state END,"
+        " visible_at, expires_at,"
+        " attempts, claims, sent_at, done_at, last_error, body FROM message_v1",
+        (now,),
+    )
+    conn.execute("DROP TABLE message_v1")  # and its indexes
+    conn.execute(MESSAGE_INDEXES)
+
+
+# from schema version N to N + 1, in the caller's transaction
+_MIGRATIONS = {1: _migrate_1_to_2}
 
 PAGE_SIZE = 2048
 
@@ -384,7 +430,7 @@ def agent_ids(conn: apsw.Connection) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Publish
 
-QUEUED, SCHEDULED, ACKED, DEAD = 0, 1, 2, 3
+QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
 
 _INSERT = (
     "INSERT INTO message (message_id, sender, agent, type, priority, state, visible_at,"
@@ -463,9 +509,9 @@ _SELECT_READY = {
     for types in (False, True)
     for skip in (False, True)
 }
-_SCHEDULED_DUE = (
-    " OR EXISTS (SELECT 1 FROM message WHERE agent = ?1 AND state = 1 AND visible_at <= ?2)"
-)
+# Scheduled rows that came due and leases that ran out (the next claim queues them again).
+_WAITING_DUE = f" WHERE agent = ?1{_BINARY} AND state IN (1, 4) AND visible_at <= ?2"
+_SCHEDULED_DUE = " OR EXISTS (SELECT 1 FROM message" + _WAITING_DUE + ")"
 _HAS_WORK = {
     (types, skip): "SELECT EXISTS (SELECT 1" + _READY_ROWS + (_READY_TYPES if types else "")
     + (_READY_NOT_AWAITED if skip else "") + " LIMIT 1)" + _SCHEDULED_DUE
@@ -486,17 +532,18 @@ def _ready_params(
 
 
 _LEASE = (
-    "UPDATE message SET visible_at = ?, attempts = attempts + 1, claims = claims + 1"
+    "UPDATE message SET state = 1, visible_at = ?, attempts = attempts + 1, claims = claims + 1"
     " WHERE seq = ?"
 )
+# A held lease: the row is leased, or its lease ran out and nobody claimed it again yet (a
+# claim may have queued it, state 0, without taking it).
+_HELD = " WHERE seq = ? AND claims = ? AND state IN (0, 1)"
 
 
 def promote_due(conn: apsw.Connection, agent: str, now: int) -> int:
-    """Queue this agent's scheduled rows (retries, delayed messages) that are due."""
-    conn.execute(
-        "UPDATE message SET state = 0 WHERE agent = ? AND state = 1 AND visible_at <= ?",
-        (agent, now),
-    )
+    """Queue this agent's rows that are due: scheduled ones (retries, delayed messages) and
+    leases that ran out. They keep their place in the order (priority, then seq)."""
+    conn.execute("UPDATE message SET state = 0" + _WAITING_DUE, (agent, now))
     return conn.changes()
 
 
@@ -540,12 +587,15 @@ def has_work(
 def ack(conn: apsw.Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:
     """Mark leased rows acked, given as (seq, claims); False when any of those leases is
     gone (the caller then rolls the whole transaction back: a batch ack is all or nothing)."""
+    if len(leases) == 1:
+        conn.execute(_ACK, (now, *leases[0]))
+        return conn.changes() == 1
     before = conn.total_changes()
-    conn.executemany(
-        "UPDATE message SET state = 2, done_at = ? WHERE seq = ? AND claims = ? AND state = 0",
-        [(now, seq, claims) for seq, claims in leases],
-    )
+    conn.executemany(_ACK, [(now, seq, claims) for seq, claims in leases])
     return conn.total_changes() - before == len(leases)
+
+
+_ACK = "UPDATE message SET state = 2, done_at = ?" + _HELD
 
 
 def acked_now(conn: apsw.Connection, seq: int, claims: int, now: int) -> bool:
@@ -560,11 +610,14 @@ def acked_now(conn: apsw.Connection, seq: int, claims: int, now: int) -> bool:
 
 
 def extend(conn: apsw.Connection, seq: int, claims: int, lease_until: int) -> bool:
-    """Move a held lease's deadline (to now: release it); False when that lease is gone."""
-    conn.execute(
-        "UPDATE message SET visible_at = ? WHERE seq = ? AND claims = ? AND state = 0",
-        (lease_until, seq, claims),
-    )
+    """Move a held lease's deadline; False when that lease is gone."""
+    conn.execute("UPDATE message SET state = 1, visible_at = ?" + _HELD, (lease_until, seq, claims))
+    return conn.changes() == 1
+
+
+def release(conn: apsw.Connection, seq: int, claims: int, now: int) -> bool:
+    """Give a held lease back: the row is ready again now (the attempt still counts)."""
+    conn.execute("UPDATE message SET state = 0, visible_at = ?" + _HELD, (now, seq, claims))
     return conn.changes() == 1
 
 
@@ -573,8 +626,7 @@ def retry(
 ) -> bool:
     """Schedule a leased row for another attempt at ``due_at``; False when the lease is gone."""
     conn.execute(
-        "UPDATE message SET state = 1, visible_at = ?, last_error = ?"
-        " WHERE seq = ? AND claims = ? AND state = 0",
+        "UPDATE message SET state = 4, visible_at = ?, last_error = ?" + _HELD,
         (due_at, last_error, seq, claims),
     )
     return conn.changes() == 1
@@ -592,13 +644,13 @@ def dead_letter(
     context_json: str | None = None,
     attempts: int | None = None,
 ) -> bool:
-    """Move a queued row to dead letters; False when that lease (or row) is gone.
+    """Move a queued or leased row to dead letters; False when that lease (or row) is gone.
 
     ``claims=None`` retires the row whatever its lease (the bus's own decisions at claim
     time). ``attempts`` overrides the attempt count kept in the record.
     """
     rows = conn.execute(
-        "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2 AND state = 0"
+        "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2 AND state IN (0, 1)"
         " AND (?3 IS NULL OR claims = ?3) RETURNING attempts",
         (now, seq, claims),
     ).fetchall()
@@ -621,15 +673,12 @@ def count_error(conn: apsw.Connection, name: str) -> None:
     )
 
 
-def next_due(conn: apsw.Connection, agent: str, now: int) -> int | None:
-    """Earliest time (ms) after ``now`` at which one of ``agent``'s rows becomes ready: a
-    retry, a delayed message or a lease running out; None when nothing is pending."""
+def next_due(conn: apsw.Connection, agent: str) -> int | None:
+    """Earliest time (ms) at which one of ``agent``'s rows becomes ready: a retry, a delayed
+    message or a lease running out (past: it is due now); None when nothing is pending."""
     rows = conn.execute(
-        "SELECT min(t) FROM (SELECT min(visible_at) AS t FROM message WHERE agent = ?1"
-        f"{_BINARY} AND state = 1 UNION ALL SELECT min(visible_at) FROM message WHERE agent = ?1"
-        f"{_BINARY} AND state = 0"
-        " AND visible_at > ?2)",
-        (agent, now),
+        f"SELECT min(visible_at) FROM message WHERE agent = ?1{_BINARY} AND state IN (1, 4)",
+        (agent,),
     ).fetchall()
     return rows[0][0] if rows else None
 
@@ -967,27 +1016,34 @@ def count_prunable(
     return acked, dead
 
 
+_DEPTH = (
+    "SELECT agent, state, sum(visible_at <= ?1), sum(visible_at > ?1),"
+    " min(CASE WHEN visible_at <= ?1 THEN seq END) FROM message WHERE agent IS NOT NULL"
+)
+# the predicates of the two indexes (message_claim, message_wait), so each is read alone
+_DEPTH_QUEUED = " AND state = 0 GROUP BY agent, state"
+_DEPTH_WAITING = " AND state IN (1, 4) GROUP BY agent, state"
+
+
 def depth_rows(conn: apsw.Connection, now: int) -> list[tuple[str, int, int, int, int, int | None]]:
     """Per recipient: (agent, ready, leased, retrying, dead, oldest ready sent_at or None).
 
-    Reads the partial indexes of queued and scheduled rows plus the dead-letter table, never
-    the archive, so it costs the size of the backlog, not of the file. A scheduled row that
-    is due counts as ready (the next claim queues it)."""
+    Reads the partial indexes of queued, scheduled and leased rows plus the dead-letter
+    table, never the archive, so it costs the size of the backlog, not of the file. A
+    scheduled row that is due, or a lease that ran out, counts as ready (the next claim
+    queues it)."""
     depths: dict[str, list[Any]] = {}
 
     def entry(agent: str) -> list[Any]:
         return depths.setdefault(agent, [0, 0, 0, 0, None])
 
-    for state in (QUEUED, SCHEDULED):
-        for agent, due, later, first_due in conn.execute(
-            "SELECT agent, sum(visible_at <= ?1), sum(visible_at > ?1),"
-            " min(CASE WHEN visible_at <= ?1 THEN seq END) FROM message"
-            " WHERE state = ?2 AND agent IS NOT NULL GROUP BY agent",
-            (now, state),
-        ):
+    for where in (_DEPTH_QUEUED, _DEPTH_WAITING):
+        for agent, state, due, later, first_due in conn.execute(_DEPTH + where, (now,)):
             e = entry(agent)
+            if state == QUEUED:
+                due, later = due + later, 0  # queued is ready (a later time is clock skew)
             e[0] += due
-            e[1 if state == QUEUED else 2] += later
+            e[1 if state == LEASED else 2] += later
             if first_due is not None:
                 e[4] = first_due if e[4] is None else min(e[4], first_due)
     for agent, dead in conn.execute(
@@ -1040,7 +1096,9 @@ def expired_leases(conn: apsw.Connection, now: int) -> int:
     """Deliveries whose lease ran out without an ack or a fail (a receiver crashed, hung or
     released them) and that nobody has claimed again yet."""
     return conn.execute(
-        "SELECT count(*) FROM message WHERE state = 0 AND attempts > 0 AND visible_at <= ?",
+        "SELECT (SELECT count(*) FROM message WHERE state = 0 AND attempts > 0 AND"
+        " visible_at <= ?1) + (SELECT count(*) FROM message WHERE state IN (1, 4) AND"
+        " state = 1 AND visible_at <= ?1)",
         (now,),
     ).fetchall()[0][0]
 
@@ -1058,20 +1116,28 @@ def schema_marks(conn: apsw.Connection) -> tuple[int, int]:
     )
 
 
+_PEEK = "SELECT priority, seq, state, visible_at, attempts, sent_at, body FROM message"
+
+
 def peek_rows(
     conn: apsw.Connection, agent: str, limit: int
 ) -> list[tuple[int, int, int, int, bytes]]:
     """An agent's inbox without claiming: (state, visible_at, attempts, sent_at, body) of
-    queued rows in delivery order, then scheduled rows by due time."""
-    rows = conn.execute(
-        "SELECT state, visible_at, attempts, sent_at, body FROM message WHERE agent = ?"
-        " AND state = 0 ORDER BY priority DESC, seq LIMIT ?",
+    queued and leased rows in delivery order, then scheduled rows by due time."""
+    inbox = conn.execute(
+        _PEEK + " WHERE agent = ? AND state = 0 ORDER BY priority DESC, seq LIMIT ?",
+        (agent, limit),
+    ).fetchall() + conn.execute(
+        _PEEK + " WHERE agent = ? AND state IN (1, 4) AND state = 1"
+        " ORDER BY priority DESC, seq LIMIT ?",
         (agent, limit),
     ).fetchall()
+    inbox.sort(key=lambda row: (-row[0], row[1]))
+    rows = [row[2:] for row in inbox[:limit]]
     if len(rows) < limit:
         rows += conn.execute(
             "SELECT state, visible_at, attempts, sent_at, body FROM message WHERE agent = ?"
-            " AND state = 1 ORDER BY visible_at, seq LIMIT ?",
+            " AND state IN (1, 4) AND state = 4 ORDER BY visible_at, seq LIMIT ?",
             (agent, limit - len(rows)),
         ).fetchall()
     return rows

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from conftest import file_sha256, query
 
 import sqlbus
+from sqlbus import storage
 from sqlbus.cli import cli, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,7 +120,7 @@ def test_durations_read_like_people_write_them():
 def test_init_creates_a_sqlbus_database_and_is_harmless_twice(tmp_path):
     db = tmp_path / "new.db"
     assert "created" in ok(db, "init")
-    assert query(db, "PRAGMA user_version") == [(1,)]
+    assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
     assert "already" in ok(db, "init")
 
 
@@ -236,7 +237,7 @@ def test_prune_deletes_only_what_is_older_than_asked(populated):
 
 def test_check_passes_on_a_healthy_file_and_fails_when_a_reader_pins_the_wal(populated, db_path):
     report = json.loads(ok(db_path, "check", "--json"))
-    assert report["ok"] and report["integrity"] == ["ok"] and report["schema_version"] == 1
+    assert report["ok"] and report["integrity"] == ["ok"] and report["schema_version"] == storage.SCHEMA_VERSION
     assert ok(db_path, "check").splitlines()[-1] == "ok"
     reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
     try:

@@ -12,6 +12,7 @@ import pytest
 from conftest import file_sha256, query, table_counts
 
 import sqlbus
+from sqlbus import storage
 
 
 def make_sqlbus_file(path, messages: int = 0) -> None:
@@ -46,7 +47,7 @@ def test_connect_creates_a_wal_database_marked_as_sqlbus(db_path):
         bus.agent("alice")
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert query(db_path, "PRAGMA application_id")[0][0] != 0
-    assert query(db_path, "PRAGMA user_version") == [(1,)]
+    assert query(db_path, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
 
 
 def test_connect_is_idempotent_and_keeps_the_data(db_path):
@@ -165,6 +166,67 @@ def test_a_database_from_a_newer_sqlbus_is_refused_and_left_unchanged(db_path):
     conn.execute("PRAGMA user_version = 99")
     conn.close()
     assert_refused(db_path, "newer", "99")
+
+
+# The message table and its indexes as schema version 1 made them (sqlbus before leases had
+# a state of their own): a lease was a queued row (0) whose visible_at lay ahead, 1 scheduled.
+SCHEMA_1_TABLE = """
+CREATE TABLE message (
+    seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL, sender TEXT NOT NULL, agent TEXT,
+    type TEXT NOT NULL, priority INTEGER NOT NULL CHECK (priority BETWEEN 1 AND 5),
+    state INTEGER NOT NULL CHECK (state IN (0, 1, 2, 3)), visible_at INTEGER NOT NULL,
+    expires_at INTEGER, attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    claims INTEGER NOT NULL DEFAULT 0, sent_at INTEGER NOT NULL, done_at INTEGER,
+    last_error TEXT, body BLOB NOT NULL
+) STRICT;
+"""
+SCHEMA_1_INDEXES = """
+CREATE INDEX message_claim ON message (agent, priority DESC, seq, visible_at) WHERE state = 0;
+CREATE INDEX message_due ON message (agent, visible_at) WHERE state = 1;
+CREATE INDEX message_id ON message (message_id);
+CREATE INDEX message_response ON message (agent, json_extract(CAST(body AS TEXT), '$.headers.correlation_id'))
+    WHERE state = 0 AND type = 'response';
+"""
+
+
+def test_a_database_of_schema_version_1_is_upgraded_and_keeps_every_message(db_path, clock):
+    with sqlbus.connect(db_path, clock=clock, backoff_base=10.0) as bus:
+        alice, bob = bus.agent("alice"), bus.agent("bob")
+        ids = alice.publish_many([{"to": "bob", "type": "notification", "payload": {"i": i}, "ttl": 0}
+                                  for i in range(5)])
+        acked, leased, failing, dead = bob.receive(limit=4, lease=60.0)
+        acked.ack()
+        failing.fail(RuntimeError("try again"))  # scheduled 10 s from now
+        dead.dead_letter("by hand")
+    # Write the rows back as schema version 1 kept them.
+    conn = apsw.Connection(str(db_path))
+    conn.execute("BEGIN")
+    conn.execute("ALTER TABLE message RENAME TO message_v2")
+    conn.execute(SCHEMA_1_TABLE)
+    conn.execute("INSERT INTO message SELECT seq, message_id, sender, agent, type, priority,"
+                 " CASE state WHEN 1 THEN 0 WHEN 4 THEN 1 ELSE state END, visible_at, expires_at,"
+                 " attempts, claims, sent_at, done_at, last_error, body FROM message_v2")
+    conn.execute("DROP TABLE message_v2")
+    conn.execute(SCHEMA_1_INDEXES)
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("COMMIT")
+    conn.close()
+
+    with sqlbus.connect(db_path, clock=clock, backoff_base=10.0) as bus:
+        assert query(db_path, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
+        bob = bus.agent("bob")
+        (ready,) = bob.receive(limit=10)  # the lease and the retry are not due yet
+        assert ready.message.id == ids[4]
+        assert {e.message.id: e.status for e in bus.peek("bob")} == {
+            ids[1]: "leased", ids[4]: "leased", ids[2]: "scheduled"}
+        (d,) = bus.dead_letters()
+        assert (d.message.id, d.reason) == (ids[3], "by hand")
+        clock.advance(61)
+        again = bob.receive(limit=10)
+        assert [(x.message.id, x.attempts) for x in again] == [(ids[1], 2), (ids[2], 2), (ids[4], 2)]
+        bob.ack(again)
+        assert bus.metrics().messages_received == 4
+    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 
 def test_database_error_is_a_sqlbus_error():

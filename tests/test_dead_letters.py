@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 import sqlbus
+from sqlbus import storage
 
 
 def receive_at(agent, clock, at):
@@ -239,7 +240,7 @@ def test_with_reraises_the_handlers_exception_after_recording_the_failure(bus, p
         with d:
             1 / 0  # noqa: B018
     assert sql("SELECT state, last_error FROM message WHERE message_id = ?", (message_id,)) == [
-        (1, "ZeroDivisionError: division by zero")]
+        (storage.SCHEDULED, "ZeroDivisionError: division by zero")]
 
 
 def test_retry_refuses_a_negative_delay():
@@ -300,7 +301,8 @@ def test_dead_letter_refuses_an_empty_reason(bus, pair, sql):
     (d,) = bob.receive()
     with pytest.raises(ValueError, match="reason"):
         d.dead_letter("")
-    assert sql("SELECT state FROM message WHERE message_id = ?", (message_id,)) == [(0,)]
+    assert sql("SELECT state FROM message WHERE message_id = ?", (message_id,)) == [(storage.LEASED,)]
+    d.ack()  # the lease is still held
 
 
 def test_dead_letters_filters_by_agent_newest_first(bus, pair):

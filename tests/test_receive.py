@@ -10,6 +10,7 @@ import time
 import pytest
 
 import sqlbus
+from sqlbus import storage
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_a_late_ack_after_the_message_was_claimed_again_raises_and_changes_nothi
     with pytest.raises(sqlbus.LeaseLostError, match=message_id):
         late.ack()
     assert counts() == before
-    assert states(sql, message_id) == [0]
+    assert states(sql, message_id) == [storage.LEASED]  # still current's
     assert alice.receive(limit=10) == []  # neither the reply nor the ack notice went out
     current.ack()
     assert states(sql, message_id) == [2]
@@ -155,7 +156,7 @@ def test_batch_ack_with_one_lost_lease_acks_nothing(bus, pair, clock, sql, count
     with pytest.raises(sqlbus.LeaseLostError):
         bob.ack(longer + [short])
     assert counts() == before
-    assert [states(sql, i) for i in ids] == [[0], [0]]
+    assert [states(sql, i) for i in ids] == [[storage.LEASED], [storage.LEASED]]
     assert alice.receive(limit=10) == []
     bob.ack(longer)  # the deliveries whose leases still hold can still be acked
     assert [states(sql, i) for i in ids] == [[2], [2]]
@@ -225,7 +226,7 @@ def test_buffered_effects_are_discarded_when_the_handler_raises(bus, pair, count
     assert bus.agent("carol").receive(limit=10) == []
     assert bus.state.get("progress") is None
     assert sql("SELECT count(*) FROM message WHERE message_id != ?", (request_id,)) == [(0,)]
-    assert states(sql, request_id) == [1]  # scheduled for retry
+    assert states(sql, request_id) == [storage.SCHEDULED]  # scheduled for retry
 
 
 def test_a_buffered_state_write_with_a_stale_version_makes_the_whole_ack_fail(bus, pair, sql):

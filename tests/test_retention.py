@@ -15,6 +15,7 @@ from conftest import query
 
 import sqlbus
 from sqlbus import metrics as ops
+from sqlbus import storage
 
 DAY = 86400.0
 
@@ -165,7 +166,7 @@ def test_check_passes_on_a_healthy_file_and_counts_expired_leases(bus, clock):
     clock.advance(2)
     report = bus.check()
     assert report.ok and report.problems == []
-    assert report.integrity == ["ok"] and report.schema_version == 1
+    assert report.integrity == ["ok"] and report.schema_version == storage.SCHEMA_VERSION
     assert report.expired_leases == 1
     assert not report.wal_pinned
 

@@ -13,6 +13,7 @@ import apsw
 import pytest
 
 import sqlbus
+from sqlbus import storage
 
 
 def counter(sql, name, agent):
@@ -117,7 +118,7 @@ def test_run_until_idle_does_not_wait_for_retries_that_are_due_later(make_bus, s
 
     bob.run(until_idle=True)
     assert attempts == [0]  # the retry is due in 5 s: not ready now
-    assert states(sql, "bob") == {1: 1}
+    assert states(sql, "bob") == {storage.SCHEDULED: 1}
 
     clock.advance(5.0)
     bob.run(until_idle=True)

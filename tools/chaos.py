@@ -448,12 +448,12 @@ class Supervisor:
             child.proc = None
 
     def pending(self) -> dict[str, int]:
-        """Rows still queued or scheduled, per agent (read-only look from outside the library)."""
+        """Rows still queued, leased or scheduled, per agent (a read-only look from outside)."""
         conn = apsw.Connection(self.db, flags=apsw.SQLITE_OPEN_READONLY)
         try:
             conn.set_busy_timeout(5000)
             return dict(conn.execute(
-                "SELECT agent, count(*) FROM message WHERE state IN (0, 1) GROUP BY agent"
+                "SELECT agent, count(*) FROM message WHERE state IN (0, 1, 4) GROUP BY agent"
             ).fetchall())
         finally:
             conn.close()
@@ -718,7 +718,7 @@ def analyse(sup: Supervisor, drained: bool, drain_seconds: float) -> dict[str, A
     try:
         integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
         stuck = conn.execute(
-            "SELECT count(*) FROM message WHERE agent = ? AND state IN (0, 1)", (WORK,)
+            "SELECT count(*) FROM message WHERE agent = ? AND state IN (0, 1, 4)", (WORK,)
         ).fetchall()[0][0]
     finally:
         conn.close()

@@ -23,7 +23,7 @@ import time
 import traceback as traceback_module
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from .worker import Events
@@ -53,7 +53,7 @@ from .messages import (
 )
 from .metrics import ARCHIVE_RETENTION, DEAD_RETENTION
 from .state import StateStore, StateWrite, check_key
-from .wakeup import ANY, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
+from .wakeup import ANY, RUNG, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
 
 __all__ = [
     "connect",
@@ -518,19 +518,20 @@ class Bus:
         self._upkeep_due = time.monotonic() + ops.WAL_CHECK_EVERY
         ops.background_upkeep(self)
 
-    def _wait_for_change(self, baseline: int, timeout: float, agent: str | None = None) -> None:
+    def _wait_for_change(self, baseline: int, timeout: float, agent: str | None = None) -> int:
         """Block up to ``timeout`` seconds until a commit may have made work for ``agent``
         (None: any commit). ``baseline`` is ``data_version`` read before the caller last
         looked, so a commit between that look and this wait is never missed. Rings of any
         process wake the wait at once (sqlbus.wakeup); data_version is re-checked at least
-        every wakeup.FALLBACK seconds in case a ring was lost."""
+        every wakeup.FALLBACK seconds in case a ring was lost. Returns what woke it
+        (``wakeup.RUNG``: a commit for ``agent``; ``wakeup.CHANGED``; 0: the time ran out)."""
         conn = self._conn()
 
         def changed() -> bool:
             with self._reading(conn):
                 return storage.data_version(conn) != baseline
 
-        self._wakeup.wait(changed, timeout, ANY if agent is None else agent_tag(agent))
+        return self._wakeup.wait(changed, timeout, ANY if agent is None else agent_tag(agent))
 
     def _wal_hook(self, frames: int) -> None:
         self._checkpointer.wal_hook(frames)  # through the bus: a forked child has a new one
@@ -741,6 +742,7 @@ class Bus:
         now: int,
         prefix: str = "",
         broadcast_pattern: str | None = None,
+        direct_reply: bool = False,
     ) -> _Publish:
         # the common delay=0 skips the checks of _seconds (still exact: 0 and 0.0 only)
         delay_ms = 0 if delay == 0 and type_of(delay) in (int, float) else (
@@ -749,9 +751,23 @@ class Bus:
             sender, to, type, payload, now_ms=now, priority=priority, ttl=ttl,
             requires_ack=requires_ack, correlation_id=correlation_id, id=id,
             max_payload_bytes=self.max_payload_bytes, prefix=prefix,
-            broadcast_pattern=broadcast_pattern,
+            broadcast_pattern=broadcast_pattern, direct_reply=direct_reply,
         )
         return _Publish(outgoing, delay_ms)
+
+    def _prepare_response(
+        self, sender: str, request: Message, data: Any, success: bool, error: str | None, now: int
+    ) -> _Publish:
+        """The response to ``request`` (SPEC 5.1), validated; a direct reply when the request
+        came from ``request()`` (header ``direct_reply``)."""
+        payload, correlation_id = response_payload(request, data, success, error)
+        direct = request.headers.direct_reply is True
+        outgoing = prepare(
+            sender, request.sender, "response", payload, now_ms=now,
+            correlation_id=correlation_id, delivered=direct,
+            max_payload_bytes=self.max_payload_bytes,
+        )
+        return _DirectReply(outgoing, 0) if direct else _Publish(outgoing, 0)
 
     def _prepare_broadcast(
         self, sender: str, type: str, payload: Any, pattern: str, headers: dict[str, Any], now: int
@@ -818,6 +834,15 @@ def _dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
 # Pending writes: validated before any transaction, written inside one.
 
 
+class _Claimed(NamedTuple):
+    """What a claim found; when nothing, what a wait needs: the data_version of the look and
+    the agent's next due time in ms (None: nothing pending, or not asked for)."""
+
+    deliveries: list[Delivery]
+    baseline: int | None
+    due: int | None
+
+
 class _Publish:
     """A validated message waiting to be written (now, or with a delivery's ack)."""
 
@@ -831,6 +856,27 @@ class _Publish:
         storage.publish(conn, [self.outgoing], [now + self.delay_ms], now)
         mark(self.outgoing.recipients)  # the commit rings these agents' waiters
         return self.outgoing.id
+
+
+# Counter (per requester) of responses that came after their request timed out (sqlbus.worker).
+LATE_RESPONSES = "late_responses"
+
+
+class _DirectReply(_Publish):
+    """A response to a ``request()`` call, written as delivered: its requester reads it from
+    the archive, so it never waits in an inbox and taking it costs no write. When that request
+    already timed out, it is counted as a late response (and still archived, never handled)."""
+
+    __slots__ = ()
+
+    def write(self, conn: apsw.Connection, now: int) -> str:
+        out = self.outgoing
+        requester, correlation_id = out.recipients[0], out.correlation_id
+        assert correlation_id is not None
+        if storage.request_timed_out(conn, requester, correlation_id):
+            storage.forget_request_timeout(conn, requester, correlation_id)
+            storage.add_counters(conn, [(LATE_RESPONSES, requester, 1)])
+        return super().write(conn, now)
 
 
 class _Broadcast:
@@ -893,6 +939,7 @@ class Agent:
         self.id = agent_id
         self.state = StateStore(bus, agent_id)
         self._touched_at = 0
+        self._more = False  # the last claim left ready messages behind (a hint, not a promise)
 
     def __repr__(self) -> str:
         return f"<sqlbus.Agent {self.id!r}>"
@@ -1010,53 +1057,80 @@ class Agent:
                 if name not in MESSAGE_TYPES:
                     raise ValidationError(f"types: unknown message type {name!r}")
             types_json = encode_json(types).decode()
+        if wait <= 0:
+            return self._claim(limit, lease_ms, types_json).deliveries
         bus = self.bus
         deadline = time.monotonic() + wait
-        woken = False
+        # A receiver that may wait reads before it claims, unless its last claim left more
+        # behind: an empty claim would take the write lock that the writers it waits for need.
+        look = not self._more
         while True:
-            baseline = bus._data_version() if wait > 0 else 0
-            # A receiver that may wait looks with a read first: finding nothing then costs no
-            # write transaction, which would hold up the writers it is waiting for.
-            if (wait <= 0 and not woken) or self._has_work(types_json):
-                deliveries = self._claim(limit, lease_ms, types_json)
-                if deliveries or wait <= 0:
-                    return deliveries
-            woken = True
+            if look:
+                baseline, work, due = self._look(types_json)
+            if not look or work:
+                claimed = self._claim(limit, lease_ms, types_json, waiting=True)
+                if claimed.deliveries:
+                    return claimed.deliveries
+                baseline, due = claimed.baseline, claimed.due
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            bus._wait_for_change(baseline, min(remaining, self._until_due()), self.id)
+            woken = bus._wait_for_change(baseline, min(remaining, self._seconds_until(due)), self.id)
+            look = woken != RUNG  # a ring that named this agent: claim straight away
 
-    def _has_work(self, types_json: str | None = None) -> bool:
-        """Whether :meth:`receive` would find a message now (a read, no write lock)."""
+    def _skip_json(self) -> str | None:
+        """The responses a request of this process awaits for this agent (JSON list), which its
+        claims leave alone, or None."""
+        skip = self.bus._awaiting.get(self.id)
+        return encode_json(list(skip)).decode() if skip else None
+
+    def _look(self, types_json: str | None = None) -> tuple[int, bool, int | None]:
+        """One read before claiming: (data_version, work waiting, next due time in ms)."""
         bus = self.bus
-        skip = bus._awaiting.get(self.id)
-        skip_json = encode_json(list(skip)).decode() if skip else None
         with bus._reading() as conn:
-            return storage.has_work(conn, self.id, bus._now_ms(), types_json, skip_json)
+            return storage.look(conn, self.id, bus._now_ms(), types_json, self._skip_json())
+
+    def _seconds_until(self, due: int | None) -> float:
+        """Seconds until ``due`` (ms; None: nothing pending), at least 1 ms."""
+        if due is None:
+            return 3600.0
+        return max(0.001, (due - self.bus._now_ms()) / 1000)
 
     def _until_due(self) -> float:
         """Seconds until one of this agent's retries, delayed messages or leases comes due."""
-        bus = self.bus
-        with bus._reading() as conn:
-            due = storage.next_due(conn, self.id)
-        if due is None:
-            return 3600.0
-        return max(0.001, (due - bus._now_ms()) / 1000)
+        with self.bus._reading() as conn:
+            return self._seconds_until(storage.next_due(conn, self.id))
 
-    def _claim(self, limit: int, lease_ms: int, types_json: str | None) -> list[Delivery]:
+    def _claim(
+        self,
+        limit: int,
+        lease_ms: int,
+        types_json: str | None = None,
+        *,
+        waiting: bool = False,
+        acking: Sequence[Delivery] = (),
+    ) -> _Claimed:
+        """Lease up to ``limit`` messages in one write transaction, after acking ``acking``
+        (a run loop's last delivery: one transaction instead of two). ``waiting``: when
+        nothing is found, read in the same transaction what a wait needs (data_version and
+        the next due time), so that no commit after this look is missed."""
         bus = self.bus
         now = bus._now_ms()
         lease_until = now + lease_ms
+        notices = [d._ack_notice(now) for d in acking if d.message.headers.requires_ack]
         claimed: list[tuple[Any, ...]] = []
+        baseline = due = None
         with bus._write() as conn:
-            mark_quiet()  # a claim makes no work for anyone: its commit rings nobody
+            if acking:
+                self._ack_in(conn, acking, notices, now)
+            else:
+                mark_quiet()  # a claim makes no work for anyone: its commit rings nobody
             storage.promote_due(conn, self.id, now)
-            while len(claimed) < limit:
-                want = limit - len(claimed)
-                skip = bus._awaiting.get(self.id)  # responses a local request waits for
-                skip_json = encode_json(list(skip)).decode() if skip else None
-                rows = storage.claim(conn, self.id, now, lease_until, want, types_json, skip_json)
+            while True:
+                rows, more = storage.claim(
+                    conn, self.id, now, lease_until, limit - len(claimed), types_json,
+                    self._skip_json(),
+                )
                 for row in rows:
                     seq, _claims, attempts, _priority, expires_at, _sent_at, _body = row
                     if expires_at is not None and now > expires_at:
@@ -1069,11 +1143,16 @@ class Agent:
                         )
                     else:
                         claimed.append(row)
-                if len(rows) < want:
+                if len(claimed) >= limit or not more:
                     break
+            if waiting and not claimed:
+                baseline, due = storage.wait_point(conn, self.id)
             if now - self._touched_at >= _TOUCH_EVERY_MS:
                 storage.touch_agent(conn, self.id, now)
                 self._touched_at = now
+        for d in acking:
+            d._settled = "acked"
+        self._more = more
         deliveries = []
         for seq, claims, attempts, _priority, _expires_at, _sent_at, body in claimed:
             try:
@@ -1087,7 +1166,7 @@ class Agent:
                 ) from exc
             message.headers.retry_count = attempts - 1
             deliveries.append(Delivery(self, message, seq, claims, attempts, lease_until / 1000))
-        return deliveries
+        return _Claimed(deliveries, baseline, due)
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Ack many deliveries (with their buffered effects) in one transaction, all or none.
@@ -1095,9 +1174,21 @@ class Agent:
         Raises :class:`LeaseLostError` (and commits nothing) if any lease was lost, and
         ``ValueError`` if a delivery is not this agent's.
         """
-        deliveries = list(deliveries)
-        if not deliveries:
+        pending = self._unsettled(deliveries)
+        if not pending:
             return
+        bus = self.bus
+        now = bus._now_ms()
+        notices = [d._ack_notice(now) for d in pending if d.message.headers.requires_ack]
+        with bus._write() as conn:
+            self._ack_in(conn, pending, notices, now)
+        for d in pending:
+            d._settled = "acked"
+
+    def _unsettled(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
+        """Check that ``deliveries`` are this agent's and not settled otherwise; the ones
+        still to ack, each once."""
+        deliveries = list(deliveries)
         for d in deliveries:
             if not isinstance(d, Delivery) or d.agent is not self and d.agent.id != self.id:
                 raise ValueError(f"{d!r} was not received by agent {self.id!r}")
@@ -1105,31 +1196,28 @@ class Agent:
                 raise ValueError(f"{d!r} was already settled ({d._settled})")
         # dict.fromkeys: a delivery listed twice is acked once (a second UPDATE would find the
         # row acked and wrongly report the lease lost).
-        pending = [d for d in dict.fromkeys(deliveries) if d._settled is None]
-        if not pending:
-            return
-        bus = self.bus
-        now = bus._now_ms()
-        notices = [d._ack_notice(now) for d in pending if d.message.headers.requires_ack]
-        with bus._write() as conn:
-            if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
-                mark_quiet()  # rings only the agents its buffered publishes reach
-            if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
-                lost = next(
-                    d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now)
-                )
-                raise LeaseLostError(
-                    f"message {lost.message.id} to {self.id!r}: the lease of attempt "
-                    f"{lost.attempts} was lost (it ran out and the message was claimed again, "
-                    "or is gone); nothing was acked"
-                )
-            for d in pending:
-                for effect in d._effects:
-                    effect.write(conn, now)
-            for notice in notices:
-                notice.write(conn, now)
+        return [d for d in dict.fromkeys(deliveries) if d._settled is None]
+
+    def _ack_in(
+        self, conn: apsw.Connection, pending: Sequence[Delivery], notices: Sequence[_Publish],
+        now: int,
+    ) -> None:
+        """Inside a write: ack ``pending`` with their buffered effects and ack notices, or raise
+        :class:`LeaseLostError` (the caller's transaction then rolls back: all or nothing)."""
+        if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
+            mark_quiet()  # rings only the agents its buffered publishes reach
+        if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
+            lost = next(d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now))
+            raise LeaseLostError(
+                f"message {lost.message.id} to {self.id!r}: the lease of attempt "
+                f"{lost.attempts} was lost (it ran out and the message was claimed again, "
+                "or is gone); nothing was acked"
+            )
         for d in pending:
-            d._settled = "acked"
+            for effect in d._effects:
+                effect.write(conn, now)
+        for notice in notices:
+            notice.write(conn, now)
 
     # -- handlers, the run loop, request/response, events (the logic is in sqlbus.worker) ----
 
@@ -1316,11 +1404,16 @@ class Delivery:
 
     def release(self) -> None:
         """Give the message back now, for anyone to claim (the attempt still counts)."""
+        self._release(attempted=True)
+
+    def _release(self, *, attempted: bool) -> None:
+        """``attempted=False``: no handler saw it (a run loop that stops with messages in
+        hand), so the claim does not count as an attempt."""
         if self._settled is not None:
             return
         bus = self.agent.bus
         with bus._write() as conn:
-            storage.release(conn, self._seq, self._claims, bus._now_ms())
+            storage.release(conn, self._seq, self._claims, bus._now_ms(), attempted=attempted)
             mark([self.agent.id])  # ready again: wake the agent's other receivers
         self._settled = "released"
 
@@ -1329,8 +1422,11 @@ class Delivery:
     def reply(self, data: Any = None, *, success: bool = True, error: str | None = None) -> str:
         """Buffer a ``response`` to the sender: ``{"success", "data", "request_id"}`` (and
         ``"error"`` on failure) with the request's correlation id. Returns its id."""
-        payload, correlation_id = response_payload(self.message, data, success, error)
-        return self.publish(self.message.sender, "response", payload, correlation_id=correlation_id)
+        self._check_open()
+        bus = self.agent.bus
+        op = bus._prepare_response(self.agent.id, self.message, data, success, error, bus._now_ms())
+        self._effects.append(op)
+        return op.outgoing.id
 
     def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
         """Buffer a message from this agent, published with the ack (validated now)."""

@@ -76,7 +76,11 @@ MessageId = Annotated[str, Meta(pattern=r"^msg-[0-9]{13}-[a-z0-9]{9}$")]
 
 
 class Headers(Struct, kw_only=True):
-    """Message headers. ``ttl`` is in milliseconds (0 = never expires); 5 is the top priority."""
+    """Message headers. ``ttl`` is in milliseconds (0 = never expires); 5 is the top priority.
+
+    ``broadcast_pattern`` is set on a broadcast; ``direct_reply`` on a request sent by
+    ``request()``, whose requester reads the response itself (it never waits in an inbox).
+    """
 
     priority: Priority = 3
     ttl: Annotated[int, Meta(ge=0)] = 30_000
@@ -84,6 +88,7 @@ class Headers(Struct, kw_only=True):
     correlation_id: Union[str, UnsetType] = UNSET
     retry_count: Annotated[int, Meta(ge=0)] = 0
     broadcast_pattern: Union[str, UnsetType] = UNSET
+    direct_reply: Union[bool, UnsetType] = UNSET
 
 
 class Message(Struct, kw_only=True, rename={"sender": "from"}):
@@ -388,6 +393,7 @@ class Outgoing(Struct, frozen=True):
     correlation_id: str | None
     body: bytes
     caller_id: bool = False  # the caller chose the id: check it for idempotency
+    delivered: bool = False  # a direct reply: archived as delivered, never in an inbox
 
 
 def prepare(
@@ -403,13 +409,16 @@ def prepare(
     correlation_id: str | None = None,
     id: str | None = None,
     broadcast_pattern: str | None = None,
+    direct_reply: bool = False,
+    delivered: bool = False,
     max_payload_bytes: int = 1_048_576,
     prefix: str = "",
 ) -> Outgoing:
     """Validate one message and encode it. ``prefix`` (e.g. ``"[3]."``) goes before field names.
 
     A list ``to`` is deduplicated, keeping order. ``broadcast_pattern`` marks a broadcast, whose
-    ``to`` was expanded by the caller and may be empty.
+    ``to`` was expanded by the caller and may be empty. ``direct_reply`` marks a request whose
+    response the requester reads itself; ``delivered`` writes such a response as delivered.
     """
     if type not in MESSAGE_TYPES:
         raise ValidationError(
@@ -460,6 +469,7 @@ def prepare(
         requires_ack=requires_ack,
         correlation_id=UNSET if correlation_id is None else correlation_id,
         broadcast_pattern=UNSET if broadcast_pattern is None else broadcast_pattern,
+        direct_reply=True if direct_reply else UNSET,
     )
     message = Message(
         id=id,
@@ -481,6 +491,7 @@ def prepare(
         correlation_id=correlation_id,
         body=_encode(message),
         caller_id=caller_id,
+        delivered=delivered,
     )
 
 

@@ -451,7 +451,8 @@ def publish(
 
     A message whose id was given by the caller and exists already is skipped (idempotent
     publish); the result says, per message, whether it was written. A ``visible_at`` later
-    than ``now`` schedules the rows instead (a delayed publish).
+    than ``now`` schedules the rows instead (a delayed publish); a ``delivered`` message (a
+    direct reply) is written as acked, for its requester to read (:func:`find_response`).
     """
     fresh: list[bool] = []
     rows: list[tuple[Any, ...]] = []
@@ -464,6 +465,9 @@ def publish(
             chosen.add(message.id)
         fresh.append(True)
         state = QUEUED if visible <= now else SCHEDULED
+        done_at = None
+        if message.delivered:  # a direct reply: its requester reads it from the archive
+            state, done_at = ACKED, now
         # TTL counts from when the message can first be delivered, so a delay longer than the
         # ttl does not doom the message before anyone could see it.
         expires_at = visible + message.ttl if message.ttl else None
@@ -472,7 +476,7 @@ def publish(
                          ACKED, now, expires_at, now, now, message.body))
         for agent in message.recipients:
             rows.append((message.id, message.sender, agent, message.type, message.priority,
-                         state, visible, expires_at, now, None, message.body))
+                         state, visible, expires_at, now, done_at, message.body))
     if len(rows) == 1:
         conn.execute(_INSERT, rows[0])
     elif rows:
@@ -518,6 +522,12 @@ _HAS_WORK = {
     for types in (False, True)
     for skip in (False, True)
 }
+_DATA_VERSION = "(SELECT data_version FROM pragma_data_version())"
+_NEXT_DUE = f"(SELECT min(visible_at) FROM message WHERE agent = ?1{_BINARY} AND state IN (1, 4))"
+_LOOK = {
+    key: f"SELECT {_DATA_VERSION}, ({sql[len('SELECT '):]}), {_NEXT_DUE}"
+    for key, sql in _HAS_WORK.items()
+}
 
 
 def _ready_params(
@@ -555,33 +565,52 @@ def claim(
     limit: int,
     types_json: str | None = None,
     skip_json: str | None = None,
-) -> list[tuple[int, int, int, int, int | None, int, bytes]]:
+) -> tuple[list[tuple[int, int, int, int, int | None, int, bytes]], bool]:
     """Lease up to ``limit`` ready rows of ``agent``, highest priority first, then FIFO.
 
-    Returns (seq, claims, attempts, priority, expires_at, sent_at, body) in delivery order.
-    Rows whose lease ran out are ready again and are claimed like any other. ``types_json``
-    (a JSON list) keeps only those types; ``skip_json`` leaves alone the ``response`` rows whose
-    correlation id it lists (responses a request of this process is waiting for).
+    Returns the rows, (seq, claims, attempts, priority, expires_at, sent_at, body) in delivery
+    order, and whether more ready rows wait behind them (the query reads one row past the
+    limit, so a receiver that took the last one can look before it writes again). Queue due
+    rows first with :func:`promote_due`. ``types_json`` (a JSON list) keeps only those types;
+    ``skip_json`` leaves alone the ``response`` rows whose correlation id it lists (responses a
+    request of this process is waiting for).
     """
-    select = _SELECT_READY[(types_json is not None, skip_json is not None)] + str(int(limit))
-    rows = conn.execute(select, _ready_params(agent, now, types_json, skip_json)).fetchall()
+    select = _SELECT_READY[(types_json is not None, skip_json is not None)]
+    rows = conn.execute(
+        select + str(min(limit, 1 << 62) + 1), _ready_params(agent, now, types_json, skip_json)
+    ).fetchall()
+    more = len(rows) > limit
+    if more:
+        del rows[limit:]
     if len(rows) == 1:
         conn.execute(_LEASE, (lease_until, rows[0][0]))
     elif rows:
         conn.executemany(_LEASE, [(lease_until, row[0]) for row in rows])
-    return rows
+    return rows, more
 
 
-def has_work(
+def look(
     conn: apsw.Connection,
     agent: str,
     now: int,
     types_json: str | None = None,
     skip_json: str | None = None,
-) -> bool:
-    """Whether a claim with the same arguments would find something (a read: no lock)."""
-    select = _HAS_WORK[(types_json is not None, skip_json is not None)]
-    return bool(conn.execute(select, _ready_params(agent, now, types_json, skip_json)).fetchall()[0][0])
+) -> tuple[int, bool, int | None]:
+    """What a receiver that may wait reads before it claims, in one statement (no lock):
+    (``data_version`` to wait on, whether a claim with the same arguments would find
+    something, when the agent's next scheduled or leased row comes due, or None)."""
+    select = _LOOK[(types_json is not None, skip_json is not None)]
+    version, work, due = conn.execute(
+        select, _ready_params(agent, now, types_json, skip_json)
+    ).fetchall()[0]
+    return version, bool(work), due
+
+
+def wait_point(conn: apsw.Connection, agent: str) -> tuple[int, int | None]:
+    """Inside a claim that found nothing: (``data_version`` to wait on, when the agent's next
+    scheduled or leased row comes due, or None)."""
+    version, due = conn.execute(f"SELECT {_DATA_VERSION}, {_NEXT_DUE}", (agent,)).fetchall()[0]
+    return version, due
 
 
 def ack(conn: apsw.Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:
@@ -615,9 +644,15 @@ def extend(conn: apsw.Connection, seq: int, claims: int, lease_until: int) -> bo
     return conn.changes() == 1
 
 
-def release(conn: apsw.Connection, seq: int, claims: int, now: int) -> bool:
-    """Give a held lease back: the row is ready again now (the attempt still counts)."""
-    conn.execute("UPDATE message SET state = 0, visible_at = ?" + _HELD, (now, seq, claims))
+def release(
+    conn: apsw.Connection, seq: int, claims: int, now: int, *, attempted: bool = True
+) -> bool:
+    """Give a held lease back: the row is ready again now. ``attempted=False`` (no handler
+    saw the message) takes back the attempt the claim counted; ``claims`` stays, fencing."""
+    conn.execute(
+        "UPDATE message SET state = 0, visible_at = ?, attempts = attempts - ?" + _HELD,
+        (now, 0 if attempted else 1, seq, claims),
+    )
     return conn.changes() == 1
 
 
@@ -1179,20 +1214,30 @@ def dead_letter_ids(
 # the loop never steals them. Requests that timed out are remembered in request_timeout so
 # that their late responses are discarded and counted instead of reaching a handler.
 
-_RESPONSE_WHERE = (
-    f"agent = ?1{_BINARY} AND state = 0 AND type = 'response' AND {_CORRELATION} = ?2{_BINARY}"
-    " AND visible_at <= ?3"
-)
+_RESPONSE_OF = f"agent = ?1{_BINARY} AND type = 'response' AND {_CORRELATION} = ?2{_BINARY}"
+_RESPONSE_WHERE = _RESPONSE_OF + " AND state = 0 AND visible_at <= ?3"
 
 
-def has_response(conn: apsw.Connection, agent: str, correlation_id: str, now: int) -> bool:
-    """Whether a ready response with ``correlation_id`` waits in ``agent``'s inbox (a read:
-    lets a waiting requester skip the write transaction when nothing came)."""
-    return bool(
-        conn.execute(
-            f"SELECT 1 FROM message WHERE {_RESPONSE_WHERE} LIMIT 1", (agent, correlation_id, now)
-        ).fetchall()
-    )
+def find_response(
+    conn: apsw.Connection, agent: str, correlation_id: str, now: int
+) -> tuple[int, bytes | None, int]:
+    """A requester's look for its response, in one read: (``data_version`` to wait on, the
+    body of a direct reply or None, 1 when a response waits in the inbox instead).
+
+    A direct reply (the request had ``direct_reply``) was written as delivered by the
+    responder's ack, so the requester only reads it; one sent otherwise waits in the inbox
+    and is taken with :func:`take_response`. ``data_version`` comes from the same snapshot,
+    so a reply committed after this look changes it.
+    """
+    rows = conn.execute(
+        "SELECT (SELECT data_version FROM pragma_data_version()),"
+        f" (SELECT body FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
+        " ORDER BY seq LIMIT 1),"
+        f" EXISTS (SELECT 1 FROM message WHERE {_RESPONSE_WHERE})",
+        (agent, correlation_id, now),
+    ).fetchall()
+    version, body, waiting = rows[0]
+    return version, body, waiting
 
 
 def take_response(

@@ -39,7 +39,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
-__all__ = ["Wakeup", "ANY", "FALLBACK", "agent_tag", "doorbell_dir"]
+__all__ = ["Wakeup", "ANY", "RUNG", "CHANGED", "FALLBACK", "agent_tag", "doorbell_dir"]
 
 FALLBACK = 0.5  # seconds: the longest a waiter sleeps without re-checking the database
 REFRESH_EVERY = 1.0  # seconds: ringers re-list the doorbell directory at least this often
@@ -64,6 +64,9 @@ _OVERFLOW = _queue_limit()
 _PROC_FD = os.path.isdir("/proc/self/fd")
 
 ANY: Any = None  # interest of a waiter that wakes on every ring (state watch, run loops)
+# What woke a wait (0: its time ran out): a ring that named the agent waited for, or anything
+# else (a ring for "anything may have changed", a commit seen by the check, the bus closing).
+RUNG, CHANGED = 2, 1
 _NEVER = object()  # interest of the asyncio proxy: never wakes on a ring, only polls
 
 
@@ -460,14 +463,15 @@ class Wakeup:
         count = self._tag_counts.get(tag, 0) if isinstance(tag, bytes) else 0
         return (self._generic, self._any, count)
 
-    def _matches(self, tag: Any, snapshot: tuple[int, int, int]) -> bool:
+    def _matches(self, tag: Any, snapshot: tuple[int, int, int]) -> int:
+        """RUNG, CHANGED or 0 (nothing for this waiter since ``snapshot``)."""
+        if self._tag_counts.get(tag, 0) != snapshot[2] and isinstance(tag, bytes):
+            return RUNG
         if self._closed or self._generic != snapshot[0]:
-            return True
+            return CHANGED
         if tag is ANY:
-            return self._any != snapshot[1]
-        if tag is _NEVER:
-            return False
-        return self._tag_counts.get(tag, 0) != snapshot[2]
+            return CHANGED if self._any != snapshot[1] else 0
+        return 0
 
     def _register(self, tag: Any) -> None:
         if isinstance(tag, bytes):
@@ -534,9 +538,10 @@ class Wakeup:
         with self._lock:
             return self._snapshot(tag)
 
-    def wait(self, check: Callable[[], bool], timeout: float, tag: Any = ANY) -> bool:
+    def wait(self, check: Callable[[], bool], timeout: float, tag: Any = ANY) -> int:
         """Sleep until ``check()`` is true, a ring for ``tag`` arrives (an :func:`agent_tag`,
-        or :data:`ANY`), or ``timeout`` seconds pass. True when woken, False on time-out.
+        or :data:`ANY`), or ``timeout`` seconds pass. Returns :data:`RUNG` when a ring named
+        ``tag``, :data:`CHANGED` when woken otherwise, 0 on time-out.
 
         ``check`` must compare against a value read before the caller last looked at the
         database (``PRAGMA data_version``); it runs first, and then at least every
@@ -551,21 +556,22 @@ class Wakeup:
             snapshot = self._snapshot(tag)
         try:
             if check():
-                return True
+                return CHANGED
             next_check = time.monotonic() + FALLBACK
             while True:
                 now = time.monotonic()
                 if now >= end:
-                    return False
+                    return 0
                 if now >= next_check:
                     if check():
-                        return True
+                        return CHANGED
                     if bound and not self._closed and not self._doorbell_intact():
                         self._rebind()
                     next_check = now + FALLBACK
                 with self._lock:
-                    if self._matches(tag, snapshot):
-                        return True
+                    woken = self._matches(tag, snapshot)
+                    if woken:
+                        return woken
                     lead = bound and not self._leading and self._sock is not None
                     if not lead:
                         self._cond.wait(min(end, next_check) - now)

@@ -58,7 +58,7 @@ import apsw
 import msgspec
 
 from . import storage
-from .bus import _check_limit, _seconds, response_payload
+from .bus import LATE_RESPONSES, _check_limit, _seconds
 from .errors import (
     DatabaseError,
     Discard,
@@ -70,7 +70,7 @@ from .errors import (
     VersionConflictError,
 )
 from .messages import MESSAGE_TYPES, Message, check_agent_id, decode_message, iso_ms
-from .wakeup import agent_tag, mark_quiet
+from .wakeup import RUNG, agent_tag, mark_quiet
 
 if TYPE_CHECKING:
     from .bus import Agent, Bus, Delivery
@@ -91,9 +91,9 @@ log = logging.getLogger("sqlbus")
 Handler = Callable[[Message], Any]
 EventHandler = Callable[["Event"], Any]
 
-# Counter names (table ``counters``, per agent), written only on these rare paths.
+# Counter names (table ``counters``, per agent), written only on these rare paths
+# (LATE_RESPONSES, from sqlbus.bus, too).
 UNHANDLED = "unhandled"
-LATE_RESPONSES = "late_responses"
 
 # How long an idle run() waits before it looks at its stop flag again (seconds): the longest
 # a signal can take to end an idle loop (stop() rings the loop awake at once). Each look is a
@@ -249,28 +249,38 @@ class Dispatcher:
             if self._running:
                 raise RuntimeError(f"run() is already running for agent {agent.id!r}")
             self._running = True
+        lease_ms = int(lease_s * 1000)
         keeper = _LeaseKeeper(bus, lease_s)
         restore = self._install_signal_handlers()
         processed = 0
-        full = False  # the last claim took a whole batch (of several): more likely waits
+        claimed = None  # what the ack of the last message claimed, for the next round
+        look = True  # read before claiming (receive()'s wait, unrolled so stop() can end it)
         try:
             while not self._stop.is_set():
-                # receive()'s own wait, unrolled so that stop() can end it (it rings us).
-                baseline = 0 if until_idle else bus._data_version()
-                # A read first: an empty claim would take the write lock for nothing.
-                if full or agent._has_work():
-                    deliveries = agent.receive(limit=limit, lease=lease_s)
-                else:
-                    deliveries = []
-                full = limit > 1 and len(deliveries) == limit
-                if deliveries:
-                    processed += self._process(deliveries, keeper)
-                elif until_idle:
+                if claimed is None:
+                    if look and not agent._more:
+                        baseline, work, due = agent._look()
+                        if work:
+                            claimed = agent._claim(limit, lease_ms, waiting=not until_idle)
+                    else:
+                        claimed = agent._claim(limit, lease_ms, waiting=not until_idle)
+                if claimed is not None and claimed.deliveries:
+                    done, claimed = self._process(claimed.deliveries, keeper, limit, lease_ms,
+                                                  waiting=not until_idle)
+                    processed += done
+                    look = True
+                    continue
+                if claimed is not None:  # an empty claim read what the wait needs
+                    baseline, due, claimed = claimed.baseline, claimed.due, None
+                if until_idle or self._stop.is_set():
                     break
-                elif not self._stop.is_set():
-                    wait = min(_IDLE_SLICE, agent._until_due())
-                    bus._wait_for_change(baseline, wait, agent.id)
+                woken = bus._wait_for_change(
+                    baseline, min(_IDLE_SLICE, agent._seconds_until(due)), agent.id
+                )
+                look = woken != RUNG  # a ring that named this agent: claim straight away
         finally:
+            if claimed is not None:  # claimed for a round that will not come
+                _release(claimed.deliveries, attempted=False)
             keeper.close()
             restore()
             with self._lock:
@@ -304,44 +314,65 @@ class Dispatcher:
 
         return restore
 
-    def _process(self, deliveries: Sequence[Delivery], keeper: _LeaseKeeper) -> int:
+    def _process(
+        self, deliveries: Sequence[Delivery], keeper: _LeaseKeeper, limit: int, lease_ms: int,
+        *, waiting: bool,
+    ) -> tuple[int, Any]:
+        """Dispatch ``deliveries`` in order; the ack of the last one also claims the next
+        messages (one transaction instead of two). Returns (messages processed, what that
+        claim found, or None)."""
         done = 0
+        claimed = None
         keeper.hold(deliveries)
         try:
-            for d in deliveries:
+            for index, d in enumerate(deliveries):
                 if self._stop.is_set():
                     break  # the rest go back below, untouched
+                done = index + 1
                 try:
-                    self._dispatch(d)
+                    if self._dispatch(d):
+                        last = index == len(deliveries) - 1 and not self._stop.is_set()
+                        claimed = self._ack(d, limit if last else 0, lease_ms, waiting)
                 except LeaseLostError as exc:
                     log.warning("sqlbus: %s; another receiver has it now", exc)
                 keeper.drop(d)
-                done += 1
         finally:
-            for d in deliveries:
-                if d._settled is None:
-                    try:
-                        d.release()
-                    except DatabaseError:  # the lease runs out by itself: nothing is lost
-                        log.warning("sqlbus: could not release %r", d)
+            _release(deliveries[:done], attempted=True)  # a handler saw them: interrupted
+            _release(deliveries[done:], attempted=False)
             keeper.drop_all(deliveries)
-        return done
+        return done, claimed
 
-    def _dispatch(self, d: Delivery) -> None:
+    def _ack(self, d: Delivery, claim: int, lease_ms: int, waiting: bool) -> Any:
+        """Ack ``d`` after its handlers succeeded, claiming up to ``claim`` next messages in
+        the same transaction (0: none); returns that claim, or None. When a buffered effect
+        cannot be written (a state write's version check fails at the ack, a value cannot be
+        encoded), the delivery fails instead: retried, or dead-lettered for a non-retryable
+        error, and the loop goes on."""
+        acking = [] if d._settled is not None else [d]  # a handler may have settled it itself
+        try:
+            if claim:
+                return self.agent._claim(claim, lease_ms, waiting=waiting, acking=acking)
+            if acking:
+                d.ack()
+        except (VersionConflictError, ValidationError) as exc:
+            d.fail(exc)
+        return None
+
+    def _dispatch(self, d: Delivery) -> bool:
+        """Run the handlers of ``d``. True when it is to be acked (with what the handlers
+        buffered); otherwise it was settled here (retry, dead letter, failure)."""
         message = d.message
         agent = self.agent
         if message.type == "response" and self._is_late(message):
             d._effects.append(_DiscardLate(agent.id, message.headers.correlation_id))  # type: ignore[arg-type]
-            d.ack()
-            return
+            return True
         handlers = self._handlers.get(message.type, ()) + self._handlers.get("*", ())
         event_handlers: tuple[EventHandler, ...] = ()
         event = None
         if message.type == "event":
             event = _event_of(message)
             if event is not None and event.emitted_by == agent.id:
-                d.ack()  # an agent never handles its own events
-                return
+                return True  # an agent never handles its own events: acked
             if event is not None:
                 event_handlers = self._event_handlers.get(event.name, ())
                 if event.name != "*":
@@ -349,8 +380,7 @@ class Dispatcher:
         if not handlers and not event_handlers:
             log.debug("sqlbus: no handler for %s message %s; acked", message.type, message.id)
             d._effects.append(_Count(UNHANDLED, agent.id))
-            d.ack()
-            return
+            return True
         token = _current.set(d)
         try:
             result = None
@@ -363,41 +393,32 @@ class Dispatcher:
                     event_handler(event)  # type: ignore[arg-type]
             except Retry as signal_:
                 d.retry(signal_.delay)
+                return False
             except Discard as signal_:
                 d.dead_letter(signal_.reason)
                 if message.type == "request":  # tell the requester now, not at its timeout
                     respond(agent, message, None, success=False,
                             error=f"discarded: {signal_.reason}")
+                return False
             except Exception as exc:
                 if message.type != "request":
                     d.fail(exc)
-                else:
-                    # The requester is waiting: answer with the error and consume the request
-                    # (a retry would answer late or twice). Counted in the error rates.
-                    d._effects.clear()
+                    return False
+                # The requester is waiting: answer with the error and consume the request (a
+                # retry would answer late or twice). Counted in the error rates.
+                d._effects.clear()
+                d._effects.append(_CountError(type(exc).__name__))
+                d.reply(None, success=False, error=str(exc) or type(exc).__name__)
+                return True
+            if message.type == "request" and d._settled is None and not _has_response(d):
+                try:  # the handlers' result is the response
+                    d.reply(result)
+                except ValidationError as exc:  # the return value cannot be sent as JSON
                     d._effects.append(_CountError(type(exc).__name__))
-                    d.reply(None, success=False, error=str(exc) or type(exc).__name__)
-                    d.ack()
-            else:
-                self._succeed(d, result)
+                    d.reply(None, success=False, error=f"the handler's return value: {exc}")
+            return True
         finally:
             _current.reset(token)
-
-    def _succeed(self, d: Delivery, result: Any) -> None:
-        """Ack after the handlers succeeded (answering a request with their result). When a
-        buffered effect cannot be written (a state write's version check fails at the ack, a
-        value cannot be encoded), the delivery fails instead: retried, or dead-lettered for
-        a non-retryable error, and the loop goes on."""
-        if d.message.type == "request" and not _has_response(d):
-            try:
-                d.reply(result)
-            except ValidationError as exc:  # the return value cannot be sent as JSON
-                d._effects.append(_CountError(type(exc).__name__))
-                d.reply(None, success=False, error=f"the handler's return value: {exc}")
-        try:
-            d.ack()
-        except (VersionConflictError, ValidationError) as exc:
-            d.fail(exc)
 
     def _is_late(self, message: Message) -> bool:
         correlation_id = message.headers.correlation_id
@@ -435,6 +456,17 @@ def _has_response(d: Delivery) -> bool:
         if outgoing is not None and outgoing.type == "response":
             return True
     return False
+
+
+def _release(deliveries: Sequence[Delivery], *, attempted: bool) -> None:
+    """Give back at once the deliveries a loop holds but will not finish (``attempted``:
+    whether a handler saw them, see :meth:`Delivery._release`)."""
+    for d in deliveries:
+        if d._settled is None:
+            try:
+                d._release(attempted=attempted)
+            except DatabaseError:  # the lease runs out by itself: nothing is lost
+                log.warning("sqlbus: could not release %r", d)
 
 
 class _LeaseKeeper:
@@ -544,7 +576,7 @@ def request(
     deadline = time.monotonic() + timeout
     now = bus._now_ms()
     op = bus._prepare(agent.id, to, "request", payload, priority=priority, ttl=ttl_ms,
-                      correlation_id=correlation_id, now=now)
+                      correlation_id=correlation_id, direct_reply=True, now=now)
     with _registry_lock:
         sweep = agent.id in _had_timeouts.get(bus, ())
     _await(bus, agent.id, correlation_id)  # before the request exists: its response is ours
@@ -561,8 +593,7 @@ def request(
             if remaining <= 0:
                 break
             bus._wait_for_change(baseline, remaining, agent.id)
-            baseline = bus._data_version()
-            message = _take_response(agent, correlation_id)
+            baseline, message = _take_response(agent, correlation_id)
             if message is not None:
                 return _result_of(message)
         # Out of time: one last look and the record of the timeout, in one transaction, so a
@@ -571,6 +602,9 @@ def request(
         with bus._write() as conn:
             mark_quiet()
             taken = storage.take_response(conn, agent.id, correlation_id, now)
+            if taken is None:  # a direct reply?
+                direct = storage.find_response(conn, agent.id, correlation_id, now)[1]
+                taken = None if direct is None else (0, direct)
             if taken is None:
                 storage.record_request_timeout(
                     conn, agent.id, correlation_id, now, _REMEMBER_TIMEOUTS_MS
@@ -594,16 +628,22 @@ def _sweep_late_responses(conn: apsw.Connection, agent_id: str, now: int) -> Non
         storage.add_counters(conn, [(LATE_RESPONSES, agent_id, count)])
 
 
-def _take_response(agent: Agent, correlation_id: str) -> Message | None:
+def _take_response(agent: Agent, correlation_id: str) -> tuple[int, Message | None]:
+    """Look for the response (one read): a direct reply is only read; one that waits in the
+    inbox (sent without ``direct_reply``) is taken in a write. Returns (``data_version`` of
+    the look, to wait on next, the response or None)."""
     bus = agent.bus
     now = bus._now_ms()
-    with bus._reading() as conn:  # a read first: most wake-ups are other agents' commits
-        if not storage.has_response(conn, agent.id, correlation_id, now):
-            return None
+    with bus._reading() as conn:
+        baseline, body, waiting = storage.find_response(conn, agent.id, correlation_id, now)
+        if body is not None:
+            return baseline, decode_message(body)
+    if not waiting:
+        return baseline, None
     with bus._write() as conn:
         mark_quiet()  # taking a response makes work for nobody: ring no one
         taken = storage.take_response(conn, agent.id, correlation_id, now)
-    return None if taken is None else decode_message(taken[1])
+    return baseline, None if taken is None else decode_message(taken[1])
 
 
 def _result_of(response: Message) -> Any:
@@ -626,8 +666,11 @@ def respond(
     d = _current.get()
     if d is not None and d._settled is None and d.message.id == message.id and d.agent.id == agent.id:
         return d.reply(data, success=success, error=error)
-    payload, correlation_id = response_payload(message, data, success, error)
-    return agent.publish(message.sender, "response", payload, correlation_id=correlation_id)
+    bus = agent.bus
+    now = bus._now_ms()
+    op = bus._prepare_response(agent.id, message, data, success, error, now)
+    with bus._write() as conn:
+        return op.write(conn, now)
 
 
 # ---------------------------------------------------------------------------------------------

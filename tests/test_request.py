@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import sqlbus
+from sqlbus import storage
 
 # spawn, not fork: a child forked from a process with an open SQLite connection shares that
 # process's SQLite lock bookkeeping without holding its locks (see the report on fork).
@@ -185,6 +186,25 @@ def test_concurrent_requests_from_threads_each_get_their_own_response(responder,
         thread.join(timeout=20)
 
     assert results == {n: {"doubled": 2 * n} for n in range(6)}
+
+
+def test_the_response_to_a_request_never_waits_in_the_requesters_inbox(make_bus, sql):
+    bus = make_bus(clock=None)
+    alice, bob = bus.agent("alice"), bus.agent("bob")
+    bob.subscribe("request", lambda m: {"got": m.payload["q"]})
+    loop = threading.Thread(target=bob.run)
+    loop.start()
+    try:
+        assert alice.request("bob", {"q": 7}, timeout=10) == {"got": 7}
+    finally:
+        bob.stop()
+        loop.join(10)
+    # the requester read it where the responder's ack wrote it: delivered, in the archive
+    assert alice.receive(limit=10) == []
+    [record] = [r for r in bus.sent(agent="alice") if r.message.type == "response"]
+    assert record.recipients == ["alice"] and record.message.payload["data"] == {"got": 7}
+    assert sql("SELECT state FROM message WHERE type = 'response'") == [(storage.ACKED,)]
+    assert [s.ready for s in bus.stats() if s.agent == "alice"] == [0]
 
 
 def test_respond_inside_a_request_handler_commits_with_the_ack(make_bus, sql):

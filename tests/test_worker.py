@@ -305,6 +305,37 @@ def test_stop_from_another_thread_ends_a_waiting_run(make_bus):
     assert result == [0]
 
 
+def test_a_run_loop_acks_a_message_and_claims_the_next_in_one_transaction(
+    pair, monkeypatch
+):
+    alice, bob = pair
+    alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": n}}
+                        for n in range(5)])
+    seen = []
+    bob.subscribe("notification", lambda m: seen.append(m.payload["n"]))
+    writes = []
+    original = storage.begin
+    monkeypatch.setattr(storage, "begin", lambda conn: (writes.append(1), original(conn))[1])
+
+    assert bob.run(until_idle=True) == 5
+
+    assert seen == [0, 1, 2, 3, 4]
+    assert len(writes) == 6  # the first claim, then five acks each claiming the next
+
+
+def test_a_run_loop_that_stops_gives_back_the_messages_no_handler_saw(pair, sql):
+    alice, bob = pair
+    ids = alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": n}}
+                              for n in range(3)])
+    bob.subscribe("notification", lambda m: bob.stop())
+
+    assert bob.run(limit=3) == 1
+
+    assert states(sql, "bob") == {storage.ACKED: 1, storage.QUEUED: 2}
+    again = bob.receive(limit=10)
+    assert [(d.message.id, d.attempts) for d in again] == [(ids[1], 1), (ids[2], 1)]
+
+
 def test_run_refuses_a_second_loop_on_the_same_agent_object(make_bus):
     bus = make_bus(clock=None)
     bob = bus.agent("bob")

@@ -326,7 +326,7 @@ class Bus:
         self._lock = threading.Lock()
         # Wake-ups of waiters, in this process and others (doorbells, checkpoints): sqlbus.wakeup
         self._wakeup = Wakeup(self.path)
-        self._checkpointer = ops.Checkpointer(self._checkpoint)
+        self._checkpointer = ops.Checkpointer(self)
         # Correlation ids that requests of this process await, per agent id (sqlbus.worker):
         # receive() and run() of that agent skip those responses. Replaced, never mutated.
         self._awaiting: dict[str, frozenset[str]] = {}
@@ -398,21 +398,25 @@ class Bus:
             os.close(directory)  # releases the flock
 
     def _conn(self) -> apsw.Connection:
+        """This thread's connection (each thread has its own)."""
         conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+        if conn is None:
+            conn = self._local.conn = self._open_connection(self.busy_timeout)
+        return conn
+
+    def _open_connection(self, busy_timeout: float) -> apsw.Connection:
+        """A new connection, closed with the bus (and handled at a fork like the others)."""
         if self._closed:
             raise DatabaseError(f"the bus on {self.path} is closed")
         try:
             conn = storage.open_connection(
-                self.path, synchronous=self._synchronous, busy_timeout=self.busy_timeout,
+                self.path, synchronous=self._synchronous, busy_timeout=busy_timeout,
                 wal_hook=self._wal_hook if ops.CHECKPOINT_FRAMES else None,
             )
         except apsw.Error as exc:
             raise self._database_error(exc) from exc
         with self._lock:
             self._connections.append(conn)
-        self._local.conn = conn
         return conn
 
     def _forget_connections(self) -> None:
@@ -443,7 +447,7 @@ class Bus:
         self._lock = threading.Lock()
         self._wakeup.forget()  # the parent's doorbell stays the parent's
         self._wakeup = Wakeup(self.path)
-        self._checkpointer = ops.Checkpointer(self._checkpoint)  # the parent's thread is not here
+        self._checkpointer = ops.Checkpointer(self)  # the parent's thread is not here
         self._awaiting = {}  # the parent's waiting requests are not the child's
 
     def _database_error(self, exc: apsw.Error) -> DatabaseError:
@@ -535,16 +539,6 @@ class Bus:
 
     def _wal_hook(self, frames: int) -> None:
         self._checkpointer.wal_hook(frames)  # through the bus: a forked child has a new one
-
-    def _checkpoint(self) -> None:
-        """A PASSIVE checkpoint on the calling thread's connection (the checkpointer thread's)."""
-        if self._closed:
-            return
-        try:
-            with self._reading() as conn:
-                storage.checkpoint(conn, "PASSIVE")
-        except DatabaseError:
-            pass  # busy or read-only: an optimisation only
 
     def _data_version(self) -> int:
         conn = self._conn()

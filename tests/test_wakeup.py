@@ -341,6 +341,7 @@ def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
         fold(conn)
 
     monkeypatch.setattr(ops, "fold_wal", counting)
+    monkeypatch.setattr(ops, "CHECKPOINT_FRAMES", 500)
     with sqlbus.connect(db_path) as bus:
         alice = bus.agent("alice")
         alice.publish("bob", "notification", {})

@@ -268,18 +268,19 @@ def _producer(peer: Peer, store: str, ids: list[int], barrier: Any, stop: Any, o
 def _consumer(peer: Peer, store: str, count: Any, barrier: Any, stop: Any, out: Any) -> None:
     client = peer.open(store)
     got: list[int] = []
-    last = None
+    last = [None]
+
+    def on_message(i: int) -> None:
+        got.append(i)
+        last[0] = time.time()
+        count.value += 1
+
     try:
         barrier.wait(60)
-        while not stop.is_set():
-            i = client.get("q", 0.2)
-            if i is not None:
-                got.append(i)
-                last = time.time()
-                count.value += 1
+        client.consume("q", on_message, stop)
     finally:
         client.close()
-        out.put(("consumer", got, last))
+        out.put(("consumer", got, last[0]))
 
 
 def w_procs(peer: Peer, opts: Options) -> Run:

@@ -1062,7 +1062,7 @@ class Agent:
             if look:
                 baseline, work, due = self._look(types_json)
             if not look or work:
-                claimed = self._claim(limit, lease_ms, types_json, waiting=True)
+                claimed = self._claim(limit, lease_ms, types_json)
                 if claimed.deliveries:
                     return claimed.deliveries
                 baseline, due = claimed.baseline, claimed.due
@@ -1101,25 +1101,26 @@ class Agent:
         lease_ms: int,
         types_json: str | None = None,
         *,
-        waiting: bool = False,
         acking: Sequence[Delivery] = (),
     ) -> _Claimed:
         """Lease up to ``limit`` messages in one write transaction, after acking ``acking``
-        (a run loop's last delivery: one transaction instead of two). ``waiting``: when
-        nothing is found, read in the same transaction what a wait needs (data_version and
+        (a run loop's last delivery: one transaction instead of two). When nothing is found,
+        the result carries what a wait needs, read in the same transaction (data_version and
         the next due time), so that no commit after this look is missed."""
         bus = self.bus
         now = bus._now_ms()
         lease_until = now + lease_ms
         notices = [d._ack_notice(now) for d in acking if d.message.headers.requires_ack]
         claimed: list[tuple[Any, ...]] = []
-        baseline = due = None
         with bus._write() as conn:
             if acking:
                 self._ack_in(conn, acking, notices, now)
             else:
                 mark_quiet()  # a claim makes no work for anyone: its commit rings nobody
-            storage.promote_due(conn, self.id, now)
+            baseline, due = storage.wait_point(conn, self.id)
+            if due is not None and due <= now:
+                storage.promote_due(conn, self.id, now)
+                due = None  # unknown now: read again below if a wait needs it
             while True:
                 rows, more = storage.claim(
                     conn, self.id, now, lease_until, limit - len(claimed), types_json,
@@ -1139,8 +1140,8 @@ class Agent:
                         claimed.append(row)
                 if len(claimed) >= limit or not more:
                     break
-            if waiting and not claimed:
-                baseline, due = storage.wait_point(conn, self.id)
+            if not claimed and due is None:
+                due = storage.wait_point(conn, self.id)[1]
             if now - self._touched_at >= _TOUCH_EVERY_MS:
                 storage.touch_agent(conn, self.id, now)
                 self._touched_at = now

@@ -261,12 +261,11 @@ class Dispatcher:
                     if look and not agent._more:
                         baseline, work, due = agent._look()
                         if work:
-                            claimed = agent._claim(limit, lease_ms, waiting=not until_idle)
+                            claimed = agent._claim(limit, lease_ms)
                     else:
-                        claimed = agent._claim(limit, lease_ms, waiting=not until_idle)
+                        claimed = agent._claim(limit, lease_ms)
                 if claimed is not None and claimed.deliveries:
-                    done, claimed = self._process(claimed.deliveries, keeper, limit, lease_ms,
-                                                  waiting=not until_idle)
+                    done, claimed = self._process(claimed.deliveries, keeper, limit, lease_ms)
                     processed += done
                     look = True
                     continue
@@ -315,12 +314,12 @@ class Dispatcher:
         return restore
 
     def _process(
-        self, deliveries: Sequence[Delivery], keeper: _LeaseKeeper, limit: int, lease_ms: int,
-        *, waiting: bool,
+        self, deliveries: Sequence[Delivery], keeper: _LeaseKeeper, limit: int, lease_ms: int
     ) -> tuple[int, Any]:
         """Dispatch ``deliveries`` in order; the ack of the last one also claims the next
-        messages (one transaction instead of two). Returns (messages processed, what that
-        claim found, or None)."""
+        messages (one transaction instead of two), unless it carries a response: its
+        requester waits for that commit, so it goes first. Returns (messages processed, what
+        that claim found, or None)."""
         done = 0
         claimed = None
         keeper.hold(deliveries)
@@ -332,7 +331,8 @@ class Dispatcher:
                 try:
                     if self._dispatch(d):
                         last = index == len(deliveries) - 1 and not self._stop.is_set()
-                        claimed = self._ack(d, limit if last else 0, lease_ms, waiting)
+                        claim = limit if last and not _has_response(d) else 0
+                        claimed = self._ack(d, claim, lease_ms)
                 except LeaseLostError as exc:
                     log.warning("sqlbus: %s; another receiver has it now", exc)
                 keeper.drop(d)
@@ -342,7 +342,7 @@ class Dispatcher:
             keeper.drop_all(deliveries)
         return done, claimed
 
-    def _ack(self, d: Delivery, claim: int, lease_ms: int, waiting: bool) -> Any:
+    def _ack(self, d: Delivery, claim: int, lease_ms: int) -> Any:
         """Ack ``d`` after its handlers succeeded, claiming up to ``claim`` next messages in
         the same transaction (0: none); returns that claim, or None. When a buffered effect
         cannot be written (a state write's version check fails at the ack, a value cannot be
@@ -351,7 +351,7 @@ class Dispatcher:
         acking = [] if d._settled is not None else [d]  # a handler may have settled it itself
         try:
             if claim:
-                return self.agent._claim(claim, lease_ms, waiting=waiting, acking=acking)
+                return self.agent._claim(claim, lease_ms, acking=acking)
             if acking:
                 d.ack()
         except (VersionConflictError, ValidationError) as exc:
@@ -581,13 +581,13 @@ def request(
         sweep = agent.id in _had_timeouts.get(bus, ())
     _await(bus, agent.id, correlation_id)  # before the request exists: its response is ours
     try:
-        # Read before our own commit (which does not move it): a response committed at any
-        # time after the request then shows, so there is no need to look for it at once.
-        baseline = bus._data_version()
         with bus._write() as conn:
             op.write(conn, now)
             if sweep:
                 _sweep_late_responses(conn, agent.id, now)
+            # Read in our own write (whose commit does not move it): a response committed at
+            # any time after the request then changes it, so there is no need to look at once.
+            baseline = storage.data_version(conn)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

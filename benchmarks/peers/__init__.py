@@ -84,6 +84,15 @@ class Client:
                 return None
             time.sleep(self.poll_interval)
 
+    def consume(self, queue: str, on_message: Any, stop: Any) -> None:
+        """A consumer process's loop (workload 5): call ``on_message(i)`` for each message,
+        claimed and acked, until ``stop`` (an event) is set. By default ``get`` in a loop; a
+        peer with a consumer loop of its own overrides this."""
+        while not stop.is_set():
+            i = self.get(queue, 0.2)
+            if i is not None:
+                on_message(i)
+
     # Ping-pong: a peer may override these to use its own request/reply idiom.
     def ping(self, i: int, timeout: float) -> int | None:
         """Send ``i`` to the responder and wait for its answer; returns the answer's id."""

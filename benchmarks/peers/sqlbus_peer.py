@@ -56,6 +56,16 @@ class SqlbusClient(Client):
     def get_blocking(self, queue: str, timeout: float) -> int | None:
         return self._take(queue, timeout)
 
+    def consume(self, queue: str, on_message: Any, stop: Any) -> None:
+        """agent.run() with a handler: sqlbus's consumer loop (an ack claims the next)."""
+        import threading
+
+        agent = self.agent(queue)
+        agent.subscribe("notification", lambda message: on_message(message.payload["i"]))
+        watcher = threading.Thread(target=lambda: (stop.wait(), agent.stop()), daemon=True)
+        watcher.start()
+        agent.run()
+
     def ping(self, i: int, timeout: float) -> int | None:
         pinger = self.agent("pong")
         if self.has_request:
@@ -86,6 +96,8 @@ class SqlbusPeer(Peer):
         "30 s); backlog prefills use publish_many with ttl=0 so they do not expire",
         "ping-pong: agent.request() when it exists, else publish + receive(wait=...); the "
         "responder answers with d.reply(), committed with its ack",
+        "2x2 processes: each consumer is agent.run() with a handler (its consumer loop, in "
+        "which the ack of a message also claims the next); workload 3 uses receive() + ack()",
     )
 
     def settings(self, store: str) -> str:

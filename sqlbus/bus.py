@@ -1117,10 +1117,6 @@ class Agent:
                 self._ack_in(conn, acking, notices, now)
             else:
                 mark_quiet()  # a claim makes no work for anyone: its commit rings nobody
-            baseline, due = storage.wait_point(conn, self.id)
-            if due is not None and due <= now:
-                storage.promote_due(conn, self.id, now)
-                due = None  # unknown now: read again below if a wait needs it
             while True:
                 rows, more = storage.claim(
                     conn, self.id, now, lease_until, limit - len(claimed), types_json,
@@ -1140,8 +1136,9 @@ class Agent:
                         claimed.append(row)
                 if len(claimed) >= limit or not more:
                     break
-            if not claimed and due is None:
-                due = storage.wait_point(conn, self.id)[1]
+            baseline = due = None
+            if not claimed:
+                baseline, due = storage.wait_point(conn, self.id)
             if now - self._touched_at >= _TOUCH_EVERY_MS:
                 storage.touch_agent(conn, self.id, now)
                 self._touched_at = now

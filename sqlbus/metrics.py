@@ -709,10 +709,10 @@ def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
         rows = storage.peek_rows(conn, agent, limit)
     entries = []
     for state, visible_at, attempts, _sent_at, body in rows:
-        if state == storage.SCHEDULED:
-            status = "scheduled"
+        if visible_at <= now:
+            status = "ready"  # queued, or its time came (a due retry, a lease that ran out)
         else:
-            status = "ready" if visible_at <= now else "leased"
+            status = "scheduled" if state == storage.SCHEDULED else "leased"
         entries.append(
             InboxEntry(message=decode_message(body), status=status, attempts=attempts,
                        visible_at=iso_ms(visible_at))

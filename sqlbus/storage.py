@@ -17,8 +17,8 @@ Tables (all STRICT):
   and when a scheduled row comes due. A claim leases a row (state 1, ``visible_at`` the
   deadline, one more ``attempts`` and ``claims``), which takes it out of the claim index: a
   claim never walks over rows other receivers hold, however many. Scheduled rows that came
-  due and leases that ran out are queued again by the next claim (:func:`promote_due`),
-  keeping their place in the order. ``(seq, claims)`` names one lease (``claims`` never
+  due and leases that ran out are ready as they are: a claim takes them in their place in
+  the order, beside the queued ones. ``(seq, claims)`` names one lease (``claims`` never
   resets, unlike ``attempts``): ack, fail and extend are guarded by it. 0 and 1 are the
   values SQLite stores in no bytes at all, so a claim (0 to 1) leaves the row's size alone
   and SQLite rewrites it in place, never touching the overflow pages of a large body.
@@ -497,28 +497,35 @@ _BINARY = " COLLATE BINARY"
 # A claim picks its rows with one SELECT on message_claim and leases them with one executemany
 # by seq: measured here, a quarter of the cost of ``UPDATE ... WHERE seq IN (SELECT ... LIMIT
 # n) RETURNING`` for n = 1, and cheaper per row for batches too.
-_READY_ROWS = f" FROM message WHERE agent = ?1{_BINARY} AND state = 0 AND visible_at <= ?2"
-_READY = "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, body" + _READY_ROWS
+# A claim takes the first ready rows in delivery order from two places: queued rows
+# (message_claim, in order already) and rows waiting for a time that has come, scheduled
+# ones due and leases that ran out (message_wait; few, sorted). One statement, no separate
+# step that queues the due rows first: measured 5 us against 7 for look-then-claim.
+_QUEUED_READY = f" FROM message WHERE agent = ?1{_BINARY} AND state = 0 AND visible_at <= ?2"
+_WAITING_DUE = f" FROM message WHERE agent = ?1{_BINARY} AND state IN (1, 4) AND visible_at <= ?2"
 _READY_TYPES = " AND type IN (SELECT value FROM json_each(?3))"
 _READY_NOT_AWAITED = (
     " AND NOT (type = 'response' AND correlation_id IN (SELECT value FROM json_each(?4)))"
 )
+_CLAIMED = "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, body"
+
+
+def _filters(types: bool, skip: bool) -> str:
+    return (_READY_TYPES if types else "") + (_READY_NOT_AWAITED if skip else "")
+
+
 # The LIMIT is written into the text, not bound: SQLite (3.54) plans with a bound LIMIT's
 # value, so every new binding of it recompiles the statement (measured: ~6 us of a ~10 us
 # claim). apsw caches each text once; a receiver uses one or two limits.
-_READY_ORDER = " ORDER BY priority DESC, seq LIMIT "
 _SELECT_READY = {
-    (types, skip): _READY + (_READY_TYPES if types else "") + (_READY_NOT_AWAITED if skip else "")
-    + _READY_ORDER
+    (types, skip): _CLAIMED + _QUEUED_READY + _filters(types, skip) + " UNION ALL "
+    + _CLAIMED + _WAITING_DUE + _filters(types, skip) + " ORDER BY priority DESC, seq LIMIT "
     for types in (False, True)
     for skip in (False, True)
 }
-# Scheduled rows that came due and leases that ran out (the next claim queues them again).
-_WAITING_DUE = f" WHERE agent = ?1{_BINARY} AND state IN (1, 4) AND visible_at <= ?2"
-_SCHEDULED_DUE = " OR EXISTS (SELECT 1 FROM message" + _WAITING_DUE + ")"
 _HAS_WORK = {
-    (types, skip): "SELECT EXISTS (SELECT 1" + _READY_ROWS + (_READY_TYPES if types else "")
-    + (_READY_NOT_AWAITED if skip else "") + " LIMIT 1)" + _SCHEDULED_DUE
+    (types, skip): "SELECT EXISTS (SELECT 1" + _QUEUED_READY + _filters(types, skip)
+    + " LIMIT 1) OR EXISTS (SELECT 1" + _WAITING_DUE + _filters(types, skip) + ")"
     for types in (False, True)
     for skip in (False, True)
 }
@@ -550,13 +557,6 @@ _LEASE = (
 _HELD = " WHERE seq = ? AND claims = ? AND state IN (0, 1)"
 
 
-def promote_due(conn: apsw.Connection, agent: str, now: int) -> int:
-    """Queue this agent's rows that are due: scheduled ones (retries, delayed messages) and
-    leases that ran out. They keep their place in the order (priority, then seq)."""
-    conn.execute("UPDATE message SET state = 0" + _WAITING_DUE, (agent, now))
-    return conn.changes()
-
-
 def claim(
     conn: apsw.Connection,
     agent: str,
@@ -570,8 +570,9 @@ def claim(
 
     Returns the rows, (seq, claims, attempts, priority, expires_at, sent_at, body) in delivery
     order, and whether more ready rows wait behind them (the query reads one row past the
-    limit, so a receiver that took the last one can look before it writes again). Queue due
-    rows first with :func:`promote_due`. ``types_json`` (a JSON list) keeps only those types;
+    limit, so a receiver that took the last one can look before it writes again). Ready rows
+    are queued ones and rows whose time came: retries and delayed messages that are due,
+    leases that ran out. ``types_json`` (a JSON list) keeps only those types;
     ``skip_json`` leaves alone the ``response`` rows whose correlation id it lists (responses a
     request of this process is waiting for).
     """
@@ -607,9 +608,8 @@ def look(
 
 
 def wait_point(conn: apsw.Connection, agent: str) -> tuple[int, int | None]:
-    """(``data_version``, when the agent's next scheduled or leased row comes due, or None),
-    in one read: a claim reads it first, to know whether to :func:`promote_due` and, when it
-    finds nothing, what its wait needs."""
+    """What a wait needs, read by a claim that found nothing, in its transaction:
+    (``data_version``, when the agent's next scheduled or leased row comes due, or None)."""
     version, due = conn.execute(f"SELECT {_DATA_VERSION}, {_NEXT_DUE}", (agent,)).fetchall()[0]
     return version, due
 

@@ -80,10 +80,7 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _model_claim(self, limit: int) -> list[tuple[str, int]]:
         now = self.clock.ms
-        for row in self.rows.values():  # due retries are ready again, claimed or not
-            if row.state == SCHEDULED and row.visible_at <= now:
-                row.state = QUEUED
-        delivered = []
+        delivered = []  # (a due retry is ready where it is; only a claim changes its row)
         for mid, row in self._claimable():
             if len(delivered) == limit:
                 break

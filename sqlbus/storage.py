@@ -57,7 +57,7 @@ CREATE TABLE message (
     type TEXT NOT NULL,
     correlation_id TEXT,               -- headers.correlation_id, for requests and responses
     priority INTEGER NOT NULL CHECK (priority BETWEEN 1 AND 5),
-    state INTEGER NOT NULL CHECK (state IN (0, 1, 2, 3, 4)),
+    state INTEGER NOT NULL CHECK (state BETWEEN 0 AND 4),
     visible_at INTEGER NOT NULL,       -- queued: ready at; leased: until; scheduled: due at
     expires_at INTEGER,                -- NULL: never expires
     attempts INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
@@ -74,7 +74,7 @@ MESSAGE_INDEXES = """
 -- claim touches only the head of one agent's queue whatever the backlog or archive size.
 CREATE INDEX message_claim ON message (agent, priority DESC, seq, visible_at) WHERE state = 0;
 -- Rows waiting for a time: leased ones (until) and scheduled ones (due at).
-CREATE INDEX message_wait ON message (agent, visible_at) WHERE state IN (1, 4);
+CREATE INDEX message_wait ON message (agent, visible_at) WHERE (state = 1 OR state = 4);
 CREATE INDEX message_id ON message (message_id);
 -- A requester finds its response by correlation id (sqlbus.worker). Partial on responses
 -- only, so no other publish touches a page of it; an ack does not either (state is not in it).
@@ -502,7 +502,7 @@ _BINARY = " COLLATE BINARY"
 # ones due and leases that ran out (message_wait; few, sorted). One statement, no separate
 # step that queues the due rows first: measured 5 us against 7 for look-then-claim.
 _QUEUED_READY = f" FROM message WHERE agent = ?1{_BINARY} AND state = 0 AND visible_at <= ?2"
-_WAITING_DUE = f" FROM message WHERE agent = ?1{_BINARY} AND state IN (1, 4) AND visible_at <= ?2"
+_WAITING_DUE = f" FROM message WHERE agent = ?1{_BINARY} AND (state = 1 OR state = 4) AND visible_at <= ?2"
 _READY_TYPES = " AND type IN (SELECT value FROM json_each(?3))"
 _READY_NOT_AWAITED = (
     " AND NOT (type = 'response' AND correlation_id IN (SELECT value FROM json_each(?4)))"
@@ -530,7 +530,7 @@ _HAS_WORK = {
     for skip in (False, True)
 }
 _DATA_VERSION = "(SELECT data_version FROM pragma_data_version())"
-_NEXT_DUE = f"(SELECT min(visible_at) FROM message WHERE agent = ?1{_BINARY} AND state IN (1, 4))"
+_NEXT_DUE = f"(SELECT min(visible_at) FROM message WHERE agent = ?1{_BINARY} AND (state = 1 OR state = 4))"
 _LOOK = {
     key: f"SELECT {_DATA_VERSION}, ({sql[len('SELECT '):]}), {_NEXT_DUE}"
     for key, sql in _HAS_WORK.items()
@@ -554,7 +554,7 @@ _LEASE = (
 )
 # A held lease: the row is leased, or its lease ran out and nobody claimed it again yet (a
 # claim may have queued it, state 0, without taking it).
-_HELD = " WHERE seq = ? AND claims = ? AND state IN (0, 1)"
+_HELD = " WHERE seq = ? AND claims = ? AND state <= 1"
 
 
 def claim(
@@ -686,7 +686,7 @@ def dead_letter(
     time). ``attempts`` overrides the attempt count kept in the record.
     """
     rows = conn.execute(
-        "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2 AND state IN (0, 1)"
+        "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2 AND state <= 1"
         " AND (?3 IS NULL OR claims = ?3) RETURNING attempts",
         (now, seq, claims),
     ).fetchall()
@@ -713,7 +713,7 @@ def next_due(conn: apsw.Connection, agent: str) -> int | None:
     """Earliest time (ms) at which one of ``agent``'s rows becomes ready: a retry, a delayed
     message or a lease running out (past: it is due now); None when nothing is pending."""
     rows = conn.execute(
-        f"SELECT min(visible_at) FROM message WHERE agent = ?1{_BINARY} AND state IN (1, 4)",
+        f"SELECT min(visible_at) FROM message WHERE agent = ?1{_BINARY} AND (state = 1 OR state = 4)",
         (agent,),
     ).fetchall()
     return rows[0][0] if rows else None
@@ -1058,7 +1058,7 @@ _DEPTH = (
 )
 # the predicates of the two indexes (message_claim, message_wait), so each is read alone
 _DEPTH_QUEUED = " AND state = 0 GROUP BY agent, state"
-_DEPTH_WAITING = " AND state IN (1, 4) GROUP BY agent, state"
+_DEPTH_WAITING = " AND (state = 1 OR state = 4) GROUP BY agent, state"
 
 
 def depth_rows(conn: apsw.Connection, now: int) -> list[tuple[str, int, int, int, int, int | None]]:
@@ -1133,7 +1133,7 @@ def expired_leases(conn: apsw.Connection, now: int) -> int:
     released them) and that nobody has claimed again yet."""
     return conn.execute(
         "SELECT (SELECT count(*) FROM message WHERE state = 0 AND attempts > 0 AND"
-        " visible_at <= ?1) + (SELECT count(*) FROM message WHERE state IN (1, 4) AND"
+        " visible_at <= ?1) + (SELECT count(*) FROM message WHERE (state = 1 OR state = 4) AND"
         " state = 1 AND visible_at <= ?1)",
         (now,),
     ).fetchall()[0][0]
@@ -1164,7 +1164,7 @@ def peek_rows(
         _PEEK + " WHERE agent = ? AND state = 0 ORDER BY priority DESC, seq LIMIT ?",
         (agent, limit),
     ).fetchall() + conn.execute(
-        _PEEK + " WHERE agent = ? AND state IN (1, 4) AND state = 1"
+        _PEEK + " WHERE agent = ? AND (state = 1 OR state = 4) AND state = 1"
         " ORDER BY priority DESC, seq LIMIT ?",
         (agent, limit),
     ).fetchall()
@@ -1173,7 +1173,7 @@ def peek_rows(
     if len(rows) < limit:
         rows += conn.execute(
             "SELECT state, visible_at, attempts, sent_at, body FROM message WHERE agent = ?"
-            " AND state IN (1, 4) AND state = 4 ORDER BY visible_at, seq LIMIT ?",
+            " AND (state = 1 OR state = 4) AND state = 4 ORDER BY visible_at, seq LIMIT ?",
             (agent, limit - len(rows)),
         ).fetchall()
     return rows

@@ -16,8 +16,8 @@ import base64
 import os
 import re
 import secrets
-import threading
 import time
+from collections import deque
 from typing import Annotated, Any, Literal, Union, get_args
 
 import msgspec
@@ -206,24 +206,21 @@ _message_decoder = msgspec.json.Decoder(Message)
 _iso_second_cache: dict[int, str] = {}
 
 
-class _RandomPool(threading.local):
-    """Random base32 characters from ``secrets``, fetched 4 KiB at a time (one syscall, not one
-    per id). Per thread; emptied in a forked child so parent and child never share ids."""
-
-    chars = ""
-    offset = 0
-
-    def take(self, n: int) -> str:
-        if self.offset + n > len(self.chars):
-            self.chars = base64.b32encode(secrets.token_bytes(4095)).decode().lower()
-            self.offset = 0
-        start = self.offset
-        self.offset = start + n
-        return self.chars[start : start + n]
+# Random parts of message ids, 9 base32 characters each from ``secrets``, made 728 at a time
+# (one syscall, not one per id). A deque: taking one is atomic, so threads share it safely; a
+# forked child empties it, so parent and child never share ids.
+_random_parts: deque[str] = deque()
+os.register_at_fork(after_in_child=_random_parts.clear)
+_last_id_prefix = (-1, "")  # (epoch ms, "msg-<13 digits>-"): ids made in the same ms share it
 
 
-_random_pool = _RandomPool()
-os.register_at_fork(after_in_child=lambda: setattr(_random_pool, "chars", ""))
+def _random_part() -> str:
+    try:
+        return _random_parts.popleft()
+    except IndexError:
+        text = base64.b32encode(secrets.token_bytes(4095)).decode().lower()
+        _random_parts.extend(text[i : i + 9] for i in range(0, len(text) - 8, 9))
+        return _random_parts.popleft()
 
 
 def new_message_id(now_ms: int) -> str:
@@ -231,12 +228,24 @@ def new_message_id(now_ms: int) -> str:
 
     The random part is 45 bits in base32 (``a-z2-7``), a subset of the schema's alphabet.
     """
-    return f"msg-{now_ms:013d}-{_random_pool.take(9)}"
+    global _last_id_prefix
+    ms, prefix = _last_id_prefix
+    if ms != now_ms:
+        prefix = f"msg-{now_ms:013d}-"
+        _last_id_prefix = (now_ms, prefix)
+    return prefix + _random_part()
+
+
+_last_iso = (-1, "")  # (epoch ms, its ISO text): the messages of a batch share a timestamp
 
 
 def iso_ms(epoch_ms: int) -> str:
     """Epoch milliseconds as ISO 8601 UTC with milliseconds: ``2026-11-24T05:46:52.123Z``."""
-    seconds, ms = divmod(epoch_ms, 1000)
+    global _last_iso
+    ms, text = _last_iso
+    if ms == epoch_ms:
+        return text
+    seconds, fraction = divmod(epoch_ms, 1000)
     prefix = _iso_second_cache.get(seconds)
     if prefix is None:
         if len(_iso_second_cache) > 64:
@@ -244,7 +253,9 @@ def iso_ms(epoch_ms: int) -> str:
         prefix = _iso_second_cache[seconds] = time.strftime(
             "%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)
         )
-    return f"{prefix}.{ms:03d}Z"
+    text = f"{prefix}.{fraction:03d}Z"
+    _last_iso = (epoch_ms, text)
+    return text
 
 
 def decode_message(body: bytes) -> Message:

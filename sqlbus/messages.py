@@ -12,7 +12,6 @@ only ever sees the encoded bytes. Encoders and decoders are built once at import
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import secrets
@@ -206,11 +205,13 @@ _message_decoder = msgspec.json.Decoder(Message)
 _iso_second_cache: dict[int, str] = {}
 
 
-# Random parts of message ids, 9 base32 characters each from ``secrets``, made 728 at a time
-# (one syscall, not one per id). A deque: taking one is atomic, so threads share it safely; a
-# forked child empties it, so parent and child never share ids.
+# Random parts of message ids, 9 characters of a 32-letter alphabet (5 random bits each, from
+# ``secrets``), made 1,000 at a time: one syscall, not one per id. A deque: taking one is
+# atomic, so threads share it safely; a forked child empties it, so parent and child never
+# share ids.
 _random_parts: deque[str] = deque()
 os.register_at_fork(after_in_child=_random_parts.clear)
+_ID_ALPHABET = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[b % 32] for b in range(256))
 _last_id_prefix = (-1, "")  # (epoch ms, "msg-<13 digits>-"): ids made in the same ms share it
 
 
@@ -218,8 +219,8 @@ def _random_part() -> str:
     try:
         return _random_parts.popleft()
     except IndexError:
-        text = base64.b32encode(secrets.token_bytes(4095)).decode().lower()
-        _random_parts.extend(text[i : i + 9] for i in range(0, len(text) - 8, 9))
+        text = secrets.token_bytes(9000).translate(_ID_ALPHABET).decode()
+        _random_parts.extend([text[i : i + 9] for i in range(0, 9000, 9)])
         return _random_parts.popleft()
 
 
@@ -474,23 +475,36 @@ def prepare(
     if payload is None:
         payload = {}
     encoded_payload = encode_payload(payload, type, max_payload_bytes, f"{prefix}payload")
-    headers = Headers(
-        priority=priority,
-        ttl=ttl,
-        requires_ack=requires_ack,
-        correlation_id=UNSET if correlation_id is None else correlation_id,
-        broadcast_pattern=UNSET if broadcast_pattern is None else broadcast_pattern,
-        direct_reply=True if direct_reply else UNSET,
-    )
-    message = Message(
-        id=id,
-        sender=sender,
-        to=recipients if broadcast_pattern is not None or not isinstance(to, str) else to,
-        type=type,  # type: ignore[arg-type]
-        timestamp=iso_ms(now_ms),
-        payload=msgspec.Raw(encoded_payload),  # type: ignore[arg-type]
-        headers=headers,
-    )
+    if broadcast_pattern is None and correlation_id is None and not direct_reply and (
+        type_of(to) is str
+    ):
+        # The common message: its envelope (all but id, timestamp and payload) is made once.
+        key = (sender, to, type, priority, ttl, requires_ack)
+        envelope = _ENVELOPES.get(key)
+        if envelope is None:
+            envelope = _envelope(sender, to, type, priority, ttl, requires_ack)
+            if len(_ENVELOPES) < 10_000:
+                _ENVELOPES[key] = envelope
+        middle, tail = envelope
+        body = b"".join((b'{"id":"', id.encode(), middle, iso_ms(now_ms).encode(),
+                         b'","payload":', encoded_payload, tail))
+    else:
+        body = _encode(Message(
+            id=id,
+            sender=sender,
+            to=recipients if broadcast_pattern is not None or not isinstance(to, str) else to,
+            type=type,  # type: ignore[arg-type]
+            timestamp=iso_ms(now_ms),
+            payload=msgspec.Raw(encoded_payload),  # type: ignore[arg-type]
+            headers=Headers(
+                priority=priority,
+                ttl=ttl,
+                requires_ack=requires_ack,
+                correlation_id=UNSET if correlation_id is None else correlation_id,
+                broadcast_pattern=UNSET if broadcast_pattern is None else broadcast_pattern,
+                direct_reply=True if direct_reply else UNSET,
+            ),
+        ))
     return Outgoing(
         id=id,
         sender=sender,
@@ -500,13 +514,35 @@ def prepare(
         ttl=ttl,
         requires_ack=requires_ack,
         correlation_id=correlation_id,
-        body=_encode(message),
+        body=body,
         caller_id=caller_id,
         delivered=delivered,
     )
 
 
 _ID_RE = re.compile(r"^msg-[0-9]{13}-[a-z0-9]{9}$")
+# (sender, to, type, priority, ttl, requires_ack) -> the message's JSON around its id,
+# timestamp and payload: a body is three joins instead of two structs and an encode (measured
+# 0.24 us against 0.68).
+_ENVELOPES: dict[tuple[str, str, str, int, int, bool], tuple[bytes, bytes]] = {}
+
+
+def _envelope(
+    sender: str, to: str, type: str, priority: int, ttl: int, requires_ack: bool
+) -> tuple[bytes, bytes]:
+    """The JSON msgspec writes for such a Message, cut around its id, timestamp and payload:
+    (from the id's closing quote to the timestamp's opening one, after the payload). Agent
+    ids are JSON strings in it, so the cuts' unescaped quotes can only be the real ones."""
+    whole = _encode(Message(
+        id="I", sender=sender, to=to, type=type, timestamp="T",  # type: ignore[arg-type]
+        payload=msgspec.Raw(b"0"), headers=Headers(  # type: ignore[arg-type]
+            priority=priority, ttl=ttl, requires_ack=requires_ack),
+    ))
+    start = whole.index(b'","from":')
+    stamp = whole.index(b'","timestamp":"') + len(b'","timestamp":"')
+    tail = whole.index(b'","payload":0') + len(b'","payload":0')
+    assert whole.startswith(b'{"id":"I') and whole[stamp : stamp + 1] == b"T"
+    return whole[start:stamp], whole[tail:]
 type_of = type  # `type` is shadowed by the parameter of the same name in prepare()
 
 

@@ -26,6 +26,7 @@ ALLOWED_SQL_INTERPOLATIONS: dict[tuple[str, str], str] = {
     ("storage.py", "synchronous"): "open_connection asserts it is NORMAL or FULL",
     ("storage.py", "mode"): "checkpoint asserts it is one of four keywords",
     ("storage.py", "int(max_errors)"): "an int",
+    ("storage.py", "', '.join([_ONE_ROW] * size)"): "the fixed row of placeholders, repeated",
 }
 SQL_WORDS = re.compile(
     r"\b(SELECT|INSERT|UPDATE|DELETE|PRAGMA|CREATE|DROP|ALTER|WHERE|VALUES|VACUUM|ATTACH)\b"

@@ -502,9 +502,15 @@ class Checkpointer:
             time.sleep(CHECKPOINT_GAP)
 
     def close(self) -> None:
-        """Let the thread end (its connection closes with the bus's)."""
+        """End the thread, after the checkpoint it may be running (the bus then closes its
+        connection: a connection is never used by two threads at once)."""
         self._closed = True
         self._wanted.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and (
+            self._pid == os.getpid()
+        ):
+            thread.join(5.0)
 
 
 def fold_wal(conn: apsw.Connection) -> None:

@@ -521,8 +521,9 @@ _BINARY = " COLLATE BINARY"
 # n) RETURNING`` for n = 1, and cheaper per row for batches too.
 # A claim takes the first ready rows in delivery order from two places: queued rows
 # (message_claim, in order already) and rows waiting for a time that has come, scheduled
-# ones due and leases that ran out (message_wait; few, sorted). One statement, no separate
-# step that queues the due rows first: measured 5 us against 7 for look-then-claim.
+# ones due and leases that ran out (message_wait; few). Usually there are none of the second
+# kind, and a probe for them costs far less than the UNION ALL that merges both (its sort
+# builds a temporary table: measured 20k instructions a claim), so the claim probes first.
 _QUEUED_READY = f" FROM message WHERE agent = ?1{_BINARY} AND state = 0 AND visible_at <= ?2"
 _WAITING_DUE = f" FROM message WHERE agent = ?1{_BINARY} AND (state = 1 OR state = 4) AND visible_at <= ?2"
 _READY_TYPES = " AND type IN (SELECT value FROM json_each(?3))"
@@ -539,12 +540,19 @@ def _filters(types: bool, skip: bool) -> str:
 # The LIMIT is written into the text, not bound: SQLite (3.54) plans with a bound LIMIT's
 # value, so every new binding of it recompiles the statement (measured: ~6 us of a ~10 us
 # claim). apsw caches each text once; a receiver uses one or two limits.
-_SELECT_READY = {
-    (types, skip): _CLAIMED + _QUEUED_READY + _filters(types, skip) + " UNION ALL "
-    + _CLAIMED + _WAITING_DUE + _filters(types, skip) + " ORDER BY priority DESC, seq LIMIT "
+_ORDER = " ORDER BY priority DESC, seq LIMIT "
+_SELECT_QUEUED = {
+    (types, skip): _CLAIMED + _QUEUED_READY + _filters(types, skip) + _ORDER
     for types in (False, True)
     for skip in (False, True)
 }
+_SELECT_READY = {
+    (types, skip): _CLAIMED + _QUEUED_READY + _filters(types, skip) + " UNION ALL "
+    + _CLAIMED + _WAITING_DUE + _filters(types, skip) + _ORDER
+    for types in (False, True)
+    for skip in (False, True)
+}
+_ANY_DUE = "SELECT EXISTS (SELECT 1" + _WAITING_DUE + ")"
 _HAS_WORK = {
     (types, skip): "SELECT EXISTS (SELECT 1" + _QUEUED_READY + _filters(types, skip)
     + " LIMIT 1) OR EXISTS (SELECT 1" + _WAITING_DUE + _filters(types, skip) + ")"
@@ -598,7 +606,9 @@ def claim(
     ``skip_json`` leaves alone the ``response`` rows whose correlation id it lists (responses a
     request of this process is waiting for).
     """
-    select = _SELECT_READY[(types_json is not None, skip_json is not None)]
+    key = (types_json is not None, skip_json is not None)
+    due = conn.execute(_ANY_DUE, (agent, now)).fetchall()[0][0]
+    select = _SELECT_READY[key] if due else _SELECT_QUEUED[key]
     rows = conn.execute(
         select + str(min(limit, 1 << 62) + 1), _ready_params(agent, now, types_json, skip_json)
     ).fetchall()

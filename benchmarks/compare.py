@@ -445,8 +445,12 @@ def run_all(systems: list[str], workloads: list[str], opts: Options, log=print) 
                 log(f"{time.perf_counter() - started:.1f}s")
             continue
         cut: set[str] = set()
+        order = list(peers.items())
         for repeat in range(opts.repeats):
-            for name, peer in peers.items():
+            # Each repeat starts one system later: the machine's speed drifts (measured here:
+            # a fixed CPU loop varied 1.8x within seconds), and no system always runs first.
+            shift = repeat % len(order) if order else 0
+            for name, peer in order[shift:] + order[:shift]:
                 if name in cut:  # cut early once: the figure is a bound, repeats add only time
                     continue
                 log(f"[{w} {WORKLOADS[w]} #{repeat + 1}] {name} ...", end=" ", flush=True)

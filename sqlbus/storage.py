@@ -225,19 +225,29 @@ def check_file(path: str) -> bool:
     return False
 
 
+class Connection(apsw.Connection):
+    """An apsw connection with a cursor of its own, ``cur``, that the frequent statements
+    reuse: ``Connection.execute`` makes and frees a cursor each time, 0.4 us of a 1 us
+    statement (measured). Only for statements whose rows are read to the end at once (a
+    cursor runs one statement at a time)."""
+
+    cur: apsw.Cursor
+
+
 def open_connection(
     path: str,
     *,
     synchronous: str,
     busy_timeout: float,
     wal_hook: Callable[[int], None] | None = None,
-) -> apsw.Connection:
+) -> Connection:
     """Open a connection to an existing file with our per-connection settings.
 
     ``wal_hook(frames)`` is called after each commit with the WAL's length in frames, and
     replaces SQLite's automatic checkpoint (see ``sqlbus.metrics.Checkpointer``).
     """
-    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOMUTEX)
+    conn = Connection(path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOMUTEX)
+    conn.cur = conn.cursor()
     conn.set_busy_handler(_busy_handler(busy_timeout))
     assert synchronous in ("NORMAL", "FULL")
     conn.execute(f"PRAGMA synchronous={synchronous}")
@@ -346,23 +356,23 @@ def set_wal_mode(conn: apsw.Connection, path: str, new_file: bool = False) -> No
         raise DatabaseError(f"{path}: could not switch to WAL journal mode (got {mode!r})")
 
 
-def begin(conn: apsw.Connection) -> None:
+def begin(conn: Connection) -> None:
     """Start a write transaction.
 
     IMMEDIATE takes the write lock up front, through the busy handler; a deferred transaction
     that reads and then writes in WAL mode can fail with BUSY without waiting at all.
     """
-    conn.execute("BEGIN IMMEDIATE")
+    conn.cur.execute("BEGIN IMMEDIATE")
 
 
-def commit(conn: apsw.Connection) -> None:
-    conn.execute("COMMIT")
+def commit(conn: Connection) -> None:
+    conn.cur.execute("COMMIT")
 
 
-def rollback(conn: apsw.Connection) -> None:
+def rollback(conn: Connection) -> None:
     """Roll back the open transaction, if any (a failed COMMIT may already have ended it)."""
     if not conn.get_autocommit():
-        conn.execute("ROLLBACK")
+        conn.cur.execute("ROLLBACK")
 
 
 def begin_read(conn: apsw.Connection) -> None:
@@ -394,9 +404,9 @@ def checkpoint(conn: apsw.Connection, mode: str = "PASSIVE") -> tuple[int, int, 
     return int(row[0]), int(row[1]), int(row[2])
 
 
-def data_version(conn: apsw.Connection) -> int:
+def data_version(conn: Connection) -> int:
     """A number that changes when another connection commits (cheap, takes no lock)."""
-    return conn.execute("SELECT data_version FROM pragma_data_version()").fetchall()[0][0]
+    return conn.cur.execute("SELECT data_version FROM pragma_data_version()").fetchall()[0][0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,8 +421,8 @@ def register_agent(conn: apsw.Connection, agent: str, now: int) -> None:
     )
 
 
-def touch_agent(conn: apsw.Connection, agent: str, now: int, status: str | None = None) -> None:
-    conn.execute(
+def touch_agent(conn: Connection, agent: str, now: int, status: str | None = None) -> None:
+    conn.cur.execute(
         "UPDATE agents SET last_seen = max(last_seen, ?), status = coalesce(?, status) WHERE id = ?",
         (now, status, agent),
     )
@@ -442,9 +452,9 @@ _ONE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _INSERT = _INSERT_INTO + _ONE_ROW
 
 
-def message_exists(conn: apsw.Connection, message_id: str) -> bool:
+def message_exists(conn: Connection, message_id: str) -> bool:
     return bool(
-        conn.execute("SELECT 1 FROM message WHERE message_id = ? LIMIT 1", (message_id,)).fetchall()
+        conn.cur.execute("SELECT 1 FROM message WHERE message_id = ? LIMIT 1", (message_id,)).fetchall()
     )
 
 
@@ -488,7 +498,7 @@ def publish(
 _INSERT_CHUNK = 64  # rows per multi-row INSERT
 
 
-def _insert_rows(conn: apsw.Connection, rows: list[tuple[Any, ...]]) -> None:
+def _insert_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
     """INSERT the rows with multi-row VALUES statements of 64, then 32, 16, ... 1 rows (a
     handful of texts for apsw to cache): measured, 18% fewer instructions per row than one
     statement per row (executemany)."""
@@ -498,9 +508,9 @@ def _insert_rows(conn: apsw.Connection, rows: list[tuple[Any, ...]]) -> None:
         while size > count - start:
             size //= 2
         if size == 1:
-            conn.execute(_INSERT, rows[start])
+            conn.cur.execute(_INSERT, rows[start])
         else:
-            conn.execute(_INSERT_MANY[size], [value for row in rows[start : start + size]
+            conn.cur.execute(_INSERT_MANY[size], [value for row in rows[start : start + size]
                                              for value in row])
         start += size
 
@@ -588,7 +598,7 @@ _HELD = " WHERE seq = ? AND claims = ? AND state <= 1"
 
 
 def claim(
-    conn: apsw.Connection,
+    conn: Connection,
     agent: str,
     now: int,
     lease_until: int,
@@ -607,23 +617,23 @@ def claim(
     request of this process is waiting for).
     """
     key = (types_json is not None, skip_json is not None)
-    due = conn.execute(_ANY_DUE, (agent, now)).fetchall()[0][0]
+    due = conn.cur.execute(_ANY_DUE, (agent, now)).fetchall()[0][0]
     select = _SELECT_READY[key] if due else _SELECT_QUEUED[key]
-    rows = conn.execute(
+    rows = conn.cur.execute(
         select + str(min(limit, 1 << 62) + 1), _ready_params(agent, now, types_json, skip_json)
     ).fetchall()
     more = len(rows) > limit
     if more:
         del rows[limit:]
     if len(rows) == 1:
-        conn.execute(_LEASE, (lease_until, rows[0][0]))
+        conn.cur.execute(_LEASE, (lease_until, rows[0][0]))
     elif rows:
-        conn.executemany(_LEASE, [(lease_until, row[0]) for row in rows])
+        conn.cur.executemany(_LEASE, [(lease_until, row[0]) for row in rows])
     return rows, more
 
 
 def look(
-    conn: apsw.Connection,
+    conn: Connection,
     agent: str,
     now: int,
     types_json: str | None = None,
@@ -633,75 +643,81 @@ def look(
     (``data_version`` to wait on, whether a claim with the same arguments would find
     something, when the agent's next scheduled or leased row comes due, or None)."""
     select = _LOOK[(types_json is not None, skip_json is not None)]
-    version, work, due = conn.execute(
+    version, work, due = conn.cur.execute(
         select, _ready_params(agent, now, types_json, skip_json)
     ).fetchall()[0]
     return version, bool(work), due
 
 
-def wait_point(conn: apsw.Connection, agent: str) -> tuple[int, int | None]:
+def wait_point(conn: Connection, agent: str) -> tuple[int, int | None]:
     """What a wait needs, read by a claim that found nothing, in its transaction:
     (``data_version``, when the agent's next scheduled or leased row comes due, or None)."""
-    version, due = conn.execute(f"SELECT {_DATA_VERSION}, {_NEXT_DUE}", (agent,)).fetchall()[0]
+    version, due = conn.cur.execute(_WAIT_POINT, (agent,)).fetchall()[0]
     return version, due
 
 
-def ack(conn: apsw.Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:
+_WAIT_POINT = f"SELECT {_DATA_VERSION}, {_NEXT_DUE}"
+
+
+def ack(conn: Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:
     """Mark leased rows acked, given as (seq, claims); False when any of those leases is
     gone (the caller then rolls the whole transaction back: a batch ack is all or nothing)."""
     if len(leases) == 1:
-        conn.execute(_ACK, (now, *leases[0]))
+        conn.cur.execute(_ACK, (now, *leases[0]))
         return conn.changes() == 1
     before = conn.total_changes()
-    conn.executemany(_ACK, [(now, seq, claims) for seq, claims in leases])
+    conn.cur.executemany(_ACK, [(now, seq, claims) for seq, claims in leases])
     return conn.total_changes() - before == len(leases)
 
 
 _ACK = "UPDATE message SET state = 2, done_at = ?" + _HELD
 
 
-def acked_now(conn: apsw.Connection, seq: int, claims: int, now: int) -> bool:
+def acked_now(conn: Connection, seq: int, claims: int, now: int) -> bool:
     """Whether this transaction's ack took the lease (seq, claims): to name, after a failed
     batch ack, a delivery whose lease was lost."""
     return bool(
-        conn.execute(
+        conn.cur.execute(
             "SELECT 1 FROM message WHERE seq = ? AND claims = ? AND state = 2 AND done_at = ?",
             (seq, claims, now),
         ).fetchall()
     )
 
 
-def extend(conn: apsw.Connection, seq: int, claims: int, lease_until: int) -> bool:
+def extend(conn: Connection, seq: int, claims: int, lease_until: int) -> bool:
     """Move a held lease's deadline; False when that lease is gone."""
-    conn.execute("UPDATE message SET state = 1, visible_at = ?" + _HELD, (lease_until, seq, claims))
+    conn.cur.execute(_EXTEND, (lease_until, seq, claims))
     return conn.changes() == 1
+
+
+_EXTEND = "UPDATE message SET state = 1, visible_at = ?" + _HELD
 
 
 def release(
-    conn: apsw.Connection, seq: int, claims: int, now: int, *, attempted: bool = True
+    conn: Connection, seq: int, claims: int, now: int, *, attempted: bool = True
 ) -> bool:
     """Give a held lease back: the row is ready again now. ``attempted=False`` (no handler
     saw the message) takes back the attempt the claim counted; ``claims`` stays, fencing."""
-    conn.execute(
-        "UPDATE message SET state = 0, visible_at = ?, attempts = attempts - ?" + _HELD,
-        (now, 0 if attempted else 1, seq, claims),
-    )
+    conn.cur.execute(_RELEASE, (now, 0 if attempted else 1, seq, claims))
     return conn.changes() == 1
+
+
+_RELEASE = "UPDATE message SET state = 0, visible_at = ?, attempts = attempts - ?" + _HELD
 
 
 def retry(
-    conn: apsw.Connection, seq: int, claims: int, due_at: int, last_error: str | None
+    conn: Connection, seq: int, claims: int, due_at: int, last_error: str | None
 ) -> bool:
     """Schedule a leased row for another attempt at ``due_at``; False when the lease is gone."""
-    conn.execute(
-        "UPDATE message SET state = 4, visible_at = ?, last_error = ?" + _HELD,
-        (due_at, last_error, seq, claims),
-    )
+    conn.cur.execute(_RETRY, (due_at, last_error, seq, claims))
     return conn.changes() == 1
 
 
+_RETRY = "UPDATE message SET state = 4, visible_at = ?, last_error = ?" + _HELD
+
+
 def dead_letter(
-    conn: apsw.Connection,
+    conn: Connection,
     seq: int,
     claims: int | None,
     now: int,
@@ -717,14 +733,14 @@ def dead_letter(
     ``claims=None`` retires the row whatever its lease (the bus's own decisions at claim
     time). ``attempts`` overrides the attempt count kept in the record.
     """
-    rows = conn.execute(
+    rows = conn.cur.execute(
         "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2 AND state <= 1"
         " AND (?3 IS NULL OR claims = ?3) RETURNING attempts",
         (now, seq, claims),
     ).fetchall()
     if not rows:
         return False
-    conn.execute(
+    conn.cur.execute(
         "INSERT INTO dead_letter (seq, reason, error_name, error_message, traceback, context,"
         " failed_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (seq, reason, error_name, error_message, traceback, context_json, now,
@@ -733,8 +749,8 @@ def dead_letter(
     return True
 
 
-def count_error(conn: apsw.Connection, name: str) -> None:
-    conn.execute(
+def count_error(conn: Connection, name: str) -> None:
+    conn.cur.execute(
         "INSERT INTO error_counts (name, count) VALUES (?, 1) "
         "ON CONFLICT (name) DO UPDATE SET count = count + 1",
         (name,),
@@ -1252,7 +1268,7 @@ _RESPONSE_WHERE = _RESPONSE_OF + " AND state = 0 AND visible_at <= ?3"
 
 
 def find_response(
-    conn: apsw.Connection, agent: str, correlation_id: str, now: int
+    conn: Connection, agent: str, correlation_id: str, now: int
 ) -> tuple[int, bytes | None, int]:
     """A requester's look for its response, in one read: (``data_version`` to wait on, the
     body of a direct reply or None, 1 when a response waits in the inbox instead).
@@ -1262,7 +1278,7 @@ def find_response(
     and is taken with :func:`take_response`. ``data_version`` comes from the same snapshot,
     so a reply committed after this look changes it.
     """
-    rows = conn.execute(
+    rows = conn.cur.execute(
         "SELECT (SELECT data_version FROM pragma_data_version()),"
         f" (SELECT body FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
         " ORDER BY seq LIMIT 1),"
@@ -1274,12 +1290,12 @@ def find_response(
 
 
 def take_response(
-    conn: apsw.Connection, agent: str, correlation_id: str, now: int
+    conn: Connection, agent: str, correlation_id: str, now: int
 ) -> tuple[int, bytes] | None:
     """Claim and ack in one step the oldest ready response with ``correlation_id`` in
     ``agent``'s inbox; returns (seq, body) or None. An expired one is left for the claim,
     which dead-letters it."""
-    rows = conn.execute(
+    rows = conn.cur.execute(
         "UPDATE message SET state = 2, done_at = ?3, attempts = attempts + 1,"
         f" claims = claims + 1 WHERE seq = (SELECT seq FROM message WHERE {_RESPONSE_WHERE}"
         " AND (expires_at IS NULL OR expires_at >= ?3) ORDER BY seq LIMIT 1)"
@@ -1302,10 +1318,10 @@ def record_request_timeout(
     )
 
 
-def request_timed_out(conn: apsw.Connection, agent: str, correlation_id: str) -> bool:
+def request_timed_out(conn: Connection, agent: str, correlation_id: str) -> bool:
     """Whether ``agent``'s request ``correlation_id`` timed out (its response is late)."""
     return bool(
-        conn.execute(
+        conn.cur.execute(
             "SELECT 1 FROM request_timeout WHERE agent = ? AND correlation_id = ?",
             (agent, correlation_id),
         ).fetchall()

@@ -509,25 +509,26 @@ class Wakeup:
 
     def _drain(self) -> tuple[int, set[bytes] | None]:
         """Read every pending ring: (any read, their tags or None for "anything")."""
-        sock = self._sock
+        sock, poller = self._sock, self._poller
         tags: set[bytes] | None = set()
         got = 0
         while sock is not None:
             try:
                 data = sock.recv(4096)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
+            except OSError:  # BlockingIOError (empty), InterruptedError, closed
                 break
             got += 1
             if got >= _OVERFLOW:
                 tags = None  # the queue was (nearly) full: a ring may have been refused
-            if tags is None:
-                continue
-            if not data:
-                tags = None
-            else:
-                tags.update(data[i : i + 4] for i in range(0, len(data) - 3, 4))
+            elif tags is not None:
+                if not data:
+                    tags = None
+                elif len(data) == 4:
+                    tags.add(data)
+                else:
+                    tags.update(data[i : i + 4] for i in range(0, len(data) - 3, 4))
+            if poller is None or not poller.poll(0):
+                break  # nothing more queued (cheaper than the recv that would fail)
         return got, tags
 
     def token(self, tag: Any = ANY) -> tuple[int, int, int]:

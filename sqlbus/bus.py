@@ -50,6 +50,7 @@ from .messages import (
     encode_json,
     iso_ms,
     prepare,
+    prepare_plain,
 )
 from .metrics import ARCHIVE_RETENTION, DEAD_RETENTION
 from .state import StateStore, StateWrite, check_key
@@ -73,6 +74,7 @@ _TOUCH_EVERY_MS = 1_000  # receive() refreshes last_seen at most this often per 
 _PUBLISH_KEYS = frozenset(
     ("to", "type", "payload", "priority", "ttl", "requires_ack", "correlation_id", "delay", "id")
 )
+_PLAIN_KEYS = frozenset(("to", "type", "payload", "priority", "ttl", "requires_ack"))
 NON_RETRYABLE: tuple[type[BaseException], ...] = (
     ValidationError,
     msgspec.ValidationError,
@@ -989,6 +991,17 @@ class Agent:
         ops = []
         sender, max_bytes = self.id, self.bus.max_payload_bytes
         for index, item in enumerate(items):
+            if type_of(item) is dict and _PLAIN_KEYS.issuperset(item) and "to" in item and (
+                "type" in item
+            ):
+                get = item.get
+                plain = prepare_plain(
+                    sender, item["to"], item["type"], get("payload"), get("priority", 3),
+                    get("ttl", 30_000), get("requires_ack", False), now, max_bytes,
+                )
+                if plain is not None:
+                    ops.append(_Publish(plain, 0))
+                    continue
             if type_of(item) is not dict:
                 raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}")
             if not _PUBLISH_KEYS.issuperset(item):

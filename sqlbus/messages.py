@@ -195,6 +195,7 @@ TYPED_PAYLOADS: dict[str, type[Struct]] = {
     "task_result": TaskResult,
     "status_update": StatusUpdate,
 }
+_UNTYPED = MESSAGE_TYPES - TYPED_PAYLOADS.keys()
 
 # ---------------------------------------------------------------------------------------------
 # Encoding, ids, time
@@ -478,16 +479,8 @@ def prepare(
     if broadcast_pattern is None and correlation_id is None and not direct_reply and (
         type_of(to) is str
     ):
-        # The common message: its envelope (all but id, timestamp and payload) is made once.
-        key = (sender, to, type, priority, ttl, requires_ack)
-        envelope = _ENVELOPES.get(key)
-        if envelope is None:
-            envelope = _envelope(sender, to, type, priority, ttl, requires_ack)
-            if len(_ENVELOPES) < 10_000:
-                _ENVELOPES[key] = envelope
-        middle, tail = envelope
-        body = b"".join((b'{"id":"', id.encode(), middle, iso_ms(now_ms).encode(),
-                         b'","payload":', encoded_payload, tail))
+        body = _plain_body(sender, to, type, priority, ttl, requires_ack, id, now_ms,
+                           encoded_payload)
     else:
         body = _encode(Message(
             id=id,
@@ -525,6 +518,55 @@ _ID_RE = re.compile(r"^msg-[0-9]{13}-[a-z0-9]{9}$")
 # timestamp and payload: a body is three joins instead of two structs and an encode (measured
 # 0.24 us against 0.68).
 _ENVELOPES: dict[tuple[str, str, str, int, int, bool], tuple[bytes, bytes]] = {}
+
+
+def _plain_body(
+    sender: str, to: str, type: str, priority: int, ttl: int, requires_ack: bool, id: str,
+    now_ms: int, encoded_payload: bytes,
+) -> bytes:
+    """The body of a message to one agent without correlation id, broadcast pattern or direct
+    reply: its envelope (all but id, timestamp and payload) is made once."""
+    key = (sender, to, type, priority, ttl, requires_ack)
+    envelope = _ENVELOPES.get(key)
+    if envelope is None:
+        envelope = _envelope(sender, to, type, priority, ttl, requires_ack)
+        if len(_ENVELOPES) < 10_000:
+            _ENVELOPES[key] = envelope
+    middle, tail = envelope
+    return b"".join((b'{"id":"', id.encode(), middle, iso_ms(now_ms).encode(),
+                     b'","payload":', encoded_payload, tail))
+
+
+def prepare_plain(
+    sender: str, to: Any, type: str, payload: Any, priority: Any, ttl: Any, requires_ack: Any,
+    now_ms: int, max_payload_bytes: int,
+) -> Outgoing | None:
+    """:func:`prepare` for the commonest message of a batch (measured: a third of its cost):
+    to one known agent id, of a type without a typed payload, a dict payload, given no
+    correlation id, id or broadcast pattern. None for anything else or anything wrong: the
+    caller then calls prepare(), which accepts it or says what is wrong."""
+    if type_of(to) is not str or to not in _known_agent_ids or type not in _UNTYPED:
+        return None
+    if type_of(priority) is not int or not 1 <= priority <= 5 or type_of(ttl) is not int or (
+        not 0 <= ttl <= MAX_TTL_MS
+    ) or (requires_ack is not True and requires_ack is not False):
+        return None
+    if payload is None:
+        payload = {}
+    elif type_of(payload) is not dict:
+        return None
+    try:
+        encoded = _encode(payload)
+    except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError):
+        return None
+    if len(encoded) > max_payload_bytes or _decode_any(encoded) != payload:
+        return None
+    id = new_message_id(now_ms)
+    return Outgoing(
+        id=id, sender=sender, recipients=[to], type=type, priority=priority, ttl=ttl,
+        requires_ack=requires_ack, correlation_id=None,
+        body=_plain_body(sender, to, type, priority, ttl, requires_ack, id, now_ms, encoded),
+    )
 
 
 def _envelope(

@@ -314,3 +314,65 @@ def test_a_typed_payload_error_chains_the_msgspec_cause(bus):
     with pytest.raises(sqlbus.ValidationError) as info:
         alice.publish("alice", "task_result", {"task_id": "t", "status": "?"})
     assert isinstance(info.value.__cause__, msgspec.ValidationError)
+
+
+# ---------------------------------------------------------------------------------------------
+# The body a publish writes is exactly the JSON msgspec writes for its Message (publish builds
+# the common bodies from pieces made once, a faster path than two structs and an encode).
+
+_ODD_IDS = ["bob", 'qu"ote', "back\\slash", "ünïcödé", "a space", "日本語"]
+
+
+@pytest.mark.parametrize("sender", ["alice", *_ODD_IDS])
+@pytest.mark.parametrize("headers", [(3, 30_000, False), (5, 0, True), (1, 123, False)])
+def test_a_plain_body_is_the_json_msgspec_writes_for_its_message(sender, headers):
+    from sqlbus.messages import Headers, Message, check_agent_id, prepare, prepare_plain
+
+    priority, ttl, requires_ack = headers
+    for to in _ODD_IDS:
+        check_agent_id(sender), check_agent_id(to)
+        payload = {"n": 1, "text": "x\u2028y\"z", "nested": {"a": [1, 2.5, None, True]}}
+        out = prepare(sender, to, "notification", payload, now_ms=1_800_000_000_123,
+                      priority=priority, ttl=ttl, requires_ack=requires_ack)
+        expected = msgspec.json.encode(Message(
+            id=out.id, sender=sender, to=to, type="notification",
+            timestamp="2027-01-15T08:00:00.123Z", payload=payload,
+            headers=Headers(priority=priority, ttl=ttl, requires_ack=requires_ack),
+        ))
+        assert out.body == expected
+        plain = prepare_plain(sender, to, "notification", payload, priority, ttl, requires_ack,
+                              1_800_000_000_123, 1 << 20)
+        assert plain is not None
+        assert plain.body == expected.replace(out.id.encode(), plain.id.encode())
+        assert (plain.recipients, plain.priority, plain.ttl, plain.requires_ack) == (
+            [to], priority, ttl, requires_ack)
+
+
+def test_prepare_plain_leaves_to_prepare_what_it_does_not_check():
+    from sqlbus.messages import check_agent_id, prepare_plain
+
+    check_agent_id("alice"), check_agent_id("bob")
+    now = 1_800_000_000_000
+    assert prepare_plain("alice", "bob", "task_assignment", {}, 3, 30_000, False, now, 100) is None
+    assert prepare_plain("alice", "nobody-known", "notification", {}, 3, 30_000, False, now,
+                         100) is None
+    assert prepare_plain("alice", "bob", "notification", {"x": float("nan")}, 3, 30_000, False,
+                         now, 100) is None
+    assert prepare_plain("alice", "bob", "notification", {"x": "y" * 200}, 3, 30_000, False,
+                         now, 100) is None  # too large: prepare() says so
+    assert prepare_plain("alice", "bob", "notification", {}, 9, 30_000, False, now, 100) is None
+    assert prepare_plain("alice", "bob", "notification", [], 3, 30_000, False, now, 100) is None
+
+
+def test_publish_many_mixes_plain_and_other_messages_in_order(bus):
+    alice, bob = bus.agent("alice"), bus.agent("bob")
+    ids = alice.publish_many([
+        {"to": "bob", "type": "notification", "payload": {"n": 0}},
+        {"to": "bob", "type": "task_assignment", "payload": {"task": {"id": "t", "type": "x"}}},
+        {"to": "bob", "type": "notification", "payload": {"n": 2}, "correlation_id": "c"},
+        {"to": ["bob"], "type": "notification", "payload": {"n": 3}, "priority": 3},
+    ])
+    got = bob.receive(limit=10)
+    assert [d.message.id for d in got] == ids
+    assert got[2].message.headers.correlation_id == "c"
+    assert got[1].message.payload == {"task": {"id": "t", "type": "x"}}

@@ -14,6 +14,7 @@ are the public entry points; the CLI (:mod:`sqlbus.cli`) prints what they return
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -45,6 +46,8 @@ __all__ = [
     "DEAD_RETENTION",
     "to_prometheus",
 ]
+
+log = logging.getLogger("sqlbus")
 
 ARCHIVE_RETENTION = 7 * 86400.0  # s: acked rows (the sent archive) older than this are pruned
 DEAD_RETENTION = 30 * 86400.0  # s: dead letters older than this are pruned
@@ -462,6 +465,7 @@ class Checkpointer:
         self._closed = False
         self._pid = os.getpid()
         self._frames = 0  # the WAL's length after this process's last commit
+        self._restart_after = 0.0  # no RESTART pass before (a reader pinned the WAL)
 
     def wal_hook(self, frames: int) -> None:
         """After a commit of this process that left ``frames`` frames in the WAL."""
@@ -496,9 +500,13 @@ class Checkpointer:
                 with _no_fork_inside:
                     if conn is None:  # its own, waiting at most WAL_WAIT for others
                         conn = self._bus._open_connection(WAL_WAIT)
-                    fold_wal(conn)
+                    restart = time.monotonic() >= self._restart_after
+                    if fold_wal(conn, restart=restart) is False:
+                        self._restart_after = time.monotonic() + WAL_BACKOFF
             except (apsw.Error, DatabaseError):
                 pass  # busy, closed, read-only: an optimisation only, the next one retries
+            except Exception:  # noqa: BLE001 - a bug here must not end checkpoints for good
+                log.exception("sqlbus: the checkpointer failed; it will try again")
             time.sleep(CHECKPOINT_GAP)
 
     def close(self) -> None:
@@ -513,20 +521,26 @@ class Checkpointer:
             thread.join(5.0)
 
 
-def fold_wal(conn: apsw.Connection) -> None:
-    """Copy the WAL back into the database and make it start over.
+def fold_wal(conn: apsw.Connection, *, restart: bool = True) -> bool | None:
+    """Copy the WAL back into the database and make it start over. Returns False when a
+    reader kept the RESTART pass from finishing (try it again later, not at once), else None.
 
     A PASSIVE pass copies what it can without holding anyone up. The WAL itself starts over
     only at a commit made while it is wholly copied and no reader is using it, which under
     steady load never happens by itself (commits land during every copy): measured, 2
-    processes in ping-pong grew it to 64 MB in two seconds. So when frames are left, a
-    RESTART pass copies the rest holding writers back (for about an fsync) and waits up to the
-    connection's busy timeout for readers to leave the WAL; the next commit then writes at its
-    start again.
+    processes in ping-pong grew it to 64 MB in two seconds. So when the copy is complete and
+    the WAL still long, a RESTART pass copies what came meanwhile, holding writers back (for
+    about an fsync), and waits up to the connection's busy timeout for readers to leave the
+    WAL; the next commit then writes at its start again. When the copy is not complete, a
+    reader holds an older snapshot: a RESTART would hold every writer back until that reader
+    ends, so none is tried (``restart=False`` skips it too).
     """
-    _busy, frames, _done = storage.checkpoint(conn, "PASSIVE")
-    if frames >= CHECKPOINT_FRAMES:
-        storage.checkpoint(conn, "RESTART")
+    busy, frames, done = storage.checkpoint(conn, "PASSIVE")
+    if not restart or busy or frames < CHECKPOINT_FRAMES or done < frames:
+        return None
+    if storage.checkpoint(conn, "RESTART")[0]:
+        return False
+    return None
 
 
 def bound_wal(bus: Bus) -> bool | None:

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import apsw
 import pytest
 
 import sqlbus
@@ -336,9 +337,9 @@ def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
     calls: list[str] = []
     fold = ops.fold_wal
 
-    def counting(conn: object) -> None:
+    def counting(conn: object, **kwargs: object) -> object:
         calls.append(threading.current_thread().name)
-        fold(conn)
+        return fold(conn, **kwargs)
 
     monkeypatch.setattr(ops, "fold_wal", counting)
     monkeypatch.setattr(ops, "CHECKPOINT_FRAMES", 500)
@@ -357,6 +358,37 @@ def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
         alice.publish("bob", "notification", {})
         busy, frames, done = storage.checkpoint(bus._conn(), "PASSIVE")
         assert busy == 0 and done == frames < 50  # copied back, and the WAL started over
+
+
+def test_a_reader_that_pins_the_wal_does_not_make_the_checkpointer_hold_writers_back(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ops, "CHECKPOINT_FRAMES", 200)
+    modes: list[str] = []
+    checkpoint = storage.checkpoint
+
+    def recording(conn: object, mode: str = "PASSIVE") -> object:
+        if threading.current_thread().name == "sqlbus-checkpoint":
+            modes.append(mode)
+        return checkpoint(conn, mode)
+
+    monkeypatch.setattr(storage, "checkpoint", recording)
+    with sqlbus.connect(db_path) as bus:
+        alice = bus.agent("alice")
+        alice.publish("bob", "notification", {})
+        reader = apsw.Connection(str(db_path))
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM message").fetchall()  # holds this snapshot
+        try:
+            big = {"text": "x" * 1500}
+            for _ in range(20):
+                alice.publish_many([{"to": "bob", "type": "notification", "payload": big}] * 50)
+                time.sleep(0.02)  # let the checkpointer run between the batches
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+    assert modes.count("PASSIVE") >= 3  # it kept copying what it could
+    assert modes.count("RESTART") == 0  # but never waited on the reader, holding writers
 
 
 def test_a_forked_child_waits_on_a_doorbell_of_its_own_and_leaves_the_parents_alone(

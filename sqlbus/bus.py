@@ -916,8 +916,7 @@ def _write_all(conn: apsw.Connection, ops: Sequence[Any], now: int) -> list[Any]
     """Write pending publishes in one go (one statement batch), other ops one by one."""
     if all(type_of(op) is _Publish for op in ops):
         storage.publish(conn, [op.outgoing for op in ops], [now + op.delay_ms for op in ops], now)
-        for op in ops:
-            mark(op.outgoing.recipients)
+        mark({agent for op in ops for agent in op.outgoing.recipients})
         return [op.outgoing.id for op in ops]
     return [op.write(conn, now) for op in ops]
 

@@ -12,6 +12,7 @@ import stat
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
@@ -329,6 +330,74 @@ def test_a_process_is_rung_only_for_the_agents_its_doorbell_asks_for(db_path: Pa
             assert peer.recv(64) == b""
         finally:
             peer.close()
+
+
+def wait_once_then_hold(db_path: str, ready: Any, go: Any, result: Any) -> None:
+    """Child: wait once for carol (its doorbell stays), then stay busy (not waiting) until
+    told; report how many rings reached the doorbell meanwhile, then receive with a wait."""
+    with sqlbus.connect(db_path) as bus:
+        carol = bus.agent("carol")
+        assert carol.receive(wait=0.01) == []
+        ready.set()
+        go.wait(20)
+        got, _tags = bus._wakeup._drain()
+        result.put(got)
+        result.put(len(carol.receive(limit=10, wait=20.0)))
+
+
+def test_a_process_that_is_not_waiting_now_is_not_rung_and_loses_nothing(
+    db_path: Path,
+) -> None:
+    ready, go, result = CTX.Event(), CTX.Event(), CTX.Queue()
+    with sqlbus.connect(db_path) as bus:
+        alice = bus.agent("alice")
+        bus.agent("carol")
+        child = run_child(wait_once_then_hold, str(db_path), ready, go, result)
+        try:
+            assert ready.wait(20)
+            path = wait_for_doorbell(db_path)
+            flag = path.parent / (path.name.split(".")[0] + wakeup.WAKE)
+            assert flag.read_bytes() == b"\x00"  # down: the child is busy
+            assert stat.S_IMODE(flag.stat().st_mode) == 0o600
+            for _ in range(5):
+                alice.publish("carol", "notification", {})
+            assert [peer[0] for peer in bus._wakeup._peers] == [path.name]  # listed, not rung
+            go.set()
+            assert result.get(timeout=20) == 0  # no ring queued for it
+            assert result.get(timeout=20) == 5  # its next wait looks first: all five are there
+        finally:
+            child.join(20)
+            if child.is_alive():
+                child.kill()
+    assert child.exitcode == 0
+    assert not flag.exists()  # removed with the doorbell when the child closed
+
+
+def wait_for_carol(db_path: str, result: Any) -> None:
+    wakeup.FALLBACK = 600.0  # no fallback poll within the wait: only a ring can end it early
+    with sqlbus.connect(db_path) as bus:
+        result.put(len(bus.agent("carol").receive(wait=20.0)))
+
+
+def test_a_waiting_process_raises_its_flag_and_is_rung(db_path: Path) -> None:
+    result = CTX.Queue()
+    with sqlbus.connect(db_path) as bus:
+        alice = bus.agent("alice")
+        bus.agent("carol")
+        child = run_child(wait_for_carol, str(db_path), result)
+        try:
+            path = wait_for_announced_doorbell(db_path)
+            flag = path.parent / (path.name.split(".")[0] + wakeup.WAKE)
+            end = time.monotonic() + 20
+            while flag.read_bytes() != b"\x01" and time.monotonic() < end:
+                time.sleep(0.005)
+            assert flag.read_bytes() == b"\x01"
+            alice.publish("carol", "notification", {})
+            assert result.get(timeout=30) == 1  # the ring woke it (its wait had no poll left)
+        finally:
+            child.join(20)
+            if child.is_alive():
+                child.kill()
 
 
 def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(

@@ -534,7 +534,10 @@ _BINARY = " COLLATE BINARY"
 # ones due and leases that ran out (message_wait; few). Usually there are none of the second
 # kind, and a probe for them costs far less than the UNION ALL that merges both (its sort
 # builds a temporary table: measured 20k instructions a claim), so the claim probes first.
-_QUEUED_READY = f" FROM message WHERE agent = ?1{_BINARY} AND state = 0 AND visible_at <= ?2"
+# A queued row is ready whatever the reader's clock says: its visible_at is the writer's "now",
+# and a reader whose clock reads earlier (a step back, skew between CPUs) must not leave it
+# waiting, with nothing due to wake it (measured once: a 10 s stall in a ping-pong).
+_QUEUED_READY = f" FROM message WHERE agent = ?1{_BINARY} AND state = 0"
 _WAITING_DUE = f" FROM message WHERE agent = ?1{_BINARY} AND (state = 1 OR state = 4) AND visible_at <= ?2"
 _READY_TYPES = " AND type IN (SELECT value FROM json_each(?3))"
 _READY_NOT_AWAITED = (
@@ -578,14 +581,15 @@ _LOOK = {
 
 
 def _ready_params(
-    agent: str, now: int, types_json: str | None, skip_json: str | None
+    agent: str, now: int, types_json: str | None, skip_json: str | None, *, due: bool = True
 ) -> tuple[Any, ...]:
-    """Bindings for ?1..?4 of the ready-row queries (SQLite counts up to the highest used)."""
+    """Bindings for ?1..?4 of the ready-row queries (SQLite counts up to the highest used;
+    ``due=False``: a query on queued rows only, which has no ?2)."""
     if skip_json is not None:
         return (agent, now, types_json, skip_json)
     if types_json is not None:
         return (agent, now, types_json)
-    return (agent, now)
+    return (agent, now) if due else (agent,)
 
 
 _LEASE = (
@@ -620,7 +624,8 @@ def claim(
     due = conn.cur.execute(_ANY_DUE, (agent, now)).fetchall()[0][0]
     select = _SELECT_READY[key] if due else _SELECT_QUEUED[key]
     rows = conn.cur.execute(
-        select + str(min(limit, 1 << 62) + 1), _ready_params(agent, now, types_json, skip_json)
+        select + str(min(limit, 1 << 62) + 1),
+        _ready_params(agent, now, types_json, skip_json, due=bool(due)),
     ).fetchall()
     more = len(rows) > limit
     if more:
@@ -1264,11 +1269,11 @@ def dead_letter_ids(
 # that their late responses are discarded and counted instead of reaching a handler.
 
 _RESPONSE_OF = f"agent = ?1{_BINARY} AND type = 'response' AND correlation_id = ?2{_BINARY}"
-_RESPONSE_WHERE = _RESPONSE_OF + " AND state = 0 AND visible_at <= ?3"
+_RESPONSE_WHERE = _RESPONSE_OF + " AND state = 0"  # queued = ready (see _QUEUED_READY)
 
 
 def find_response(
-    conn: Connection, agent: str, correlation_id: str, now: int
+    conn: Connection, agent: str, correlation_id: str
 ) -> tuple[int, bytes | None, int]:
     """A requester's look for its response, in one read: (``data_version`` to wait on, the
     body of a direct reply or None, 1 when a response waits in the inbox instead).
@@ -1283,7 +1288,7 @@ def find_response(
         f" (SELECT body FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
         " ORDER BY seq LIMIT 1),"
         f" EXISTS (SELECT 1 FROM message WHERE {_RESPONSE_WHERE})",
-        (agent, correlation_id, now),
+        (agent, correlation_id),
     ).fetchall()
     version, body, waiting = rows[0]
     return version, body, waiting
@@ -1341,7 +1346,7 @@ def take_late_responses(conn: apsw.Connection, agent: str, now: int) -> int:
     rows = conn.execute(
         "UPDATE message SET state = 2, done_at = ?2, attempts = attempts + 1,"
         " claims = claims + 1 WHERE seq IN (SELECT seq FROM message WHERE agent = ?1"
-        " AND state = 0 AND type = 'response' AND visible_at <= ?2 AND correlation_id IN"
+        " AND state = 0 AND type = 'response' AND correlation_id IN"
         " (SELECT correlation_id FROM request_timeout WHERE agent = ?1))"
         " RETURNING correlation_id",
         (agent, now),

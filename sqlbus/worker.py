@@ -603,7 +603,7 @@ def request(
             mark_quiet()
             taken = storage.take_response(conn, agent.id, correlation_id, now)
             if taken is None:  # a direct reply?
-                direct = storage.find_response(conn, agent.id, correlation_id, now)[1]
+                direct = storage.find_response(conn, agent.id, correlation_id)[1]
                 taken = None if direct is None else (0, direct)
             if taken is None:
                 storage.record_request_timeout(
@@ -633,13 +633,13 @@ def _take_response(agent: Agent, correlation_id: str) -> tuple[int, Message | No
     inbox (sent without ``direct_reply``) is taken in a write. Returns (``data_version`` of
     the look, to wait on next, the response or None)."""
     bus = agent.bus
-    now = bus._now_ms()
     with bus._reading() as conn:
-        baseline, body, waiting = storage.find_response(conn, agent.id, correlation_id, now)
+        baseline, body, waiting = storage.find_response(conn, agent.id, correlation_id)
         if body is not None:
             return baseline, decode_message(body)
     if not waiting:
         return baseline, None
+    now = bus._now_ms()
     with bus._write() as conn:
         mark_quiet()  # taking a response makes work for nobody: ring no one
         taken = storage.take_response(conn, agent.id, correlation_id, now)

@@ -457,3 +457,29 @@ def test_two_buses_on_one_file_never_lease_the_same_message_twice(make_bus, cloc
     with pytest.raises(sqlbus.LeaseLostError):
         bob1.ack(got1)
     bob2.ack(again)
+
+
+def test_a_message_from_a_writer_whose_clock_is_ahead_is_ready_at_once(tmp_path):
+    # A reader's clock may read earlier than the writer's (a step back, skew between CPUs). A
+    # queued message must not wait for the reader's clock to catch up: nothing would wake the
+    # reader when it does, and it would sleep for its whole wait.
+    path = tmp_path / "bus.db"
+    ahead = sqlbus.connect(path, clock=lambda: time.time() + 60.0)
+    reader = sqlbus.connect(path)
+    try:
+        bob = reader.agent("bob")
+        ahead.agent("alice").publish("bob", "notification", {"n": 1})
+        got = bob.receive(wait=0)
+        assert [d.message.payload for d in got] == [{"n": 1}]
+        got[0].ack()
+
+        def publish_soon():
+            time.sleep(0.2)
+            ahead.agent("alice").publish("bob", "notification", {"n": 2})
+
+        threading.Thread(target=publish_soon).start()
+        waited = bob.receive(wait=30.0)  # woken by the commit; the message is ready for it
+        assert [d.message.payload for d in waited] == [{"n": 2}]
+    finally:
+        reader.close()
+        ahead.close()

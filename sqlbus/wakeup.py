@@ -331,7 +331,7 @@ class Wakeup:
         sender = self._sender
         if sender is None:
             return
-        gone: list[tuple[str, str, frozenset[bytes] | None]] = []
+        gone: list[tuple[str, str, frozenset[bytes] | None, mmap.mmap | None]] = []
         for peer in peers:
             wants, awake = peer[2], peer[3]
             if tags is not None and wants is not None and wants.isdisjoint(tags):

@@ -536,7 +536,8 @@ _BINARY = " COLLATE BINARY"
 # builds a temporary table: measured 20k instructions a claim), so the claim probes first.
 # A queued row is ready whatever the reader's clock says: its visible_at is the writer's "now",
 # and a reader whose clock reads earlier (a step back, skew between CPUs) must not leave it
-# waiting, with nothing due to wake it (measured once: a 10 s stall in a ping-pong).
+# waiting, with nothing due to wake it: it would sleep its whole wait (a 10 s ping-pong stall
+# seen once in benchmarks/latency.py fits this, and nothing else found did).
 _QUEUED_READY = f" FROM message WHERE agent = ?1{_BINARY} AND state = 0"
 _WAITING_DUE = f" FROM message WHERE agent = ?1{_BINARY} AND (state = 1 OR state = 4) AND visible_at <= ?2"
 _READY_TYPES = " AND type IN (SELECT value FROM json_each(?3))"

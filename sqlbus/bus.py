@@ -1010,16 +1010,12 @@ class Agent:
                 missing = "to" if "to" not in item else "type"
                 raise ValidationError(f"[{index}].{missing}: required")
             get = item.get
-            delay = get("delay", 0.0)
-            # prepare() directly, not through Bus._prepare: one call per item, not two
-            delay_ms = 0 if delay == 0 and type_of(delay) in (int, float) else (
-                int(_seconds(delay, f"[{index}].delay") * 1000))
-            ops.append(_Publish(prepare(
-                sender, item["to"], item["type"], get("payload"), now_ms=now,
-                priority=get("priority", 3), ttl=get("ttl", 30_000),
-                requires_ack=get("requires_ack", False), correlation_id=get("correlation_id"),
-                id=get("id"), max_payload_bytes=max_bytes, prefix=f"[{index}].",
-            ), delay_ms))
+            ops.append(self.bus._prepare(
+                sender, item["to"], item["type"], get("payload"), priority=get("priority", 3),
+                ttl=get("ttl", 30_000), requires_ack=get("requires_ack", False),
+                correlation_id=get("correlation_id"), delay=get("delay", 0.0), id=get("id"),
+                now=now, prefix=f"[{index}].",
+            ))
         return ops
 
     def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:

@@ -585,6 +585,8 @@ def _envelope(
     tail = whole.index(b'","payload":0') + len(b'","payload":0')
     assert whole.startswith(b'{"id":"I') and whole[stamp : stamp + 1] == b"T"
     return whole[start:stamp], whole[tail:]
+
+
 type_of = type  # `type` is shadowed by the parameter of the same name in prepare()
 
 

@@ -729,8 +729,8 @@ def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
         rows = storage.peek_rows(conn, agent, limit)
     entries = []
     for state, visible_at, attempts, _sent_at, body in rows:
-        if visible_at <= now:
-            status = "ready"  # queued, or its time came (a due retry, a lease that ran out)
+        if state == storage.QUEUED or visible_at <= now:
+            status = "ready"  # queued (whatever the clock says), or a due retry or lease
         else:
             status = "scheduled" if state == storage.SCHEDULED else "leased"
         entries.append(

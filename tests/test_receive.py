@@ -469,6 +469,7 @@ def test_a_message_from_a_writer_whose_clock_is_ahead_is_ready_at_once(tmp_path)
     try:
         bob = reader.agent("bob")
         ahead.agent("alice").publish("bob", "notification", {"n": 1})
+        assert [entry.status for entry in reader.peek("bob")] == ["ready"]
         got = bob.receive(wait=0)
         assert [d.message.payload for d in got] == [{"n": 1}]
         got[0].ack()

@@ -23,7 +23,7 @@ import time
 import traceback as traceback_module
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 if TYPE_CHECKING:
     from .worker import Events
@@ -45,12 +45,13 @@ from .messages import (
     MESSAGE_TYPES,
     Message,
     Outgoing,
+    PlainRun,
     check_agent_id,
     decode_message,
     encode_json,
     iso_ms,
     prepare,
-    prepare_plain,
+    prepare_plain_batch,
 )
 from .metrics import ARCHIVE_RETENTION, DEAD_RETENTION
 from .state import StateStore, StateWrite, check_key
@@ -74,7 +75,6 @@ _TOUCH_EVERY_MS = 1_000  # receive() refreshes last_seen at most this often per 
 _PUBLISH_KEYS = frozenset(
     ("to", "type", "payload", "priority", "ttl", "requires_ack", "correlation_id", "delay", "id")
 )
-_PLAIN_KEYS = frozenset(("to", "type", "payload", "priority", "ttl", "requires_ack"))
 NON_RETRYABLE: tuple[type[BaseException], ...] = (
     ValidationError,
     msgspec.ValidationError,
@@ -912,13 +912,22 @@ class _Broadcast:
         return out.id
 
 
-def _write_all(conn: apsw.Connection, ops: Sequence[Any], now: int) -> list[Any]:
-    """Write pending publishes in one go (one statement batch), other ops one by one."""
-    if all(type_of(op) is _Publish for op in ops):
-        storage.publish(conn, [op.outgoing for op in ops], [now + op.delay_ms for op in ops], now)
-        mark({agent for op in ops for agent in op.outgoing.recipients})
-        return [op.outgoing.id for op in ops]
-    return [op.write(conn, now) for op in ops]
+def _write_all(
+    conn: apsw.Connection, sender: str, ops: list[PlainRun] | list[_Publish], now: int
+) -> list[str]:
+    """Write a validated batch (:meth:`Agent._prepare_many`); returns the message ids."""
+    if type_of(ops[0]) is PlainRun:  # plain messages, ready now
+        runs = cast("list[PlainRun]", ops)
+        storage.publish_plain(conn, sender, runs, now)
+        mark({run.to for run in runs})
+        return [id for run in runs for id in run.ids]
+    publishes = cast("list[_Publish]", ops)
+    if all(type_of(op) is _Publish for op in publishes):  # one statement batch
+        storage.publish(conn, [op.outgoing for op in publishes],
+                        [now + op.delay_ms for op in publishes], now)
+        mark({agent for op in publishes for agent in op.outgoing.recipients})
+        return [op.outgoing.id for op in publishes]
+    return [op.write(conn, now) for op in publishes]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -981,26 +990,20 @@ class Agent:
         if not ops:
             return []
         with bus._write() as conn:
-            _write_all(conn, ops, now)
-        return [op.outgoing.id for op in ops]
+            return _write_all(conn, self.id, ops, now)
 
-    def _prepare_many(self, items: Sequence[dict[str, Any]], now: int) -> list[_Publish]:
+    def _prepare_many(
+        self, items: Sequence[dict[str, Any]], now: int
+    ) -> list[PlainRun] | list[_Publish]:
+        """The batch validated: runs of plain messages (the fast path) or one _Publish per
+        item."""
         if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
             raise TypeError("publish_many takes a list of dicts")
+        plain = prepare_plain_batch(self.id, items, now, self.bus.max_payload_bytes)
+        if plain is not None:
+            return plain
         ops = []
-        sender, max_bytes = self.id, self.bus.max_payload_bytes
         for index, item in enumerate(items):
-            if type_of(item) is dict and _PLAIN_KEYS.issuperset(item) and "to" in item and (
-                "type" in item
-            ):
-                get = item.get
-                plain = prepare_plain(
-                    sender, item["to"], item["type"], get("payload"), get("priority", 3),
-                    get("ttl", 30_000), get("requires_ack", False), now, max_bytes,
-                )
-                if plain is not None:
-                    ops.append(_Publish(plain, 0))
-                    continue
             if type_of(item) is not dict:
                 raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}")
             if not _PUBLISH_KEYS.issuperset(item):
@@ -1011,7 +1014,7 @@ class Agent:
                 raise ValidationError(f"[{index}].{missing}: required")
             get = item.get
             ops.append(self.bus._prepare(
-                sender, item["to"], item["type"], get("payload"), priority=get("priority", 3),
+                self.id, item["to"], item["type"], get("payload"), priority=get("priority", 3),
                 ttl=get("ttl", 30_000), requires_ack=get("requires_ack", False),
                 correlation_id=get("correlation_id"), delay=get("delay", 0.0), id=get("id"),
                 now=now, prefix=f"[{index}].",
@@ -1627,8 +1630,7 @@ class Transaction:
         conn = self._connection()
         now = self.agent.bus._now_ms()
         ops = self.agent._prepare_many(items, now)
-        _write_all(conn, ops, now)
-        return [op.outgoing.id for op in ops]
+        return _write_all(conn, self.agent.id, ops, now) if ops else []
 
     def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:
         """Like :meth:`Agent.broadcast`, committed with the transaction."""

@@ -17,7 +17,8 @@ import re
 import secrets
 import time
 from collections import deque
-from typing import Annotated, Any, Literal, Union, get_args
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
@@ -223,6 +224,12 @@ def _random_part() -> str:
         text = secrets.token_bytes(9000).translate(_ID_ALPHABET).decode()
         _random_parts.extend([text[i : i + 9] for i in range(0, 9000, 9)])
         return _random_parts.popleft()
+
+
+def _random_id_parts(count: int) -> list[str]:
+    """``count`` random parts of ids (one ``secrets`` call for all of them)."""
+    text = secrets.token_bytes(9 * count).translate(_ID_ALPHABET).decode()
+    return [text[i : i + 9] for i in range(0, 9 * count, 9)]
 
 
 def new_message_id(now_ms: int) -> str:
@@ -537,36 +544,85 @@ def _plain_body(
                      b'","payload":', encoded_payload, tail))
 
 
-def prepare_plain(
-    sender: str, to: Any, type: str, payload: Any, priority: Any, ttl: Any, requires_ack: Any,
-    now_ms: int, max_payload_bytes: int,
-) -> Outgoing | None:
-    """:func:`prepare` for the commonest message of a batch (measured: a third of its cost):
-    to one known agent id, of a type without a typed payload, a dict payload, given no
-    correlation id, id or broadcast pattern. None for anything else or anything wrong: the
-    caller then calls prepare(), which accepts it or says what is wrong."""
-    if type_of(to) is not str or to not in _known_agent_ids or type not in _UNTYPED:
-        return None
-    if type_of(priority) is not int or not 1 <= priority <= 5 or type_of(ttl) is not int or (
-        not 0 <= ttl <= MAX_TTL_MS
-    ) or (requires_ack is not True and requires_ack is not False):
-        return None
-    if payload is None:
-        payload = {}
-    elif type_of(payload) is not dict:
-        return None
-    try:
-        encoded = _encode(payload)
-    except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError):
-        return None
-    if len(encoded) > max_payload_bytes or _decode_any(encoded) != payload:
-        return None
-    id = new_message_id(now_ms)
-    return Outgoing(
-        id=id, sender=sender, recipients=[to], type=type, priority=priority, ttl=ttl,
-        requires_ack=requires_ack, correlation_id=None,
-        body=_plain_body(sender, to, type, priority, ttl, requires_ack, id, now_ms, encoded),
-    )
+# The keys of a publish_many item that prepare_plain_batch handles; any other key (id, delay,
+# correlation_id, or a wrong one) sends the whole batch to prepare().
+PLAIN_KEYS = frozenset(("to", "type", "payload", "priority", "ttl", "requires_ack"))
+
+
+class PlainRun(NamedTuple):
+    """Consecutive messages of a plain batch to one agent with the same type, priority and
+    ttl: what storage.publish_plain writes, binding the values they share once."""
+
+    to: str
+    type: str
+    priority: int
+    ttl: int
+    ids: list[str]
+    bodies: list[bytes]
+
+
+def prepare_plain_batch(
+    sender: str, items: Sequence[Any], now_ms: int, max_payload_bytes: int
+) -> list[PlainRun] | None:
+    """:func:`prepare` for a ``publish_many`` batch of the commonest messages (measured: a
+    third fewer instructions per message than one prepare() and one row tuple each): each
+    item a dict of :data:`PLAIN_KEYS` to one known agent id, of a type without a typed
+    payload, with a dict payload. None when any item is anything else or anything wrong: the
+    caller then prepares each item with prepare(), which accepts it or says what is wrong.
+
+    The batch shares one timestamp, so its ids share their ``msg-<ms>-`` prefix and its
+    bodies their ISO timestamp."""
+    prefix = f"msg-{now_ms:013d}-"
+    stamp = iso_ms(now_ms).encode()
+    is_plain, known, untyped, envelopes = PLAIN_KEYS.issuperset, _known_agent_ids, _UNTYPED, _ENVELOPES
+    runs: list[PlainRun] = []
+    ids: list[str] = []
+    bodies: list[bytes] = []
+    head = tail = b""
+    # The headers of the item before, once checked: items that share them (the same objects,
+    # as a batch built in a loop has) skip the checks. Identity, not equality: 1 == True.
+    last_to = last_type = last_priority = last_ttl = last_ack = None
+    for item, part in zip(items, _random_id_parts(len(items)), strict=True):
+        if type_of(item) is not dict or not is_plain(item):
+            return None
+        get = item.get
+        to, type, payload = get("to"), get("type"), get("payload")
+        priority, ttl, requires_ack = get("priority", 3), get("ttl", 30_000), get("requires_ack", False)
+        if not (to is last_to and type is last_type and priority is last_priority
+                and ttl is last_ttl and requires_ack is last_ack):
+            if type_of(to) is not str or to not in known or type not in untyped:
+                return None
+            if type_of(priority) is not int or not 1 <= priority <= 5 or (
+                type_of(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS
+            ) or (requires_ack is not True and requires_ack is not False):
+                return None
+            envelope_key = (sender, to, type, priority, ttl, requires_ack)
+            envelope = envelopes.get(envelope_key)
+            if envelope is None:
+                envelope = _envelope(*envelope_key)
+                if len(envelopes) < 10_000:
+                    envelopes[envelope_key] = envelope
+            head, tail = envelope[0] + stamp + b'","payload":', envelope[1]
+            # requires_ack is in the body only: a change of it alone keeps the run
+            if not runs or runs[-1][:4] != (to, type, priority, ttl):
+                ids, bodies = [], []
+                runs.append(PlainRun(to, type, priority, ttl, ids, bodies))
+            last_to, last_type, last_priority, last_ttl, last_ack = to, type, priority, ttl, requires_ack
+        if payload is None:
+            payload = {}
+        elif type_of(payload) is not dict:
+            return None
+        try:
+            encoded = _encode(payload)
+        except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError):
+            return None
+        # The round trip rejects what JSON would change (tuples, non-str keys, NaN, ...).
+        if len(encoded) > max_payload_bytes or _decode_any(encoded) != payload:
+            return None
+        id = prefix + part
+        ids.append(id)
+        bodies.append(b"".join((b'{"id":"', id.encode(), head, encoded, tail)))
+    return runs
 
 
 def _envelope(

@@ -448,7 +448,8 @@ _INSERT_INTO = (
     "INSERT INTO message (message_id, sender, agent, type, correlation_id, priority, state,"
     " visible_at, expires_at, sent_at, done_at, body) VALUES "
 )
-_ONE_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_COLUMNS = 12
+_ONE_ROW = "(" + ",".join("?" * _COLUMNS) + ")"  # no spaces: apsw hashes the whole text per execute
 _INSERT = _INSERT_INTO + _ONE_ROW
 
 
@@ -469,7 +470,7 @@ def publish(
     direct reply) is written as acked, for its requester to read (:func:`find_response`).
     """
     fresh: list[bool] = []
-    rows: list[tuple[Any, ...]] = []
+    values: list[Any] = []  # the rows' values, one after the other
     chosen: set[str] = set()  # caller-chosen ids of this batch: a repeat is skipped like one in the db
     for message, visible in zip(messages, visible_at, strict=True):
         if message.caller_id:
@@ -486,36 +487,68 @@ def publish(
         # ttl does not doom the message before anyone could see it.
         expires_at = visible + message.ttl if message.ttl else None
         if not message.recipients:  # a broadcast that matched nobody: archive only
-            rows.append((message.id, message.sender, None, message.type, message.correlation_id,
-                         message.priority, ACKED, now, expires_at, now, now, message.body))
+            values += (message.id, message.sender, None, message.type, message.correlation_id,
+                       message.priority, ACKED, now, expires_at, now, now, message.body)
         for agent in message.recipients:
-            rows.append((message.id, message.sender, agent, message.type, message.correlation_id,
-                         message.priority, state, visible, expires_at, now, done_at, message.body))
-    _insert_rows(conn, rows)
+            values += (message.id, message.sender, agent, message.type, message.correlation_id,
+                       message.priority, state, visible, expires_at, now, done_at, message.body)
+    _insert_values(conn, values)
     return fresh
+
+
+def publish_plain(conn: Connection, sender: str, runs: Sequence[Any], now: int) -> None:
+    """Write a plain batch (``messages.prepare_plain_batch``'s runs) to its recipients'
+    inboxes, ready now: :func:`publish`'s rows without its per-message cases (caller ids,
+    delays, broadcasts, direct replies).
+
+    The messages of a run share all their row's values but id and body, which are bound once
+    per statement: measured, 28% fewer instructions per row than binding all twelve."""
+    for to, type, priority, ttl, ids, bodies in runs:
+        shared = [sender, to, type, priority, now, now + ttl if ttl else None]
+        values: list[Any] = [None] * (2 * len(ids))
+        values[0::2], values[1::2] = ids, bodies
+        start, count = 0, len(values)
+        while start < count:
+            size = _INSERT_CHUNK
+            while 2 * size > count - start:
+                size //= 2
+            conn.cur.execute(_INSERT_SHARED[size], shared + values[start : start + 2 * size])
+            start += 2 * size
 
 
 _INSERT_CHUNK = 64  # rows per multi-row INSERT
 
 
-def _insert_rows(conn: Connection, rows: list[tuple[Any, ...]]) -> None:
-    """INSERT the rows with multi-row VALUES statements of 64, then 32, 16, ... 1 rows (a
-    handful of texts for apsw to cache): measured, 18% fewer instructions per row than one
-    statement per row (executemany)."""
-    start, count = 0, len(rows)
+def _insert_values(conn: Connection, values: list[Any]) -> None:
+    """INSERT rows given as one flat list of their values, with multi-row VALUES statements of
+    64, then 32, 16, ... 1 rows (a handful of texts for apsw to cache): measured, 18% fewer
+    instructions per row than one statement per row (executemany)."""
+    count = len(values)
+    if count == _COLUMNS:  # one row: a single publish
+        conn.cur.execute(_INSERT, values)
+        return
+    start = 0
     while start < count:
         size = _INSERT_CHUNK
-        while size > count - start:
+        while size * _COLUMNS > count - start:
             size //= 2
+        end = start + size * _COLUMNS
         if size == 1:
-            conn.cur.execute(_INSERT, rows[start])
+            conn.cur.execute(_INSERT, values[start:end])
         else:
-            conn.cur.execute(_INSERT_MANY[size], [value for row in rows[start : start + size]
-                                             for value in row])
-        start += size
+            conn.cur.execute(_INSERT_MANY[size], values[start:end])
+        start = end
 
 
-_INSERT_MANY = {size: _INSERT_INTO + ", ".join([_ONE_ROW] * size) for size in (2, 4, 8, 16, 32, 64)}
+_INSERT_MANY = {size: _INSERT_INTO + ",".join([_ONE_ROW] * size) for size in (2, 4, 8, 16, 32, 64)}
+# publish_plain's rows: ?1-?6 are the values they share (sender, agent, type, priority, now,
+# expires_at), then each row's id and body.
+_INSERT_SHARED = {
+    size: _INSERT_INTO + ",".join(
+        f"(?{7 + 2 * row},?1,?2,?3,NULL,?4,{QUEUED},?5,?6,?5,NULL,?{8 + 2 * row})" for row in range(size)
+    )
+    for size in (1, 2, 4, 8, 16, 32, 64)
+}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -326,7 +326,7 @@ _ODD_IDS = ["bob", 'qu"ote', "back\\slash", "ünïcödé", "a space", "日本語
 @pytest.mark.parametrize("sender", ["alice", *_ODD_IDS])
 @pytest.mark.parametrize("headers", [(3, 30_000, False), (5, 0, True), (1, 123, False)])
 def test_a_plain_body_is_the_json_msgspec_writes_for_its_message(sender, headers):
-    from sqlbus.messages import Headers, Message, check_agent_id, prepare, prepare_plain
+    from sqlbus.messages import Headers, Message, check_agent_id, prepare, prepare_plain_batch
 
     priority, ttl, requires_ack = headers
     for to in _ODD_IDS:
@@ -340,28 +340,63 @@ def test_a_plain_body_is_the_json_msgspec_writes_for_its_message(sender, headers
             headers=Headers(priority=priority, ttl=ttl, requires_ack=requires_ack),
         ))
         assert out.body == expected
-        plain = prepare_plain(sender, to, "notification", payload, priority, ttl, requires_ack,
-                              1_800_000_000_123, 1 << 20)
-        assert plain is not None
-        assert plain.body == expected.replace(out.id.encode(), plain.id.encode())
-        assert (plain.recipients, plain.priority, plain.ttl, plain.requires_ack) == (
-            [to], priority, ttl, requires_ack)
+        item = {"to": to, "type": "notification", "payload": payload, "priority": priority,
+                "ttl": ttl, "requires_ack": requires_ack}
+        batch = prepare_plain_batch(sender, [item], 1_800_000_000_123, 1 << 20)
+        assert batch is not None
+        [(plain_to, plain_type, plain_priority, plain_ttl, [id], [body])] = batch
+        assert body == expected.replace(out.id.encode(), id.encode())
+        assert (plain_to, plain_type, plain_priority, plain_ttl) == (
+            to, "notification", priority, ttl)
 
 
-def test_prepare_plain_leaves_to_prepare_what_it_does_not_check():
-    from sqlbus.messages import check_agent_id, prepare_plain
+def test_a_plain_batch_leaves_to_prepare_what_it_does_not_check():
+    from sqlbus.messages import check_agent_id, prepare_plain_batch
 
     check_agent_id("alice"), check_agent_id("bob")
     now = 1_800_000_000_000
-    assert prepare_plain("alice", "bob", "task_assignment", {}, 3, 30_000, False, now, 100) is None
-    assert prepare_plain("alice", "nobody-known", "notification", {}, 3, 30_000, False, now,
-                         100) is None
-    assert prepare_plain("alice", "bob", "notification", {"x": float("nan")}, 3, 30_000, False,
-                         now, 100) is None
-    assert prepare_plain("alice", "bob", "notification", {"x": "y" * 200}, 3, 30_000, False,
-                         now, 100) is None  # too large: prepare() says so
-    assert prepare_plain("alice", "bob", "notification", {}, 9, 30_000, False, now, 100) is None
-    assert prepare_plain("alice", "bob", "notification", [], 3, 30_000, False, now, 100) is None
+    plain = {"to": "bob", "type": "notification", "payload": {}}
+    assert prepare_plain_batch("alice", [plain], now, 100) is not None
+    for other in [
+        {"type": "task_assignment"},  # a typed payload
+        {"to": "nobody-known"},
+        {"payload": {"x": float("nan")}},  # JSON would change it
+        {"payload": {1: "x"}},
+        {"payload": {"x": (1, 2)}},
+        {"payload": {"x": "y" * 200}},  # too large: prepare() says so
+        {"priority": 9},
+        {"priority": True},
+        {"ttl": -1},
+        {"requires_ack": 1},
+        {"payload": []},
+        {"correlation_id": "c-1"},  # a key for prepare()
+        {"delay": 1.0},
+        {"unknown": 1},
+    ]:
+        # One such item sends the whole batch to prepare(), whatever its place.
+        assert prepare_plain_batch("alice", [plain, {**plain, **other}], now, 100) is None, other
+        assert prepare_plain_batch("alice", [{**plain, **other}, plain], now, 100) is None, other
+    assert prepare_plain_batch("alice", [plain, "not a dict"], now, 100) is None
+    # Items that share their headers skip the checks; equal is not enough (1 == True == 1.0).
+    for good, bad in [({"priority": 1}, {"priority": True}), ({"ttl": 1}, {"ttl": True}),
+                      ({"ttl": 1}, {"ttl": 1.0}), ({"requires_ack": True}, {"requires_ack": 1})]:
+        assert prepare_plain_batch("alice", [{**plain, **good}] * 2, now, 100) is not None
+        assert prepare_plain_batch("alice", [{**plain, **good}, {**plain, **bad}], now, 100) is None
+    assert prepare_plain_batch("alice", [], now, 100) == []
+
+
+def test_the_ids_of_a_plain_batch_are_unique_and_well_formed():
+    from sqlbus.messages import _ID_RE, check_agent_id, prepare_plain_batch
+
+    check_agent_id("alice"), check_agent_id("bob")
+    batch = prepare_plain_batch(
+        "alice", [{"to": "bob", "type": "notification", "payload": {"n": n}} for n in range(500)],
+        1_800_000_000_000, 1 << 20,
+    )
+    [run] = batch
+    ids = run.ids
+    assert len(set(ids)) == 500 and len(run.bodies) == 500
+    assert all(_ID_RE.match(id) for id in ids)
 
 
 def test_publish_many_mixes_plain_and_other_messages_in_order(bus):

@@ -7,6 +7,7 @@ import math
 import random
 
 import apsw
+import msgspec
 import pytest
 
 import sqlbus
@@ -196,6 +197,42 @@ def test_publish_many_writes_every_message_in_order_and_returns_their_ids(bus, a
     got = bus.agent("bob").receive(limit=100)
     assert [d.message.id for d in got] == [ids[50]] + ids[:50]
     assert len(rows_for(sql, ids[50])) == 2
+
+
+def test_a_plain_batch_writes_the_rows_single_publishes_write(bus, alice, sql):
+    # publish_many's fast path binds the values consecutive messages share once per statement:
+    # runs of 1, 70 (more than one statement), 3 and 4, with every shared value changing.
+    bus.agent("carol")
+    items = (
+        [{"to": "bob", "type": "notification", "payload": {"n": 0}}]
+        + [{"to": "carol", "type": "event", "payload": {"n": n}, "priority": 5,
+            "ttl": 0, "requires_ack": True} for n in range(1, 71)]
+        + [{"to": "bob", "type": "notification", "payload": {"n": n}, "ttl": 5} for n in range(71, 74)]
+        # requires_ack is in the body only: one run, each body with its own flag
+        + [{"to": "bob", "type": "notification", "payload": {"n": n}, "requires_ack": n % 2 == 0}
+           for n in range(74, 78)]
+    )
+    batch_ids = alice.publish_many(items)
+    single_ids = [alice.publish(item["to"], item["type"], item["payload"],
+                                **{k: v for k, v in item.items() if k not in ("to", "type", "payload")})
+                  for item in items]
+    columns = ("sender, agent, type, correlation_id, priority, state, visible_at - sent_at,"
+               " expires_at - sent_at, attempts, claims, done_at, last_error")
+
+    def rows(ids):
+        return [sql(f"SELECT {columns} FROM message WHERE message_id = ?", (id,)) for id in ids]
+
+    assert rows(batch_ids) == rows(single_ids)
+    assert rows(batch_ids)[1] == [("alice", "carol", "event", None, 5, 0, 0, None, 0, 0,
+                                   None, None)]
+    bodies = sql("SELECT body FROM message ORDER BY seq")
+    batch_messages = [msgspec.json.decode(body) for (body,) in bodies[: len(items)]]
+    single_messages = [msgspec.json.decode(body) for (body,) in bodies[len(items):]]
+    for batch, single in zip(batch_messages, single_messages, strict=True):
+        assert batch.pop("id") != single.pop("id")
+        batch.pop("timestamp"), single.pop("timestamp")
+        assert batch == single
+    assert [d.message.id for d in bus.agent("carol").receive(limit=100)] == batch_ids[1:71] + single_ids[1:31]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -549,6 +549,9 @@ def _plain_body(
 PLAIN_KEYS = frozenset(("to", "type", "payload", "priority", "ttl", "requires_ack"))
 
 
+_NOTHING: Any = object()  # no item checked yet: the first item's headers are never it
+
+
 class PlainRun(NamedTuple):
     """Consecutive messages of a plain batch to one agent with the same type, priority and
     ttl: what storage.publish_plain writes, binding the values they share once."""
@@ -581,7 +584,7 @@ def prepare_plain_batch(
     head = tail = b""
     # The headers of the item before, once checked: items that share them (the same objects,
     # as a batch built in a loop has) skip the checks. Identity, not equality: 1 == True.
-    last_to = last_type = last_priority = last_ttl = last_ack = None
+    last_to = last_type = last_priority = last_ttl = last_ack = _NOTHING
     for item, part in zip(items, _random_id_parts(len(items)), strict=True):
         if type_of(item) is not dict or not is_plain(item):
             return None

@@ -377,6 +377,9 @@ def test_a_plain_batch_leaves_to_prepare_what_it_does_not_check():
         assert prepare_plain_batch("alice", [plain, {**plain, **other}], now, 100) is None, other
         assert prepare_plain_batch("alice", [{**plain, **other}, plain], now, 100) is None, other
     assert prepare_plain_batch("alice", [plain, "not a dict"], now, 100) is None
+    nones = dict.fromkeys(["to", "type", "payload", "priority", "ttl", "requires_ack"])
+    assert prepare_plain_batch("alice", [nones], now, 100) is None
+    assert prepare_plain_batch("alice", [plain, nones], now, 100) is None
     # Items that share their headers skip the checks; equal is not enough (1 == True == 1.0).
     for good, bad in [({"priority": 1}, {"priority": True}), ({"ttl": 1}, {"ttl": True}),
                       ({"ttl": 1}, {"ttl": 1.0}), ({"requires_ack": True}, {"requires_ack": 1})]:

@@ -588,9 +588,13 @@ def prepare_plain_batch(
     for item, part in zip(items, _random_id_parts(len(items)), strict=True):
         if type_of(item) is not dict or not is_plain(item):
             return None
-        get = item.get
-        to, type, payload = get("to"), get("type"), get("payload")
-        priority, ttl, requires_ack = get("priority", 3), get("ttl", 30_000), get("requires_ack", False)
+        if len(item) == 3 and "payload" in item:  # the common item: no headers given
+            to, type, payload = item.get("to"), item.get("type"), item["payload"]
+            priority, ttl, requires_ack = 3, 30_000, False
+        else:
+            get = item.get
+            to, type, payload = get("to"), get("type"), get("payload")
+            priority, ttl, requires_ack = get("priority", 3), get("ttl", 30_000), get("requires_ack", False)
         if not (to is last_to and type is last_type and priority is last_priority
                 and ttl is last_ttl and requires_ack is last_ack):
             if type_of(to) is not str or to not in known or type not in untyped:

@@ -268,7 +268,10 @@ def test_publish_many_writes_the_whole_batch_or_nothing(
         by_id.update({d.message.id: d.message for d in drain(bus.agent(recipient))})
     for mid, item in zip(ids, items, strict=True):
         assert strictly_equal(by_id[mid].payload, item.get("payload") or {})
-        assert by_id[mid].headers.priority == item.get("priority", 3)
+        headers = by_id[mid].headers
+        assert (headers.priority, headers.ttl, headers.requires_ack) == (
+            item.get("priority", 3), item.get("ttl", 30_000), item.get("requires_ack", False))
+        assert by_id[mid].to == item["to"] and by_id[mid].sender == "alice"
 
 
 # -- receive, agents, broadcast -----------------------------------------------------------------

@@ -217,19 +217,18 @@ _ID_ALPHABET = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[b % 32] for b in range(
 _last_id_prefix = (-1, "")  # (epoch ms, "msg-<13 digits>-"): ids made in the same ms share it
 
 
-def _random_part() -> str:
-    try:
-        return _random_parts.popleft()
-    except IndexError:
-        text = secrets.token_bytes(9000).translate(_ID_ALPHABET).decode()
-        _random_parts.extend([text[i : i + 9] for i in range(0, 9000, 9)])
-        return _random_parts.popleft()
-
-
 def _random_id_parts(count: int) -> list[str]:
     """``count`` random parts of ids (one ``secrets`` call for all of them)."""
     text = secrets.token_bytes(9 * count).translate(_ID_ALPHABET).decode()
     return [text[i : i + 9] for i in range(0, 9 * count, 9)]
+
+
+def _random_part() -> str:
+    try:
+        return _random_parts.popleft()
+    except IndexError:
+        _random_parts.extend(_random_id_parts(1000))
+        return _random_parts.popleft()
 
 
 def new_message_id(now_ms: int) -> str:
@@ -533,20 +532,14 @@ def _plain_body(
 ) -> bytes:
     """The body of a message to one agent without correlation id, broadcast pattern or direct
     reply: its envelope (all but id, timestamp and payload) is made once."""
-    key = (sender, to, type, priority, ttl, requires_ack)
-    envelope = _ENVELOPES.get(key)
-    if envelope is None:
-        envelope = _envelope(sender, to, type, priority, ttl, requires_ack)
-        if len(_ENVELOPES) < 10_000:
-            _ENVELOPES[key] = envelope
-    middle, tail = envelope
+    middle, tail = _cached_envelope(sender, to, type, priority, ttl, requires_ack)
     return b"".join((b'{"id":"', id.encode(), middle, iso_ms(now_ms).encode(),
                      b'","payload":', encoded_payload, tail))
 
 
 # The keys of a publish_many item that prepare_plain_batch handles; any other key (id, delay,
 # correlation_id, or a wrong one) sends the whole batch to prepare().
-PLAIN_KEYS = frozenset(("to", "type", "payload", "priority", "ttl", "requires_ack"))
+_PLAIN_KEYS = frozenset(("to", "type", "payload", "priority", "ttl", "requires_ack"))
 
 
 _NOTHING: Any = object()  # no item checked yet: the first item's headers are never it
@@ -569,7 +562,7 @@ def prepare_plain_batch(
 ) -> list[PlainRun] | None:
     """:func:`prepare` for a ``publish_many`` batch of the commonest messages (measured: a
     third fewer instructions per message than one prepare() and one row tuple each): each
-    item a dict of :data:`PLAIN_KEYS` to one known agent id, of a type without a typed
+    item a dict of :data:`_PLAIN_KEYS` to one known agent id, of a type without a typed
     payload, with a dict payload. None when any item is anything else or anything wrong: the
     caller then prepares each item with prepare(), which accepts it or says what is wrong.
 
@@ -577,7 +570,7 @@ def prepare_plain_batch(
     bodies their ISO timestamp."""
     prefix = f"msg-{now_ms:013d}-"
     stamp = iso_ms(now_ms).encode()
-    is_plain, known, untyped, envelopes = PLAIN_KEYS.issuperset, _known_agent_ids, _UNTYPED, _ENVELOPES
+    is_plain, known, untyped = _PLAIN_KEYS.issuperset, _known_agent_ids, _UNTYPED
     runs: list[PlainRun] = []
     ids: list[str] = []
     bodies: list[bytes] = []
@@ -603,13 +596,8 @@ def prepare_plain_batch(
                 type_of(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS
             ) or (requires_ack is not True and requires_ack is not False):
                 return None
-            envelope_key = (sender, to, type, priority, ttl, requires_ack)
-            envelope = envelopes.get(envelope_key)
-            if envelope is None:
-                envelope = _envelope(*envelope_key)
-                if len(envelopes) < 10_000:
-                    envelopes[envelope_key] = envelope
-            head, tail = envelope[0] + stamp + b'","payload":', envelope[1]
+            middle, tail = _cached_envelope(sender, to, type, priority, ttl, requires_ack)
+            head = middle + stamp + b'","payload":'
             # requires_ack is in the body only: a change of it alone keeps the run
             if not runs or runs[-1][:4] != (to, type, priority, ttl):
                 ids, bodies = [], []
@@ -630,6 +618,19 @@ def prepare_plain_batch(
         ids.append(id)
         bodies.append(b"".join((b'{"id":"', id.encode(), head, encoded, tail)))
     return runs
+
+
+def _cached_envelope(
+    sender: str, to: str, type: str, priority: int, ttl: int, requires_ack: bool
+) -> tuple[bytes, bytes]:
+    """:func:`_envelope`, made once per (sender, to, type, priority, ttl, requires_ack)."""
+    key = (sender, to, type, priority, ttl, requires_ack)
+    envelope = _ENVELOPES.get(key)
+    if envelope is None:
+        envelope = _envelope(*key)
+        if len(_ENVELOPES) < 10_000:
+            _ENVELOPES[key] = envelope
+    return envelope
 
 
 def _envelope(

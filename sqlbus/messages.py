@@ -236,12 +236,17 @@ def new_message_id(now_ms: int) -> str:
 
     The random part is 45 bits in base32 (``a-z2-7``), a subset of the schema's alphabet.
     """
+    return _id_prefix(now_ms) + _random_part()
+
+
+def _id_prefix(now_ms: int) -> str:
+    """``msg-<13-digit epoch ms>-``, made once per ms."""
     global _last_id_prefix
     ms, prefix = _last_id_prefix
     if ms != now_ms:
         prefix = f"msg-{now_ms:013d}-"
         _last_id_prefix = (now_ms, prefix)
-    return prefix + _random_part()
+    return prefix
 
 
 _last_iso = (-1, "")  # (epoch ms, its ISO text): the messages of a batch share a timestamp
@@ -568,7 +573,7 @@ def prepare_plain_batch(
 
     The batch shares one timestamp, so its ids share their ``msg-<ms>-`` prefix and its
     bodies their ISO timestamp."""
-    prefix = f"msg-{now_ms:013d}-"
+    prefix = _id_prefix(now_ms)
     stamp = iso_ms(now_ms).encode()
     is_plain, known, untyped = _PLAIN_KEYS.issuperset, _known_agent_ids, _UNTYPED
     runs: list[PlainRun] = []

@@ -370,10 +370,11 @@ class Dispatcher:
         event_handlers: tuple[EventHandler, ...] = ()
         event = None
         if message.type == "event":
-            event = _event_of(message)
-            if event is not None and event.emitted_by == agent.id:
+            if message.sender == agent.id:
                 return True  # an agent never handles its own events: acked
+            event = _event_of(message)
             if event is not None:
+                event.emitted_by = message.sender  # the payload's claim is not evidence
                 event_handlers = self._event_handlers.get(event.name, ())
                 if event.name != "*":
                     event_handlers += self._event_handlers.get("*", ())
@@ -392,15 +393,21 @@ class Dispatcher:
                 for event_handler in event_handlers:
                     event_handler(event)  # type: ignore[arg-type]
             except Retry as signal_:
+                if d._settled is not None:
+                    return _settled_then_raised(d, signal_)
                 d.retry(signal_.delay)
                 return False
             except Discard as signal_:
+                if d._settled is not None:
+                    return _settled_then_raised(d, signal_)
                 d.dead_letter(signal_.reason)
                 if message.type == "request":  # tell the requester now, not at its timeout
                     respond(agent, message, None, success=False,
                             error=f"discarded: {signal_.reason}")
                 return False
             except Exception as exc:
+                if d._settled is not None:
+                    return _settled_then_raised(d, exc)
                 if message.type != "request":
                     d.fail(exc)
                     return False
@@ -447,6 +454,17 @@ def _removed(table: dict[str, tuple[Any, ...]], key: str, handler: Any) -> dict[
     else:
         del new[key]
     return new
+
+
+def _settled_then_raised(d: Delivery, exc: Exception) -> bool:
+    """A handler settled its delivery itself, then raised: that outcome stands (a delivery is
+    settled once); the exception is only logged."""
+    log.warning(
+        "sqlbus: agent %s, %s message %s, attempt %d: the handler raised %s after settling the "
+        "message itself (%s); that stands", d.agent.id, d.message.type, d.message.id,
+        d.attempts, type(exc).__name__, d._settled, exc_info=exc,
+    )
+    return False
 
 
 def _has_response(d: Delivery) -> bool:

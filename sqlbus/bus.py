@@ -859,6 +859,16 @@ class _Publish:
 LATE_RESPONSES = "late_responses"
 
 
+def count_late_responses(conn: apsw.Connection, agent: str, count: int, delivery_ms: int) -> None:
+    """Count ``count`` late responses to ``agent`` as discarded. Their rows stay in the archive
+    as acked, and received/delivery time totals add acked rows to counters: the counters take
+    them off again (pruning the rows later adds them back), so they count as late only."""
+    storage.add_counters(conn, [
+        (LATE_RESPONSES, agent, count), ("received", agent, -count),
+        ("delivery_ms", agent, -delivery_ms),
+    ])
+
+
 class _DirectReply(_Publish):
     """A response to a ``request()`` call, written as delivered: its requester reads it from
     the archive, so it never waits in an inbox and taking it costs no write. When that request
@@ -872,7 +882,7 @@ class _DirectReply(_Publish):
         assert correlation_id is not None
         if storage.request_timed_out(conn, requester, correlation_id):
             storage.forget_request_timeout(conn, requester, correlation_id)
-            storage.add_counters(conn, [(LATE_RESPONSES, requester, 1)])
+            count_late_responses(conn, requester, 1, 0)  # written acked now: 0 ms
         return super().write(conn, now)
 
 

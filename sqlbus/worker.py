@@ -58,7 +58,7 @@ import apsw
 import msgspec
 
 from . import storage
-from .bus import LATE_RESPONSES, _check_limit, _seconds
+from .bus import LATE_RESPONSES, _check_limit, _seconds, count_late_responses
 from .errors import (
     DatabaseError,
     Discard,
@@ -153,15 +153,16 @@ class _Count:
 class _DiscardLate:
     """A late response: forget its request's timeout and count it, in the ack's transaction."""
 
-    __slots__ = ("agent", "correlation_id")
+    __slots__ = ("agent", "correlation_id", "seq")
 
-    def __init__(self, agent: str, correlation_id: str) -> None:
+    def __init__(self, agent: str, correlation_id: str, seq: int) -> None:
         self.agent = agent
         self.correlation_id = correlation_id
+        self.seq = seq
 
     def write(self, conn: apsw.Connection, now: int) -> None:
         storage.forget_request_timeout(conn, self.agent, self.correlation_id)
-        storage.add_counters(conn, [(LATE_RESPONSES, self.agent, 1)])
+        count_late_responses(conn, self.agent, 1, storage.delivery_ms(conn, self.seq))
 
 
 class _CountError:
@@ -364,7 +365,7 @@ class Dispatcher:
         message = d.message
         agent = self.agent
         if message.type == "response" and self._is_late(message):
-            d._effects.append(_DiscardLate(agent.id, message.headers.correlation_id))  # type: ignore[arg-type]
+            d._effects.append(_DiscardLate(agent.id, message.headers.correlation_id, d._seq))  # type: ignore[arg-type]
             return True
         handlers = self._handlers.get(message.type, ()) + self._handlers.get("*", ())
         event_handlers: tuple[EventHandler, ...] = ()
@@ -641,9 +642,9 @@ def request(
 
 
 def _sweep_late_responses(conn: apsw.Connection, agent_id: str, now: int) -> None:
-    count = storage.take_late_responses(conn, agent_id, now)
+    count, delivery_ms = storage.take_late_responses(conn, agent_id, now)
     if count:
-        storage.add_counters(conn, [(LATE_RESPONSES, agent_id, count)])
+        count_late_responses(conn, agent_id, count, delivery_ms)
 
 
 def _take_response(agent: Agent, correlation_id: str) -> tuple[int, Message | None]:

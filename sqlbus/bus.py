@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import math
 import os
 import threading
 import time
@@ -743,7 +744,7 @@ class Bus:
     ) -> _Publish:
         # the common delay=0 skips the checks of _seconds (still exact: 0 and 0.0 only)
         delay_ms = 0 if delay == 0 and type_of(delay) in (int, float) else (
-            int(_seconds(delay, f"{prefix}delay") * 1000))
+            _ceil_ms(_seconds(delay, f"{prefix}delay")))
         outgoing = prepare(
             sender, to, type, payload, now_ms=now, priority=priority, ttl=ttl,
             requires_ack=requires_ack, correlation_id=correlation_id, id=id,
@@ -802,6 +803,12 @@ class Bus:
 
 
 type_of = type  # the name `type` is a parameter in many methods below
+
+
+def _ceil_ms(seconds: float) -> int:
+    """``seconds`` in whole ms, rounded up (a delay is never early). Rounded to the microsecond
+    first: 0.003 s is 3.0000000000000004 ms as a float, and means 3 ms."""
+    return math.ceil(round(seconds * 1000, 3))
 
 
 def _check_limit(limit: object) -> int:

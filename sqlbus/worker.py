@@ -587,26 +587,13 @@ def request(
     Raises :class:`RemoteError` with the remote error text when the response says
     ``success: false``, and :class:`RequestTimeoutError` when none comes in time.
     """
-    check_agent_id(to, "to")
     timeout = _seconds(timeout, "timeout", allow_zero=False)
-    bus = agent.bus
-    correlation_id = f"req-{secrets.token_hex(10)}"
-    ttl_ms = max(1, math.ceil(timeout * 1000)) if ttl is None else ttl
     deadline = time.monotonic() + timeout
-    now = bus._now_ms()
-    op = bus._prepare(agent.id, to, "request", payload, priority=priority, ttl=ttl_ms,
-                      correlation_id=correlation_id, direct_reply=True, now=now)
-    with _registry_lock:
-        sweep = agent.id in _had_timeouts.get(bus, ())
+    bus = agent.bus
+    correlation_id = _new_correlation_id()
     _await(bus, agent.id, correlation_id)  # before the request exists: its response is ours
     try:
-        with bus._write() as conn:
-            op.write(conn, now)
-            if sweep:
-                _sweep_late_responses(conn, agent.id, now)
-            # Read in our own write (whose commit does not move it): a response committed at
-            # any time after the request then changes it, so there is no need to look at once.
-            baseline = storage.data_version(conn)
+        baseline = _send_request(agent, to, payload, timeout, priority, ttl, correlation_id)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -615,30 +602,62 @@ def request(
             baseline, message = _take_response(agent, correlation_id)
             if message is not None:
                 return _result_of(message)
-        # Out of time: one last look and the record of the timeout, in one transaction, so a
-        # response is either returned now or recognised as late when it comes.
-        now = bus._now_ms()
-        with bus._write() as conn:
-            mark_quiet()
-            taken = storage.take_response(conn, agent.id, correlation_id, now)
-            if taken is None:  # a direct reply?
-                direct = storage.find_response(conn, agent.id, correlation_id)[1]
-                taken = None if direct is None else (0, direct)
-            if taken is None:
-                storage.record_request_timeout(
-                    conn, agent.id, correlation_id, now, _REMEMBER_TIMEOUTS_MS
-                )
-                _sweep_late_responses(conn, agent.id, now)
-        if taken is not None:
-            return _result_of(decode_message(taken[1]))
-        with _registry_lock:
-            _had_timeouts.setdefault(bus, set()).add(agent.id)
-        raise RequestTimeoutError(
-            f"request {correlation_id} from {agent.id!r} to {to!r}: no response within "
-            f"timeout={timeout:g}s"
-        )
+        return _end_request(agent, to, correlation_id, timeout)
     finally:
         _unawait(bus, agent.id, correlation_id)
+
+
+def _new_correlation_id() -> str:
+    return f"req-{secrets.token_hex(10)}"
+
+
+def _send_request(
+    agent: Agent, to: str, payload: Any, timeout: float, priority: int, ttl: int | None,
+    correlation_id: str,
+) -> int:
+    """Validate and publish the request (its response awaited already, :func:`_await`);
+    returns the ``data_version`` to wait on for the response."""
+    check_agent_id(to, "to")
+    bus = agent.bus
+    ttl_ms = max(1, math.ceil(timeout * 1000)) if ttl is None else ttl
+    now = bus._now_ms()
+    op = bus._prepare(agent.id, to, "request", payload, priority=priority, ttl=ttl_ms,
+                      correlation_id=correlation_id, direct_reply=True, now=now)
+    with _registry_lock:
+        sweep = agent.id in _had_timeouts.get(bus, ())
+    with bus._write() as conn:
+        op.write(conn, now)
+        if sweep:
+            _sweep_late_responses(conn, agent.id, now)
+        # Read in our own write (whose commit does not move it): a response committed at
+        # any time after the request then changes it, so there is no need to look at once.
+        return storage.data_version(conn)
+
+
+def _end_request(agent: Agent, to: str, correlation_id: str, timeout: float) -> Any:
+    """Out of time: one last look and the record of the timeout, in one transaction, so a
+    response is either returned now or recognised as late when it comes."""
+    bus = agent.bus
+    now = bus._now_ms()
+    with bus._write() as conn:
+        mark_quiet()
+        taken = storage.take_response(conn, agent.id, correlation_id, now)
+        if taken is None:  # a direct reply?
+            direct = storage.find_response(conn, agent.id, correlation_id)[1]
+            taken = None if direct is None else (0, direct)
+        if taken is None:
+            storage.record_request_timeout(
+                conn, agent.id, correlation_id, now, _REMEMBER_TIMEOUTS_MS
+            )
+            _sweep_late_responses(conn, agent.id, now)
+    if taken is not None:
+        return _result_of(decode_message(taken[1]))
+    with _registry_lock:
+        _had_timeouts.setdefault(bus, set()).add(agent.id)
+    raise RequestTimeoutError(
+        f"request {correlation_id} from {agent.id!r} to {to!r}: no response within "
+        f"timeout={timeout:g}s"
+    )
 
 
 def _sweep_late_responses(conn: apsw.Connection, agent_id: str, now: int) -> None:

@@ -291,9 +291,10 @@ class AsyncAgent:
         wakeup = agent.bus._wakeup
         tag = agent_tag(self.id)
         correlation_id = worker._new_correlation_id()
-        worker._await(agent.bus, agent.id, correlation_id)  # before the request exists
+        # Both before the request exists: its response is ours, and its commit rings us.
+        worker._await(agent.bus, agent.id, correlation_id)
         try:
-            token = wakeup.token(tag)  # before the request exists: its response rings us
+            token = wakeup.token(tag)
             await _call(self._pool, worker._send_request, agent, to, payload, timeout,
                         priority, ttl, correlation_id)
             while True:

@@ -1203,7 +1203,7 @@ class Agent:
         """Ack many deliveries (with their buffered effects) in one transaction, all or none.
 
         Raises :class:`LeaseLostError` (and commits nothing) if any lease was lost, and
-        ``ValueError`` if a delivery is not this agent's.
+        ``ValueError`` if a delivery is not this agent's or is settled already.
         """
         pending = self._unsettled(deliveries)
         if not pending:

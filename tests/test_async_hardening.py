@@ -105,7 +105,8 @@ def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(db_
 
     before, most, outcomes = run(main())
     assert all(isinstance(o, sqlbus.RequestTimeoutError) for o in outcomes), {type(o) for o in outcomes}
-    # The bus's pool (8 threads) and the doorbell poller at most: no thread per request.
+    # At most the bus's pool (8 threads), the doorbell poller and the checkpointer: no thread
+    # per waiting request (a pool of 64 request threads before).
     assert most - before <= 10, (before, most)
 
 
@@ -134,4 +135,4 @@ def test_many_concurrent_requests_to_a_responder_all_get_their_answers(db_path: 
 
     before, most, answers = run(main())
     assert answers == [{"double": n * 2} for n in range(200)]
-    assert most - before <= 10, (before, most)
+    assert most - before <= 10, (before, most)  # as above

@@ -20,9 +20,12 @@ How it stays off the event loop:
 - Waiting (``receive(wait=...)``, ``watch``) never occupies a thread: the coroutine awaits a
   future that the process's doorbell resolves when a commit concerns it (sqlbus.wakeup), and
   looks again at least every ``wakeup.FALLBACK`` seconds.
-- ``request`` and ``run`` are the blocking calls of sqlbus.worker on threads of their own;
-  ``run`` calls plain handlers on its thread and schedules ``async def`` handlers on the event
-  loop (``run_coroutine_threadsafe``), waiting for their result before it acks.
+- ``request`` publishes on the pool, then waits for its response as ``receive`` waits (the
+  doorbell's future, a short look on the pool after each ring): however many requests await,
+  none holds a thread, and each keeps its own timeout.
+- ``run`` is the blocking loop of sqlbus.worker on a thread of its own; it calls plain
+  handlers on its thread and schedules ``async def`` handlers on the event loop
+  (``run_coroutine_threadsafe``), waiting for their result before it acks.
 
 ``subscribe``, ``unsubscribe``, ``stop`` and ``events.on/off`` are plain calls; ``reply``,
 ``publish`` and state writes of a delivery are plain calls too (they only buffer).
@@ -61,7 +64,6 @@ __all__ = [
 T = TypeVar("T")
 
 _POOL_THREADS = 8  # threads for short database calls (one connection each)
-_WAIT_THREADS = 64  # threads for blocking requests (reused, so connections are too)
 
 
 async def connect(path: Any, **policy: Any) -> AsyncBus:
@@ -105,7 +107,6 @@ class AsyncBus:
     def __init__(self, bus: Bus, pool: ThreadPoolExecutor) -> None:
         self.sync = bus
         self._pool = pool
-        self._waits = ThreadPoolExecutor(_WAIT_THREADS, thread_name_prefix="sqlbus-aio-wait")
         self.state = AsyncStateStore(self, bus.state)
 
     @property
@@ -140,7 +141,6 @@ class AsyncBus:
             await _call(self._pool, self.sync.close)
         finally:
             self._pool.shutdown(wait=False)
-            self._waits.shutdown(wait=False)
 
     async def __aenter__(self) -> AsyncBus:
         return self
@@ -214,8 +214,9 @@ class AsyncAgent:
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
-            # Cancelled while the claim ran: give back whatever it leased, at once.
-            future.add_done_callback(_release_claimed)
+            # Cancelled while the claim ran: give back whatever it leased, at once, on the
+            # pool (no write on the event loop).
+            future.add_done_callback(functools.partial(_release_claimed, self._pool))
             raise
 
     async def ack(self, deliveries: Sequence[AsyncDelivery | Delivery]) -> None:
@@ -283,9 +284,31 @@ class AsyncAgent:
         """Send a ``request`` and await the ``data`` of its response (see
         :meth:`sqlbus.Agent.request`): raises :class:`sqlbus.RemoteError` or
         :class:`sqlbus.RequestTimeoutError` (after ``timeout`` seconds)."""
-        return await _call(
-            self.bus._waits, self.sync.request, to, payload, timeout, priority=priority, ttl=ttl
-        )
+        timeout = _seconds(timeout, "timeout", allow_zero=False)
+        agent = self.sync
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        wakeup = agent.bus._wakeup
+        tag = agent_tag(self.id)
+        correlation_id = worker._new_correlation_id()
+        # Both before the request exists: its response is ours, and its commit rings us.
+        worker._await(agent.bus, agent.id, correlation_id)
+        try:
+            token = wakeup.token(tag)
+            await _call(self._pool, worker._send_request, agent, to, payload, timeout,
+                        priority, ttl, correlation_id)
+            while True:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                await wakeup.wait_async(token, min(remaining, FALLBACK), tag)
+                token = wakeup.token(tag)  # before the look, as in receive
+                _, message = await _call(self._pool, worker._take_response, agent, correlation_id)
+                if message is not None:
+                    return worker._result_of(message)
+            return await _call(self._pool, worker._end_request, agent, to, correlation_id, timeout)
+        finally:
+            worker._unawait(agent.bus, agent.id, correlation_id)
 
     def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
         """A plain callable for the sync dispatcher; ``async def`` handlers run on the loop."""
@@ -333,14 +356,25 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
         future.set_result(result)
 
 
-def _release_claimed(future: asyncio.Future[tuple[list[Delivery], float]]) -> None:
+def _release_claimed(
+    pool: ThreadPoolExecutor, future: asyncio.Future[tuple[list[Delivery], float]]
+) -> None:
+    """Give back what a cancelled receive claimed. Nobody saw it, so no attempt counts (SPEC
+    9): a receive cancelled again and again never dead-letters a message."""
     if future.cancelled() or future.exception() is not None:
         return
     for d in future.result()[0]:
         try:
-            d.release()
-        except Exception:
-            pass  # its lease runs out by itself: nothing is lost
+            pool.submit(_give_back, d)
+        except RuntimeError:  # the bus is closed: the lease runs out by itself
+            return
+
+
+def _give_back(d: Delivery) -> None:
+    try:
+        d._release(attempted=False)
+    except Exception:
+        pass  # its lease runs out by itself: nothing is lost
 
 
 class AsyncEvents:

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import math
 import os
 import threading
 import time
 import traceback as traceback_module
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 if TYPE_CHECKING:
@@ -742,7 +744,7 @@ class Bus:
     ) -> _Publish:
         # the common delay=0 skips the checks of _seconds (still exact: 0 and 0.0 only)
         delay_ms = 0 if delay == 0 and type_of(delay) in (int, float) else (
-            int(_seconds(delay, f"{prefix}delay") * 1000))
+            _ceil_ms(_seconds(delay, f"{prefix}delay")))
         outgoing = prepare(
             sender, to, type, payload, now_ms=now, priority=priority, ttl=ttl,
             requires_ack=requires_ack, correlation_id=correlation_id, id=id,
@@ -803,6 +805,12 @@ class Bus:
 type_of = type  # the name `type` is a parameter in many methods below
 
 
+def _ceil_ms(seconds: float) -> int:
+    """``seconds`` in whole ms, rounded up (a delay is never early). Rounded to the microsecond
+    first: 0.003 s is 3.0000000000000004 ms as a float, and means 3 ms."""
+    return math.ceil(round(seconds * 1000, 3))
+
+
 def _check_limit(limit: object) -> int:
     # The upper bound is SQLite's 64-bit LIMIT (a larger int raised OverflowError).
     if type(limit) is not int or limit < 1 or limit >= 2**63:
@@ -858,6 +866,16 @@ class _Publish:
 LATE_RESPONSES = "late_responses"
 
 
+def count_late_responses(conn: apsw.Connection, agent: str, count: int, delivery_ms: int) -> None:
+    """Count ``count`` late responses to ``agent`` as discarded. Their rows stay in the archive
+    as acked, and received/delivery time totals add acked rows to counters: the counters take
+    them off again (pruning the rows later adds them back), so they count as late only."""
+    storage.add_counters(conn, [
+        (LATE_RESPONSES, agent, count), ("received", agent, -count),
+        ("delivery_ms", agent, -delivery_ms),
+    ])
+
+
 class _DirectReply(_Publish):
     """A response to a ``request()`` call, written as delivered: its requester reads it from
     the archive, so it never waits in an inbox and taking it costs no write. When that request
@@ -871,7 +889,7 @@ class _DirectReply(_Publish):
         assert correlation_id is not None
         if storage.request_timed_out(conn, requester, correlation_id):
             storage.forget_request_timeout(conn, requester, correlation_id)
-            storage.add_counters(conn, [(LATE_RESPONSES, requester, 1)])
+            count_late_responses(conn, requester, 1, 0)  # written acked now: 0 ms
         return super().write(conn, now)
 
 
@@ -1122,6 +1140,12 @@ class Agent:
         (a run loop's last delivery: one transaction instead of two). When nothing is found,
         the result carries what a wait needs, read in the same transaction (data_version and
         the next due time), so that no commit after this look is missed."""
+        with _settling(acking):
+            return self._claim_settling(limit, lease_ms, types_json, acking)
+
+    def _claim_settling(
+        self, limit: int, lease_ms: int, types_json: str | None, acking: Sequence[Delivery]
+    ) -> _Claimed:
         bus = self.bus
         now = bus._now_ms()
         lease_until = now + lease_ms
@@ -1179,31 +1203,30 @@ class Agent:
         """Ack many deliveries (with their buffered effects) in one transaction, all or none.
 
         Raises :class:`LeaseLostError` (and commits nothing) if any lease was lost, and
-        ``ValueError`` if a delivery is not this agent's.
+        ``ValueError`` if a delivery is not this agent's or is settled already.
         """
         pending = self._unsettled(deliveries)
         if not pending:
             return
         bus = self.bus
-        now = bus._now_ms()
-        notices = [d._ack_notice(now) for d in pending if d.message.headers.requires_ack]
-        with bus._write() as conn:
-            self._ack_in(conn, pending, notices, now)
-        for d in pending:
-            d._settled = "acked"
+        with _settling(pending):
+            now = bus._now_ms()
+            notices = [d._ack_notice(now) for d in pending if d.message.headers.requires_ack]
+            with bus._write() as conn:
+                self._ack_in(conn, pending, notices, now)
+            for d in pending:
+                d._settled = "acked"
 
     def _unsettled(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
-        """Check that ``deliveries`` are this agent's and not settled otherwise; the ones
-        still to ack, each once."""
+        """Check that ``deliveries`` are this agent's and not settled yet; each once."""
         deliveries = list(deliveries)
         for d in deliveries:
             if not isinstance(d, Delivery) or d.agent is not self and d.agent.id != self.id:
                 raise ValueError(f"{d!r} was not received by agent {self.id!r}")
-            if d._settled is not None and d._settled != "acked":
-                raise ValueError(f"{d!r} was already settled ({d._settled})")
+            d._check_open()
         # dict.fromkeys: a delivery listed twice is acked once (a second UPDATE would find the
         # row acked and wrongly report the lease lost).
-        return [d for d in dict.fromkeys(deliveries) if d._settled is None]
+        return list(dict.fromkeys(deliveries))
 
     def _ack_in(
         self, conn: apsw.Connection, pending: Sequence[Delivery], notices: Sequence[_Publish],
@@ -1316,7 +1339,7 @@ class Delivery:
     """
 
     __slots__ = ("agent", "message", "attempts", "lease_until", "_seq", "_claims", "_effects",
-                 "_settled", "state")
+                 "_settled", "_lock", "state")
 
     def __init__(
         self, agent: Agent, message: Message, seq: int, claims: int, attempts: int,
@@ -1330,6 +1353,9 @@ class Delivery:
         self._claims = claims
         self._effects: list[Any] = []
         self._settled: str | None = None
+        # Held from the check that a delivery is unsettled to the write that settles it, so of
+        # two threads settling it one writes and the other is told it is settled already.
+        self._lock = threading.Lock()
         self.state = _BufferedState(self)
 
     def __repr__(self) -> str:
@@ -1386,43 +1412,49 @@ class Delivery:
         """Move the message to dead letters now with ``reason``."""
         if type_of(reason) is not str or not reason:
             raise ValueError(f"reason must be a non-empty str, got {reason!r}")
-        self._check_open()
         bus = self.agent.bus
-        now = bus._now_ms()
         context_json = _context_json(context)
-        with bus._write() as conn:
-            if not storage.dead_letter(conn, self._seq, self._claims, now, reason,
-                                       context_json=context_json):
-                raise self._lease_lost()
-        self._settled = "dead"
+        with self._lock:
+            self._check_open()
+            now = bus._now_ms()
+            with bus._write() as conn:
+                if not storage.dead_letter(conn, self._seq, self._claims, now, reason,
+                                           context_json=context_json):
+                    raise self._lease_lost()
+            self._settled = "dead"
 
     def extend(self, lease: float | None = None) -> None:
         """Keep the message ``lease`` more seconds from now (default: the bus's lease)."""
-        self._check_open()
         bus = self.agent.bus
         lease_s = _seconds(bus.lease if lease is None else lease, "lease", allow_zero=False)
-        now = bus._now_ms()
-        lease_until = now + int(lease_s * 1000)
-        with bus._write() as conn:
-            mark_quiet()  # a later deadline makes no work for anyone
-            if not storage.extend(conn, self._seq, self._claims, lease_until):
-                raise self._lease_lost()
-        self.lease_until = lease_until / 1000
+        with self._lock:
+            self._check_open()
+            now = bus._now_ms()
+            lease_until = now + int(lease_s * 1000)
+            with bus._write() as conn:
+                mark_quiet()  # a later deadline makes no work for anyone
+                if not storage.extend(conn, self._seq, self._claims, lease_until):
+                    raise self._lease_lost()
+            self.lease_until = lease_until / 1000
 
     def release(self) -> None:
         """Give the message back now, for anyone to claim (the attempt still counts)."""
-        self._release(attempted=True)
+        if not self._release(attempted=True):
+            self._check_open()  # raises: settled already
 
-    def _release(self, *, attempted: bool) -> None:
+    def _release(self, *, attempted: bool) -> bool:
         """``attempted=False``: no handler saw it (a run loop that stops with messages in
-        hand), so the claim does not count as an attempt."""
-        if self._settled is not None:
-            return
+        hand, a cancelled asyncio receive), so the claim does not count as an attempt.
+        False, doing nothing, when it was settled already."""
         bus = self.agent.bus
-        with bus._write() as conn:
-            storage.release(conn, self._seq, self._claims, bus._now_ms(), attempted=attempted)
-            mark([self.agent.id])  # ready again: wake the agent's other receivers
-        self._settled = "released"
+        with self._lock:
+            if self._settled is not None:
+                return False
+            with bus._write() as conn:
+                storage.release(conn, self._seq, self._claims, bus._now_ms(), attempted=attempted)
+                mark([self.agent.id])  # ready again: wake the agent's other receivers
+            self._settled = "released"
+        return True
 
     # -- buffered effects ------------------------------------------------------------------
 
@@ -1473,7 +1505,18 @@ class Delivery:
         delay: float | None,
         counted: bool,
     ) -> None:
-        self._check_open()
+        with self._lock:
+            self._check_open()
+            self._settle_failure_locked(exc, retryable, context, delay, counted)
+
+    def _settle_failure_locked(
+        self,
+        exc: BaseException | None,
+        retryable: bool | None,
+        context: dict[str, Any] | None,
+        delay: float | None,
+        counted: bool,
+    ) -> None:
         bus = self.agent.bus
         if delay is not None:
             delay = _seconds(delay, "delay")
@@ -1534,6 +1577,24 @@ def _context_json(context: dict[str, Any] | None) -> str | None:
         return msgspec.json.encode(context).decode()
     except (TypeError, msgspec.EncodeError) as exc:
         raise ValidationError(f"context: {exc}") from exc
+
+
+@contextmanager
+def _settling(deliveries: Sequence[Delivery]) -> Iterator[None]:
+    """Hold the locks of ``deliveries`` (in one order, so two batches cannot deadlock) while
+    they are settled; raises ``ValueError`` when one was settled already."""
+    held = sorted(deliveries, key=id)
+    taken = 0
+    try:
+        for d in held:
+            d._lock.acquire()
+            taken += 1
+        for d in held:
+            d._check_open()
+        yield
+    finally:
+        for d in held[:taken]:
+            d._lock.release()
 
 
 class _BufferedState:

@@ -750,13 +750,20 @@ def tail(
 ) -> Iterator[SentRecord]:
     """Yield messages as they are published (by any process), from now on, until
     ``timeout`` seconds pass (None: forever). ``agent`` keeps messages sent by or to it,
-    ``types`` those types."""
+    ``types`` those types. The position and the timeout start at this call, not at the first
+    ``next()``: a message published in between is yielded."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    if from_seq is None:
+        with bus._reading() as conn:
+            from_seq = storage.last_seq(conn)
+    return _follow(bus, agent, None if types is None else set(types), deadline, from_seq)
+
+
+def _follow(
+    bus: Bus, agent: str | None, wanted: set[str] | None, deadline: float | None, cursor: int
+) -> Iterator[SentRecord]:
     from .bus import SentRecord
 
-    wanted = None if types is None else set(types)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with bus._reading() as conn:
-        cursor = storage.last_seq(conn) if from_seq is None else from_seq
     while True:
         baseline = bus._data_version()
         with bus._reading() as conn:

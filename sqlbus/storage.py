@@ -1373,19 +1373,26 @@ def forget_request_timeout(conn: apsw.Connection, agent: str, correlation_id: st
     )
 
 
-def take_late_responses(conn: apsw.Connection, agent: str, now: int) -> int:
+def take_late_responses(conn: apsw.Connection, agent: str, now: int) -> tuple[int, int]:
     """Ack (discard) the ready responses in ``agent``'s inbox whose request timed out, forget
-    those timeouts and return how many were discarded (the caller counts them)."""
+    those timeouts and return how many were discarded and their total publish-to-ack time in
+    ms (the caller counts them)."""
     rows = conn.execute(
         "UPDATE message SET state = 2, done_at = ?2, attempts = attempts + 1,"
         " claims = claims + 1 WHERE seq IN (SELECT seq FROM message WHERE agent = ?1"
         " AND state = 0 AND type = 'response' AND correlation_id IN"
         " (SELECT correlation_id FROM request_timeout WHERE agent = ?1))"
-        " RETURNING correlation_id",
+        " RETURNING correlation_id, done_at - sent_at",
         (agent, now),
     ).fetchall()
     conn.executemany(
         "DELETE FROM request_timeout WHERE agent = ? AND correlation_id = ?",
         [(agent, row[0]) for row in rows],
     )
-    return len(rows)
+    return len(rows), sum(row[1] for row in rows)
+
+
+def delivery_ms(conn: apsw.Connection, seq: int) -> int:
+    """The publish-to-ack time (ms) of the acked row ``seq``."""
+    rows = conn.execute("SELECT done_at - sent_at FROM message WHERE seq = ?", (seq,)).fetchall()
+    return rows[0][0] if rows and rows[0][0] is not None else 0

@@ -58,7 +58,7 @@ import apsw
 import msgspec
 
 from . import storage
-from .bus import LATE_RESPONSES, _check_limit, _seconds
+from .bus import LATE_RESPONSES, _check_limit, _seconds, count_late_responses
 from .errors import (
     DatabaseError,
     Discard,
@@ -153,15 +153,16 @@ class _Count:
 class _DiscardLate:
     """A late response: forget its request's timeout and count it, in the ack's transaction."""
 
-    __slots__ = ("agent", "correlation_id")
+    __slots__ = ("agent", "correlation_id", "seq")
 
-    def __init__(self, agent: str, correlation_id: str) -> None:
+    def __init__(self, agent: str, correlation_id: str, seq: int) -> None:
         self.agent = agent
         self.correlation_id = correlation_id
+        self.seq = seq
 
     def write(self, conn: apsw.Connection, now: int) -> None:
         storage.forget_request_timeout(conn, self.agent, self.correlation_id)
-        storage.add_counters(conn, [(LATE_RESPONSES, self.agent, 1)])
+        count_late_responses(conn, self.agent, 1, storage.delivery_ms(conn, self.seq))
 
 
 class _CountError:
@@ -364,16 +365,17 @@ class Dispatcher:
         message = d.message
         agent = self.agent
         if message.type == "response" and self._is_late(message):
-            d._effects.append(_DiscardLate(agent.id, message.headers.correlation_id))  # type: ignore[arg-type]
+            d._effects.append(_DiscardLate(agent.id, message.headers.correlation_id, d._seq))  # type: ignore[arg-type]
             return True
         handlers = self._handlers.get(message.type, ()) + self._handlers.get("*", ())
         event_handlers: tuple[EventHandler, ...] = ()
         event = None
         if message.type == "event":
-            event = _event_of(message)
-            if event is not None and event.emitted_by == agent.id:
+            if message.sender == agent.id:
                 return True  # an agent never handles its own events: acked
+            event = _event_of(message)
             if event is not None:
+                event.emitted_by = message.sender  # the payload's claim is not evidence
                 event_handlers = self._event_handlers.get(event.name, ())
                 if event.name != "*":
                     event_handlers += self._event_handlers.get("*", ())
@@ -392,15 +394,21 @@ class Dispatcher:
                 for event_handler in event_handlers:
                     event_handler(event)  # type: ignore[arg-type]
             except Retry as signal_:
+                if d._settled is not None:
+                    return _settled_then_raised(d, signal_)
                 d.retry(signal_.delay)
                 return False
             except Discard as signal_:
+                if d._settled is not None:
+                    return _settled_then_raised(d, signal_)
                 d.dead_letter(signal_.reason)
                 if message.type == "request":  # tell the requester now, not at its timeout
                     respond(agent, message, None, success=False,
                             error=f"discarded: {signal_.reason}")
                 return False
             except Exception as exc:
+                if d._settled is not None:
+                    return _settled_then_raised(d, exc)
                 if message.type != "request":
                     d.fail(exc)
                     return False
@@ -447,6 +455,17 @@ def _removed(table: dict[str, tuple[Any, ...]], key: str, handler: Any) -> dict[
     else:
         del new[key]
     return new
+
+
+def _settled_then_raised(d: Delivery, exc: Exception) -> bool:
+    """A handler settled its delivery itself, then raised: that outcome stands (a delivery is
+    settled once); the exception is only logged."""
+    log.warning(
+        "sqlbus: agent %s, %s message %s, attempt %d: the handler raised %s after settling the "
+        "message itself (%s); that stands", d.agent.id, d.message.type, d.message.id,
+        d.attempts, type(exc).__name__, d._settled, exc_info=exc,
+    )
+    return False
 
 
 def _has_response(d: Delivery) -> bool:
@@ -568,26 +587,13 @@ def request(
     Raises :class:`RemoteError` with the remote error text when the response says
     ``success: false``, and :class:`RequestTimeoutError` when none comes in time.
     """
-    check_agent_id(to, "to")
     timeout = _seconds(timeout, "timeout", allow_zero=False)
-    bus = agent.bus
-    correlation_id = f"req-{secrets.token_hex(10)}"
-    ttl_ms = max(1, math.ceil(timeout * 1000)) if ttl is None else ttl
     deadline = time.monotonic() + timeout
-    now = bus._now_ms()
-    op = bus._prepare(agent.id, to, "request", payload, priority=priority, ttl=ttl_ms,
-                      correlation_id=correlation_id, direct_reply=True, now=now)
-    with _registry_lock:
-        sweep = agent.id in _had_timeouts.get(bus, ())
+    bus = agent.bus
+    correlation_id = _new_correlation_id()
     _await(bus, agent.id, correlation_id)  # before the request exists: its response is ours
     try:
-        with bus._write() as conn:
-            op.write(conn, now)
-            if sweep:
-                _sweep_late_responses(conn, agent.id, now)
-            # Read in our own write (whose commit does not move it): a response committed at
-            # any time after the request then changes it, so there is no need to look at once.
-            baseline = storage.data_version(conn)
+        baseline = _send_request(agent, to, payload, timeout, priority, ttl, correlation_id)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -596,36 +602,68 @@ def request(
             baseline, message = _take_response(agent, correlation_id)
             if message is not None:
                 return _result_of(message)
-        # Out of time: one last look and the record of the timeout, in one transaction, so a
-        # response is either returned now or recognised as late when it comes.
-        now = bus._now_ms()
-        with bus._write() as conn:
-            mark_quiet()
-            taken = storage.take_response(conn, agent.id, correlation_id, now)
-            if taken is None:  # a direct reply?
-                direct = storage.find_response(conn, agent.id, correlation_id)[1]
-                taken = None if direct is None else (0, direct)
-            if taken is None:
-                storage.record_request_timeout(
-                    conn, agent.id, correlation_id, now, _REMEMBER_TIMEOUTS_MS
-                )
-                _sweep_late_responses(conn, agent.id, now)
-        if taken is not None:
-            return _result_of(decode_message(taken[1]))
-        with _registry_lock:
-            _had_timeouts.setdefault(bus, set()).add(agent.id)
-        raise RequestTimeoutError(
-            f"request {correlation_id} from {agent.id!r} to {to!r}: no response within "
-            f"timeout={timeout:g}s"
-        )
+        return _end_request(agent, to, correlation_id, timeout)
     finally:
         _unawait(bus, agent.id, correlation_id)
 
 
+def _new_correlation_id() -> str:
+    return f"req-{secrets.token_hex(10)}"
+
+
+def _send_request(
+    agent: Agent, to: str, payload: Any, timeout: float, priority: int, ttl: int | None,
+    correlation_id: str,
+) -> int:
+    """Validate and publish the request (its response awaited already, :func:`_await`);
+    returns the ``data_version`` to wait on for the response."""
+    check_agent_id(to, "to")
+    bus = agent.bus
+    ttl_ms = max(1, math.ceil(timeout * 1000)) if ttl is None else ttl
+    now = bus._now_ms()
+    op = bus._prepare(agent.id, to, "request", payload, priority=priority, ttl=ttl_ms,
+                      correlation_id=correlation_id, direct_reply=True, now=now)
+    with _registry_lock:
+        sweep = agent.id in _had_timeouts.get(bus, ())
+    with bus._write() as conn:
+        op.write(conn, now)
+        if sweep:
+            _sweep_late_responses(conn, agent.id, now)
+        # Read in our own write (whose commit does not move it): a response committed at
+        # any time after the request then changes it, so there is no need to look at once.
+        return storage.data_version(conn)
+
+
+def _end_request(agent: Agent, to: str, correlation_id: str, timeout: float) -> Any:
+    """Out of time: one last look and the record of the timeout, in one transaction, so a
+    response is either returned now or recognised as late when it comes."""
+    bus = agent.bus
+    now = bus._now_ms()
+    with bus._write() as conn:
+        mark_quiet()
+        taken = storage.take_response(conn, agent.id, correlation_id, now)
+        if taken is None:  # a direct reply?
+            direct = storage.find_response(conn, agent.id, correlation_id)[1]
+            taken = None if direct is None else (0, direct)
+        if taken is None:
+            storage.record_request_timeout(
+                conn, agent.id, correlation_id, now, _REMEMBER_TIMEOUTS_MS
+            )
+            _sweep_late_responses(conn, agent.id, now)
+    if taken is not None:
+        return _result_of(decode_message(taken[1]))
+    with _registry_lock:
+        _had_timeouts.setdefault(bus, set()).add(agent.id)
+    raise RequestTimeoutError(
+        f"request {correlation_id} from {agent.id!r} to {to!r}: no response within "
+        f"timeout={timeout:g}s"
+    )
+
+
 def _sweep_late_responses(conn: apsw.Connection, agent_id: str, now: int) -> None:
-    count = storage.take_late_responses(conn, agent_id, now)
+    count, delivery_ms = storage.take_late_responses(conn, agent_id, now)
     if count:
-        storage.add_counters(conn, [(LATE_RESPONSES, agent_id, count)])
+        count_late_responses(conn, agent_id, count, delivery_ms)
 
 
 def _take_response(agent: Agent, correlation_id: str) -> tuple[int, Message | None]:

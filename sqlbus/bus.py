@@ -530,7 +530,7 @@ class Bus:
             return DatabaseError(
                 f"{path} is corrupt ({exc}); run 'sqlbus check' and restore from a 'sqlbus backup'"
             )
-        if isinstance(exc, (apsw.ReadOnlyError, apsw.CantOpenError)):
+        if isinstance(exc, (apsw.ReadOnlyError, apsw.CantOpenError)) and os.path.exists(path):
             if not os.access(path, os.W_OK, effective_ids=True):
                 return DatabaseError(f"{path} is read-only ({exc}); check the file's permissions")
             if _read_only_directory(path):

@@ -19,6 +19,8 @@ import fcntl
 import fnmatch
 import math
 import os
+import pwd
+import stat as stat_module
 import threading
 import time
 import traceback as traceback_module
@@ -202,6 +204,60 @@ def connect(
     )
 
 
+def _owner_name(uid: int) -> str:
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_paths(path: str) -> None:
+    """Refuse a database path that is not a regular file of this user, or whose -journal,
+    -wal or -shm (beside the file a symlink leads to: where SQLite makes them) is another
+    user's or not a regular file: SQLite would read and write whatever it finds there."""
+    try:
+        target = os.stat(path)
+    except FileNotFoundError:
+        raise DatabaseError(f"{path} is a dangling symbolic link, not a database file") from None
+    except OSError as exc:
+        raise DatabaseError(f"cannot open {path}: {exc.strerror}") from exc
+    if stat_module.S_ISDIR(target.st_mode):
+        raise DatabaseError(f"{path} is a directory, not a database file")
+    if not stat_module.S_ISREG(target.st_mode):
+        raise DatabaseError(f"{path} is not a regular file (a device, FIFO or socket); refusing it")
+    user = os.geteuid()
+    link = os.lstat(path)
+    for info, what in ((link, "the symbolic link"), (target, "the file")):
+        if info.st_uid != user:
+            raise DatabaseError(
+                f"{path}: {what} is owned by {_owner_name(info.st_uid)}, not by this user "
+                f"({_owner_name(user)}); refusing to open it"
+            )
+    real = os.path.realpath(path)
+    for suffix in ("-journal", "-wal", "-shm"):
+        try:
+            info = os.lstat(real + suffix)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DatabaseError(f"cannot check {real}{suffix}: {exc.strerror}") from exc
+        if not stat_module.S_ISREG(info.st_mode):
+            raise DatabaseError(f"{real}{suffix} is not a regular file; refusing to open {path}")
+        if info.st_uid != user:
+            raise DatabaseError(
+                f"{real}{suffix} is owned by {_owner_name(info.st_uid)}, not by this user "
+                f"({_owner_name(user)}); refusing to open {path}"
+            )
+
+
+def _read_only_directory(path: str) -> str:
+    """``"; its directory is read-only"`` when this user cannot make files beside ``path``."""
+    directory = os.path.dirname(path) or "."
+    if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        return f"; its directory {directory} is read-only"
+    return ""
+
+
 class _Write:
     """``with bus._write() as conn``: one BEGIN IMMEDIATE transaction on this thread's
     connection; apsw errors become :class:`DatabaseError`; waiters are woken after commit."""
@@ -346,20 +402,26 @@ class Bus:
         if path == ":memory:" or os.path.basename(path) == ":memory:":
             raise ValueError("sqlbus needs a database file path that several processes can open")
         created = False
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             directory = os.path.dirname(path) or "."
             if not os.path.isdir(directory):
                 raise DatabaseError(f"cannot create {path}: directory {directory} does not exist")
             try:
-                os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, mode))
-                created = True
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
             except FileExistsError:
                 pass  # another process created it first
             except OSError as exc:
-                raise DatabaseError(f"cannot create {path}: {exc.strerror}") from exc
-        elif os.path.isdir(path):
-            raise DatabaseError(f"{path} is a directory, not a database file")
+                raise DatabaseError(
+                    f"cannot create {path}: {exc.strerror}{_read_only_directory(path)}"
+                ) from exc
+            else:
+                try:
+                    os.fchmod(fd, mode)  # the mode asked for, whatever the umask
+                finally:
+                    os.close(fd)
+                created = True
         try:
+            _check_paths(path)
             stat = os.stat(path)
             self._file_id = (stat.st_dev, stat.st_ino)
             # Reading the header opens and closes the file, and closing any descriptor of a file
@@ -368,7 +430,7 @@ class Bus:
             in_use_here = any(
                 bus._file_id == self._file_id and not bus._closed for bus in list(_all_buses)
             )
-            empty = False if in_use_here else storage.check_file(path)
+            empty = False if in_use_here else storage.check_file(path) == "empty"
             if empty or created:
                 self._initialize_new_file(path)
             else:
@@ -392,7 +454,7 @@ class Bus:
         directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
         try:
             fcntl.flock(directory, fcntl.LOCK_EX)
-            still_empty = storage.check_file(path)  # before our connection: it reads the file
+            still_empty = storage.check_file(path) == "empty"  # before our connection reads it
             conn = self._conn()
             if still_empty:  # nobody initialised it while we waited
                 storage.set_wal_mode(conn, path, new_file=True)
@@ -470,6 +532,14 @@ class Bus:
             return DatabaseError(
                 f"{path} is corrupt ({exc}); run 'sqlbus check' and restore from a 'sqlbus backup'"
             )
+        if isinstance(exc, (apsw.ReadOnlyError, apsw.CantOpenError)) and os.path.exists(path):
+            if not os.access(path, os.W_OK, effective_ids=True):
+                return DatabaseError(f"{path} is read-only ({exc}); check the file's permissions")
+            if _read_only_directory(path):
+                return DatabaseError(
+                    f"{path}: its directory {os.path.dirname(path)} is read-only ({exc}): "
+                    "SQLite makes its -wal and -shm files there"
+                )
         if isinstance(exc, apsw.ReadOnlyError):
             return DatabaseError(f"{path} is read-only ({exc}); check the file's permissions")
         if isinstance(exc, apsw.CantOpenError):

@@ -25,6 +25,7 @@ from .bus import Bus, connect
 from .errors import SqlbusError
 from .messages import MESSAGE_TYPES, Message
 from .metrics import to_prometheus
+from .storage import check_file
 
 __all__ = ["cli", "main", "parse_duration"]
 
@@ -154,13 +155,16 @@ class _Config:
     def bus(self) -> Iterator[Bus]:
         """Open an existing sqlbus database (never create one: that is ``init``'s job)."""
         path = self.path()
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             raise click.ClickException(
                 f"{path}: no such database (create it with: sqlbus --db {path} init)"
             )
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
+        # connect() would make a sqlbus database of an empty file (or of an empty SQLite one)
+        kind = check_file(path) if os.path.isfile(path) else "sqlbus"  # connect refuses the rest
+        if kind != "sqlbus":
+            what = "an empty file" if kind == "empty" else "a SQLite database without tables"
             raise click.ClickException(
-                f"{path} is an empty file, not a sqlbus database (create one with: sqlbus init)"
+                f"{path} is {what}, not a sqlbus database (create one with: sqlbus init)"
             )
         bus = connect(path)
         try:

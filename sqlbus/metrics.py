@@ -657,8 +657,10 @@ def backup(
     the copy never restarts. ``progress(pages_done, pages_total)``. ``dest`` must not exist.
     """
     dest_path = os.path.abspath(os.fspath(dest))
-    if os.path.exists(dest_path):
-        raise DatabaseError(f"backup destination {dest_path} exists; refusing to overwrite it")
+    # SQLite would use (or write through) whatever it found at these names.
+    for name in (dest_path, *(dest_path + suffix for suffix in ("-journal", "-wal", "-shm"))):
+        if os.path.lexists(name):
+            raise DatabaseError(f"backup destination {name} exists; refusing to overwrite it")
     directory = os.path.dirname(dest_path)
     if not os.path.isdir(directory):
         raise DatabaseError(f"backup destination directory {directory} does not exist")
@@ -668,8 +670,12 @@ def backup(
     )
     created = False
     try:
-        os.close(os.open(dest_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        fd = os.open(dest_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         created = True
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+        finally:
+            os.close(fd)
         target = apsw.Connection(dest_path)
         try:
             storage.begin_read(source)  # one snapshot for the whole copy: consistent

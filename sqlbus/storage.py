@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import random
+import stat
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -183,17 +184,31 @@ def _busy_handler(timeout: float):
     return handler
 
 
-def check_file(path: str) -> bool:
-    """Refuse a file that cannot be a healthy SQLite database; return True when it is empty.
+def check_file(path: str) -> str:
+    """Refuse a file that is not ours to open; say what it is: ``"empty"`` (0 bytes),
+    ``"blank"`` (SQLite without a schema, user_version or application_id: a new database
+    another process is still making) or ``"sqlbus"``.
 
-    Reads the 100-byte header only: a file that is not SQLite, has a bad page size, or is
-    shorter than its header says (truncated) raises :class:`DatabaseError` and is left as is.
+    Decides from the bytes alone, before SQLite ever opens the file: SQLite replays, checkpoints
+    and deletes a WAL when it opens and closes a file, so a foreign file opened only to refuse
+    it would already be changed. A file that is not SQLite, has a bad page size, is shorter than
+    its header says, belongs to another application (tables, a user_version or an
+    application_id of its own) or to a newer sqlbus raises :class:`DatabaseError`.
     """
-    size = os.path.getsize(path)
-    if size == 0:
-        return True
-    with open(path, "rb") as handle:
-        header = handle.read(100)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # a FIFO must not block
+    except OSError as exc:
+        raise DatabaseError(f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DatabaseError(f"{path} is not a regular file; refusing to open it")
+        size = info.st_size
+        if size == 0:
+            return "empty"
+        header = os.pread(fd, _PAGE_ONE_HEAD, 0)
+    finally:
+        os.close(fd)
     if len(header) < 100 or not header.startswith(SQLITE_HEADER):
         raise DatabaseError(f"{path} is not a SQLite database (no SQLite header); refusing to open it")
     page_size = int.from_bytes(header[16:18], "big")
@@ -206,12 +221,18 @@ def check_file(path: str) -> bool:
         wal_size = os.path.getsize(path + "-wal")
     except OSError:
         wal_size = 0
+    kind = _kind_of_page_one(path, header)
     if wal_size > 32:
+        # A new database's schema may still be in the WAL only (page 1 of the file is blank).
+        if kind == "blank":
+            newest = _committed_page_one(path + "-wal")
+            if newest is not None:
+                kind = _kind_of_page_one(path, newest)
         # A WAL with frames may hold pages a checkpoint has not copied yet: a checkpoint writes
         # page 1 (the header, with the new page count) before the pages after the end of the
         # file, so mid-checkpoint (or after a process was killed there) the file is shorter
         # than its header says and is healthy: SQLite finishes the copy from the WAL.
-        return False
+        return kind
     if size % page_size:
         raise DatabaseError(
             f"{path} is corrupt or truncated: size {size} is not a multiple of the page size "
@@ -222,7 +243,76 @@ def check_file(path: str) -> bool:
             f"{path} is truncated: the header counts {header_pages} pages but the file holds "
             f"{size // page_size}; restore it from a 'sqlbus backup'"
         )
-    return False
+    return kind
+
+
+_PAGE_ONE_HEAD = 108  # the 100-byte file header and the header of the schema table's root page
+_WAL_MAGIC = (0x377F0682, 0x377F0683)
+
+
+def _kind_of_page_one(path: str, page: bytes) -> str:
+    """``"sqlbus"`` or ``"blank"`` from the start of page 1; DatabaseError for a file of another
+    application or of a newer sqlbus."""
+    application_id = int.from_bytes(page[68:72], "big")
+    user_version = int.from_bytes(page[60:64], "big", signed=True)
+    if application_id == APPLICATION_ID:
+        if user_version > SCHEMA_VERSION:
+            raise DatabaseError(
+                f"{path} was made by a newer sqlbus (schema version {user_version}, this one "
+                f"reads up to {SCHEMA_VERSION}); upgrade sqlbus"
+            )
+        return "sqlbus"
+    if application_id:
+        raise DatabaseError(
+            f"{path} is not a sqlbus database (application_id {application_id:#x}); "
+            "refusing to open it"
+        )
+    if user_version:
+        raise DatabaseError(
+            f"{path} is not a sqlbus database (user_version {user_version} of another "
+            "application, no sqlbus application_id); refusing to open it"
+        )
+    # Page 1 is the root of sqlite_schema: an empty leaf (type 13, no cells) means no tables.
+    if len(page) < _PAGE_ONE_HEAD or page[100] != 13 or page[103:105] != b"\0\0":
+        raise DatabaseError(
+            f"{path} is a SQLite database of another application (it has tables, no sqlbus "
+            "application_id); refusing to open it"
+        )
+    return "blank"
+
+
+def _committed_page_one(wal_path: str) -> bytes | None:
+    """The start of page 1 as the WAL's last commit left it; None when the WAL holds none.
+
+    Frames count from the WAL header's salts on (older frames carry other salts) up to the
+    last commit frame. Checksums are not verified: a torn frame exists only after a power
+    loss, and then at worst a file is misjudged as foreign (refused, left unchanged) or the
+    SQLite-level check in :func:`initialize` refuses it.
+    """
+    try:
+        fd = os.open(wal_path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        header = os.pread(fd, 32, 0)
+        if len(header) < 32 or int.from_bytes(header[:4], "big") not in _WAL_MAGIC:
+            return None
+        page_size = int.from_bytes(header[8:12], "big")
+        page_size = 65536 if page_size == 1 else page_size
+        salts = header[16:24]
+        offset, page_one, committed = 32, -1, -1
+        while True:
+            frame = os.pread(fd, 24, offset)
+            if len(frame) < 24 or frame[8:16] != salts:
+                break
+            if int.from_bytes(frame[:4], "big") == 1:
+                page_one = offset + 24
+            if frame[4:8] != b"\0\0\0\0":  # a commit frame: the database size after it
+                committed = page_one
+            offset += 24 + page_size
+        return os.pread(fd, _PAGE_ONE_HEAD, committed) if committed >= 0 else None
+    finally:
+        os.close(fd)
 
 
 class Connection(apsw.Connection):
@@ -291,7 +381,7 @@ def initialize(conn: apsw.Connection, path: str, now: int) -> None:
         if application_id == APPLICATION_ID and user_version == SCHEMA_VERSION:
             commit(conn)  # another process initialised it while we waited
             return
-        if application_id != APPLICATION_ID and tables:
+        if application_id != APPLICATION_ID and (tables or user_version):
             raise DatabaseError(
                 f"{path} is a SQLite database of another application ({tables} schema objects, "
                 "no sqlbus mark); refusing to change it"

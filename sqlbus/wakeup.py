@@ -32,12 +32,15 @@ How it works (figures in ``benchmarks/latency.py``):
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
+import logging
 import mmap
 import os
 import secrets
 import select
 import socket
+import stat
 import struct
 import threading
 import time
@@ -54,6 +57,11 @@ MAX_TAGS = 64  # more recipients than this in one commit: ring "anything changed
 GENERATION = "generation"
 WAKE = ".wake"  # suffix of a doorbell's awake flag: <pid>-<random>.wake
 _COUNTER = struct.Struct("<Q")
+# Files in the doorbell directory are opened so that a symlink, FIFO or device planted there
+# is never followed, never blocks, and is then refused for not being a regular file.
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+log = logging.getLogger("sqlbus")
 
 
 def _queue_limit() -> int:
@@ -76,6 +84,31 @@ ANY: Any = None  # interest of a waiter that wakes on every ring (state watch, r
 # else (a ring for "anything may have changed", a commit seen by the check, the bus closing).
 RUNG, CHANGED = 2, 1
 _NEVER = object()  # interest of the asyncio proxy: never wakes on a ring, only polls
+
+
+class _Untrusted(OSError):
+    """The doorbell directory, or a file in it, is not this user's alone: it is not used."""
+
+
+def _check_directory(path: str, fd: int) -> None:
+    """Refuse the doorbell directory (open as ``fd``) unless it is a real directory owned by
+    this user with mode 0700: whoever else can write there could plant links, FIFOs, files
+    they can truncate under our mapping, or sockets that hear which agents got work."""
+    info = os.fstat(fd)
+    user = os.geteuid()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != user or info.st_mode & 0o777 != 0o700:
+        raise _Untrusted(
+            f"{path} is not this user's alone (owner uid {info.st_uid}, mode "
+            f"{info.st_mode & 0o777:o}; expected owner uid {user}, mode 700)"
+        )
+
+
+def _own_file(fd: int) -> os.stat_result:
+    """``fstat`` of a doorbell-directory file; _Untrusted unless a regular file of this user."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+        raise _Untrusted(f"not a file of this user (uid {info.st_uid}, mode {info.st_mode:o})")
+    return info
 
 
 def doorbell_dir(db_path: str) -> str:
@@ -187,6 +220,7 @@ class Wakeup:
         self._gen: mmap.mmap | None = None
         self._sender: socket.socket | None = None
         self._retry_setup_at = 0.0
+        self._warned = False  # about a doorbell directory that is not ours alone (once)
         # Ringing side: the cached listing of the other processes' doorbells.
         self._seen_gen = -1
         # name, address, wants, awake flag (None: none found, ring always)
@@ -229,23 +263,49 @@ class Wakeup:
                 return True
             try:
                 self._open_shared()
-            except OSError:
+            except OSError as exc:
                 self._close_shared()
                 self._retry_setup_at = time.monotonic() + REFRESH_EVERY
+                if isinstance(exc, _Untrusted):
+                    self._distrust(exc)
                 return False
         return True
 
+    def _distrust(self, problem: OSError) -> None:
+        """Say once that waiters poll because the doorbell directory cannot be trusted."""
+        if not self._warned:
+            self._warned = True
+            log.warning("sqlbus: not using the doorbell directory: %s; waiters poll every %s s",
+                        problem, FALLBACK)
+
     def _open_shared(self) -> None:
+        created = True
         try:
             os.mkdir(self.directory, 0o700)
         except FileExistsError:
-            pass
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            created = False
+        try:
+            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | _OPEN_FLAGS)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a symlink, or not a directory
+                raise _Untrusted(f"{self.directory} is not a directory ({exc.strerror})") from exc
+            raise
         self._dir_fd = dir_fd
+        if created:
+            os.fchmod(dir_fd, 0o700)  # whatever the umask
+        _check_directory(self.directory, dir_fd)
         self._dir_ino = os.fstat(dir_fd).st_ino
-        gen_fd = os.open(GENERATION, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-        self._gen_fd = gen_fd
-        if os.fstat(gen_fd).st_size < _COUNTER.size:
+        try:
+            gen_fd = os.open(GENERATION, os.O_RDWR | os.O_CREAT | _OPEN_FLAGS, 0o600, dir_fd=dir_fd)
+            self._gen_fd = gen_fd
+            info = _own_file(gen_fd)
+        except OSError as exc:
+            if isinstance(exc, _Untrusted) or exc.errno in (errno.ELOOP, errno.ENXIO):
+                raise _Untrusted(f"{self.directory}/{GENERATION}: {exc}") from None
+            raise
+        if info.st_mode & 0o777 != 0o600:
+            os.fchmod(gen_fd, 0o600)
+        if info.st_size < _COUNTER.size:
             os.ftruncate(gen_fd, _COUNTER.size)  # growing never clears a counter already there
         sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sender.setblocking(False)
@@ -355,12 +415,16 @@ class Wakeup:
         self._refresh_at = time.monotonic() + REFRESH_EVERY
         with self._setup_lock:
             try:
-                if os.stat(self.directory).st_ino != self._dir_ino:
+                if os.lstat(self.directory).st_ino != self._dir_ino:
                     raise FileNotFoundError(self.directory)  # replaced: open the new one
+                _check_directory(self.directory, self._dir_fd)  # type: ignore[arg-type]
                 names = os.listdir(self._dir_fd)  # type: ignore[arg-type]
-            except OSError:
+            except OSError as exc:
                 self._close_shared()
                 self._retry_setup_at = 0.0
+                if isinstance(exc, _Untrusted):
+                    self._retry_setup_at = time.monotonic() + REFRESH_EVERY
+                    self._distrust(exc)
                 return
             self._seen_gen = current
             own = self._name
@@ -372,6 +436,8 @@ class Wakeup:
                     continue
                 if not name.endswith(".sock") or name == own:
                     continue
+                if not self._is_own_socket(name):
+                    continue  # rung only if it is this user's socket: nobody else hears rings
                 if not _owner_alive(name):
                     self._remove(name)  # left by a process that died without closing
                     continue
@@ -385,16 +451,29 @@ class Wakeup:
             self._flags = flags
             self._peers = peers
 
-    def _map_flag(self, stem: str) -> mmap.mmap | None:
-        """Map another process's awake flag for reading (None: it has none, ring it always)."""
+    def _is_own_socket(self, name: str) -> bool:
         try:
-            fd = os.open(stem + WAKE, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd)
+            info = os.stat(name, dir_fd=self._dir_fd, follow_symlinks=False)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid()
+
+    def _map_flag(self, stem: str) -> mmap.mmap | None:
+        """Map another process's awake flag for reading (None: it has none, ring it always).
+
+        Only a regular file of this user that already holds its byte is mapped: reading a
+        mapping past the end of a file that was cut short kills the process (SIGBUS), and in
+        our 0700 directory only this user can cut it."""
+        try:
+            fd = os.open(stem + WAKE, os.O_RDONLY | _OPEN_FLAGS, dir_fd=self._dir_fd)
         except OSError:
             return None
         try:
+            if _own_file(fd).st_size < 1:
+                return None  # empty (being made): ring it
             return mmap.mmap(fd, 1, access=mmap.ACCESS_READ)
         except (OSError, ValueError):
-            return None  # empty (being made): ring it
+            return None
         finally:
             os.close(fd)
 
@@ -467,11 +546,12 @@ class Wakeup:
         """Our awake flag's file (0600), mapped for writing; None if it cannot be made (then
         ringers find no flag and ring us always)."""
         try:
-            fd = os.open(stem + WAKE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600,
+            fd = os.open(stem + WAKE, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FLAGS, 0o600,
                          dir_fd=self._dir_fd)
         except OSError:
             return None
         try:
+            os.fchmod(fd, 0o600)  # whatever the umask
             os.ftruncate(fd, 1)
             return mmap.mmap(fd, 1)
         except OSError:

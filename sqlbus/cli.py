@@ -289,7 +289,7 @@ def init(config: _Config) -> None:
 @json_option
 @pass_config
 def stats(config: _Config, as_json: bool) -> None:
-    """Per-agent inbox depths: ready, leased (in flight), retrying, dead, oldest ready age.
+    """Per-agent inbox depths: ready, leased, retrying, scheduled, expired, dead, oldest ready age.
 
     \b
     Example:
@@ -301,8 +301,9 @@ def stats(config: _Config, as_json: bool) -> None:
         _json_out(rows)
         return
     _table(
-        ["agent", "ready", "leased", "retrying", "dead", "oldest_ready_ms"],
-        [(s.agent, s.ready, s.leased, s.retrying, s.dead, s.oldest_ready_age_ms) for s in rows],
+        ["agent", "ready", "leased", "retrying", "scheduled", "expired", "dead", "oldest_ready_ms"],
+        [(s.agent, s.ready, s.leased, s.retrying, s.scheduled, s.expired, s.dead,
+          s.oldest_ready_age_ms) for s in rows],
     )
 
 
@@ -333,7 +334,7 @@ def agents(config: _Config, as_json: bool) -> None:
 @json_option
 @pass_config
 def peek(config: _Config, agent: str, limit: int, as_json: bool) -> None:
-    """Look at AGENT's inbox without claiming anything (delivery order, then scheduled).
+    """Look at AGENT's inbox without claiming anything (receive's order, then by due time).
 
     \b
     Example:

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import apsw
@@ -79,12 +80,16 @@ class Throughput(msgspec.Struct, kw_only=True):
 
 
 class QueueDepth(msgspec.Struct, kw_only=True):
-    """One agent's inbox: ``ready`` to claim now, ``leased`` (in flight), ``retrying`` (or
-    delayed: due later), ``dead`` (dead letters kept)."""
+    """One agent's inbox (SPEC 4.2): ``ready`` to claim now (due retries included),
+    ``leased`` (in flight), ``retrying`` (waiting for its backoff), ``scheduled`` (a delayed
+    publish, not yet due), ``expired`` (never delivered again, not yet moved to dead letters),
+    ``dead`` (dead letters kept)."""
 
     ready: int
     leased: int
     retrying: int
+    scheduled: int
+    expired: int
     dead: int
 
 
@@ -128,20 +133,23 @@ class Metrics(msgspec.Struct, kw_only=True):
 
 
 class AgentStats(msgspec.Struct, kw_only=True):
-    """One agent's inbox as ``sqlbus stats`` shows it (``oldest_ready_age_ms`` 0 when empty)."""
+    """One agent's inbox as ``sqlbus stats`` shows it, in the states of :class:`QueueDepth`
+    (``oldest_ready_age_ms`` 0 when nothing is ready)."""
 
     agent: str
     ready: int
     leased: int
     retrying: int
+    scheduled: int
+    expired: int
     dead: int
     oldest_ready_age_ms: int
 
 
 class InboxEntry(msgspec.Struct, kw_only=True):
-    """A message in an inbox, seen without claiming it: ``status`` is ``ready``, ``leased``
-    or ``scheduled`` (a retry or delayed message, due at ``visible_at``, ISO 8601 UTC);
-    ``attempts`` deliveries so far."""
+    """A message in an inbox, seen without claiming it: ``status`` is one of the states of
+    :class:`QueueDepth` but ``dead``; ``visible_at`` (ISO 8601 UTC) is when a lease ends or a
+    retry or delayed message comes due; ``attempts`` deliveries so far."""
 
     message: Message
     status: str
@@ -214,15 +222,34 @@ def _end_read(conn: apsw.Connection) -> None:
     storage.end_read(conn)
 
 
+@contextmanager
+def snapshot(conn: apsw.Connection) -> Iterator[None]:
+    """One read transaction, so that every query inside sees the same commit (inside a
+    caller's open transaction, that one is already a snapshot)."""
+    if not conn.get_autocommit():
+        yield
+        return
+    storage.begin_read(conn)
+    try:
+        yield
+    finally:
+        storage.end_read(conn)
+
+
 def compute_stats(conn: apsw.Connection, now: int, agents: Iterable[str] = ()) -> list[AgentStats]:
-    """Per-agent depths from the partial indexes (cheap whatever the archive size)."""
+    """Per-agent depths from the partial indexes (cheap whatever the archive size); call it
+    inside :func:`snapshot`."""
     by_agent = {
-        agent: AgentStats(agent=agent, ready=0, leased=0, retrying=0, dead=0, oldest_ready_age_ms=0)
+        agent: AgentStats(agent=agent, ready=0, leased=0, retrying=0, scheduled=0, expired=0,
+                          dead=0, oldest_ready_age_ms=0)
         for agent in agents
     }
-    for agent, ready, leased, retrying, dead, oldest in storage.depth_rows(conn, now):
+    for agent, ready, leased, retrying, scheduled, expired, dead, oldest in storage.depth_rows(
+        conn, now
+    ):
         by_agent[agent] = AgentStats(
-            agent=agent, ready=ready, leased=leased, retrying=retrying, dead=dead,
+            agent=agent, ready=ready, leased=leased, retrying=retrying, scheduled=scheduled,
+            expired=expired, dead=dead,
             oldest_ready_age_ms=0 if oldest is None else max(0, now - oldest),
         )
     return [by_agent[agent] for agent in sorted(by_agent)]
@@ -272,7 +299,8 @@ def compute_metrics(conn: apsw.Connection, now: int, path: str) -> Metrics:
         messages_received=received,
         messages_failed=sum(errors.values()),
         messages_dead_lettered=dead,
-        messages_expired=reasons.get("expired", 0) + total("expired"),
+        # expired from the moment they expire: those still in an inbox count too
+        messages_expired=reasons.get("expired", 0) + total("expired") + sum(s.expired for s in stats),
         messages_unhandled=total("unhandled"),
         late_responses=total("late_responses"),
         average_delivery_ms=round(delivery_ms / received, 3) if received else 0.0,
@@ -284,7 +312,8 @@ def compute_metrics(conn: apsw.Connection, now: int, path: str) -> Metrics:
         },
         success_rate=received / (received + dead) if received + dead else 1.0,
         queue_depths={
-            s.agent: QueueDepth(ready=s.ready, leased=s.leased, retrying=s.retrying, dead=s.dead)
+            s.agent: QueueDepth(ready=s.ready, leased=s.leased, retrying=s.retrying,
+                                scheduled=s.scheduled, expired=s.expired, dead=s.dead)
             for s in stats
         },
         oldest_ready_age_ms=max((s.oldest_ready_age_ms for s in stats), default=0),
@@ -311,7 +340,7 @@ _HELP = {
     "error_rates": ("counter", "Handler failures by exception name."),
     "agent_activity": ("counter", "Messages sent and deliveries received (acked) per agent."),
     "success_rate": ("gauge", "Acked / (acked + dead-lettered), 0..1."),
-    "queue_depths": ("gauge", "Messages per agent inbox by state (ready, leased, retrying, dead)."),
+    "queue_depths": ("gauge", "Messages per agent inbox by state (ready, leased, retrying, scheduled, expired, dead)."),
     "oldest_ready_age_ms": ("gauge", "Age of the oldest message ready to claim, in milliseconds."),
     "wal_bytes": ("gauge", "Size of the write-ahead log file in bytes."),
     "db_bytes": ("gauge", "Size of the database file in bytes."),
@@ -343,7 +372,7 @@ def to_prometheus(m: Metrics) -> str:
                 (f'{{agent="{_label(agent)}",direction="{direction}"}}', getattr(activity, direction))
             )
     for agent, depth in m.queue_depths.items():
-        for state in ("ready", "leased", "retrying", "dead"):
+        for state in QueueDepth.__struct_fields__:
             samples["queue_depths"].append(
                 (f'{{agent="{_label(agent)}",state="{state}"}}', getattr(depth, state))
             )
@@ -722,17 +751,14 @@ def vacuum(bus: Bus) -> VacuumResult:
 
 
 def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
-    """An agent's inbox without claiming anything: queued messages in delivery order, then
-    scheduled ones (retries, delayed) by due time."""
+    """An agent's inbox without claiming anything, read in one snapshot: ready messages in
+    the order receive takes them, then the others by when they become claimable, expired
+    ones last."""
     now = bus._now_ms()
-    with bus._reading() as conn:
-        rows = storage.peek_rows(conn, agent, limit)
+    with bus._reading() as conn, snapshot(conn):
+        rows = storage.peek_rows(conn, agent, now, limit)
     entries = []
-    for state, visible_at, attempts, _sent_at, body in rows:
-        if state == storage.QUEUED or visible_at <= now:
-            status = "ready"  # queued (whatever the clock says), or a due retry or lease
-        else:
-            status = "scheduled" if state == storage.SCHEDULED else "leased"
+    for status, visible_at, attempts, _sent_at, body in rows:
         entries.append(
             InboxEntry(message=decode_message(body), status=status, attempts=attempts,
                        visible_at=iso_ms(visible_at))

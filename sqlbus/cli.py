@@ -748,8 +748,9 @@ def backup(config: _Config, dest: str, as_json: bool) -> None:
 @cli.command()
 @json_option
 @pass_config
-def vacuum(config: _Config, as_json: bool) -> None:
-    """Rebuild the file to return the space of deleted rows (run after a large prune).
+def vacuum(config: _Config, as_json: bool) -> int:
+    """Rebuild the file to return the space of deleted rows (run after a large prune); exit 1
+    when it could not shrink it (a reader pins the WAL).
 
     \b
     Example:
@@ -757,12 +758,15 @@ def vacuum(config: _Config, as_json: bool) -> None:
     """
     with config.bus() as bus:
         if sys.stderr.isatty():
-            click.echo("vacuuming (holds the write lock until done)...", err=True)
+            click.echo("vacuuming (holds writers back while it copies)...", err=True)
         result = bus.vacuum()
     if as_json:
         _json_out(result)
-    else:
+    elif result.shrunk:
         click.echo(f"vacuumed: {result.bytes_before} -> {result.bytes_after} bytes")
+    if not result.shrunk:
+        return _fail(f"vacuum could not shrink the file: {result.reason}", 1)
+    return 0
 
 
 def _commands(command: click.Command) -> Iterator[click.Command]:

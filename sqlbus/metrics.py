@@ -192,10 +192,14 @@ class BackupResult(msgspec.Struct, kw_only=True):
 
 
 class VacuumResult(msgspec.Struct, kw_only=True):
-    """File sizes (database plus WAL, bytes) before and after a vacuum."""
+    """File sizes (database plus WAL, bytes) before and after a vacuum. ``shrunk`` is True
+    when the file was rebuilt without its free pages and the WAL truncated; else False, and
+    ``reason`` says why."""
 
     bytes_before: int
     bytes_after: int
+    shrunk: bool
+    reason: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -731,19 +735,69 @@ def backup(
     )
 
 
+def _truncate_wal(conn: apsw.Connection, patience: float) -> bool:
+    """Copy the whole WAL into the database and truncate it; False when a reader (or a long
+    transaction) kept it in use for ``WAL_WAIT``, the connection's busy timeout.
+
+    A TRUNCATE checkpoint holds writers back while it waits for readers, so that wait stays
+    short. Another process's checkpoint copying the same frames is no reader: (busy, -1, -1)
+    says the checkpoint lock was taken, and it is worth waiting for, up to ``patience`` s,
+    without holding anyone back."""
+    deadline = time.monotonic() + patience
+    while True:
+        busy, frames, _done = storage.checkpoint(conn, "TRUNCATE")
+        if not busy:
+            return True
+        if frames >= 0 or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
 def vacuum(bus: Bus) -> VacuumResult:
     """Rebuild the file to give the space of deleted rows back to the file system, then
-    truncate the WAL. It takes the write lock for its whole run (seconds for a large file)."""
+    truncate the WAL (SPEC 2.2).
+
+    VACUUM writes the rebuilt file into the WAL; only a checkpoint that copies all of it
+    back shrinks the database, and a reader holding an older snapshot prevents that, leaving
+    the file larger than before. So the WAL must be free first: a reader that does not leave
+    it within ``WAL_WAIT`` makes vacuum give up before rebuilding anything. The rebuild holds
+    writers back while it copies; the copy back into the database is a PASSIVE checkpoint,
+    which holds nobody back; the final truncation waits at most ``WAL_WAIT`` for readers.
+    """
     before = sum(file_sizes(bus.path))
-    conn = bus._conn()
-    with bus._reading(conn):
+    reader = "a reader holding an old snapshot (or a long transaction)"
+    if bus._closed:
+        raise DatabaseError(f"the bus on {bus.path} is closed")
+    conn = None
+    try:
+        # a connection of its own: its waits and temp_store differ from the bus's
+        conn = storage.open_connection(
+            bus.path, synchronous=bus._synchronous, busy_timeout=WAL_WAIT
+        )
+        if not _truncate_wal(conn, bus.busy_timeout):
+            return VacuumResult(
+                bytes_before=before, bytes_after=sum(file_sizes(bus.path)), shrunk=False,
+                reason=f"not vacuumed: {reader} kept the WAL in use for more than "
+                f"{WAL_WAIT * 1000:.0f} ms; run vacuum again when it has ended",
+            )
+        storage.set_busy_timeout(conn, bus.busy_timeout)  # for the write lock, like any writer
         storage.vacuum(conn)
-        # Busy at once when a checkpointer thread (this process's, after VACUUM's commit, or
-        # another's) is copying the same frames: a moment later the WAL can be truncated.
-        deadline = time.monotonic() + bus.busy_timeout
-        while storage.checkpoint(conn, "TRUNCATE")[0] and time.monotonic() < deadline:
-            time.sleep(0.005)
-    return VacuumResult(bytes_before=before, bytes_after=sum(file_sizes(bus.path)))
+        storage.checkpoint(conn, "PASSIVE")
+        storage.set_busy_timeout(conn, WAL_WAIT)
+        truncated = _truncate_wal(conn, bus.busy_timeout)
+    except apsw.Error as exc:
+        raise bus._database_error(exc) from exc
+    finally:
+        if conn is not None:
+            conn.close()
+    after = sum(file_sizes(bus.path))
+    if not truncated:
+        return VacuumResult(
+            bytes_before=before, bytes_after=after, shrunk=False,
+            reason=f"rebuilt, but {reader} keeps the rebuilt pages in the WAL; the file shrinks "
+            "at the first checkpoint after it ends",
+        )
+    return VacuumResult(bytes_before=before, bytes_after=after, shrunk=True)
 
 
 # ---------------------------------------------------------------------------------------------

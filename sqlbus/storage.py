@@ -388,8 +388,19 @@ def end_read(conn: apsw.Connection) -> None:
         conn.execute("COMMIT")
 
 
+def set_busy_timeout(conn: apsw.Connection, timeout: float) -> None:
+    """Make ``conn`` wait up to ``timeout`` seconds for a lock another connection holds."""
+    conn.set_busy_handler(_busy_handler(timeout))
+
+
 def vacuum(conn: apsw.Connection) -> None:
-    """Rebuild the file without its free pages (holds the write lock while it runs)."""
+    """Rebuild the file without its free pages (holds the write lock while it runs).
+
+    VACUUM builds the new file in a temporary database first: in a file, so that memory does
+    not grow with the database (our connections keep temporary tables in memory otherwise).
+    Meant for a connection of its own: the setting stays on it.
+    """
+    conn.execute("PRAGMA temp_store=FILE")
     conn.execute("VACUUM")
 
 

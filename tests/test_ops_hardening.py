@@ -15,12 +15,12 @@ from pathlib import Path
 import apsw
 import msgspec
 import pytest
+from click.testing import CliRunner
+from conftest import query
 
 import sqlbus
 from sqlbus import metrics as ops
 from sqlbus.cli import cli
-
-from conftest import query
 
 INBOX = 200
 
@@ -139,3 +139,137 @@ def test_peek_names_retrying_scheduled_leased_and_expired_and_lists_in_receive_o
     assert [first.message.id, second.message.id] == [failed, low]
     assert bus.metrics().messages_expired == 1  # moved to dead letters, counted once
     assert bus.dead_letters()[0].reason == "expired"
+
+
+# -- vacuum ---------------------------------------------------------------------------------
+
+_READER = textwrap.dedent(
+    """
+    import apsw, os, sys, time
+    path, stop = sys.argv[1], sys.argv[2]
+    conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM message").fetchall()  # holds this snapshot
+    open(stop + ".started", "w").close()
+    while not os.path.exists(stop):
+        time.sleep(0.01)
+    conn.execute("COMMIT")
+    conn.close()
+    """
+)
+
+# Publishes as fast as it can until told to stop; prints how many publishes succeeded and the
+# errors of those that did not.
+_WRITER = textwrap.dedent(
+    """
+    import json, os, sys, sqlbus
+    path, stop = sys.argv[1], sys.argv[2]
+    done, errors = 0, []
+    with sqlbus.connect(path, busy_timeout=2.0) as bus:
+        writer = bus.agent("writer")
+        while not os.path.exists(stop):
+            try:
+                writer.publish("sink", "notification", {"n": done})
+                done += 1
+            except sqlbus.DatabaseError as exc:
+                errors.append(str(exc))
+            if done == 20:
+                open(stop + ".started", "w").close()
+    print(json.dumps({"done": done, "errors": errors}))
+    """
+)
+
+
+def _start(script: str, db_path: Path, stop: Path, **kwargs) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", script, str(db_path), str(stop)], **kwargs)
+    deadline = time.monotonic() + 60
+    while not Path(str(stop) + ".started").exists():
+        assert proc.poll() is None, "the helper process died"
+        assert time.monotonic() < deadline, "the helper process never started"
+        time.sleep(0.01)
+    return proc
+
+
+def _pruned_archive(db_path: Path, messages: int = 3000, pad: int = 1000) -> None:
+    """A file whose archive was pruned: free pages for vacuum to give back."""
+    with sqlbus.connect(db_path, archive_retention=None, dead_retention=None) as bus:
+        alice, bob = bus.agent("alice"), bus.agent("bob")
+        bus.agent("sink")
+        for _ in range(messages // 500):
+            alice.publish_many([{"to": "bob", "type": "notification", "payload": {"p": "x" * pad}}
+                                for _ in range(500)])
+            bob.ack(bob.receive(limit=500))
+        time.sleep(0.01)
+        assert bus.prune(sent_older_than=0, dead_older_than=None).acked == messages
+
+
+def test_vacuum_gives_up_on_a_reader_that_pins_the_wal_and_never_locks_writers_out(db_path, tmp_path):
+    _pruned_archive(db_path)
+    reader = _start(_READER, db_path, tmp_path / "reader")
+    writer = _start(_WRITER, db_path, tmp_path / "writer", stdout=subprocess.PIPE)
+    try:
+        with sqlbus.connect(db_path) as bus:
+            pinned = bus.vacuum()
+    finally:
+        (tmp_path / "writer").touch()
+        written = msgspec.json.decode(writer.communicate(timeout=60)[0])
+        (tmp_path / "reader").touch()
+        assert reader.wait(60) == 0
+    assert written["errors"] == [] and written["done"] > 20
+    assert not pinned.shrunk and "reader" in pinned.reason
+    with sqlbus.connect(db_path) as bus:  # the reader is gone: now it shrinks
+        result = bus.vacuum()
+        assert result.shrunk and result.reason is None
+        assert result.bytes_after < result.bytes_before / 2
+        assert os.path.getsize(str(db_path) + "-wal") == 0
+        assert len(bus.peek("sink", limit=100_000)) == written["done"]
+    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+
+
+def test_the_vacuum_command_exits_1_with_the_reason_when_a_reader_pins_the_wal(db_path):
+    _pruned_archive(db_path, messages=500)
+    with sqlbus.connect(db_path) as bus:
+        bus.agent("alice").publish("bob", "notification", {})
+    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM message").fetchall()
+        with sqlbus.connect(db_path) as bus:
+            bus.agent("alice").publish("bob", "notification", {})  # past the reader's snapshot
+        result = CliRunner().invoke(cli, ["--db", str(db_path), "vacuum"])
+    finally:
+        reader.close()
+    assert result.exit_code == 1
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("sqlbus: error: vacuum could not shrink") and "reader" in line
+    result = CliRunner().invoke(cli, ["--db", str(db_path), "vacuum"])
+    assert result.exit_code == 0 and result.stdout.startswith("vacuumed: ")
+
+
+_VACUUM_RSS = textwrap.dedent(
+    """
+    import resource, sys, sqlbus
+    with sqlbus.connect(sys.argv[1]) as bus:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        result = bus.vacuum()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(before * 1024, after * 1024, result.shrunk)
+    """
+)
+
+
+def test_vacuum_builds_its_copy_on_disk_so_memory_does_not_grow_with_the_file(db_path):
+    with sqlbus.connect(db_path, archive_retention=None, dead_retention=None) as bus:
+        alice = bus.agent("alice")
+        bus.agent("bob")
+        for _ in range(60):
+            alice.publish_many([{"to": "bob", "type": "notification", "ttl": 0,
+                                 "payload": {"p": os.urandom(700).hex()}} for _ in range(700)])
+    size = os.path.getsize(db_path)  # closed: the WAL is folded in
+    assert size > 50 * 1024 * 1024
+    out = subprocess.run([sys.executable, "-c", _VACUUM_RSS, str(db_path)], check=True,
+                         capture_output=True, text=True).stdout.split()
+    before, after, shrunk = int(out[0]), int(out[1]), out[2] == "True"
+    assert shrunk
+    # ru_maxrss is the peak: what vacuum added to it must stay well below the file's size
+    assert after - before < size / 4, (before, after, size)

@@ -320,7 +320,7 @@ class Bus:
         self.dead_retention = (
             None if dead_retention is None else _seconds(dead_retention, "dead_retention")
         )
-        self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep (WAL size)
+        self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep
         self._retention_due = 0.0  # ... and of the next background retention pass
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
@@ -518,9 +518,9 @@ class Bus:
             self._upkeep()
 
     def _upkeep(self) -> None:
-        """Background upkeep after a write, at most every ``WAL_CHECK_EVERY`` seconds: keep
-        the WAL bounded under sustained load and, about once a minute, prune past retention
-        (sqlbus.metrics.background_upkeep). Never fails the caller's operation."""
+        """Background upkeep after a write, at most every ``WAL_CHECK_EVERY`` seconds: about
+        once a minute, prune past retention (sqlbus.metrics.background_upkeep). Never fails
+        the caller's operation."""
         self._upkeep_due = time.monotonic() + ops.WAL_CHECK_EVERY
         ops.background_upkeep(self)
 

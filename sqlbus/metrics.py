@@ -55,8 +55,8 @@ DEAD_RETENTION = 30 * 86400.0  # s: dead letters older than this are pruned
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
 UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
-WAL_CHECK_EVERY = 0.1  # s: how often a writing process looks at the WAL's size
-WAL_LIMIT = 64 * 1024 * 1024  # bytes of WAL frames (= journal_size_limit) before a restart
+WAL_CHECK_EVERY = 0.1  # s: how often a writing process looks whether upkeep is due
+WAL_LIMIT = 64 * 1024 * 1024  # bytes of WAL frames before a restart waits for readers
 WAL_WAIT = 0.05  # s: how long that checkpoint may wait for readers (writers wait meanwhile)
 WAL_BACKOFF = 5.0  # s: after a restart that readers kept from finishing, before the next
 # A commit that leaves at least this many frames (8 MB of 2 KiB pages) in the WAL wakes the
@@ -515,7 +515,7 @@ class Checkpointer:
                 try:
                     thread.start()
                 except RuntimeError:
-                    return  # interpreter shutting down: bound_wal still bounds the WAL
+                    return  # interpreter shutting down
                 self._thread = thread
         self._wanted.set()
 
@@ -565,66 +565,31 @@ def fold_wal(conn: apsw.Connection, *, restart: bool = True) -> bool | None:
     the WAL still long, a RESTART pass copies what came meanwhile, holding writers back (for
     about an fsync), and waits up to the connection's busy timeout for readers to leave the
     WAL; the next commit then writes at its start again. When the copy is not complete, a
-    reader holds an older snapshot: a RESTART would hold every writer back until that reader
-    ends, so none is tried (``restart=False`` skips it too).
+    reader holds an older snapshot, and a RESTART would hold every writer back while it waits
+    for that reader: it is tried only once the WAL holds ``WAL_LIMIT`` bytes of frames (under
+    sustained load from several processes, readers overlap so that the copy is never
+    complete: measured, the WAL grew to 160-375 MB in 10 s of 2 publishers and 2 consumers).
+    Frames are counted, never the file's size: ``journal_size_limit`` keeps a WAL file that
+    once grew that long at its limit after it starts over. ``restart=False`` skips RESTART.
     """
     busy, frames, done = storage.checkpoint(conn, "PASSIVE")
-    if not restart or busy or frames < CHECKPOINT_FRAMES or done < frames:
+    if not restart or busy or frames < CHECKPOINT_FRAMES:
         return None
-    if storage.checkpoint(conn, "RESTART")[0]:
-        return False
-    return None
-
-
-def bound_wal(bus: Bus) -> bool | None:
-    """Make the WAL start over when it holds more than ``WAL_LIMIT`` bytes of frames: True
-    when it did, None when there was no need, False when readers kept it pinned for
-    ``WAL_WAIT``.
-
-    SQLite's automatic (passive) checkpoints copy the WAL back into the database, but the
-    WAL only starts over from its beginning at a moment when no reader is using it, which
-    under sustained load from several processes may never come: measured here, the WAL grew
-    to 160-375 MB in 10 s of 2 publishers and 2 consumers. A RESTART checkpoint makes that
-    moment: it waits (at most ``WAL_WAIT``, holding writers back meanwhile) for the current
-    readers to finish, so the next commit writes at the start of the file again, and
-    ``journal_size_limit`` trims the file. A PASSIVE pass first does the copying without
-    holding anyone back. A reader that holds a snapshot longer (a backup, a long
-    transaction) makes it give up; ``check`` reports such a reader as pinning the WAL.
-    Measured, RESTART did not cost throughput; TRUNCATE (regrowing the file) cost ~10%.
-    """
-    try:
-        if os.path.getsize(bus.path + "-wal") < WAL_LIMIT:
-            return None  # cheap test first: the file is never smaller than its frames
-    except OSError:
+    if done < frames and frames * (storage.page_size(conn) + 24) < WAL_LIMIT:
         return None
-    conn = storage.open_connection(bus.path, synchronous=bus._synchronous, busy_timeout=WAL_WAIT)
-    try:
-        busy, frames, _done = storage.checkpoint(conn, "PASSIVE")
-        if frames * (storage.page_size(conn) + 24) < WAL_LIMIT:
-            return None  # the WAL started over already; the file keeps its size for reuse
-        started = time.monotonic()
-        busy, _frames, _done = storage.checkpoint(conn, "RESTART")
-    except apsw.Error:
-        return None
-    finally:
-        conn.close()
-    if not busy:
-        return True
-    # Busy at once: another process is checkpointing (the next look retries). Busy after
-    # waiting: a reader pins the WAL.
-    return None if time.monotonic() - started < WAL_WAIT / 2 else False
+    busy, frames, _done = storage.checkpoint(conn, "RESTART")
+    # Busy with no frame counts: another process holds the checkpoint lock (SQLite does not
+    # wait for it), so it is copying now and the next pass tries again; with counts, the
+    # wait for readers ran out.
+    return False if busy and frames >= 0 else None
 
 
 def background_upkeep(bus: Bus) -> None:
-    """What a process does after some of its writes (see ``Bus._committed``): bound the WAL
-    and, about once a minute, run a retention pass. Errors are swallowed: upkeep must never
-    fail the write that triggered it, and the next pass tries again."""
+    """What a process does after some of its writes (see ``Bus._committed``): about once a
+    minute, run a retention pass (WAL upkeep is the :class:`Checkpointer` thread's). Errors
+    are swallowed: upkeep must never fail the write that triggered it, and the next pass
+    tries again."""
     now = time.monotonic()
-    try:
-        if bound_wal(bus) is False:  # readers kept it pinned: do not hold writers back again soon
-            bus._upkeep_due = now + WAL_BACKOFF
-    except (OSError, apsw.Error, DatabaseError):
-        pass
     if now < bus._retention_due:
         return
     bus._retention_due = now + UPKEEP_EVERY

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import apsw
 import msgspec
-import pytest
 from click.testing import CliRunner
 from conftest import query
 
@@ -272,3 +271,113 @@ def test_vacuum_builds_its_copy_on_disk_so_memory_does_not_grow_with_the_file(db
     before, after = int(out[0]), int(out[1])
     # ru_maxrss is the peak: what vacuum added to it must stay well below the file's size
     assert after - before < size / 4, (before, after, size)
+
+
+# -- WAL upkeep -----------------------------------------------------------------------------
+
+
+def _wal_frames(db_path: Path) -> tuple[int, int]:
+    """(frames in the WAL, frames copied into the database), read from outside the bus."""
+    conn = apsw.Connection(str(db_path))
+    try:
+        _busy, frames, done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
+        return frames, done
+    finally:
+        conn.close()
+
+
+def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_checkpoint(db_path):
+    wal = str(db_path) + "-wal"
+    with sqlbus.connect(db_path, archive_retention=None, dead_retention=None) as bus:
+        alice = bus.agent("alice")
+        bus.agent("bob")
+        big = "x" * 900_000
+        alice.publish_many([{"to": "bob", "type": "notification", "payload": {"p": big}}
+                            for _ in range(80)])  # ~72 MB of WAL in one commit
+        deadline = time.monotonic() + 60
+        # The checkpointer copies it back and restarts it; a commit then writes at its start
+        # and journal_size_limit trims the file to WAL_LIMIT, where it stays.
+        while _wal_frames(db_path)[0] > 100 or os.path.getsize(wal) > ops.WAL_LIMIT:
+            assert time.monotonic() < deadline, (_wal_frames(db_path), os.path.getsize(wal))
+            alice.publish("bob", "notification", {})
+            time.sleep(0.02)
+        assert os.path.getsize(wal) == ops.WAL_LIMIT
+
+        caller = threading.get_ident()
+        seen: list[str] = []
+
+        def trace(_cursor: apsw.Cursor, sql: str, _bindings: object) -> bool:
+            if threading.get_ident() == caller and "wal_checkpoint" in sql.lower():
+                seen.append(sql)
+            return True
+
+        def hook(conn: apsw.Connection) -> None:
+            if threading.get_ident() == caller:
+                seen.append("connection opened")
+            conn.exec_trace = trace
+
+        apsw.connection_hooks.append(hook)
+        try:
+            for _ in range(15):
+                alice.publish("bob", "notification", {})
+                time.sleep(ops.WAL_CHECK_EVERY * 1.2)  # so every publish finds upkeep due
+        finally:
+            apsw.connection_hooks.remove(hook)
+    assert seen == []
+
+
+_LOAD = textwrap.dedent(
+    """
+    import os, sys, sqlbus
+    path, stop, role = sys.argv[1], sys.argv[2], sys.argv[3]
+    with sqlbus.connect(path, archive_retention=None, dead_retention=None) as bus:
+        me = bus.agent(role)
+        n = 0
+        while not os.path.exists(stop):
+            if role == "producer":
+                me.publish_many([{"to": "consumer", "type": "notification",
+                                  "payload": {"pad": "p" * 800}} for _ in range(20)])
+            else:
+                me.ack(me.receive(limit=50, wait=0.05))
+            n += 1
+            if n == 20:
+                open(stop + "." + role, "w").close()
+    """
+)
+
+
+def _wal_restarts(wal: str) -> int:
+    """The WAL header's checkpoint sequence number: one more each time the WAL starts over."""
+    with open(wal, "rb") as f:
+        return int.from_bytes(f.read(16)[12:16], "big")
+
+
+def test_the_wal_starts_over_under_steady_load_from_several_processes(db_path, tmp_path):
+    with sqlbus.connect(db_path) as bus:
+        bus.agent("consumer")
+    wal = str(db_path) + "-wal"
+    stop = tmp_path / "stop"
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD, str(db_path), str(stop), role])
+             for role in ("producer", "producer", "consumer", "consumer")]
+    largest, restarts = 0, set()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(Path(f"{stop}.{r}").exists() for r in ("producer", "consumer")):
+            assert all(p.poll() is None for p in procs) and time.monotonic() < deadline
+            time.sleep(0.01)
+        # Readers overlap all the time, so the WAL is never wholly copied: only a restart
+        # that waits for them keeps it from growing for as long as the load lasts.
+        while len(restarts) < 3:
+            assert time.monotonic() < deadline, (restarts, largest)
+            largest = max(largest, os.path.getsize(wal))
+            restarts.add(_wal_restarts(wal))
+            time.sleep(0.01)
+    finally:
+        stop.touch()
+        for p in procs:
+            assert p.wait(60) == 0
+    # A restart is tried once the WAL holds WAL_LIMIT bytes of frames; commits go on while it
+    # waits, and readers that hold it up for longer than WAL_WAIT make a process wait a while
+    # before trying again: the WAL may pass the limit, but not run away.
+    assert largest <= 8 * ops.WAL_LIMIT, largest
+    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]

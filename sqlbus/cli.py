@@ -22,7 +22,7 @@ import msgspec
 
 from . import __version__
 from .bus import Bus, connect
-from .errors import SqlbusError
+from .errors import DatabaseError, SqlbusError
 from .messages import MESSAGE_TYPES, Message
 from .metrics import to_prometheus
 
@@ -426,6 +426,14 @@ def tail(
             pass  # Ctrl-C is how tail ends
 
 
+def _agent_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An --agent filter names one agent: say so here, in the words of this option (the
+    library's error speaks of publish and broadcast)."""
+    if value is not None and re.search(r"[*?\[]", value):
+        raise click.BadParameter(f"takes one agent id, not a pattern: {value!r}")
+    return value
+
+
 @cli.group("dead-letters", cls=click.Group)
 def dead_letters() -> None:
     """List, show, requeue and purge dead letters.
@@ -437,7 +445,7 @@ def dead_letters() -> None:
 
 
 @dead_letters.command("list")
-@click.option("--agent", default=None, help="Only this recipient's dead letters.")
+@click.option("--agent", default=None, callback=_agent_id, help="Only this recipient's dead letters.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @json_option
 @pass_config
@@ -489,7 +497,7 @@ def dead_letters_show(config: _Config, dead_letter_id: int, as_json: bool) -> No
 @dead_letters.command("requeue")
 @click.argument("dead_letter_id", metavar="[ID]", type=int, required=False)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
-@click.option("--agent", default=None, help="With --all: only this recipient's.")
+@click.option("--agent", default=None, callback=_agent_id, help="With --all: only this recipient's (an agent id).")
 @click.option("--reason", default=None, help="With --all: only this reason (e.g. expired).")
 @json_option
 @pass_config
@@ -706,8 +714,18 @@ def check(config: _Config, as_json: bool) -> int:
     Example:
         sqlbus --db team.db check
     """
-    with config.bus() as bus:
-        report = bus.check()
+    try:
+        with config.bus() as bus:
+            report = bus.check()
+    except DatabaseError as exc:
+        # The file is too damaged to open or read: the library's advice (run this very
+        # command) does not fit here; what does is the backup.
+        what = [part for part in str(exc).split("; ") if "sqlbus check" not in part]
+        if len(what) == len(str(exc).split("; ")):
+            raise
+        raise click.ClickException(
+            "; ".join(what) + "; restore it from a backup (one 'sqlbus backup' made)"
+        ) from exc
     if as_json:
         _json_out(report)
     else:

@@ -612,7 +612,14 @@ def check(bus: Bus) -> CheckReport:
     with bus._reading(conn):
         integrity = storage.integrity_check(conn)
         application_id, version = storage.schema_marks(conn)
-        leases = storage.expired_leases(conn, now)
+    try:
+        with bus._reading(conn):
+            leases = storage.expired_leases(conn, now)
+    except DatabaseError:
+        if integrity == ["ok"]:
+            raise
+        leases = 0  # the rows cannot be read: the damage is the problem to report
+    with bus._reading(conn):
         # A passive checkpoint copies what it can and says how far it got: frames it could not
         # copy belong to snapshots that some reader still holds. Ask twice, a moment apart, so
         # a transaction that was merely running does not count as pinning.
@@ -622,7 +629,8 @@ def check(bus: Bus) -> CheckReport:
             busy, frames, done = storage.checkpoint(conn, "PASSIVE")
     pinned = frames > 0 and done < frames
     if integrity != ["ok"]:
-        problems.append(f"integrity check failed: {'; '.join(integrity[:3])}")
+        found = "; ".join(integrity[:3]).replace("\n", "; ")
+        problems.append(f"integrity check failed: {found}; the file is damaged: restore a backup")
     if application_id != storage.APPLICATION_ID:
         problems.append(f"not marked as a sqlbus database (application_id {application_id:#x})")
     if version != storage.SCHEMA_VERSION:

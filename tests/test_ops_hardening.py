@@ -14,6 +14,7 @@ from pathlib import Path
 
 import apsw
 import msgspec
+import pytest
 from click.testing import CliRunner
 from conftest import query
 
@@ -381,3 +382,55 @@ def test_the_wal_starts_over_under_steady_load_from_several_processes(db_path, t
     # before trying again: the WAL may pass the limit, but not run away.
     assert largest <= 8 * ops.WAL_LIMIT, largest
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+
+
+# -- CLI advice -----------------------------------------------------------------------------
+
+
+def _damaged(db_path: Path, where: str) -> None:
+    """A sqlbus file with the b-tree page of the schema (``schema``: it cannot be opened) or
+    of the message table (``messages``: it opens, its rows cannot be read) made invalid."""
+    with sqlbus.connect(db_path) as bus:
+        bus.agent("alice").publish_many([{"to": "bob", "type": "notification",
+                                          "payload": {"pad": "z" * 300}} for _ in range(300)])
+    data = bytearray(db_path.read_bytes())
+    if where == "schema":
+        for offset in range(100 + 8, 100 + 24):  # the cell pointers of page 1
+            data[offset] ^= 0xFF
+    else:
+        root = query(db_path, "SELECT rootpage FROM sqlite_schema WHERE name = 'message'")[0][0]
+        size = int.from_bytes(data[16:18], "big")
+        start = (root - 1) * size
+        data[start] = 0x00  # no b-tree page type is 0
+        data[start + 3:start + 5] = b"\xff\xff"
+    db_path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where", ["schema", "messages"])
+def test_check_on_a_damaged_file_advises_restoring_a_backup_not_running_check(db_path, where):
+    _damaged(db_path, where)
+    result = CliRunner().invoke(cli, ["--db", str(db_path), "check"])
+    assert result.exit_code == 1
+    said = result.stdout + result.stderr
+    assert "sqlbus check" not in said and "Traceback" not in said
+    assert "backup" in said
+    if where == "schema":
+        (line,) = result.stderr.splitlines()
+        assert line.startswith("sqlbus: error: ") and "corrupt" in line
+    else:
+        assert result.stdout.splitlines()[-1] == "NOT OK"
+        (problem,) = [line for line in result.stdout.splitlines() if line.startswith("problem:")]
+        assert "integrity check failed" in problem and "restore a backup" in problem
+
+
+def test_requeue_with_an_agent_pattern_says_the_filter_takes_an_agent_id(bus, db_path):
+    bus.agent("alice").publish("bob", "notification", {})
+    (d,) = bus.agent("bob").receive()
+    d.dead_letter("by hand")
+    for args in (["requeue", "--all", "--agent", "bob*"], ["list", "--agent", "b?b"]):
+        result = CliRunner().invoke(cli, ["--db", str(db_path), "dead-letters", *args])
+        assert result.exit_code == 2
+        (line,) = result.stderr.splitlines()
+        assert "--agent" in line and "agent id" in line and "pattern" in line
+        assert "broadcast" not in line and "publish" not in line
+    assert len(bus.dead_letters()) == 1

@@ -1270,8 +1270,9 @@ def peek_rows(
     """An agent's inbox without claiming: (status, visible_at, attempts, sent_at, body), the
     status as ``_STATUS`` names it at ``now``. Ready rows come first in the order a claim
     takes them, then the others by when they become claimable (lease end, due time), expired
-    ones last. Each group is read only while ``limit`` is not reached, a row at a time in
-    index order, and bodies only of the rows listed. Call it inside one read transaction."""
+    ones last. A group is read only while ``limit`` is not reached (the ready rows of a long
+    queue from the head of its index), and bodies only of the rows listed. Call it inside one
+    read transaction."""
     chosen: list[tuple[int, str]] = []
     for queries in (_PEEK_READY, _PEEK_WAITING, _PEEK_EXPIRED):
         room = limit - len(chosen)

@@ -378,7 +378,7 @@ class Bus:
         self.dead_retention = (
             None if dead_retention is None else _seconds(dead_retention, "dead_retention")
         )
-        self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep (WAL size)
+        self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep
         self._retention_due = 0.0  # ... and of the next background retention pass
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
@@ -590,9 +590,9 @@ class Bus:
             self._upkeep()
 
     def _upkeep(self) -> None:
-        """Background upkeep after a write, at most every ``WAL_CHECK_EVERY`` seconds: keep
-        the WAL bounded under sustained load and, about once a minute, prune past retention
-        (sqlbus.metrics.background_upkeep). Never fails the caller's operation."""
+        """Background upkeep after a write, at most every ``WAL_CHECK_EVERY`` seconds: about
+        once a minute, prune past retention (sqlbus.metrics.background_upkeep). Never fails
+        the caller's operation."""
         self._upkeep_due = time.monotonic() + ops.WAL_CHECK_EVERY
         ops.background_upkeep(self)
 
@@ -721,14 +721,17 @@ class Bus:
             return ops.compute_metrics(conn, self._now_ms(), self.path)
 
     def stats(self) -> list[ops.AgentStats]:
-        """Per-agent inbox depths (ready, leased, retrying, dead, oldest ready age in ms) of
-        every registered agent and every recipient; cheap at any archive size."""
-        with self._reading() as conn:
-            return ops.compute_stats(conn, self._now_ms(), storage.agent_ids(conn))
+        """Per-agent inbox depths (ready, leased, retrying, scheduled, expired, dead, oldest
+        ready age in ms) of every registered agent and every recipient, read in one snapshot;
+        cheap at any archive size."""
+        now = self._now_ms()
+        with self._reading() as conn, ops.snapshot(conn):
+            return ops.compute_stats(conn, now, storage.agent_ids(conn))
 
     def peek(self, agent: str, limit: int = 10) -> list[ops.InboxEntry]:
-        """Look at ``agent``'s inbox without claiming anything: queued messages in delivery
-        order (ready or leased), then scheduled ones (retries, delayed) by due time."""
+        """Look at ``agent``'s inbox without claiming anything, in one snapshot: ready
+        messages in the order receive takes them, then leased, retrying and scheduled ones by
+        when they become claimable, expired ones last."""
         check_agent_id(agent, "agent")
         _check_limit(limit)
         return ops.peek(self, agent, limit)

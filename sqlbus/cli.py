@@ -22,7 +22,7 @@ import msgspec
 
 from . import __version__
 from .bus import Bus, connect
-from .errors import SqlbusError
+from .errors import DatabaseError, SqlbusError
 from .messages import MESSAGE_TYPES, Message
 from .metrics import to_prometheus
 from .storage import check_file
@@ -293,7 +293,7 @@ def init(config: _Config) -> None:
 @json_option
 @pass_config
 def stats(config: _Config, as_json: bool) -> None:
-    """Per-agent inbox depths: ready, leased (in flight), retrying, dead, oldest ready age.
+    """Per-agent inbox depths: ready, leased, retrying, scheduled, expired, dead, oldest ready age.
 
     \b
     Example:
@@ -305,8 +305,9 @@ def stats(config: _Config, as_json: bool) -> None:
         _json_out(rows)
         return
     _table(
-        ["agent", "ready", "leased", "retrying", "dead", "oldest_ready_ms"],
-        [(s.agent, s.ready, s.leased, s.retrying, s.dead, s.oldest_ready_age_ms) for s in rows],
+        ["agent", "ready", "leased", "retrying", "scheduled", "expired", "dead", "oldest_ready_ms"],
+        [(s.agent, s.ready, s.leased, s.retrying, s.scheduled, s.expired, s.dead,
+          s.oldest_ready_age_ms) for s in rows],
     )
 
 
@@ -337,7 +338,7 @@ def agents(config: _Config, as_json: bool) -> None:
 @json_option
 @pass_config
 def peek(config: _Config, agent: str, limit: int, as_json: bool) -> None:
-    """Look at AGENT's inbox without claiming anything (delivery order, then scheduled).
+    """Look at AGENT's inbox without claiming anything (receive's order, then by due time).
 
     \b
     Example:
@@ -429,6 +430,14 @@ def tail(
             pass  # Ctrl-C is how tail ends
 
 
+def _agent_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """An --agent filter names one agent: say so here, in the words of this option (the
+    library's error speaks of publish and broadcast)."""
+    if value is not None and re.search(r"[*?\[]", value):
+        raise click.BadParameter(f"takes one agent id, not a pattern: {value!r}")
+    return value
+
+
 @cli.group("dead-letters", cls=click.Group)
 def dead_letters() -> None:
     """List, show, requeue and purge dead letters.
@@ -440,7 +449,7 @@ def dead_letters() -> None:
 
 
 @dead_letters.command("list")
-@click.option("--agent", default=None, help="Only this recipient's dead letters.")
+@click.option("--agent", default=None, callback=_agent_id, help="Only this recipient's dead letters.")
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(min=1))
 @json_option
 @pass_config
@@ -492,7 +501,7 @@ def dead_letters_show(config: _Config, dead_letter_id: int, as_json: bool) -> No
 @dead_letters.command("requeue")
 @click.argument("dead_letter_id", metavar="[ID]", type=int, required=False)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
-@click.option("--agent", default=None, help="With --all: only this recipient's.")
+@click.option("--agent", default=None, callback=_agent_id, help="With --all: only this recipient's (an agent id).")
 @click.option("--reason", default=None, help="With --all: only this reason (e.g. expired).")
 @json_option
 @pass_config
@@ -709,8 +718,18 @@ def check(config: _Config, as_json: bool) -> int:
     Example:
         sqlbus --db team.db check
     """
-    with config.bus() as bus:
-        report = bus.check()
+    try:
+        with config.bus() as bus:
+            report = bus.check()
+    except DatabaseError as exc:
+        # The file is too damaged to open or read: the library's advice (run this very
+        # command) does not fit here; what does is the backup.
+        what = [part for part in str(exc).split("; ") if "sqlbus check" not in part]
+        if len(what) == len(str(exc).split("; ")):
+            raise
+        raise click.ClickException(
+            "; ".join(what) + "; restore it from a backup (one 'sqlbus backup' made)"
+        ) from exc
     if as_json:
         _json_out(report)
     else:
@@ -751,8 +770,9 @@ def backup(config: _Config, dest: str, as_json: bool) -> None:
 @cli.command()
 @json_option
 @pass_config
-def vacuum(config: _Config, as_json: bool) -> None:
-    """Rebuild the file to return the space of deleted rows (run after a large prune).
+def vacuum(config: _Config, as_json: bool) -> int:
+    """Rebuild the file to return the space of deleted rows (run after a large prune); exit 1
+    when it could not shrink it (a reader pins the WAL).
 
     \b
     Example:
@@ -760,12 +780,15 @@ def vacuum(config: _Config, as_json: bool) -> None:
     """
     with config.bus() as bus:
         if sys.stderr.isatty():
-            click.echo("vacuuming (holds the write lock until done)...", err=True)
+            click.echo("vacuuming (holds writers back while it copies)...", err=True)
         result = bus.vacuum()
     if as_json:
         _json_out(result)
-    else:
+    elif result.shrunk:
         click.echo(f"vacuumed: {result.bytes_before} -> {result.bytes_after} bytes")
+    if not result.shrunk:
+        return _fail(f"vacuum could not shrink the file: {result.reason}", 1)
+    return 0
 
 
 def _commands(command: click.Command) -> Iterator[click.Command]:

@@ -19,6 +19,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import apsw
@@ -54,8 +55,8 @@ DEAD_RETENTION = 30 * 86400.0  # s: dead letters older than this are pruned
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
 UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
-WAL_CHECK_EVERY = 0.1  # s: how often a writing process looks at the WAL's size
-WAL_LIMIT = 64 * 1024 * 1024  # bytes of WAL frames (= journal_size_limit) before a restart
+WAL_CHECK_EVERY = 0.1  # s: how often a writing process looks whether upkeep is due
+WAL_LIMIT = 64 * 1024 * 1024  # bytes of WAL frames before a restart waits for readers
 WAL_WAIT = 0.05  # s: how long that checkpoint may wait for readers (writers wait meanwhile)
 WAL_BACKOFF = 5.0  # s: after a restart that readers kept from finishing, before the next
 # A commit that leaves at least this many frames (8 MB of 2 KiB pages) in the WAL wakes the
@@ -79,12 +80,16 @@ class Throughput(msgspec.Struct, kw_only=True):
 
 
 class QueueDepth(msgspec.Struct, kw_only=True):
-    """One agent's inbox: ``ready`` to claim now, ``leased`` (in flight), ``retrying`` (or
-    delayed: due later), ``dead`` (dead letters kept)."""
+    """One agent's inbox (SPEC 4.2): ``ready`` to claim now (due retries included),
+    ``leased`` (in flight), ``retrying`` (waiting for its backoff), ``scheduled`` (a delayed
+    publish, not yet due), ``expired`` (never delivered again, not yet moved to dead letters),
+    ``dead`` (dead letters kept)."""
 
     ready: int
     leased: int
     retrying: int
+    scheduled: int
+    expired: int
     dead: int
 
 
@@ -128,20 +133,23 @@ class Metrics(msgspec.Struct, kw_only=True):
 
 
 class AgentStats(msgspec.Struct, kw_only=True):
-    """One agent's inbox as ``sqlbus stats`` shows it (``oldest_ready_age_ms`` 0 when empty)."""
+    """One agent's inbox as ``sqlbus stats`` shows it, in the states of :class:`QueueDepth`
+    (``oldest_ready_age_ms`` 0 when nothing is ready)."""
 
     agent: str
     ready: int
     leased: int
     retrying: int
+    scheduled: int
+    expired: int
     dead: int
     oldest_ready_age_ms: int
 
 
 class InboxEntry(msgspec.Struct, kw_only=True):
-    """A message in an inbox, seen without claiming it: ``status`` is ``ready``, ``leased``
-    or ``scheduled`` (a retry or delayed message, due at ``visible_at``, ISO 8601 UTC);
-    ``attempts`` deliveries so far."""
+    """A message in an inbox, seen without claiming it: ``status`` is one of the states of
+    :class:`QueueDepth` but ``dead``; ``visible_at`` (ISO 8601 UTC) is when a lease ends or a
+    retry or delayed message comes due; ``attempts`` deliveries so far."""
 
     message: Message
     status: str
@@ -184,10 +192,14 @@ class BackupResult(msgspec.Struct, kw_only=True):
 
 
 class VacuumResult(msgspec.Struct, kw_only=True):
-    """File sizes (database plus WAL, bytes) before and after a vacuum."""
+    """File sizes (database plus WAL, bytes) before and after a vacuum. ``shrunk`` is True
+    when the file was rebuilt without its free pages and the WAL truncated; else False, and
+    ``reason`` says why."""
 
     bytes_before: int
     bytes_after: int
+    shrunk: bool
+    reason: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,15 +226,34 @@ def _end_read(conn: apsw.Connection) -> None:
     storage.end_read(conn)
 
 
+@contextmanager
+def snapshot(conn: apsw.Connection) -> Iterator[None]:
+    """One read transaction, so that every query inside sees the same commit (inside a
+    caller's open transaction, that one is already a snapshot)."""
+    if not conn.get_autocommit():
+        yield
+        return
+    storage.begin_read(conn)
+    try:
+        yield
+    finally:
+        storage.end_read(conn)
+
+
 def compute_stats(conn: apsw.Connection, now: int, agents: Iterable[str] = ()) -> list[AgentStats]:
-    """Per-agent depths from the partial indexes (cheap whatever the archive size)."""
+    """Per-agent depths from the partial indexes (cheap whatever the archive size); call it
+    inside :func:`snapshot`."""
     by_agent = {
-        agent: AgentStats(agent=agent, ready=0, leased=0, retrying=0, dead=0, oldest_ready_age_ms=0)
+        agent: AgentStats(agent=agent, ready=0, leased=0, retrying=0, scheduled=0, expired=0,
+                          dead=0, oldest_ready_age_ms=0)
         for agent in agents
     }
-    for agent, ready, leased, retrying, dead, oldest in storage.depth_rows(conn, now):
+    for agent, ready, leased, retrying, scheduled, expired, dead, oldest in storage.depth_rows(
+        conn, now
+    ):
         by_agent[agent] = AgentStats(
-            agent=agent, ready=ready, leased=leased, retrying=retrying, dead=dead,
+            agent=agent, ready=ready, leased=leased, retrying=retrying, scheduled=scheduled,
+            expired=expired, dead=dead,
             oldest_ready_age_ms=0 if oldest is None else max(0, now - oldest),
         )
     return [by_agent[agent] for agent in sorted(by_agent)]
@@ -272,7 +303,8 @@ def compute_metrics(conn: apsw.Connection, now: int, path: str) -> Metrics:
         messages_received=received,
         messages_failed=sum(errors.values()),
         messages_dead_lettered=dead,
-        messages_expired=reasons.get("expired", 0) + total("expired"),
+        # expired from the moment they expire: those still in an inbox count too
+        messages_expired=reasons.get("expired", 0) + total("expired") + sum(s.expired for s in stats),
         messages_unhandled=total("unhandled"),
         late_responses=total("late_responses"),
         average_delivery_ms=round(delivery_ms / received, 3) if received else 0.0,
@@ -284,7 +316,8 @@ def compute_metrics(conn: apsw.Connection, now: int, path: str) -> Metrics:
         },
         success_rate=received / (received + dead) if received + dead else 1.0,
         queue_depths={
-            s.agent: QueueDepth(ready=s.ready, leased=s.leased, retrying=s.retrying, dead=s.dead)
+            s.agent: QueueDepth(ready=s.ready, leased=s.leased, retrying=s.retrying,
+                                scheduled=s.scheduled, expired=s.expired, dead=s.dead)
             for s in stats
         },
         oldest_ready_age_ms=max((s.oldest_ready_age_ms for s in stats), default=0),
@@ -311,7 +344,7 @@ _HELP = {
     "error_rates": ("counter", "Handler failures by exception name."),
     "agent_activity": ("counter", "Messages sent and deliveries received (acked) per agent."),
     "success_rate": ("gauge", "Acked / (acked + dead-lettered), 0..1."),
-    "queue_depths": ("gauge", "Messages per agent inbox by state (ready, leased, retrying, dead)."),
+    "queue_depths": ("gauge", "Messages per agent inbox by state (ready, leased, retrying, scheduled, expired, dead)."),
     "oldest_ready_age_ms": ("gauge", "Age of the oldest message ready to claim, in milliseconds."),
     "wal_bytes": ("gauge", "Size of the write-ahead log file in bytes."),
     "db_bytes": ("gauge", "Size of the database file in bytes."),
@@ -343,7 +376,7 @@ def to_prometheus(m: Metrics) -> str:
                 (f'{{agent="{_label(agent)}",direction="{direction}"}}', getattr(activity, direction))
             )
     for agent, depth in m.queue_depths.items():
-        for state in ("ready", "leased", "retrying", "dead"):
+        for state in QueueDepth.__struct_fields__:
             samples["queue_depths"].append(
                 (f'{{agent="{_label(agent)}",state="{state}"}}', getattr(depth, state))
             )
@@ -482,7 +515,7 @@ class Checkpointer:
                 try:
                     thread.start()
                 except RuntimeError:
-                    return  # interpreter shutting down: bound_wal still bounds the WAL
+                    return  # interpreter shutting down
                 self._thread = thread
         self._wanted.set()
 
@@ -532,66 +565,31 @@ def fold_wal(conn: apsw.Connection, *, restart: bool = True) -> bool | None:
     the WAL still long, a RESTART pass copies what came meanwhile, holding writers back (for
     about an fsync), and waits up to the connection's busy timeout for readers to leave the
     WAL; the next commit then writes at its start again. When the copy is not complete, a
-    reader holds an older snapshot: a RESTART would hold every writer back until that reader
-    ends, so none is tried (``restart=False`` skips it too).
+    reader holds an older snapshot, and a RESTART would hold every writer back while it waits
+    for that reader: it is tried only once the WAL holds ``WAL_LIMIT`` bytes of frames (under
+    sustained load from several processes, readers overlap so that the copy is never
+    complete: measured, the WAL grew to 160-375 MB in 10 s of 2 publishers and 2 consumers).
+    Frames are counted, never the file's size: ``journal_size_limit`` keeps a WAL file that
+    once grew that long at its limit after it starts over. ``restart=False`` skips RESTART.
     """
     busy, frames, done = storage.checkpoint(conn, "PASSIVE")
-    if not restart or busy or frames < CHECKPOINT_FRAMES or done < frames:
+    if not restart or busy or frames < CHECKPOINT_FRAMES:
         return None
-    if storage.checkpoint(conn, "RESTART")[0]:
-        return False
-    return None
-
-
-def bound_wal(bus: Bus) -> bool | None:
-    """Make the WAL start over when it holds more than ``WAL_LIMIT`` bytes of frames: True
-    when it did, None when there was no need, False when readers kept it pinned for
-    ``WAL_WAIT``.
-
-    SQLite's automatic (passive) checkpoints copy the WAL back into the database, but the
-    WAL only starts over from its beginning at a moment when no reader is using it, which
-    under sustained load from several processes may never come: measured here, the WAL grew
-    to 160-375 MB in 10 s of 2 publishers and 2 consumers. A RESTART checkpoint makes that
-    moment: it waits (at most ``WAL_WAIT``, holding writers back meanwhile) for the current
-    readers to finish, so the next commit writes at the start of the file again, and
-    ``journal_size_limit`` trims the file. A PASSIVE pass first does the copying without
-    holding anyone back. A reader that holds a snapshot longer (a backup, a long
-    transaction) makes it give up; ``check`` reports such a reader as pinning the WAL.
-    Measured, RESTART did not cost throughput; TRUNCATE (regrowing the file) cost ~10%.
-    """
-    try:
-        if os.path.getsize(bus.path + "-wal") < WAL_LIMIT:
-            return None  # cheap test first: the file is never smaller than its frames
-    except OSError:
+    if done < frames and frames * (storage.page_size(conn) + 24) < WAL_LIMIT:
         return None
-    conn = storage.open_connection(bus.path, synchronous=bus._synchronous, busy_timeout=WAL_WAIT)
-    try:
-        busy, frames, _done = storage.checkpoint(conn, "PASSIVE")
-        if frames * (storage.page_size(conn) + 24) < WAL_LIMIT:
-            return None  # the WAL started over already; the file keeps its size for reuse
-        started = time.monotonic()
-        busy, _frames, _done = storage.checkpoint(conn, "RESTART")
-    except apsw.Error:
-        return None
-    finally:
-        conn.close()
-    if not busy:
-        return True
-    # Busy at once: another process is checkpointing (the next look retries). Busy after
-    # waiting: a reader pins the WAL.
-    return None if time.monotonic() - started < WAL_WAIT / 2 else False
+    busy, frames, _done = storage.checkpoint(conn, "RESTART")
+    # Busy with no frame counts: another process holds the checkpoint lock (SQLite does not
+    # wait for it), so it is copying now and the next pass tries again; with counts, the
+    # wait for readers ran out.
+    return False if busy and frames >= 0 else None
 
 
 def background_upkeep(bus: Bus) -> None:
-    """What a process does after some of its writes (see ``Bus._committed``): bound the WAL
-    and, about once a minute, run a retention pass. Errors are swallowed: upkeep must never
-    fail the write that triggered it, and the next pass tries again."""
+    """What a process does after some of its writes (see ``Bus._committed``): about once a
+    minute, run a retention pass (WAL upkeep is the :class:`Checkpointer` thread's). Errors
+    are swallowed: upkeep must never fail the write that triggered it, and the next pass
+    tries again."""
     now = time.monotonic()
-    try:
-        if bound_wal(bus) is False:  # readers kept it pinned: do not hold writers back again soon
-            bus._upkeep_due = now + WAL_BACKOFF
-    except (OSError, apsw.Error, DatabaseError):
-        pass
     if now < bus._retention_due:
         return
     bus._retention_due = now + UPKEEP_EVERY
@@ -614,7 +612,14 @@ def check(bus: Bus) -> CheckReport:
     with bus._reading(conn):
         integrity = storage.integrity_check(conn)
         application_id, version = storage.schema_marks(conn)
-        leases = storage.expired_leases(conn, now)
+    try:
+        with bus._reading(conn):
+            leases = storage.expired_leases(conn, now)
+    except DatabaseError:
+        if integrity == ["ok"]:
+            raise
+        leases = 0  # the rows cannot be read: the damage is the problem to report
+    with bus._reading(conn):
         # A passive checkpoint copies what it can and says how far it got: frames it could not
         # copy belong to snapshots that some reader still holds. Ask twice, a moment apart, so
         # a transaction that was merely running does not count as pinning.
@@ -624,7 +629,8 @@ def check(bus: Bus) -> CheckReport:
             busy, frames, done = storage.checkpoint(conn, "PASSIVE")
     pinned = frames > 0 and done < frames
     if integrity != ["ok"]:
-        problems.append(f"integrity check failed: {'; '.join(integrity[:3])}")
+        found = "; ".join(integrity[:3]).replace("\n", "; ")
+        problems.append(f"integrity check failed: {found}; the file is damaged: restore a backup")
     if application_id != storage.APPLICATION_ID:
         problems.append(f"not marked as a sqlbus database (application_id {application_id:#x})")
     if version != storage.SCHEMA_VERSION:
@@ -708,19 +714,69 @@ def backup(
     )
 
 
+def _truncate_wal(conn: apsw.Connection, patience: float) -> bool:
+    """Copy the whole WAL into the database and truncate it; False when a reader (or a long
+    transaction) kept it in use for ``WAL_WAIT``, the connection's busy timeout.
+
+    A TRUNCATE checkpoint holds writers back while it waits for readers, so that wait stays
+    short. Another process's checkpoint copying the same frames is no reader: (busy, -1, -1)
+    says the checkpoint lock was taken, and it is worth waiting for, up to ``patience`` s,
+    without holding anyone back."""
+    deadline = time.monotonic() + patience
+    while True:
+        busy, frames, _done = storage.checkpoint(conn, "TRUNCATE")
+        if not busy:
+            return True
+        if frames >= 0 or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+
+
 def vacuum(bus: Bus) -> VacuumResult:
     """Rebuild the file to give the space of deleted rows back to the file system, then
-    truncate the WAL. It takes the write lock for its whole run (seconds for a large file)."""
+    truncate the WAL (SPEC 2.2).
+
+    VACUUM writes the rebuilt file into the WAL; only a checkpoint that copies all of it
+    back shrinks the database, and a reader holding an older snapshot prevents that, leaving
+    the file larger than before. So the WAL must be free first: a reader that does not leave
+    it within ``WAL_WAIT`` makes vacuum give up before rebuilding anything. The rebuild holds
+    writers back while it copies; the copy back into the database is a PASSIVE checkpoint,
+    which holds nobody back; the final truncation waits at most ``WAL_WAIT`` for readers.
+    """
     before = sum(file_sizes(bus.path))
-    conn = bus._conn()
-    with bus._reading(conn):
+    reader = "a reader holding an old snapshot (or a long transaction)"
+    if bus._closed:
+        raise DatabaseError(f"the bus on {bus.path} is closed")
+    conn = None
+    try:
+        # a connection of its own: its waits and temp_store differ from the bus's
+        conn = storage.open_connection(
+            bus.path, synchronous=bus._synchronous, busy_timeout=WAL_WAIT
+        )
+        if not _truncate_wal(conn, bus.busy_timeout):
+            return VacuumResult(
+                bytes_before=before, bytes_after=sum(file_sizes(bus.path)), shrunk=False,
+                reason=f"not vacuumed: {reader} kept the WAL in use for more than "
+                f"{WAL_WAIT * 1000:.0f} ms; run vacuum again when it has ended",
+            )
+        storage.set_busy_timeout(conn, bus.busy_timeout)  # for the write lock, like any writer
         storage.vacuum(conn)
-        # Busy at once when a checkpointer thread (this process's, after VACUUM's commit, or
-        # another's) is copying the same frames: a moment later the WAL can be truncated.
-        deadline = time.monotonic() + bus.busy_timeout
-        while storage.checkpoint(conn, "TRUNCATE")[0] and time.monotonic() < deadline:
-            time.sleep(0.005)
-    return VacuumResult(bytes_before=before, bytes_after=sum(file_sizes(bus.path)))
+        storage.checkpoint(conn, "PASSIVE")
+        storage.set_busy_timeout(conn, WAL_WAIT)
+        truncated = _truncate_wal(conn, bus.busy_timeout)
+    except apsw.Error as exc:
+        raise bus._database_error(exc) from exc
+    finally:
+        if conn is not None:
+            conn.close()
+    after = sum(file_sizes(bus.path))
+    if not truncated:
+        return VacuumResult(
+            bytes_before=before, bytes_after=after, shrunk=False,
+            reason=f"rebuilt, but {reader} keeps the rebuilt pages in the WAL; the file shrinks "
+            "at the first checkpoint after it ends",
+        )
+    return VacuumResult(bytes_before=before, bytes_after=after, shrunk=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,17 +784,14 @@ def vacuum(bus: Bus) -> VacuumResult:
 
 
 def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
-    """An agent's inbox without claiming anything: queued messages in delivery order, then
-    scheduled ones (retries, delayed) by due time."""
+    """An agent's inbox without claiming anything, read in one snapshot: ready messages in
+    the order receive takes them, then the others by when they become claimable, expired
+    ones last."""
     now = bus._now_ms()
-    with bus._reading() as conn:
-        rows = storage.peek_rows(conn, agent, limit)
+    with bus._reading() as conn, snapshot(conn):
+        rows = storage.peek_rows(conn, agent, now, limit)
     entries = []
-    for state, visible_at, attempts, _sent_at, body in rows:
-        if state == storage.QUEUED or visible_at <= now:
-            status = "ready"  # queued (whatever the clock says), or a due retry or lease
-        else:
-            status = "scheduled" if state == storage.SCHEDULED else "leased"
+    for status, visible_at, attempts, _sent_at, body in rows:
         entries.append(
             InboxEntry(message=decode_message(body), status=status, attempts=attempts,
                        visible_at=iso_ms(visible_at))

@@ -478,8 +478,19 @@ def end_read(conn: apsw.Connection) -> None:
         conn.execute("COMMIT")
 
 
+def set_busy_timeout(conn: apsw.Connection, timeout: float) -> None:
+    """Make ``conn`` wait up to ``timeout`` seconds for a lock another connection holds."""
+    conn.set_busy_handler(_busy_handler(timeout))
+
+
 def vacuum(conn: apsw.Connection) -> None:
-    """Rebuild the file without its free pages (holds the write lock while it runs)."""
+    """Rebuild the file without its free pages (holds the write lock while it runs).
+
+    VACUUM builds the new file in a temporary database first: in a file, so that memory does
+    not grow with the database (our connections keep temporary tables in memory otherwise).
+    Meant for a connection of its own: the setting stays on it.
+    """
+    conn.execute("PRAGMA temp_store=FILE")
     conn.execute("VACUUM")
 
 
@@ -1228,51 +1239,46 @@ def count_prunable(
     return acked, dead
 
 
-_DEPTH = (
-    "SELECT agent, state, sum(visible_at <= ?1), sum(visible_at > ?1),"
-    " min(CASE WHEN visible_at <= ?1 THEN seq END) FROM message WHERE agent IS NOT NULL"
+# How stats and peek name a row of an inbox at ``now`` (?1), as a claim would treat it: an
+# expired message is never delivered again (a running lease stays leased: its holder may still
+# ack it); a queued row, a due retry and a lease that ran out are ready; a waiting row that
+# was delivered before is retrying, one that never was is a delayed publish (scheduled).
+_STATUS = (
+    "CASE WHEN expires_at < ?1 AND NOT (state = 1 AND visible_at > ?1) THEN 'expired'"
+    " WHEN state = 0 OR visible_at <= ?1 THEN 'ready' WHEN state = 1 THEN 'leased'"
+    " WHEN claims > 0 THEN 'retrying' ELSE 'scheduled' END"
 )
+_INBOX_STATES = ("ready", "leased", "retrying", "scheduled", "expired")
+_DEPTH = f"SELECT agent, {_STATUS} AS status, count(*), min(sent_at) FROM message WHERE agent IS NOT NULL"
 # the predicates of the two indexes (message_claim, message_wait), so each is read alone
-_DEPTH_QUEUED = " AND state = 0 GROUP BY agent, state"
-_DEPTH_WAITING = " AND (state = 1 OR state = 4) GROUP BY agent, state"
+_DEPTH_QUEUED = " AND state = 0 GROUP BY agent, status"
+_DEPTH_WAITING = " AND (state = 1 OR state = 4) GROUP BY agent, status"
 
 
-def depth_rows(conn: apsw.Connection, now: int) -> list[tuple[str, int, int, int, int, int | None]]:
-    """Per recipient: (agent, ready, leased, retrying, dead, oldest ready sent_at or None).
+def depth_rows(conn: apsw.Connection, now: int) -> list[tuple[Any, ...]]:
+    """Per recipient: (agent, ready, leased, retrying, scheduled, expired, dead, sent_at of the
+    oldest ready row or None), every row counted once, in the state ``_STATUS`` gives it.
 
-    Reads the partial indexes of queued, scheduled and leased rows plus the dead-letter
-    table, never the archive, so it costs the size of the backlog, not of the file. A
-    scheduled row that is due, or a lease that ran out, counts as ready (the next claim
-    queues it)."""
+    Walks the partial indexes of queued, leased and scheduled rows (and those rows) plus the
+    dead-letter table, never the archive, so it costs the size of the backlog, not of the
+    file. Call it inside one read transaction: its queries must see the same commit."""
     depths: dict[str, list[Any]] = {}
 
     def entry(agent: str) -> list[Any]:
-        return depths.setdefault(agent, [0, 0, 0, 0, None])
+        return depths.setdefault(agent, [0, 0, 0, 0, 0, 0, None])
 
     for where in (_DEPTH_QUEUED, _DEPTH_WAITING):
-        for agent, state, due, later, first_due in conn.execute(_DEPTH + where, (now,)):
+        for agent, status, count, oldest in conn.execute(_DEPTH + where, (now,)):
             e = entry(agent)
-            if state == QUEUED:
-                due, later = due + later, 0  # queued is ready (a later time is clock skew)
-            e[0] += due
-            e[1 if state == LEASED else 2] += later
-            if first_due is not None:
-                e[4] = first_due if e[4] is None else min(e[4], first_due)
+            e[_INBOX_STATES.index(status)] += count
+            if status == "ready":
+                e[6] = oldest if e[6] is None else min(e[6], oldest)
     for agent, dead in conn.execute(
         "SELECT m.agent, count(*) FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
         " WHERE m.agent IS NOT NULL GROUP BY m.agent"
     ):
-        entry(agent)[3] = dead
-    result = []
-    for agent in sorted(depths):
-        ready, leased, retrying, dead, first_seq = depths[agent]
-        oldest = None
-        if first_seq is not None:
-            oldest = conn.execute(
-                "SELECT sent_at FROM message WHERE seq = ?", (first_seq,)
-            ).fetchall()[0][0]
-        result.append((agent, ready, leased, retrying, dead, oldest))
-    return result
+        entry(agent)[5] = dead
+    return [(agent, *depths[agent]) for agent in sorted(depths)]
 
 
 def acked_rows(conn: apsw.Connection, now: int) -> list[tuple[str, int, int, int, int]]:
@@ -1328,30 +1334,49 @@ def schema_marks(conn: apsw.Connection) -> tuple[int, int]:
     )
 
 
-_PEEK = "SELECT priority, seq, state, visible_at, attempts, sent_at, body FROM message"
+_LIVE = " AND (expires_at IS NULL OR expires_at >= ?1)"
+_PEEK_INBOX = " FROM message WHERE agent = ?2 AND "
+_PEEK_READY = (  # (-priority, seq): receive's order
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0" + _LIVE
+    + " ORDER BY priority DESC, seq LIMIT ?3",
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "(state = 1 OR state = 4) AND visible_at <= ?1"
+    + _LIVE + " ORDER BY priority DESC, seq LIMIT ?3",
+)
+_PEEK_WAITING = (  # by when they become claimable
+    f"SELECT visible_at, seq, {_STATUS}" + _PEEK_INBOX + "(state = 1 OR state = 4) AND visible_at > ?1"
+    " AND (state = 1 OR expires_at IS NULL OR expires_at >= ?1) ORDER BY visible_at, seq LIMIT ?3",
+)
+_PEEK_EXPIRED = (  # by when they expired
+    "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + "state = 0 AND expires_at < ?1"
+    " ORDER BY expires_at, seq LIMIT ?3",
+    "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + "(state = 1 OR state = 4) AND expires_at < ?1"
+    " AND NOT (state = 1 AND visible_at > ?1) ORDER BY expires_at, seq LIMIT ?3",
+)
 
 
 def peek_rows(
-    conn: apsw.Connection, agent: str, limit: int
-) -> list[tuple[int, int, int, int, bytes]]:
-    """An agent's inbox without claiming: (state, visible_at, attempts, sent_at, body) of
-    queued and leased rows in delivery order, then scheduled rows by due time."""
-    inbox = conn.execute(
-        _PEEK + " WHERE agent = ? AND state = 0 ORDER BY priority DESC, seq LIMIT ?",
-        (agent, limit),
-    ).fetchall() + conn.execute(
-        _PEEK + " WHERE agent = ? AND (state = 1 OR state = 4) AND state = 1"
-        " ORDER BY priority DESC, seq LIMIT ?",
-        (agent, limit),
-    ).fetchall()
-    inbox.sort(key=lambda row: (-row[0], row[1]))
-    rows = [row[2:] for row in inbox[:limit]]
-    if len(rows) < limit:
-        rows += conn.execute(
-            "SELECT state, visible_at, attempts, sent_at, body FROM message WHERE agent = ?"
-            " AND (state = 1 OR state = 4) AND state = 4 ORDER BY visible_at, seq LIMIT ?",
-            (agent, limit - len(rows)),
-        ).fetchall()
+    conn: apsw.Connection, agent: str, now: int, limit: int
+) -> list[tuple[str, int, int, int, bytes]]:
+    """An agent's inbox without claiming: (status, visible_at, attempts, sent_at, body), the
+    status as ``_STATUS`` names it at ``now``. Ready rows come first in the order a claim
+    takes them, then the others by when they become claimable (lease end, due time), expired
+    ones last. A group is read only while ``limit`` is not reached (the ready rows of a long
+    queue from the head of its index), and bodies only of the rows listed. Call it inside one
+    read transaction."""
+    chosen: list[tuple[int, str]] = []
+    for queries in (_PEEK_READY, _PEEK_WAITING, _PEEK_EXPIRED):
+        room = limit - len(chosen)
+        if room <= 0:
+            break
+        group = [row for sql in queries for row in conn.execute(sql, (now, agent, room))]
+        group.sort()
+        chosen += [(seq, status) for _key, seq, status in group[:room]]
+    rows = []
+    for seq, status in chosen:
+        visible_at, attempts, sent_at, body = conn.execute(
+            "SELECT visible_at, attempts, sent_at, body FROM message WHERE seq = ?", (seq,)
+        ).fetchall()[0]
+        rows.append((status, visible_at, attempts, sent_at, body))
     return rows
 
 

@@ -138,8 +138,8 @@ def test_stats_json_matches_the_library(populated):
     ]
     assert rows[1]["dead"] == 1 and rows[1]["ready"] == 2
     table = ok(populated.path, "stats")
-    assert table.splitlines()[0].split() == ["AGENT", "READY", "LEASED", "RETRYING", "DEAD",
-                                             "OLDEST_READY_MS"]
+    assert table.splitlines()[0].split() == ["AGENT", "READY", "LEASED", "RETRYING", "SCHEDULED",
+                                             "EXPIRED", "DEAD", "OLDEST_READY_MS"]
 
 
 def test_agents_lists_the_registry(populated):
@@ -211,7 +211,8 @@ def test_metrics_json_matches_the_library(populated):
                   "messages_dead_lettered", "messages_expired", "error_rates", "success_rate"):
         assert data[field] == json.loads(json.dumps(getattr(m, field))), field
     assert data["agent_activity"]["bob"] == {"sent": 0, "received": 1}
-    assert data["queue_depths"]["bob"] == {"ready": 2, "leased": 0, "retrying": 0, "dead": 1}
+    assert data["queue_depths"]["bob"] == {"ready": 2, "leased": 0, "retrying": 0, "scheduled": 0,
+                                           "expired": 0, "dead": 1}
     assert data["error_rates"] == {"ValueError": 1}
     table = ok(populated.path, "metrics")
     assert re.search(r"^messages sent\s+4$", table, re.M)

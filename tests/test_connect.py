@@ -218,7 +218,7 @@ def test_a_database_of_schema_version_1_is_upgraded_and_keeps_every_message(db_p
         (ready,) = bob.receive(limit=10)  # the lease and the retry are not due yet
         assert ready.message.id == ids[4]
         assert {e.message.id: e.status for e in bus.peek("bob")} == {
-            ids[1]: "leased", ids[4]: "leased", ids[2]: "scheduled"}
+            ids[1]: "leased", ids[4]: "leased", ids[2]: "retrying"}
         (d,) = bus.dead_letters()
         assert (d.message.id, d.reason) == (ids[3], "by hand")
         clock.advance(61)

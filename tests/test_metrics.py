@@ -88,12 +88,12 @@ def test_queue_depths_show_ready_leased_retrying_and_dead_and_the_oldest_ready_a
     leased[0].dead_letter("not for me")
     m = bus.metrics()
     assert msgspec.structs.asdict(m.queue_depths["bob"]) == {
-        "ready": 2, "leased": 1, "retrying": 1, "dead": 1,
+        "ready": 2, "leased": 1, "retrying": 0, "scheduled": 1, "expired": 0, "dead": 1,
     }
     assert m.oldest_ready_age_ms == 1500
     assert [s.agent for s in bus.stats()] == ["alice", "bob"]
     stats = {s.agent: s for s in bus.stats()}["bob"]
-    assert (stats.ready, stats.leased, stats.retrying, stats.dead) == (2, 1, 1, 1)
+    assert (stats.ready, stats.leased, stats.retrying, stats.scheduled, stats.dead) == (2, 1, 0, 1, 1)
     assert stats.oldest_ready_age_ms == 1500
 
 

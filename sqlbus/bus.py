@@ -1309,8 +1309,9 @@ class Agent:
         :class:`LeaseLostError` (the caller's transaction then rolls back: all or nothing)."""
         if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
             mark_quiet()  # rings only the agents its buffered publishes reach
-        if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
-            lost = next(d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now))
+        gone = storage.ack(conn, [(d._seq, d._claims) for d in pending], now)
+        if gone is not None:
+            lost = pending[gone]
             raise LeaseLostError(
                 f"message {lost.message.id} to {self.id!r}: the lease of attempt "
                 f"{lost.attempts} was lost (it ran out and the message was claimed again, "

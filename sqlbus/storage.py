@@ -23,9 +23,16 @@ Tables (all STRICT):
   values SQLite stores in no bytes at all, so a claim (0 to 1) leaves the row's size alone
   and SQLite rewrites it in place, never touching the overflow pages of a large body.
   A broadcast that matched nobody is archived as one row with ``agent`` NULL.
+  ``seq`` is the row's position: never reused for the life of the file, so a lease (``seq``,
+  ``claims``), a tail and a watch never mistake a new row for an old one. A publish numbers
+  its rows after both the newest row and ``message_high_water``, which a trigger raises when
+  the newest row is deleted (prune, purge): AUTOINCREMENT would do the same, but it writes
+  ``sqlite_sequence`` in every publish's commit, one more page, where this costs a read.
 - ``dead_letter``: why a row ended dead (reason, error, traceback, context).
 - ``agents``: the registry.
 - ``state`` and ``state_log``: versioned shared state and its change history (for watch).
+  Pruning the log keeps its newest entry, so its positions never go back either.
+- ``retention``: the retention policy, one row shared by every process (SPEC 2.2).
 - ``error_counts``: failures by exception name.
 """
 
@@ -42,7 +49,7 @@ import apsw
 
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x5153_4255  # "QSBU": marks a file as a sqlbus database
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -82,6 +89,57 @@ CREATE INDEX message_id ON message (message_id);
 CREATE INDEX message_response ON message (agent, correlation_id) WHERE type = 'response';
 """
 
+# Positions of message rows are never reused (see the module docstring): the highest position
+# deleted from the top of the table, and the trigger that records it. A delete of any other row
+# (most of them) costs the trigger one look at the newest row.
+MESSAGE_HIGH_WATER = """
+CREATE TABLE message_high_water (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+) STRICT;
+INSERT INTO message_high_water (id, seq) VALUES (1, 0);
+CREATE TRIGGER message_keep_position AFTER DELETE ON message
+WHEN old.seq > (SELECT coalesce(max(seq), 0) FROM message)
+BEGIN
+    UPDATE message_high_water SET seq = old.seq WHERE seq < old.seq;
+END;
+"""
+
+# A dead letter's number is what people requeue by (``sqlbus dead-letters requeue 7``): never
+# reused, or a stale listing would name another message. Dead-lettering is rare enough for
+# AUTOINCREMENT's extra page.
+DEAD_LETTER_TABLE = """
+CREATE TABLE dead_letter (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL UNIQUE,       -- the message row, kept with state 3
+    reason TEXT NOT NULL,
+    error_name TEXT,
+    error_message TEXT,
+    traceback TEXT,
+    context TEXT,                      -- JSON object
+    failed_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL
+) STRICT;
+CREATE INDEX dead_letter_failed_at ON dead_letter (failed_at);
+"""
+
+# What a new file (or one upgraded from schema 2) keeps: acked messages 7 days, dead letters
+# 30 days, at most 1,000,000 acked messages. ms and a count; NULL keeps them for ever.
+DEFAULT_RETENTION = (7 * 86_400_000, 30 * 86_400_000, 1_000_000)
+
+# The retention policy lives in the file, not in each connection's defaults, so that every
+# process (the CLI included) applies the same one (SPEC 2.2).
+RETENTION_TABLE = f"""
+CREATE TABLE retention (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    archive_ms INTEGER CHECK (archive_ms >= 0),            -- acked rows, after their ack
+    dead_ms INTEGER CHECK (dead_ms >= 0),                  -- dead letters, after they failed
+    archive_max_messages INTEGER CHECK (archive_max_messages >= 0)
+) STRICT;
+INSERT INTO retention (id, archive_ms, dead_ms, archive_max_messages)
+    VALUES (1, {DEFAULT_RETENTION[0]}, {DEFAULT_RETENTION[1]}, {DEFAULT_RETENTION[2]});
+"""
+
 SCHEMA = (
     """
 CREATE TABLE agents (
@@ -94,20 +152,10 @@ CREATE TABLE agents (
 """
     + MESSAGE_TABLE
     + MESSAGE_INDEXES
+    + MESSAGE_HIGH_WATER
+    + DEAD_LETTER_TABLE
+    + RETENTION_TABLE
     + """
-CREATE TABLE dead_letter (
-    id INTEGER PRIMARY KEY,
-    seq INTEGER NOT NULL UNIQUE,       -- the message row, kept with state 3
-    reason TEXT NOT NULL,
-    error_name TEXT,
-    error_message TEXT,
-    traceback TEXT,
-    context TEXT,                      -- JSON object
-    failed_at INTEGER NOT NULL,
-    attempts INTEGER NOT NULL
-) STRICT;
-CREATE INDEX dead_letter_failed_at ON dead_letter (failed_at);
-
 CREATE TABLE state (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL,               -- JSON
@@ -426,8 +474,25 @@ def _migrate_1_to_2(conn: apsw.Connection, now: int) -> None:
     conn.execute(MESSAGE_INDEXES)
 
 
+def _migrate_2_to_3(conn: apsw.Connection, now: int) -> None:
+    """Schema 3 never reuses positions (message rows, dead-letter numbers) and keeps the
+    retention policy in the file, starting from the defaults (schema 2 had it per connection).
+    AUTOINCREMENT on dead_letter needs a copy of that table (the message table stays as it is);
+    the high-water mark starts at the newest message row."""
+    conn.execute("ALTER TABLE dead_letter RENAME TO dead_letter_v2")
+    conn.execute("DROP INDEX dead_letter_failed_at")
+    conn.execute(DEAD_LETTER_TABLE)
+    conn.execute("INSERT INTO dead_letter SELECT * FROM dead_letter_v2")
+    conn.execute("DROP TABLE dead_letter_v2")
+    conn.execute(MESSAGE_HIGH_WATER)
+    conn.execute(
+        "UPDATE message_high_water SET seq = (SELECT coalesce(max(seq), 0) FROM message)"
+    )
+    conn.execute(RETENTION_TABLE)
+
+
 # from schema version N to N + 1, in the caller's transaction
-_MIGRATIONS = {1: _migrate_1_to_2}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
 
 PAGE_SIZE = 2048
 
@@ -546,11 +611,19 @@ def agent_ids(conn: apsw.Connection) -> list[str]:
 QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
 
 _INSERT_INTO = (
-    "INSERT INTO message (message_id, sender, agent, type, correlation_id, priority, state,"
+    "INSERT INTO message (seq, message_id, sender, agent, type, correlation_id, priority, state,"
     " visible_at, expires_at, sent_at, done_at, body) VALUES "
 )
 _COLUMNS = 12
-_ONE_ROW = "(" + ",".join("?" * _COLUMNS) + ")"  # no spaces: apsw hashes the whole text per execute
+_VALUES = ",".join("?" * _COLUMNS)  # no spaces: apsw hashes the whole text per execute
+# Positions are never reused: an INSERT's first row takes the one after both the newest row and
+# the high-water mark, and the rows after it follow on (NULL: the newest plus one). A one-row
+# INSERT reads that inline; a multi-row one is given it (bound), because SQLite copies the rows
+# of a VALUES list that reads the table it inserts into to a temporary table first.
+_NEXT_SEQ = (
+    "SELECT max(h.seq,(SELECT coalesce(max(seq),0) FROM message))+1 FROM message_high_water AS h"
+)
+_INSERT_ONE = f"{_INSERT_INTO}(({_NEXT_SEQ}),{_VALUES})"
 
 
 def message_exists(conn: Connection, message_id: str) -> bool:
@@ -602,7 +675,7 @@ _INSERT_CHUNK = 64  # rows per multi-row INSERT
 def _insert_values(conn: Connection, values: list[Any]) -> None:
     """INSERT rows given as one flat list of their twelve values each."""
     if len(values) == _COLUMNS:  # one row (a single publish): no chunking
-        conn.cur.execute(_INSERT_MANY[1], values)
+        conn.cur.execute(_INSERT_ONE, values)
     else:
         _insert_chunks(conn, _INSERT_MANY, [], values, _COLUMNS)
 
@@ -612,25 +685,32 @@ def _insert_chunks(
     width: int,
 ) -> None:
     """Run ``statements[size]`` (a multi-row INSERT of ``size`` rows, ``width`` values each
-    after the ``shared`` ones) for chunks of 64, then 32, 16, ... 1 rows of ``values``: a
-    handful of texts for apsw to cache, and measured, 18% fewer instructions per row than one
-    statement per row (executemany)."""
+    after the ``shared`` ones and the first row's seq) for chunks of 64, then 32, 16, ... 1
+    rows of ``values``: a handful of texts for apsw to cache, and measured, 18% fewer
+    instructions per row than one statement per row (executemany)."""
+    seq = conn.cur.execute(_NEXT_SEQ).fetchall()[0][0]  # later chunks follow on (NULL)
     start, count = 0, len(values)
     while start < count:
         size = _INSERT_CHUNK
         while size * width > count - start:
             size //= 2
         end = start + size * width
-        conn.cur.execute(statements[size], shared + values[start:end])
+        conn.cur.execute(statements[size], [*shared, seq, *values[start:end]])
+        seq = None
         start = end
 
 
-_INSERT_MANY = {size: _INSERT_INTO + ",".join([_ONE_ROW] * size) for size in (1, 2, 4, 8, 16, 32, 64)}
+_INSERT_MANY = {
+    size: _INSERT_INTO + ",".join([f"(?,{_VALUES})"] + [f"(NULL,{_VALUES})"] * (size - 1))
+    for size in (1, 2, 4, 8, 16, 32, 64)
+}
 # publish_plain's rows: ?1-?6 are the values they share (sender, agent, type, priority, now,
-# expires_at), then each row's id and body.
+# expires_at), ?7 the first row's seq, then each row's id and body.
 _INSERT_SHARED = {
     size: _INSERT_INTO + ",".join(
-        f"(?{7 + 2 * row},?1,?2,?3,NULL,?4,{QUEUED},?5,?6,?5,NULL,?{8 + 2 * row})" for row in range(size)
+        f"({'?7' if row == 0 else 'NULL'},?{8 + 2 * row},?1,?2,?3,NULL,?4,{QUEUED},?5,?6,?5,NULL,"
+        f"?{9 + 2 * row})"
+        for row in range(size)
     )
     for size in (1, 2, 4, 8, 16, 32, 64)
 }
@@ -798,29 +878,21 @@ def wait_point(conn: Connection, agent: str) -> tuple[int, int | None]:
 _WAIT_POINT = f"SELECT {_DATA_VERSION}, {_NEXT_DUE}"
 
 
-def ack(conn: Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:
-    """Mark leased rows acked, given as (seq, claims); False when any of those leases is
-    gone (the caller then rolls the whole transaction back: a batch ack is all or nothing)."""
+def ack(conn: Connection, leases: Sequence[tuple[int, int]], now: int) -> int | None:
+    """Mark leased rows acked, given as (seq, claims). Returns None, or the index of the first
+    lease that is gone (the caller then rolls the whole transaction back: a batch ack is all
+    or nothing); which leases this very statement acked is what tells, not the rows' state
+    afterwards, which another receiver's ack in the same millisecond can make look alike."""
     if len(leases) == 1:
         conn.cur.execute(_ACK, (now, *leases[0]))
-        return conn.changes() == 1
-    before = conn.total_changes()
-    conn.cur.executemany(_ACK, [(now, seq, claims) for seq, claims in leases])
-    return conn.total_changes() - before == len(leases)
+        return None if conn.changes() == 1 else 0
+    acked = set(conn.cur.executemany(
+        _ACK + " RETURNING seq, claims", [(now, seq, claims) for seq, claims in leases]
+    ))
+    return next((i for i, lease in enumerate(leases) if tuple(lease) not in acked), None)
 
 
 _ACK = "UPDATE message SET state = 2, done_at = ?" + _HELD
-
-
-def acked_now(conn: Connection, seq: int, claims: int, now: int) -> bool:
-    """Whether this transaction's ack took the lease (seq, claims): to name, after a failed
-    batch ack, a delivery whose lease was lost."""
-    return bool(
-        conn.cur.execute(
-            "SELECT 1 FROM message WHERE seq = ? AND claims = ? AND state = 2 AND done_at = ?",
-            (seq, claims, now),
-        ).fetchall()
-    )
 
 
 def extend(conn: Connection, seq: int, claims: int, lease_until: int) -> bool:
@@ -1212,11 +1284,13 @@ def prune_state_log(conn: apsw.Connection, cutoff: int, limit: int) -> int:
     """Delete up to ``limit`` of the oldest state changes logged before ``cutoff`` (ms).
 
     Only the log (what ``watch`` replays) shrinks; ``state`` keeps every key's latest version.
-    Looks at the ``limit`` oldest entries only, so a pass with nothing to delete is cheap.
+    Looks at the ``limit`` oldest entries only, so a pass with nothing to delete is cheap. The
+    newest entry stays, however old: the next change is numbered after it, so a watch that
+    stands there sees it (positions never go back; a watch replays only what follows it).
     """
     conn.execute(
         "DELETE FROM state_log WHERE seq IN (SELECT seq FROM state_log ORDER BY seq LIMIT ?)"
-        " AND updated_at < ?",
+        " AND updated_at < ? AND seq < (SELECT max(seq) FROM state_log)",
         (limit, cutoff),
     )
     return conn.changes()

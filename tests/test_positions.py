@@ -220,6 +220,10 @@ def test_positions_stay_unique_while_threads_publish_and_purge(make_bus, db_path
     finally:
         stop.set()
         purger.join()
+    for delivery in bob.receive(limit=1000):
+        delivery.dead_letter("churn")
+    bus.purge_dead_letters()
+    assert query(db_path, "SELECT count(*) FROM message") == [(0,)]
     # every publish took a new position, whatever the purges deleted meanwhile
     last = alice.publish("bob", "notification", {}, ttl=0)
     assert _position(db_path, last) == len(published) + 1

@@ -51,10 +51,9 @@ __all__ = [
 
 log = logging.getLogger("sqlbus")
 
-# The default retention policy (s; a count), which a new file stores (SPEC 2.2)
+# The default retention (s), which a new file stores (SPEC 2.2)
 ARCHIVE_RETENTION = storage.DEFAULT_RETENTION[0] / 1000  # acked rows (the sent archive)
 DEAD_RETENTION = storage.DEFAULT_RETENTION[1] / 1000  # dead letters
-ARCHIVE_MAX_MESSAGES = storage.DEFAULT_RETENTION[2]  # acked rows kept at most
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
 UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
@@ -454,8 +453,8 @@ def prune(
             if n < batch:
                 break
     if max_messages is not None:
-        # Counted once, outside the write lock (it reads whole indexes); a batch deletes no
-        # more than that excess, so the archive never drops below the bound here.
+        # Counted once, outside the write lock (it reads whole indexes); the batches delete
+        # that excess and no more.
         with bus._reading() as conn:
             excess = storage.archive_excess(conn, max_messages)
         total += excess

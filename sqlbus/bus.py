@@ -1420,9 +1420,11 @@ class Agent:
         :class:`LeaseLostError` (the caller's transaction then rolls back: all or nothing)."""
         if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
             mark_quiet()  # rings only the agents its buffered publishes reach
-        gone = storage.ack(conn, [(d._seq, d._claims) for d in pending], now)
-        if gone is not None:
-            lost = pending[gone]
+        if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
+            lost = next(  # always found; the default only keeps StopIteration from the caller
+                (d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now)),
+                pending[0],
+            )
             raise LeaseLostError(
                 f"message {lost.message.id} to {self.id!r}: the lease of attempt "
                 f"{lost.attempts} was lost (it ran out and the message was claimed again, "

@@ -884,21 +884,31 @@ def wait_point(conn: Connection, agent: str) -> tuple[int, int | None]:
 _WAIT_POINT = f"SELECT {_DATA_VERSION}, {_NEXT_DUE}"
 
 
-def ack(conn: Connection, leases: Sequence[tuple[int, int]], now: int) -> int | None:
-    """Mark leased rows acked, given as (seq, claims). Returns None, or the index of the first
-    lease that is gone (the caller then rolls the whole transaction back: a batch ack is all
-    or nothing); which leases this very statement acked is what tells, not the rows' state
-    afterwards, which another receiver's ack in the same millisecond can make look alike."""
+def ack(conn: Connection, leases: Sequence[tuple[int, int]], now: int) -> bool:
+    """Mark leased rows acked, given as (seq, claims); False when any of those leases is
+    gone (the caller then rolls the whole transaction back: a batch ack is all or nothing)."""
     if len(leases) == 1:
         conn.cur.execute(_ACK, (now, *leases[0]))
-        return None if conn.changes() == 1 else 0
-    acked = set(conn.cur.executemany(
-        _ACK + " RETURNING seq, claims", [(now, seq, claims) for seq, claims in leases]
-    ))
-    return next((i for i, lease in enumerate(leases) if tuple(lease) not in acked), None)
+        return conn.changes() == 1
+    before = conn.total_changes()
+    conn.cur.executemany(_ACK, [(now, seq, claims) for seq, claims in leases])
+    return conn.total_changes() - before == len(leases)
 
 
 _ACK = "UPDATE message SET state = 2, done_at = ?" + _HELD
+
+
+def acked_now(conn: Connection, seq: int, claims: int, now: int) -> bool:
+    """Whether this transaction's ack took the lease (seq, claims): to name, after a failed
+    batch ack, a delivery whose lease was lost. (seq, claims) names one lease for the life of
+    the file (positions are never reused, claims only grow), so only this transaction can
+    have acked it."""
+    return bool(
+        conn.cur.execute(
+            "SELECT 1 FROM message WHERE seq = ? AND claims = ? AND state = 2 AND done_at = ?",
+            (seq, claims, now),
+        ).fetchall()
+    )
 
 
 def extend(conn: Connection, seq: int, claims: int, lease_until: int) -> bool:

@@ -129,16 +129,22 @@ DEFAULT_RETENTION = (7 * 86_400_000, 30 * 86_400_000, 1_000_000)
 
 # The retention policy lives in the file, not in each connection's defaults, so that every
 # process (the CLI included) applies the same one (SPEC 2.2).
-RETENTION_TABLE = f"""
+RETENTION_TABLE = """
 CREATE TABLE retention (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     archive_ms INTEGER CHECK (archive_ms >= 0),            -- acked rows, after their ack
     dead_ms INTEGER CHECK (dead_ms >= 0),                  -- dead letters, after they failed
     archive_max_messages INTEGER CHECK (archive_max_messages >= 0)
 ) STRICT;
-INSERT INTO retention (id, archive_ms, dead_ms, archive_max_messages)
-    VALUES (1, {DEFAULT_RETENTION[0]}, {DEFAULT_RETENTION[1]}, {DEFAULT_RETENTION[2]});
 """
+
+
+def _add_default_retention(conn: apsw.Connection) -> None:
+    """The retention table's one row, with the default policy (after RETENTION_TABLE)."""
+    conn.execute(
+        "INSERT INTO retention (id, archive_ms, dead_ms, archive_max_messages) VALUES (1, ?, ?, ?)",
+        DEFAULT_RETENTION,
+    )
 
 SCHEMA = (
     """
@@ -446,6 +452,7 @@ def initialize(conn: apsw.Connection, path: str, now: int) -> None:
             commit(conn)
             return
         conn.execute(SCHEMA)
+        _add_default_retention(conn)
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         commit(conn)
@@ -489,6 +496,7 @@ def _migrate_2_to_3(conn: apsw.Connection, now: int) -> None:
         "UPDATE message_high_water SET seq = (SELECT coalesce(max(seq), 0) FROM message)"
     )
     conn.execute(RETENTION_TABLE)
+    _add_default_retention(conn)
 
 
 # from schema version N to N + 1, in the caller's transaction

@@ -690,7 +690,8 @@ def _insert_values(conn: Connection, values: list[Any]) -> None:
 
 def _next_seq(conn: Connection) -> int:
     """The position of the next row written (see _NEXT_SEQ)."""
-    return int(conn.cur.execute(_NEXT_SEQ).fetchall()[0][0])
+    seq: Any = conn.cur.execute(_NEXT_SEQ).fetchall()[0][0]
+    return int(seq)
 
 
 def _insert_chunks(

@@ -338,7 +338,7 @@ def test_a_schema_2_file_is_upgraded_keeps_every_message_and_gets_the_default_po
         assert bus.retention() == DEFAULT
         assert [r.message.id for r in bus.sent(limit=10)] == ids[::-1]
         assert {e.message.id: e.status for e in bus.peek("bob")} == {
-            ids[5]: "ready", ids[1]: "leased", ids[2]: "scheduled"}
+            ids[5]: "ready", ids[1]: "leased", ids[2]: "retrying"}
         assert [(d.id, d.message.id, d.reason) for d in bus.dead_letters()] == [
             (2, ids[4], "purged"), (1, ids[3], "by hand")]
         assert bus.state.get("plan").version == 2

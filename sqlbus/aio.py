@@ -130,7 +130,11 @@ class AsyncBus:
     metrics = _offloaded("metrics", "Metrics shared by every process (SPEC 8).")
     stats = _offloaded("stats", "Per-agent queue depths.")
     peek = _offloaded("peek", "Look at an inbox without claiming.")
-    prune = _offloaded("prune", "Delete old archive rows (see :meth:`sqlbus.Bus.prune`).")
+    retention = _offloaded("retention", "The stored retention policy (see :meth:`sqlbus.Bus.retention`).")
+    set_retention = _offloaded(
+        "set_retention", "Store a new retention policy (see :meth:`sqlbus.Bus.set_retention`)."
+    )
+    prune = _offloaded("prune", "Apply the retention policy now (see :meth:`sqlbus.Bus.prune`).")
     check = _offloaded("check", "Integrity and schema check.")
     backup = _offloaded("backup", "Online, consistent copy of the database.")
     vacuum = _offloaded("vacuum", "Rebuild the file to reclaim space.")

@@ -15,6 +15,7 @@ transaction is open while a handler runs (claim, run the handler, ack in another
 
 from __future__ import annotations
 
+import enum
 import fcntl
 import fnmatch
 import math
@@ -57,7 +58,6 @@ from .messages import (
     prepare,
     prepare_plain_batch,
 )
-from .metrics import ARCHIVE_RETENTION, DEAD_RETENTION
 from .state import StateStore, StateWrite, check_key
 from .wakeup import ANY, RUNG, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
 
@@ -71,6 +71,7 @@ __all__ = [
     "SentRecord",
     "DeadLetter",
     "DURABILITY",
+    "STORED",
 ]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
@@ -141,6 +142,58 @@ def _seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
     return float(value)
 
 
+class _Stored(enum.Enum):
+    STORED = "STORED"
+
+    def __repr__(self) -> str:
+        return "STORED"
+
+
+#: The default of the retention keywords (``connect``, ``Bus.set_retention``, ``Bus.prune``):
+#: the policy stored in the database, left as it is.
+STORED = _Stored.STORED
+
+
+def _retention_ms(value: float | None, name: str) -> int | None:
+    """A retention duration (seconds, None: for ever) as stored: ms."""
+    return None if value is None else round(_seconds(value, name) * 1000)
+
+
+def _max_messages(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise TypeError(f"archive_max_messages must be an int or None, got {type(value).__name__}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"archive_max_messages must be >= 0 (or None: no bound), got {value!r}")
+    return value
+
+
+def _retention_changes(
+    archive_retention: float | None | _Stored,
+    dead_retention: float | None | _Stored,
+    archive_max_messages: int | None | _Stored,
+) -> dict[int, int | None]:
+    """The given retention keywords, checked, as stored (by their place in the policy row)."""
+    changes: dict[int, int | None] = {}
+    if archive_retention is not STORED:
+        changes[0] = _retention_ms(archive_retention, "archive_retention")
+    if dead_retention is not STORED:
+        changes[1] = _retention_ms(dead_retention, "dead_retention")
+    if archive_max_messages is not STORED:
+        changes[2] = _max_messages(archive_max_messages)
+    return changes
+
+
+def _retention(row: tuple[int | None, int | None, int | None]) -> ops.Retention:
+    archive_ms, dead_ms, max_messages = row
+    return ops.Retention(
+        archive_retention=None if archive_ms is None else archive_ms / 1000,
+        dead_retention=None if dead_ms is None else dead_ms / 1000,
+        archive_max_messages=max_messages,
+    )
+
+
 _all_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
 # Connections inherited by a forked child are parked here and never used or closed: closing
 # them in the child could disturb the parent's locks and shared memory.
@@ -168,8 +221,9 @@ def connect(
     clock: Callable[[], float] | None = None,
     mode: int = 0o600,
     non_retryable: Iterable[type[BaseException]] = (),
-    archive_retention: float | None = ARCHIVE_RETENTION,
-    dead_retention: float | None = DEAD_RETENTION,
+    archive_retention: float | None | _Stored = STORED,
+    dead_retention: float | None | _Stored = STORED,
+    archive_max_messages: int | None | _Stored = STORED,
 ) -> Bus:
     """Open (creating if needed) the sqlbus database at ``path`` and return a :class:`Bus`.
 
@@ -180,12 +234,15 @@ def connect(
     seconds; ``clock`` returns epoch seconds (for tests); ``mode`` is the new file's
     permissions; ``non_retryable`` adds exception classes that dead-letter at once. A file that
     is not a healthy sqlbus database raises :class:`DatabaseError` and is left untouched.
-    Retention (seconds; None keeps them for ever): acked messages of the sent archive are
-    deleted ``archive_retention`` (7 days) after their ack (state changes in the log watch
-    replays age the same way) and dead letters
-    ``dead_retention`` (30 days) after they failed, a small batch at a time, at most about
-    once a minute per process, after one of its writes; totals in :meth:`Bus.metrics` keep
-    counting them.
+    Retention is a policy stored in the database, for every process (:meth:`Bus.retention`):
+    acked messages of the sent archive are deleted ``archive_retention`` seconds (7 days) after
+    their ack (state changes in the log watch replays age the same way), dead letters
+    ``dead_retention`` seconds (30 days) after they failed, and above ``archive_max_messages``
+    (1,000,000) acked messages the oldest go first; None keeps them for ever (no bound). The
+    keywords given are stored (as :meth:`Bus.set_retention`); a connect without them
+    (``STORED``) leaves the stored policy as it is. Pruning runs a small batch at a time, at
+    most about once a minute per process, after one of its writes; totals in
+    :meth:`Bus.metrics` keep counting what it deletes.
     """
     return Bus(
         path,
@@ -201,6 +258,7 @@ def connect(
         non_retryable=non_retryable,
         archive_retention=archive_retention,
         dead_retention=dead_retention,
+        archive_max_messages=archive_max_messages,
     )
 
 
@@ -347,8 +405,9 @@ class Bus:
         clock: Callable[[], float] | None = None,
         mode: int = 0o600,
         non_retryable: Iterable[type[BaseException]] = (),
-        archive_retention: float | None = ARCHIVE_RETENTION,
-        dead_retention: float | None = DEAD_RETENTION,
+        archive_retention: float | None | _Stored = STORED,
+        dead_retention: float | None | _Stored = STORED,
+        archive_max_messages: int | None | _Stored = STORED,
     ) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")
@@ -372,12 +431,7 @@ class Bus:
         self.max_payload_bytes = max_payload_bytes
         self.clock: Callable[[], float] = clock or time.time
         self.non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE + extra
-        self.archive_retention = (
-            None if archive_retention is None else _seconds(archive_retention, "archive_retention")
-        )
-        self.dead_retention = (
-            None if dead_retention is None else _seconds(dead_retention, "dead_retention")
-        )
+        retention = _retention_changes(archive_retention, dead_retention, archive_max_messages)
         self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep
         self._retention_due = 0.0  # ... and of the next background retention pass
         self._synchronous = DURABILITY[durability]
@@ -392,6 +446,12 @@ class Bus:
         self._awaiting: dict[str, frozenset[str]] = {}
         self._closed = False
         self._open_file(mode)
+        if retention:
+            try:
+                self._store_retention(retention)
+            except BaseException:
+                self.close()
+                raise
         self.state = StateStore(self, None)
         _all_buses.add(self)
 
@@ -760,22 +820,73 @@ class Bus:
             timeout = _seconds(timeout, "timeout")
         return ops.tail(self, agent, types, timeout=timeout)
 
+    def retention(self) -> ops.Retention:
+        """The retention policy stored in the database (the same for every process).
+
+        >>> bus.retention()   # doctest: +SKIP
+        Retention(archive_retention=604800.0, dead_retention=2592000.0, archive_max_messages=1000000)
+        """
+        with self._reading() as conn:
+            return _retention(storage.get_retention(conn))
+
+    def set_retention(
+        self,
+        *,
+        archive_retention: float | None | _Stored = STORED,
+        dead_retention: float | None | _Stored = STORED,
+        archive_max_messages: int | None | _Stored = STORED,
+    ) -> ops.Retention:
+        """Store a new retention policy for every process: seconds after their ack that acked
+        messages are kept, seconds after they failed that dead letters are kept, acked messages
+        kept at most (None: for ever, no bound). Omitted keywords stay as they are. Returns
+        the policy now stored.
+
+        >>> bus.set_retention(archive_retention=86_400.0, dead_retention=None)   # doctest: +SKIP
+        """
+        return self._store_retention(
+            _retention_changes(archive_retention, dead_retention, archive_max_messages)
+        )
+
+    def _store_retention(self, changes: dict[int, int | None]) -> ops.Retention:
+        """Write checked ``changes`` (see _retention_changes) into the stored policy; a policy
+        that already holds them is not written again (a connect with keywords takes no lock)."""
+        with self._reading() as conn:
+            stored = storage.get_retention(conn)
+        if all(stored[place] == value for place, value in changes.items()):
+            return _retention(stored)
+        with self._write() as conn:
+            mark_quiet()  # a policy makes no work for anyone
+            policy = list(storage.get_retention(conn))
+            for place, value in changes.items():
+                policy[place] = value
+            storage.set_retention(conn, policy[0], policy[1], policy[2])
+        return _retention((policy[0], policy[1], policy[2]))
+
     def prune(
         self,
-        sent_older_than: float | None = ARCHIVE_RETENTION,
-        dead_older_than: float | None = DEAD_RETENTION,
+        sent_older_than: float | None | _Stored = STORED,
+        dead_older_than: float | None | _Stored = STORED,
         *,
         progress: Callable[[int, int], None] | None = None,
     ) -> ops.PruneResult:
-        """Delete acked messages acked more than ``sent_older_than`` seconds ago (the sent
-        archive) and dead letters older than ``dead_older_than`` seconds (None: keep them),
-        in short transactions. Metrics totals keep counting what is deleted.
+        """Apply the stored retention policy now (:meth:`retention`): delete acked messages
+        acked more than ``sent_older_than`` seconds ago (the sent archive), dead letters older
+        than ``dead_older_than`` seconds (None: keep them; omitted: the stored policy's), then
+        the oldest acked messages above the policy's ``archive_max_messages``, in short
+        transactions. Metrics totals keep counting what is deleted.
         ``progress(done, total)`` is called as batches commit."""
-        if sent_older_than is not None:
+        if sent_older_than is not STORED and sent_older_than is not None:
             sent_older_than = _seconds(sent_older_than, "sent_older_than")
-        if dead_older_than is not None:
+        if dead_older_than is not STORED and dead_older_than is not None:
             dead_older_than = _seconds(dead_older_than, "dead_older_than")
-        return ops.prune(self, sent_older_than, dead_older_than, progress=progress)
+        policy = self.retention()
+        if sent_older_than is STORED:
+            sent_older_than = policy.archive_retention
+        if dead_older_than is STORED:
+            dead_older_than = policy.dead_retention
+        return ops.prune(
+            self, sent_older_than, dead_older_than, policy.archive_max_messages, progress=progress
+        )
 
     def check(self) -> ops.CheckReport:
         """Integrity check, schema version, file and WAL sizes, whether a reader pins the WAL,
@@ -1310,7 +1421,10 @@ class Agent:
         if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
             mark_quiet()  # rings only the agents its buffered publishes reach
         if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
-            lost = next(d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now))
+            lost = next(  # always found; the default only keeps StopIteration from the caller
+                (d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now)),
+                pending[0],
+            )
             raise LeaseLostError(
                 f"message {lost.message.id} to {self.id!r}: the lease of attempt "
                 f"{lost.attempts} was lost (it ran out and the message was claimed again, "

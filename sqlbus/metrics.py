@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import msgspec
 
-from . import storage
+from . import connections, storage
 from .errors import DatabaseError
 from .messages import Message, decode_message, iso_ms
 
@@ -433,16 +433,6 @@ def upkeep(bus: Bus) -> int:
 # WAL upkeep
 
 
-# A fork while a checkpointer thread is inside SQLite could leave the child with a SQLite mutex
-# held for ever; a fork waits for the checkpoint in progress instead.
-_no_fork_inside = threading.Lock()
-os.register_at_fork(
-    before=_no_fork_inside.acquire,
-    after_in_parent=_no_fork_inside.release,
-    after_in_child=_no_fork_inside.release,
-)
-
-
 class Checkpointer:
     """Copies the WAL back into the database from a thread of its own, so that no commit
     pays for a checkpoint, and makes the WAL start over so it stays a few MB long.
@@ -497,7 +487,7 @@ class Checkpointer:
             if self._frames < CHECKPOINT_FRAMES:
                 continue  # another process's checkpointer made it start over meanwhile
             try:
-                with _no_fork_inside:
+                with connections.inside:  # a fork waits for the checkpoint in progress
                     if conn is None:  # its own, waiting at most WAL_WAIT for others
                         conn = self._bus._open_connection(WAL_WAIT)
                     restart = time.monotonic() >= self._restart_after

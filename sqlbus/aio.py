@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 from . import worker
 from .bus import Agent, Bus, Delivery, Transaction, _open_block, _seconds
-from .errors import VersionConflictError
+from .errors import DatabaseError, VersionConflictError
 from .messages import Message, encode_json_value
 from .state import StateEntry, StateStore, check_key
 from .wakeup import ANY, FALLBACK, agent_tag
@@ -84,7 +84,10 @@ def _call(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: 
     """Run ``fn`` on ``pool`` with the caller's contextvars (e.g. the current delivery)."""
     context = contextvars.copy_context()
     call = functools.partial(context.run, fn, *args, **kwargs)
-    return asyncio.get_running_loop().run_in_executor(pool, call)
+    try:
+        return asyncio.get_running_loop().run_in_executor(pool, call)
+    except RuntimeError as exc:  # the pool was shut down: AsyncBus.close()
+        raise DatabaseError("the bus is closed") from exc
 
 
 def _offloaded(name: str, doc: str) -> Callable[..., Awaitable[Any]]:

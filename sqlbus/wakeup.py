@@ -675,8 +675,14 @@ class Wakeup:
                 self._unregister(tag)
                 if not self._waiters and not self._always_awake:
                     self._raise_flag(False)
-                if self._closed and not self._leading and not self._waiters:
+                last_out = self._closed and not self._leading and not self._waiters
+                if last_out:
                     self._unbind()
+            if last_out and self._pid == os.getpid():
+                # close() left the shared descriptors to the last waiter out
+                with self._setup_lock, self._lock:
+                    if self._sock is None:
+                        self._close_shared()
 
     def _lead(self, timeout: float) -> None:
         """Poll the doorbell for up to ``timeout`` seconds (as the process's one poller)."""
@@ -757,7 +763,7 @@ class Wakeup:
             self._kick(b"")  # the leader wakes, and the last waiter out removes the doorbell
             if self._finalizer is not None:
                 self._finalizer()  # the file goes now; the socket closes with the last waiter
-        with self._setup_lock:
+        with self._setup_lock, self._lock:  # not while a waiter's _unbind uses them
             if self._sock is None:
                 self._close_shared()
 

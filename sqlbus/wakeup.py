@@ -432,6 +432,8 @@ class Wakeup:
         with self._setup_lock:
             if self._sock is not None:
                 return True
+            if self._closed or self._dir_fd is None:
+                return False  # closed meanwhile: its directory descriptor is gone
             stem = f"{os.getpid()}-{secrets.token_hex(6)}"
             name = _doorbell_name(stem, self._wants_any, self._wants)
             awake = self._make_flag(stem)  # before the socket: a ringer that lists it finds it

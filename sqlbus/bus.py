@@ -32,9 +32,8 @@ if TYPE_CHECKING:
 import apsw
 import msgspec
 
-from . import connections
+from . import connections, storage
 from . import metrics as ops
-from . import storage
 from .errors import (
     AuthenticationError,
     DatabaseError,
@@ -267,7 +266,7 @@ class _ClosedWithThread:
 
     __slots__ = ("bus", "conn", "pid")
 
-    def __init__(self, bus: Bus, conn: apsw.Connection) -> None:
+    def __init__(self, bus: Bus, conn: storage.Connection) -> None:
         self.bus = weakref.ref(bus)
         self.conn = conn
         self.pid = os.getpid()
@@ -373,7 +372,7 @@ class Bus:
         self._retention_due = 0.0  # ... and of the next background retention pass
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
-        self._connections: set[apsw.Connection] = set()
+        self._connections: set[storage.Connection] = set()
         self._lock = threading.Lock()
         # Wake-ups of waiters, in this process and others (doorbells, checkpoints): sqlbus.wakeup
         self._wakeup = Wakeup(self.path)
@@ -463,7 +462,7 @@ class Bus:
             raise self._closed_error()
         return conn
 
-    def _check_usable(self, conn: apsw.Connection) -> None:
+    def _check_usable(self, conn: storage.Connection) -> None:
         """Refuse a connection of a closed bus, or one a forked child inherited."""
         if self._closed:
             raise self._closed_error()
@@ -494,7 +493,7 @@ class Bus:
             self._connections.add(conn)
         return conn
 
-    def _release(self, conn: apsw.Connection) -> None:
+    def _release(self, conn: storage.Connection) -> None:
         """Close the connection of a thread that ended (unless close() or a fork took it)."""
         with self._lock:
             if conn not in self._connections:

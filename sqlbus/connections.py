@@ -36,6 +36,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+
 import apsw
 
 __all__ = ["inside", "exclusive", "step_out", "close", "file_pointer", "release_inherited",

@@ -234,6 +234,8 @@ class Connection(apsw.Connection):
     cursor runs one statement at a time)."""
 
     cur: apsw.Cursor
+    file: int  # its sqlite3_file*, and the fork generation it was opened in (sqlbus.connections)
+    generation: int
 
 
 def open_connection(

@@ -16,7 +16,6 @@ import sqlbus
 import sqlbus.aio
 from sqlbus import DatabaseError
 
-
 # Opened once per bus, not per thread or call: the checkpointer's connection and thread (when
 # the WAL first grows long), the doorbell's descriptors and its poller thread.
 ONCE_FDS = 6
@@ -162,7 +161,7 @@ def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
         bus = sqlbus.connect(path)
         bob = bus.agent("bob")
 
-        def wait() -> None:
+        def wait(bob: sqlbus.Agent = bob) -> None:
             try:
                 bob.receive(wait=60)
             except BaseException as exc:  # noqa: BLE001 - inspected below

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import msgspec
 
-from . import storage
+from . import connections, storage
 from .errors import DatabaseError
 from .messages import Message, decode_message, iso_ms
 
@@ -502,16 +502,6 @@ def upkeep(bus: Bus) -> int:
 # WAL upkeep
 
 
-# A fork while a checkpointer thread is inside SQLite could leave the child with a SQLite mutex
-# held for ever; a fork waits for the checkpoint in progress instead.
-_no_fork_inside = threading.Lock()
-os.register_at_fork(
-    before=_no_fork_inside.acquire,
-    after_in_parent=_no_fork_inside.release,
-    after_in_child=_no_fork_inside.release,
-)
-
-
 class Checkpointer:
     """Copies the WAL back into the database from a thread of its own, so that no commit
     pays for a checkpoint, and makes the WAL start over so it stays a few MB long.
@@ -566,7 +556,7 @@ class Checkpointer:
             if self._frames < CHECKPOINT_FRAMES:
                 continue  # another process's checkpointer made it start over meanwhile
             try:
-                with _no_fork_inside:
+                with connections.inside:  # a fork waits for the checkpoint in progress
                     if conn is None:  # its own, waiting at most WAL_WAIT for others
                         conn = self._bus._open_connection(WAL_WAIT)
                     restart = time.monotonic() >= self._restart_after
@@ -707,6 +697,16 @@ def backup(
     if not os.path.isdir(directory):
         raise DatabaseError(f"backup destination directory {directory} does not exist")
     started = time.monotonic()
+    # Inside the fork gate for the whole copy: its connection is none of the bus's, so a child
+    # forked meanwhile could not take it out of SQLite's books (sqlbus.connections).
+    with connections.inside:
+        return _backup(bus, dest_path, pages_per_step, progress, started)
+
+
+def _backup(
+    bus: Bus, dest_path: str, pages_per_step: int,
+    progress: Callable[[int, int], None] | None, started: float,
+) -> BackupResult:
     source = storage.open_connection(
         bus.path, synchronous=bus._synchronous, busy_timeout=bus.busy_timeout
     )
@@ -783,6 +783,11 @@ def vacuum(bus: Bus) -> VacuumResult:
     reader = "a reader holding an old snapshot (or a long transaction)"
     if bus._closed:
         raise DatabaseError(f"the bus on {bus.path} is closed")
+    with connections.inside:  # like backup: a connection that is none of the bus's
+        return _vacuum(bus, before, reader)
+
+
+def _vacuum(bus: Bus, before: int, reader: str) -> VacuumResult:
     conn = None
     try:
         # a connection of its own: its waits and temp_store differ from the bus's

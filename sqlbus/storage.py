@@ -47,6 +47,7 @@ from typing import Any
 
 import apsw
 
+from . import connections
 from .errors import DatabaseError
 
 SCHEMA_VERSION = 3
@@ -232,7 +233,8 @@ def _busy_handler(timeout: float):
         # A write transaction here holds the lock for tens of microseconds (a few ms with
         # fsync), so the first waits are short: a sleeping waiter leaves the lock idle.
         pause = min(0.002, 0.00002 * (2 ** min(retries, 7))) * random.uniform(0.5, 1.5)
-        time.sleep(min(pause, timeout - elapsed))
+        with connections.step_out():  # no SQLite mutex is held here: a fork need not wait
+            time.sleep(min(pause, timeout - elapsed))
         return True
 
     return handler
@@ -376,6 +378,8 @@ class Connection(apsw.Connection):
     cursor runs one statement at a time)."""
 
     cur: apsw.Cursor
+    file: int  # its sqlite3_file*, and the fork generation it was opened in (sqlbus.connections)
+    generation: int
 
 
 def open_connection(

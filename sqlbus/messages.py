@@ -289,7 +289,7 @@ ENVELOPE_ALLOWANCE = 64 * 1024
 CORRUPT_SENDER = "sqlbus"
 CORRUPT_TEXT_CHARS = 1000
 _NO_ID = "msg-0000000000000-000000000"
-_ID_IN_BODY = re.compile(rb'\{"id":"(msg-[0-9]{13}-[a-z0-9]{9})"')
+_ID_IN_BODY = re.compile(rb'\{"id":"(msg-[0-9]{13}-[a-z0-9]{9})')
 
 
 class _Envelope(Struct, kw_only=True, rename={"sender": "from"}):

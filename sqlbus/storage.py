@@ -634,11 +634,12 @@ def _ready_params(
     return (agent, now) if due else (agent,)
 
 
-# last_error is the error of the attempt before (a retry's, an interrupted handler's): a new
-# attempt clears it, so that a lease that runs out is not blamed on an older attempt's error.
+# last_error is the error of the attempt before (a retry's, an interrupted handler's). A row
+# claimed while leased (state 1) lost its last attempt to the lease running out: that clears
+# it, so the lease is not blamed on an older attempt's error (see Agent._dead_letter_worn_out).
 _LEASE = (
     "UPDATE message SET state = 1, visible_at = ?, attempts = attempts + 1, claims = claims + 1,"
-    " last_error = NULL WHERE seq = ?"
+    " last_error = CASE WHEN state = 1 THEN NULL ELSE last_error END WHERE seq = ?"
 )
 # A held lease: the row is leased, or its lease ran out and nobody claimed it again yet (a
 # claim may have queued it, state 0, without taking it).

@@ -750,15 +750,17 @@ def release(
     last_error: str | None = None,
 ) -> bool:
     """Give a held lease back: the row is ready again now. ``attempted=False`` (no handler
-    saw the message) takes back the attempt the claim counted; ``claims`` stays, fencing.
-    ``last_error`` ("Name: text") records why the attempt ended (e.g. KeyboardInterrupt)."""
+    saw the message) takes back the attempt the claim counted, and keeps the error of the
+    attempt before; ``claims`` stays, fencing. ``last_error`` ("Name: text") records why an
+    attempt ended (e.g. KeyboardInterrupt)."""
     conn.cur.execute(_RELEASE, (now, 0 if attempted else 1, last_error, seq, claims))
     return conn.changes() == 1
 
 
 _RELEASE = (
-    "UPDATE message SET state = 0, visible_at = ?, attempts = attempts - ?, last_error = ?"
-    + _HELD
+    "UPDATE message SET state = 0, visible_at = ?1, attempts = attempts - ?2,"
+    " last_error = CASE WHEN ?2 = 1 THEN last_error ELSE ?3 END"
+    " WHERE seq = ?4 AND claims = ?5 AND state <= 1"  # as _HELD
 )
 
 

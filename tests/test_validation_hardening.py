@@ -329,6 +329,7 @@ def test_the_cli_says_in_one_line_that_a_ref_names_nothing(
         assert result.exit_code == 1, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert "Traceback" not in result.output and len(result.output) < 300
+        assert "no dead letter" in result.output and "unexpected" not in result.output
 
 
 def test_a_nan_in_fail_context_is_a_validation_error_and_leaves_the_delivery_unsettled(

@@ -193,7 +193,8 @@ def test_a_payload_nested_exactly_64_levels_and_lists_are_accepted_and_received(
 
 def test_many_brackets_inside_strings_do_not_count_as_nesting(bus: sqlbus.Bus) -> None:
     alice, bob = bus.agent("alice"), bus.agent("bob")
-    payload = {"text": "[{" * 500, "items": [{"a": [1]} for _ in range(100)]}
+    payload = {"text": "[{" * 500, "items": [{"a": [1]} for _ in range(100)],
+               'quote\\"[[': '\\\\"' + "[" * 100, "backslash\\": "\\" + "]" * 100}
     alice.publish("bob", "notification", payload)
     assert bob.receive()[0].message.payload == payload
 

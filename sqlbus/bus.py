@@ -874,7 +874,7 @@ def _stored_ttl(ttl: object) -> int:
 
 def _dead_letter_from_row(row: tuple[Any, ...], max_payload_bytes: int) -> DeadLetter:
     (dead_id, agent, reason, error_name, error_message, tb, context, failed_at, attempts, body,
-     message_id, sender, type_, priority, sent_at, _length) = row
+     message_id, sender, type_, priority, sent_at) = row
     if body is None:  # above the reader's limit: its columns stand in, the payload is not loaded
         message = Message(id=message_id, sender=sender, to=agent, type=type_,
                           timestamp=iso_ms(sent_at), payload={},
@@ -1625,9 +1625,10 @@ def response_payload(
     """The payload and correlation id of the response to ``request`` (SPEC 5.1)."""
     payload: dict[str, Any] = {"success": bool(success), "data": data, "request_id": request.id}
     if not success or error is not None:
+        if error is None:
+            error = "request failed"
         # recorded text (often an exception's): a lone surrogate is kept escaped
-        payload["error"] = (escape_text(error) if type_of(error) is str else error) if (
-            error is not None) else "request failed"
+        payload["error"] = escape_text(error) if type_of(error) is str else error
     correlation_id = request.headers.correlation_id
     return payload, correlation_id if isinstance(correlation_id, str) else request.id
 

@@ -488,14 +488,14 @@ def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
 # is 1): far below the depth at which encoding, decoding or comparing one recurses too deep,
 # also in a receiver whose handler already runs some frames down.
 MAX_DEPTH = 64
-_TOO_DEEP = "{}: nested deeper than %d levels of objects and arrays" % MAX_DEPTH
+_TOO_DEEP = "{}: nested deeper than " + f"{MAX_DEPTH} levels of objects and arrays"
 
 
 def _may_nest_too_deep(encoded: bytes) -> bool:
     """False when the JSON text ``encoded`` surely nests at most MAX_DEPTH levels: it has no
     more opening brackets than that (counted in strings too, an upper bound), so almost every
-    value is cleared without a walk. The length first: a small payload needs no count (the
-    ints 91 and 123 are "[" and "{": a bytes needle costs a TypeError inside count)."""
+    value is cleared without a walk. The length first: a small payload needs no count (91
+    and 123 are "[" and "{")."""
     return len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH
 
 
@@ -887,11 +887,11 @@ def escape_strings(value: Any, depth: int = 1) -> Any:
         copy = {escape_text(k) if type_of(k) is str else k: escape_strings(v, depth + 1)
                 for k, v in value.items()}
         same = len(copy) == len(value) and all(
-            a is b and copy[a] is value[b] for a, b in zip(copy, value))
+            a is b and copy[a] is value[b] for a, b in zip(copy, value, strict=True))
         return value if same else copy
     if kind is list:
         items = [escape_strings(v, depth + 1) for v in value]
-        return value if all(a is b for a, b in zip(items, value)) else items
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
     return value
 
 

@@ -845,7 +845,7 @@ def next_due(conn: apsw.Connection, agent: str) -> int | None:
 _DEAD = (
     "SELECT d.id, m.agent, d.reason, d.error_name, d.error_message, d.traceback, d.context,"
     " d.failed_at, d.attempts, CASE WHEN length(m.body) <= ?3 THEN m.body END, m.message_id,"
-    " m.sender, m.type, m.priority, m.sent_at, length(m.body)"
+    " m.sender, m.type, m.priority, m.sent_at"
     " FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
 )
 
@@ -855,7 +855,7 @@ def list_dead_letters(
 ) -> list[tuple[Any, ...]]:
     """Dead letters, newest first: (id, agent, reason, error_name, error_message, traceback,
     context, failed_at, attempts, body or None when longer than ``max_body``, message_id,
-    sender, type, priority, sent_at, body length)."""
+    sender, type, priority, sent_at)."""
     return conn.execute(
         f"{_DEAD} WHERE ?1 IS NULL OR m.agent = ?1 ORDER BY d.id DESC LIMIT ?2",
         (agent, limit, max_body),

@@ -112,8 +112,9 @@ class SentRecord(msgspec.Struct, kw_only=True):
 class DeadLetter(msgspec.Struct, kw_only=True):
     """A delivery that ended in dead letters, with why (``reason``) and the error, if any.
 
-    ``reason`` is ``max_attempts``, ``non_retryable``, ``discarded``, ``expired`` or the
-    caller's text; ``context`` a JSON object; ``failed_at`` ISO 8601 UTC.
+    ``reason`` is ``max_attempts``, ``non_retryable``, ``discarded``, ``expired``,
+    ``too_large`` (above the receiver's ``max_payload_bytes``, never loaded), ``corrupt``
+    (the stored message cannot be decoded) or the caller's text; ``context`` a JSON object; ``failed_at`` ISO 8601 UTC.
     """
 
     id: int

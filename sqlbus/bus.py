@@ -114,7 +114,8 @@ class DeadLetter(msgspec.Struct, kw_only=True):
 
     ``reason`` is ``max_attempts``, ``non_retryable``, ``discarded``, ``expired``,
     ``too_large`` (above the receiver's ``max_payload_bytes``, never loaded), ``corrupt``
-    (the stored message cannot be decoded) or the caller's text; ``context`` a JSON object; ``failed_at`` ISO 8601 UTC.
+    (the stored message cannot be decoded) or the caller's text; ``context`` a JSON object;
+    ``failed_at`` ISO 8601 UTC.
     """
 
     id: int

@@ -433,7 +433,7 @@ def _find_non_json(value: Any, path: str) -> str | None:
             found = _bad_text(key, f"{path}: key")
             if found:
                 return found
-            found = _find_non_json(item, f"{path}.{key}")
+            found = _find_non_json(item, _member_path(path, key))
             if found:
                 return found
         return None
@@ -469,7 +469,7 @@ def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
         raise ValidationError(_too_deep_path(value, name) or _TOO_DEEP.format(name)) from exc
     # _may_nest_too_deep and _may_hold_nul inlined (a call costs more than their tests)
     if len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH and (
-        _nests_too_deep(decoded)
+        _nests_too_deep(encoded)
     ):
         raise ValidationError(_too_deep_path(value, name) or _TOO_DEEP.format(name))
     if 92 in encoded and encoded.find(b"\\u0000") >= 0:
@@ -499,20 +499,16 @@ def _may_nest_too_deep(encoded: bytes) -> bool:
     return len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH
 
 
-def _nests_too_deep(decoded: Any) -> bool:
-    """Whether a decoded JSON value nests more than MAX_DEPTH levels: a walk level by level
-    (no recursion), which stops at the first level below the limit."""
-    level = [decoded] if type_of(decoded) is dict or type_of(decoded) is list else []
-    for _ in range(MAX_DEPTH):
-        below = []
-        for item in level:
-            for child in item.values() if type_of(item) is dict else item:
-                if type_of(child) is dict or type_of(child) is list:
-                    below.append(child)
-        if not below:
-            return False
-        level = below
-    return True
+def _nests_too_deep(encoded: bytes) -> bool:
+    """Whether the JSON text ``encoded`` nests more than MAX_DEPTH levels. Formatted with an
+    indent of one space, every member of a container is on a line of its own, indented by how
+    many containers hold it (a string holds no raw newline), so an object or array nested
+    deeper than the limit starts a line indented MAX_DEPTH spaces, after its key, if any. In C
+    loops: measured, half the time of a Python walk of the decoded value."""
+    return _TOO_DEEP_LINE.search(msgspec.json.format(encoded, indent=1)) is not None
+
+
+_TOO_DEEP_LINE = re.compile(rb'\n {%d}(?:"(?:[^"\\]|\\.)*": )?[\[{]' % MAX_DEPTH)
 
 
 def _may_hold_nul(encoded: bytes) -> bool:
@@ -521,6 +517,12 @@ def _may_hold_nul(encoded: bytes) -> bool:
     backslash) first, which is a memchr, and most payloads have none; ``in`` with a bytes
     needle tries it as an int first and pays for the TypeError (measured: 5x the cost)."""
     return 92 in encoded and encoded.find(b"\\u0000") >= 0
+
+
+def _member_path(path: str, key: object) -> str:
+    """The path of an object member for an error: ``payload.key``, or ``payload['a\\nb']``
+    for a key that is not printable (an error is one line)."""
+    return f"{path}.{key}" if type_of(key) is str and key.isprintable() else f"{path}[{key!r}]"
 
 
 def _too_deep_path(value: Any, name: str) -> str | None:
@@ -532,7 +534,7 @@ def _too_deep_path(value: Any, name: str) -> str | None:
         if depth > MAX_DEPTH:
             return _TOO_DEEP.format(path)
         if isinstance(item, dict):
-            stack.extend((v, f"{path}.{k}", depth + 1) for k, v in reversed(item.items())
+            stack.extend((v, _member_path(path, k), depth + 1) for k, v in reversed(item.items())
                          if isinstance(v, (dict, list, tuple)))
         elif isinstance(item, (list, tuple)):
             stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(item)))
@@ -788,7 +790,7 @@ def prepare_plain_batch(
             decoded = _decode_any(encoded)
         except RecursionError:
             return None
-        if _may_nest_too_deep(encoded) and _nests_too_deep(decoded) or decoded != payload:
+        if _may_nest_too_deep(encoded) and _nests_too_deep(encoded) or decoded != payload:
             return None
         id = prefix + part
         ids.append(id)

@@ -461,3 +461,20 @@ def test_state_prefixes_match_exactly_and_nul_is_refused(bus: sqlbus.Bus) -> Non
 def test_a_start_clock_far_from_the_limits_still_works(make_bus: Callable[..., sqlbus.Bus]) -> None:
     bus = make_bus(clock=lambda: START)
     assert bus.agent("alice").publish("alice", "notification", {}).startswith("msg-1800000000000-")
+
+
+@pytest.mark.parametrize("key", ['k": {', "\\", '"', "a\nb"])
+def test_nesting_is_measured_exactly_whatever_the_keys_hold(bus: sqlbus.Bus, key: str) -> None:
+    alice, bob = bus.agent("alice"), bus.agent("bob")
+    fits: dict = {}
+    inner = fits
+    for _ in range(62):
+        inner[key] = {}
+        inner = inner[key]  # level 63
+    inner[key] = [[]] * 70  # 70 empty arrays at level 65: too deep, with brackets to spare
+    with pytest.raises(sqlbus.ValidationError, match="nested deeper than 64") as caught:
+        alice.publish("bob", "notification", fits)
+    assert "\n" not in str(caught.value)
+    inner[key] = [1] * 70  # the array itself is level 64
+    alice.publish("bob", "notification", fits)
+    assert bob.receive()[0].message.payload == fits

@@ -44,17 +44,25 @@ from .errors import (
     DatabaseError,
     Discard,
     LeaseLostError,
+    NotFoundError,
     Retry,
     ValidationError,
 )
 from .messages import (
+    _ID_RE,
+    ENVELOPE_ALLOWANCE,
     MESSAGE_TYPES,
+    Headers,
     Message,
     Outgoing,
     PlainRun,
     check_agent_id,
-    decode_message,
+    decode_listed,
+    decode_stored,
     encode_json,
+    encode_json_value,
+    escape_strings,
+    escape_text,
     iso_ms,
     prepare,
     prepare_plain_batch,
@@ -111,8 +119,10 @@ class SentRecord(msgspec.Struct, kw_only=True):
 class DeadLetter(msgspec.Struct, kw_only=True):
     """A delivery that ended in dead letters, with why (``reason``) and the error, if any.
 
-    ``reason`` is ``max_attempts``, ``non_retryable``, ``discarded``, ``expired`` or the
-    caller's text; ``context`` a JSON object; ``failed_at`` ISO 8601 UTC.
+    ``reason`` is ``max_attempts``, ``non_retryable``, ``discarded``, ``expired``,
+    ``too_large`` (above the receiver's ``max_payload_bytes``, never loaded), ``corrupt``
+    (the stored message cannot be decoded) or the caller's text; ``context`` a JSON object;
+    ``failed_at`` ISO 8601 UTC.
     """
 
     id: int
@@ -195,6 +205,8 @@ def _retention(row: tuple[int | None, int | None, int | None]) -> ops.Retention:
         archive_max_messages=max_messages,
     )
 
+# The latest time an id's 13 digits can hold: 2286-11-20T17:46:39.999Z, in epoch ms.
+MAX_CLOCK_MS = 9_999_999_999_999
 
 _all_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
 # The outbox block open in this thread (asyncio: this task), if any: a write of its own there
@@ -478,6 +490,8 @@ class Bus:
         self.max_attempts = max_attempts
         self.max_payload_bytes = max_payload_bytes
         self.clock: Callable[[], float] = clock or time.time
+        if clock is not None:
+            self._now_ms()  # a clock out of range is refused before the file is touched
         self.non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE + extra
         retention = _retention_changes(archive_retention, dead_retention, archive_max_messages)
         self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep
@@ -706,7 +720,19 @@ class Bus:
     # -- time, transactions, wake-ups ----------------------------------------------------------
 
     def _now_ms(self) -> int:
-        return int(self.clock() * 1000)
+        now = self.clock()
+        try:
+            ms = int(now * 1000)
+        except (TypeError, ValueError, OverflowError):  # not a number, NaN, infinity
+            ms = -1
+        if not 0 <= ms <= MAX_CLOCK_MS:
+            # Ids hold the time as 13 digits: a time outside them would write ids that do not
+            # match the id pattern, which every later read would take for damage.
+            raise ValueError(
+                f"clock() returned {now!r}: expected epoch seconds from 0 "
+                "(1970-01-01T00:00:00Z) to 9999999999.999 (2286-11-20T17:46:39.999Z)"
+            )
+        return ms
 
     def _write(self) -> _Write:
         return _Write(self)
@@ -784,12 +810,14 @@ class Bus:
         if agent is not None:
             check_agent_id(agent, "agent")
         _check_limit(limit)
-        with self._reading() as conn:  # decoding inside: a damaged body is a DatabaseError
-            return [
-                SentRecord(message=decode_message(body), recipients=recipients,
-                           sent_at=iso_ms(sent_at))
-                for body, recipients, sent_at in storage.list_sent(conn, agent, limit)
-            ]
+        with self._reading() as conn:
+            rows = storage.list_sent(conn, agent, limit)
+        return [  # a row that cannot be decoded shows as an error message (SPEC 4.2)
+            SentRecord(message=decode_listed(body, self.max_payload_bytes, to=recipients,
+                                             sent_at=sent_at),
+                       recipients=recipients, sent_at=iso_ms(sent_at))
+            for body, recipients, sent_at in rows
+        ]
 
     def dead_letters(self, agent: str | None = None, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, newest first; ``agent`` keeps those of one recipient."""
@@ -797,28 +825,38 @@ class Bus:
             check_agent_id(agent, "agent")
         _check_limit(limit)
         with self._reading() as conn:
-            rows = storage.list_dead_letters(conn, agent, limit)
-            return [_dead_letter_from_row(row) for row in rows]
+            rows = storage.list_dead_letters(conn, agent, limit, self._max_body())
+        return [_dead_letter_from_row(row, self.max_payload_bytes) for row in rows]
 
-    def dead_letter(self, dead_letter_id: int) -> DeadLetter | None:
-        """One dead letter by id, or None."""
+    def dead_letter(self, ref: int | str) -> DeadLetter | None:
+        """A dead letter by ``ref``: its number (int), or a message id (str), which names
+        every dead letter of that message (one per recipient): the newest is returned. None
+        when ``ref`` names none."""
+        names = _dead_letter_ref(ref)
+        if names is None:
+            return None
         with self._reading() as conn:
-            row = storage.get_dead_letter(conn, dead_letter_id)
-            return None if row is None else _dead_letter_from_row(row)
+            row = storage.get_dead_letter(conn, *names, max_body=self._max_body())
+        return None if row is None else _dead_letter_from_row(row, self.max_payload_bytes)
 
-    def requeue(self, dead_letter_id: int) -> str:
-        """Put a dead letter back in its agent's inbox (attempts reset, fresh TTL); returns the
-        message id. Raises ``KeyError`` when there is no such dead letter."""
-        if type(dead_letter_id) is not int:
-            raise TypeError(f"dead_letter_id must be an int, got {type(dead_letter_id).__name__}")
+    def requeue(self, ref: int | str) -> str:
+        """Put dead letters back in their inboxes (attempts reset, fresh TTL) and return the
+        message id. ``ref`` is a dead-letter number (int), or a message id (str): then every
+        dead letter of that message goes back, in one transaction. Raises
+        :class:`sqlbus.NotFoundError` when ``ref`` names none."""
+        names = _dead_letter_ref(ref)
         now = self._now_ms()
         with self._write() as conn:
-            row = storage.get_dead_letter(conn, dead_letter_id)
-            if row is None:
-                raise KeyError(f"no dead letter with id {dead_letter_id}")
-            message = decode_message(row[-1])
-            storage.requeue(conn, dead_letter_id, now, message.headers.ttl)
-        return message.id
+            targets = [] if names is None else storage.requeue_targets(conn, *names)
+            if not targets:
+                raise NotFoundError(f"no dead letter {_ref_text(ref)}")
+            for dead_letter_id, _message_id, ttl in targets:
+                storage.requeue(conn, dead_letter_id, now, _stored_ttl(ttl))
+        return targets[0][1]
+
+    def _max_body(self) -> int:
+        """The longest stored body this bus reads (see messages.fits)."""
+        return self.max_payload_bytes + ENVELOPE_ALLOWANCE
 
     def purge_dead_letters(self, older_than: float | None = None) -> int:
         """Delete dead letters older than ``older_than`` seconds (None = all); returns how many."""
@@ -836,10 +874,9 @@ class Bus:
         now = self._now_ms()
         ids = []
         with self._write() as conn:
-            for dead_letter_id, body in storage.dead_letter_ids(conn, agent, reason):
-                message = decode_message(body)
-                storage.requeue(conn, dead_letter_id, now, message.headers.ttl)
-                ids.append(message.id)
+            for dead_letter_id, message_id, ttl in storage.dead_letter_ids(conn, agent, reason):
+                storage.requeue(conn, dead_letter_id, now, _stored_ttl(ttl))
+                ids.append(message_id)
         return ids
 
     # -- operations: metrics, stats, retention, checks, backup (see sqlbus.metrics) --------------
@@ -1026,8 +1063,10 @@ class Bus:
     def _prepare_broadcast(
         self, sender: str, type: str, payload: Any, pattern: str, headers: dict[str, Any], now: int
     ) -> _Broadcast:
-        if type_of(pattern) is not str or not pattern:
-            raise ValidationError(f"pattern: expected a non-empty str, got {pattern!r}")
+        if type_of(pattern) is not str or not 1 <= len(pattern) <= 200 or not pattern.isprintable():
+            # isprintable() refuses NUL and lone surrogates, which SQLite cannot compare
+            got = pattern[:50] if type_of(pattern) is str else pattern
+            raise ValidationError(f"pattern: expected 1..200 printable characters, got {got!r}")
         unknown = set(headers) - (_PUBLISH_KEYS - {"to", "type", "payload"})
         if unknown:
             raise TypeError(f"broadcast() got unknown header(s): {', '.join(sorted(unknown))}")
@@ -1074,17 +1113,52 @@ def _check_limit(limit: object) -> int:
     return limit
 
 
-def _dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
-    dead_id, agent, reason, error_name, error_message, tb, context, failed_at, attempts, body = row
+def _dead_letter_ref(ref: object) -> tuple[int | None, str | None] | None:
+    """(number, message id) that a dead-letter ``ref`` names, or None when it can name none
+    (an int beyond SQLite's 64 bits, a str that is not a message id)."""
+    if type(ref) is int:  # not bool
+        return (ref, None) if -(2**63) <= ref < 2**63 else None
+    if type(ref) is str:
+        return (None, ref) if _ID_RE.fullmatch(ref) else None
+    raise TypeError(
+        f"ref must be a dead-letter number (int) or a message id (str), got {type_of(ref).__name__}"
+    )
+
+
+def _ref_text(ref: int | str) -> str:
+    """``ref`` for an error message (an int of thousands of digits cannot even be printed)."""
+    if type(ref) is int:
+        return f"numbered {ref}" if abs(ref) < 10**30 else f"numbered with a {ref.bit_length()}-bit int"
+    return f"of message {ref[:100]!r}"
+
+
+def _stored_ttl(ttl: object) -> int:
+    """The ttl read from a stored body for a requeue; the default when the body is damaged."""
+    return ttl if type(ttl) is int and ttl >= 0 else Headers().ttl
+
+
+def _dead_letter_from_row(row: tuple[Any, ...], max_payload_bytes: int) -> DeadLetter:
+    (dead_id, agent, reason, error_name, error_message, tb, context, failed_at, attempts, body,
+     message_id, sender, type_, priority, sent_at) = row
+    if body is None:  # above the reader's limit: its columns stand in, the payload is not loaded
+        message = Message(id=message_id, sender=sender, to=agent, type=type_,
+                          timestamp=iso_ms(sent_at), payload={},
+                          headers=Headers(priority=priority))
+    else:
+        message = decode_listed(body, max_payload_bytes, to=agent, sent_at=sent_at)
+    try:
+        context_value = msgspec.json.decode(context) if context else {}
+    except msgspec.DecodeError:  # a listing never fails because of one row
+        context_value = {"corrupt": context[:1000]}
     return DeadLetter(
         id=dead_id,
         agent=agent,
-        message=decode_message(body),
+        message=message,
         reason=reason,
         error_name=error_name,
         error_message=error_message,
         traceback=tb,
-        context=msgspec.json.decode(context) if context else {},
+        context=context_value,
         failed_at=iso_ms(failed_at),
         attempts=attempts,
     )
@@ -1415,20 +1489,18 @@ class Agent:
             while True:
                 rows, more = storage.claim(
                     conn, self.id, now, lease_until, limit - len(claimed), types_json,
-                    self._skip_json(),
+                    self._skip_json(), bus._max_body(),
                 )
                 for row in rows:
-                    seq, _claims, attempts, _priority, expires_at, _sent_at, _body = row
+                    seq, claims, attempts, _priority, expires_at, _sent_at, body = row
                     if expires_at is not None and now > expires_at:
                         storage.dead_letter(conn, seq, None, now, "expired", attempts=attempts - 1)
                     elif attempts > bus.max_attempts:
-                        storage.dead_letter(
-                            conn, seq, None, now, "max_attempts", error_name="LeaseExpired",
-                            error_message=f"the lease ran out {attempts - 1} times without an ack",
-                            attempts=attempts - 1,
-                        )
+                        self._dead_letter_worn_out(conn, seq, attempts, now)
                     else:
-                        claimed.append(row)
+                        message = self._readable(conn, seq, body, now, attempts)
+                        if message is not None:
+                            claimed.append((message, seq, claims, attempts))
                 if len(claimed) >= limit or not more:
                     break
             baseline = due = None
@@ -1441,19 +1513,48 @@ class Agent:
             d._settled = "acked"
         self._more = more
         deliveries = []
-        for seq, claims, attempts, _priority, _expires_at, _sent_at, body in claimed:
-            try:
-                message = decode_message(body)
-            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                # SQLite has no page checksums: damaged bytes inside a stored body go unseen
-                # until here. Say so in our own error; the leases run out as after a crash.
-                raise DatabaseError(
-                    f"{bus.path} is corrupt: the stored body of message row {seq} to "
-                    f"{self.id!r} cannot be decoded ({exc}); restore from a 'sqlbus backup'"
-                ) from exc
+        for message, seq, claims, attempts in claimed:
             message.headers.retry_count = attempts - 1
             deliveries.append(Delivery(self, message, seq, claims, attempts, lease_until / 1000))
         return _Claimed(deliveries, baseline, due)
+
+    def _readable(
+        self, conn: apsw.Connection, seq: int, body: bytes | None, now: int, attempts: int
+    ) -> Message | None:
+        """The message of a row just claimed, or None when it cannot be delivered: a body
+        above this bus's limit (``body`` None: it was not read) or one that cannot be decoded
+        (SQLite keeps no page checksums, so damage inside a body goes unseen until here) is
+        dead-lettered in the claim's transaction, so it never strands the batch, fails the
+        inbox or stops a loop."""
+        if body is not None:
+            message = decode_stored(body)
+            if type_of(message) is Message:
+                return message  # type: ignore[return-value]
+            reason, error_name, error_message = "corrupt", "DecodeError", (
+                f"the stored message cannot be decoded ({message})")
+        else:
+            length = storage.body_length(conn, seq)
+            reason, error_name, error_message = "too_large", "PayloadTooLargeError", (
+                f"the stored message is {length} bytes, more than this receiver reads "
+                f"(max_payload_bytes={self.bus.max_payload_bytes} plus {ENVELOPE_ALLOWANCE} for "
+                "the envelope); it was not loaded")
+        storage.dead_letter(conn, seq, None, now, reason, error_name, error_message,
+                            attempts=attempts - 1)  # no handler saw it: not an attempt
+        return None
+
+    def _dead_letter_worn_out(
+        self, conn: apsw.Connection, seq: int, attempts: int, now: int
+    ) -> None:
+        """Dead-letter a row claimed once more than ``max_attempts`` allow, with the error of
+        its last attempt as it happened: the one recorded when the attempt ended (e.g. a loop
+        interrupted in its handler), else its lease ran out."""
+        last_error = storage.last_error(conn, seq)
+        error_name, _, error_message = (last_error or "").partition(": ")
+        if not last_error:
+            error_name = "LeaseExpired"
+            error_message = f"the lease ran out {attempts - 1} times without an ack"
+        storage.dead_letter(conn, seq, None, now, "max_attempts", error_name=error_name,
+                            error_message=error_message, attempts=attempts - 1)
 
     def ack(self, deliveries: Sequence[Delivery]) -> None:
         """Ack many deliveries (with their buffered effects) in one transaction, all or none.
@@ -1639,7 +1740,8 @@ class Delivery:
             self.dead_letter(exc.reason)
             return True
         if not isinstance(exc, Exception):
-            self.release()  # KeyboardInterrupt, SystemExit: give the message back, untouched
+            # KeyboardInterrupt, SystemExit: give the message back, untouched, saying why
+            self._release(attempted=True, error=exc)
             return False
         self.fail(exc)
         return False
@@ -1672,7 +1774,8 @@ class Delivery:
         if type_of(reason) is not str or not reason:
             raise ValueError(f"reason must be a non-empty str, got {reason!r}")
         bus = self.agent.bus
-        context_json = _context_json(context)
+        reason = escape_text(reason)  # recorded text: a lone surrogate is kept escaped
+        context_json = _context_json(context, bus.max_payload_bytes)
         with self._lock:
             self._check_open()
             now = bus._now_ms()
@@ -1701,16 +1804,20 @@ class Delivery:
         if not self._release(attempted=True):
             self._check_open()  # raises: settled already
 
-    def _release(self, *, attempted: bool) -> bool:
+    def _release(self, *, attempted: bool, error: BaseException | None = None) -> bool:
         """``attempted=False``: no handler saw it (a run loop that stops with messages in
         hand, a cancelled asyncio receive), so the claim does not count as an attempt.
-        False, doing nothing, when it was settled already."""
+        ``error``: what ended the attempt (a KeyboardInterrupt in the handler), kept as the
+        last attempt's error. False, doing nothing, when it was settled already."""
         bus = self.agent.bus
+        last_error = None if error is None else (
+            f"{_error_name(error)}: {_error_text(error)}")
         with self._lock:
             if self._settled is not None:
                 return False
             with bus._write() as conn:
-                storage.release(conn, self._seq, self._claims, bus._now_ms(), attempted=attempted)
+                storage.release(conn, self._seq, self._claims, bus._now_ms(),
+                                attempted=attempted, last_error=last_error)
                 mark([self.agent.id])  # ready again: wake the agent's other receivers
             self._settled = "released"
         return True
@@ -1779,13 +1886,12 @@ class Delivery:
         bus = self.agent.bus
         if delay is not None:
             delay = _seconds(delay, "delay")
-        error_name = type_of(exc).__name__ if exc is not None else None
-        error_message = str(exc) if exc is not None else None
-        tb = (
-            "".join(traceback_module.format_exception(type_of(exc), exc, exc.__traceback__))
-            if exc is not None else None
-        )
-        context_json = _context_json(context)
+        # Recorded text never fails the recording: lone surrogates (file names from
+        # os.listdir carry them) are kept escaped, and an exception whose str() raises is named.
+        error_name = _error_name(exc) if exc is not None else None
+        error_message = _error_text(exc) if exc is not None else None
+        tb = _traceback_text(exc) if exc is not None else None
+        context_json = _context_json(context, bus.max_payload_bytes)
         if retryable is None:
             retryable = not isinstance(exc, bus.non_retryable)
         now = bus._now_ms()
@@ -1822,20 +1928,50 @@ def response_payload(
     """The payload and correlation id of the response to ``request`` (SPEC 5.1)."""
     payload: dict[str, Any] = {"success": bool(success), "data": data, "request_id": request.id}
     if not success or error is not None:
-        payload["error"] = error if error is not None else "request failed"
+        if error is None:
+            error = "request failed"
+        # recorded text (often an exception's): a lone surrogate is kept escaped
+        payload["error"] = escape_text(error) if type_of(error) is str else error
     correlation_id = request.headers.correlation_id
     return payload, correlation_id if isinstance(correlation_id, str) else request.id
 
 
-def _context_json(context: dict[str, Any] | None) -> str | None:
+def _context_json(context: dict[str, Any] | None, max_bytes: int) -> str | None:
+    """A failure's ``context`` as JSON text. It is recorded text, so lone surrogates in its
+    strings are kept escaped; otherwise it follows the rules of every JSON value the bus
+    stores (exact round trip: no NaN; nesting; size): a ValidationError, raised before
+    anything is written, leaves the delivery unsettled for the caller to settle again."""
     if context is None:
         return None
     if type_of(context) is not dict:
         raise TypeError(f"context must be a dict, got {type_of(context).__name__}")
     try:
-        return msgspec.json.encode(context).decode()
-    except (TypeError, msgspec.EncodeError) as exc:
-        raise ValidationError(f"context: {exc}") from exc
+        return encode_json_value(context, max_bytes, "context").decode()
+    except ValidationError:
+        escaped = escape_strings(context)
+        if escaped is context:
+            raise
+        return encode_json_value(escaped, max_bytes, "context").decode()
+
+
+def _error_name(exc: BaseException) -> str:
+    return escape_text(type_of(exc).__name__)
+
+
+def _error_text(exc: BaseException) -> str:
+    """``str(exc)``, escaped for recording; never raises (a run loop records any exception)."""
+    try:
+        return escape_text(str(exc))
+    except Exception:  # a broken __str__
+        return f"<{_error_name(exc)} whose str() failed>"
+
+
+def _traceback_text(exc: BaseException) -> str:
+    try:
+        return escape_text(
+            "".join(traceback_module.format_exception(type_of(exc), exc, exc.__traceback__)))
+    except Exception:
+        return f"<the traceback of {_error_name(exc)} could not be formatted>"
 
 
 @contextmanager

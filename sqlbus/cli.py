@@ -505,21 +505,31 @@ def dead_letters_list(config: _Config, agent: str | None, limit: int, as_json: b
     )
 
 
+def _dead_letter_ref(text: str) -> int | str:
+    """A REF argument: digits are a dead-letter number (however many: one beyond any number
+    names none), anything else a message id."""
+    digits = text.strip()
+    if digits.isdigit() and digits.isascii():
+        return int(digits) if len(digits) <= 20 else 2**64  # 2**64: beyond SQLite's ids
+    return text
+
+
 @dead_letters.command("show")
-@click.argument("dead_letter_id", metavar="ID", type=int)
+@click.argument("ref", metavar="REF")
 @json_option
 @pass_config
-def dead_letters_show(config: _Config, dead_letter_id: int, as_json: bool) -> None:
-    """One dead letter in full: the message, the error and its traceback.
+def dead_letters_show(config: _Config, ref: str, as_json: bool) -> None:
+    """One dead letter in full: the message, the error and its traceback. REF is its number,
+    or a message id (the newest of that message's dead letters).
 
     \b
     Example:
         sqlbus --db team.db dead-letters show 42
     """
     with config.bus() as bus:
-        record = bus.dead_letter(dead_letter_id)
+        record = bus.dead_letter(_dead_letter_ref(ref))
     if record is None:
-        raise click.ClickException(f"no dead letter with id {dead_letter_id}")
+        raise click.ClickException(f"no dead letter {_shorten(ref, 60)!r}")
     if as_json:
         _json_out(record)
         return
@@ -532,29 +542,30 @@ def dead_letters_show(config: _Config, dead_letter_id: int, as_json: bool) -> No
 
 
 @dead_letters.command("requeue")
-@click.argument("dead_letter_id", metavar="[ID]", type=int, required=False)
+@click.argument("dead_letter_id", metavar="[REF]", required=False)
 @click.option("--all", "all_", is_flag=True, help="Every dead letter matching the filters.")
 @click.option("--agent", default=None, callback=_agent_id, help="With --all: only this recipient's (an agent id).")
 @click.option("--reason", default=None, help="With --all: only this reason (e.g. expired).")
 @json_option
 @pass_config
 def dead_letters_requeue(
-    config: _Config, dead_letter_id: int | None, all_: bool, agent: str | None,
+    config: _Config, dead_letter_id: str | None, all_: bool, agent: str | None,
     reason: str | None, as_json: bool,
 ) -> None:
-    """Put dead letters back in their inboxes (attempts reset, fresh TTL), by ID or --all.
+    """Put dead letters back in their inboxes (attempts reset, fresh TTL), by REF (a number, or
+    a message id: all of its dead letters) or --all.
 
     \b
     Example:
         sqlbus --db team.db dead-letters requeue --all --agent worker-1 --reason max_attempts
     """
     if (dead_letter_id is None) == (not all_):
-        raise click.UsageError("give a dead letter ID or --all (not both)")
+        raise click.UsageError("give a dead letter REF or --all (not both)")
     if dead_letter_id is not None and (agent or reason):
-        raise click.UsageError("--agent and --reason filter --all; an ID names one dead letter")
+        raise click.UsageError("--agent and --reason filter --all; a REF names its dead letters")
     with config.bus() as bus:
         if dead_letter_id is not None:
-            ids = [bus.requeue(dead_letter_id)]
+            ids = [bus.requeue(_dead_letter_ref(dead_letter_id))]
         else:
             ids = bus.requeue_dead_letters(agent, reason)
     if as_json:

@@ -14,12 +14,18 @@ __all__ = [
     "DatabaseError",
     "LeaseLostError",
     "VersionConflictError",
+    "NotFoundError",
     "RequestTimeoutError",
     "RemoteError",
     "AuthenticationError",
     "Retry",
     "Discard",
 ]
+
+
+# The longest duration accepted anywhere, in seconds (~31,700 years): times are stored as epoch
+# ms in 64-bit integers, which a larger or infinite value would overflow.
+MAX_SECONDS = 10**12
 
 
 class SqlbusError(Exception):
@@ -46,6 +52,14 @@ class VersionConflictError(SqlbusError):
     """A compare-and-set on shared state found another version than the one expected."""
 
 
+class NotFoundError(SqlbusError, KeyError):
+    """A reference (a dead-letter number, a message id) names nothing."""
+
+    def __str__(self) -> str:
+        # KeyError's str() is the repr of its argument (quoted): ours is a plain sentence.
+        return str(self.args[0]) if self.args else ""
+
+
 class RequestTimeoutError(SqlbusError, TimeoutError):
     """No response arrived before the request's timeout."""
 
@@ -66,8 +80,16 @@ class Retry(Exception):
     """
 
     def __init__(self, delay: float | None = None) -> None:
-        if delay is not None and delay < 0:
-            raise ValueError(f"Retry delay must be >= 0 seconds, got {delay!r}")
+        if delay is not None:
+            # Refused here, in the handler that raises it, so that a bad delay is the handler's
+            # failure and never reaches (and stops) the run loop.
+            if isinstance(delay, bool) or not isinstance(delay, (int, float)):
+                raise TypeError(f"Retry delay must be a number of seconds, got {type(delay).__name__}")
+            if not 0 <= delay <= MAX_SECONDS:  # False for NaN too
+                raise ValueError(
+                    f"Retry delay must be a finite number of seconds in 0..{MAX_SECONDS}, "
+                    f"got {delay!r}"
+                )
         super().__init__(delay)
         self.delay = delay
 
@@ -76,5 +98,7 @@ class Discard(Exception):
     """Signal from a handler: move the message to dead letters now, with ``reason``."""
 
     def __init__(self, reason: str = "discarded") -> None:
+        if type(reason) is not str or not reason:
+            raise ValueError(f"Discard reason must be a non-empty str, got {reason!r}")
         super().__init__(reason)
         self.reason = reason

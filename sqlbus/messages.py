@@ -45,6 +45,9 @@ __all__ = [
     "new_message_id",
     "iso_ms",
     "decode_message",
+    "decode_stored",
+    "decode_listed",
+    "corrupt_message",
     "decode_payload",
     "check_agent_id",
     "encode_payload",
@@ -276,6 +279,85 @@ def decode_message(body: bytes) -> Message:
     return _message_decoder.decode(body)
 
 
+# How much longer than its payload a stored body may be (id, sender, recipients, timestamp,
+# headers): a claim or a listing loads a body only up to the reader's max_payload_bytes plus
+# this, and a publish refuses a body longer than the sender's (a list of thousands of
+# recipients or a huge correlation id would be needed to reach it).
+ENVELOPE_ALLOWANCE = 64 * 1024
+# What a listing shows of a row it cannot decode (SPEC 4.2).
+CORRUPT_SENDER = "sqlbus"
+CORRUPT_TEXT_CHARS = 1000
+_NO_ID = "msg-0000000000000-000000000"
+_ID_IN_BODY = re.compile(rb'\{"id":"(msg-[0-9]{13}-[a-z0-9]{9})')
+
+
+class _Envelope(Struct, kw_only=True, rename={"sender": "from"}):
+    """A stored message without its payload decoded (kept as raw bytes)."""
+
+    id: str
+    sender: str
+    to: Union[str, list[str]]
+    type: MessageType
+    timestamp: str
+    payload: msgspec.Raw
+    headers: Headers = field(default_factory=Headers)
+
+
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_DAMAGE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+
+
+def fits(body_length: int, max_payload_bytes: int) -> bool:
+    """Whether a stored body of ``body_length`` bytes is within a reader's ``max_payload_bytes``
+    (the payload limit, plus :data:`ENVELOPE_ALLOWANCE` for the rest of the message)."""
+    return body_length <= max_payload_bytes + ENVELOPE_ALLOWANCE
+
+
+def decode_stored(body: bytes) -> Message | str:
+    """Decode a stored body; on damage, the reason (one line) instead of raising."""
+    try:
+        return _message_decoder.decode(body)
+    except _DAMAGE as exc:
+        return escape_text(f"{type_of(exc).__name__}: {exc}")
+
+
+def decode_listed(
+    body: bytes, max_payload_bytes: int, *, to: str | list[str] | None = None,
+    sent_at: int = 0,
+) -> Message:
+    """A stored message for a listing, which never fails because of one row (SPEC 4.2): a
+    body above the reader's ``max_payload_bytes`` comes without its payload (``{}``), and one
+    that cannot be decoded as :func:`corrupt_message`."""
+    if fits(len(body), max_payload_bytes):
+        message = decode_stored(body)
+        if type_of(message) is Message:
+            return message  # type: ignore[return-value]
+        return corrupt_message(body, to=to, sent_at=sent_at)
+    try:
+        envelope = _envelope_decoder.decode(body)
+    except _DAMAGE:
+        return corrupt_message(body, to=to, sent_at=sent_at)
+    return Message(id=envelope.id, sender=envelope.sender, to=envelope.to, type=envelope.type,
+                   timestamp=envelope.timestamp, payload={}, headers=envelope.headers)
+
+
+def corrupt_message(
+    body: bytes, *, to: str | list[str] | None = None, sent_at: int = 0
+) -> Message:
+    """A row that cannot be decoded, as a listing shows it: type ``error`` from ``sqlbus``,
+    payload ``{"corrupt": <its first 1,000 characters, bad bytes escaped>}``."""
+    head = bytes(body[: 4 * CORRUPT_TEXT_CHARS])
+    found = _ID_IN_BODY.match(head)
+    return Message(
+        id=found.group(1).decode() if found else _NO_ID,
+        sender=CORRUPT_SENDER,
+        to=[] if to is None else to,
+        type="error",
+        timestamp=iso_ms(sent_at),
+        payload={"corrupt": head.decode("utf-8", "backslashreplace")[:CORRUPT_TEXT_CHARS]},
+    )
+
+
 def decode_payload(message: Message, struct_type: type[Struct]) -> Any:
     """Decode a message's payload into a typed struct, e.g. ``decode_payload(m, TaskResult)``."""
     try:
@@ -337,8 +419,7 @@ def _find_non_json(value: Any, path: str) -> str | None:
     """Walk a payload and name the first value that is not plain JSON (slow path, errors only)."""
     kind = type(value)
     if kind is str:
-        return None if _is_utf8(value) else (
-            f"{path}: {value!r} is not valid Unicode (a lone surrogate has no UTF-8 form)")
+        return _bad_text(value, path)
     if value is None or kind is bool or kind is int:
         return None
     if kind is float:
@@ -349,9 +430,10 @@ def _find_non_json(value: Any, path: str) -> str | None:
         for key, item in value.items():
             if type(key) is not str:
                 return f"{path}: key {key!r} is not a string (JSON object keys are strings)"
-            if not _is_utf8(key):
-                return f"{path}: key {key!r} is not valid Unicode (a lone surrogate)"
-            found = _find_non_json(item, f"{path}.{key}")
+            found = _bad_text(key, f"{path}: key")
+            if found:
+                return found
+            found = _find_non_json(item, _member_path(path, key))
             if found:
                 return found
         return None
@@ -366,22 +448,98 @@ def _find_non_json(value: Any, path: str) -> str | None:
 
 def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
     """Encode any JSON value, refusing what would not come back the same (NaN, bytes, tuples,
-    objects, non-string keys) and anything larger than ``max_bytes`` encoded."""
+    objects, non-string keys), strings with NUL or a lone surrogate, nesting deeper than
+    :data:`MAX_DEPTH` and anything larger than ``max_bytes`` encoded."""
     try:
         encoded = _encode(value)
     # UnicodeEncodeError: a lone surrogate ("\ud800") has no UTF-8 form, so no JSON form either.
-    except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError) as exc:
-        raise ValidationError(_find_non_json(value, name) or f"{name}: {exc}") from exc
+    # RecursionError: nested far deeper than MAX_DEPTH.
+    except (TypeError, OverflowError, UnicodeEncodeError, RecursionError,
+            msgspec.EncodeError) as exc:
+        found = _too_deep_path(value, name) or _find_non_json(value, name)
+        raise ValidationError(found or f"{name}: {exc}") from exc
     if len(encoded) > max_bytes:
         raise PayloadTooLargeError(
             f"{name}: encoded size {len(encoded)} bytes exceeds max_payload_bytes={max_bytes}"
         )
+    # Depth is checked before anything walks the value recursively (the NUL check below).
+    try:
+        decoded = _decode_any(encoded)
+    except RecursionError as exc:
+        raise ValidationError(_too_deep_path(value, name) or _TOO_DEEP.format(name)) from exc
+    # _may_nest_too_deep and _may_hold_nul inlined (a call costs more than their tests)
+    if len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH and (
+        _nests_too_deep(encoded)
+    ):
+        raise ValidationError(_too_deep_path(value, name) or _TOO_DEEP.format(name))
+    if 92 in encoded and encoded.find(b"\\u0000") >= 0:
+        found = _find_non_json(value, name)
+        if found:
+            raise ValidationError(found)
     # msgspec quietly writes NaN as null and bytes as base64; a round trip catches both.
-    if _decode_any(encoded) != value:
+    if decoded != value:
         raise ValidationError(
             _find_non_json(value, name) or f"{name}: does not survive a JSON round trip"
         )
     return encoded
+
+
+# JSON values the bus stores nest at most this many levels of objects and arrays (the outermost
+# is 1): far below the depth at which encoding, decoding or comparing one recurses too deep,
+# also in a receiver whose handler already runs some frames down.
+MAX_DEPTH = 64
+_TOO_DEEP = "{}: nested deeper than " + f"{MAX_DEPTH} levels of objects and arrays"
+
+
+def _may_nest_too_deep(encoded: bytes) -> bool:
+    """False when the JSON text ``encoded`` surely nests at most MAX_DEPTH levels: it has no
+    more opening brackets than that (counted in strings too, an upper bound), so almost every
+    value is cleared without a walk. The length first: a small payload needs no count (91
+    and 123 are "[" and "{")."""
+    return len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH
+
+
+def _nests_too_deep(encoded: bytes) -> bool:
+    """Whether the JSON text ``encoded`` nests more than MAX_DEPTH levels. Formatted with an
+    indent of one space, every member of a container is on a line of its own, indented by how
+    many containers hold it (a string holds no raw newline), so an object or array nested
+    deeper than the limit starts a line indented MAX_DEPTH spaces, after its key, if any. In C
+    loops: measured, half the time of a Python walk of the decoded value."""
+    return _TOO_DEEP_LINE.search(msgspec.json.format(encoded, indent=1)) is not None
+
+
+_TOO_DEEP_LINE = re.compile(rb'\n {%d}(?:"(?:[^"\\]|\\.)*": )?[\[{]' % MAX_DEPTH)
+
+
+def _may_hold_nul(encoded: bytes) -> bool:
+    """Whether JSON text ``encoded`` may hold a NUL (``\\u0000``; or a string with a backslash
+    before "u0000", which the caller's walk tells apart). A search for the byte 92 (a
+    backslash) first, which is a memchr, and most payloads have none; ``in`` with a bytes
+    needle tries it as an int first and pays for the TypeError (measured: 5x the cost)."""
+    return 92 in encoded and encoded.find(b"\\u0000") >= 0
+
+
+def _member_path(path: str, key: object) -> str:
+    """The path of an object member for an error: ``payload.key``, or ``payload['a\\nb']``
+    for a key that is not printable (an error is one line)."""
+    return f"{path}.{key}" if type_of(key) is str and key.isprintable() else f"{path}[{key!r}]"
+
+
+def _too_deep_path(value: Any, name: str) -> str | None:
+    """The error naming the first object or array nested deeper than MAX_DEPTH, or None.
+    Iterative: the value may be nested deeper than Python can recurse."""
+    stack = [(value, name, 1)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return _TOO_DEEP.format(path)
+        if isinstance(item, dict):
+            stack.extend((v, _member_path(path, k), depth + 1) for k, v in reversed(item.items())
+                         if isinstance(v, (dict, list, tuple)))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(item)))
+                         if isinstance(v, (dict, list, tuple)))
+    return None
 
 
 def encode_payload(payload: Any, type_: str, max_bytes: int, name: str = "payload") -> bytes:
@@ -458,10 +616,10 @@ def prepare(
             f"{prefix}headers.requires_ack: expected bool, got {builtin_type(requires_ack)}"
         )
     if correlation_id is not None and (
-        type_of(correlation_id) is not str or not _is_utf8(correlation_id)
+        type_of(correlation_id) is not str or _bad_text(correlation_id, "")
     ):
         got = builtin_type(correlation_id) if type_of(correlation_id) is not str else (
-            "a str with a lone surrogate")
+            "a str with NUL or a lone surrogate")
         raise ValidationError(f"{prefix}headers.correlation_id: expected str, got {got}")
     if type_of(to) is str and to in _known_agent_ids:
         recipients = [to]
@@ -480,7 +638,7 @@ def prepare(
     caller_id = id is not None
     if id is None:
         id = new_message_id(now_ms)
-    elif type_of(id) is not str or not _ID_RE.match(id):
+    elif type_of(id) is not str or not _ID_RE.fullmatch(id):
         raise ValidationError(
             f"{prefix}id: expected msg-<13 digits>-<9 chars of [a-z0-9]>, got {id!r}"
         )
@@ -509,6 +667,12 @@ def prepare(
                 direct_reply=True if direct_reply else UNSET,
             ),
         ))
+    if not fits(len(body), max_payload_bytes):  # a receiver with this limit would refuse it
+        raise PayloadTooLargeError(
+            f"{prefix}to: the message with its {len(recipients)} recipient(s) and headers is "
+            f"{len(body)} bytes, more than max_payload_bytes={max_payload_bytes} plus "
+            f"{ENVELOPE_ALLOWANCE} bytes for the envelope"
+        )
     return Outgoing(
         id=id,
         sender=sender,
@@ -524,7 +688,9 @@ def prepare(
     )
 
 
-_ID_RE = re.compile(r"^msg-[0-9]{13}-[a-z0-9]{9}$")
+# Used with fullmatch: ``$`` also matches before a final newline, and a caller's id goes into
+# the body's JSON as it is (_plain_body), so it must be exactly this.
+_ID_RE = re.compile(r"msg-[0-9]{13}-[a-z0-9]{9}")
 # (sender, to, type, priority, ttl, requires_ack) -> the message's JSON around its id,
 # timestamp and payload: a body is three joins instead of two structs and an encode (measured
 # 0.24 us against 0.68).
@@ -614,10 +780,17 @@ def prepare_plain_batch(
             return None
         try:
             encoded = _encode(payload)
-        except (TypeError, OverflowError, UnicodeEncodeError, msgspec.EncodeError):
+        except (TypeError, OverflowError, UnicodeEncodeError, RecursionError,
+                msgspec.EncodeError):
             return None
         # The round trip rejects what JSON would change (tuples, non-str keys, NaN, ...).
-        if len(encoded) > max_payload_bytes or _decode_any(encoded) != payload:
+        if len(encoded) > max_payload_bytes or _may_hold_nul(encoded):
+            return None
+        try:
+            decoded = _decode_any(encoded)
+        except RecursionError:
+            return None
+        if _may_nest_too_deep(encoded) and _nests_too_deep(encoded) or decoded != payload:
             return None
         id = prefix + part
         ids.append(id)
@@ -666,6 +839,62 @@ def _is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def _bad_text(text: str, path: str) -> str | None:
+    """The error for a caller's string that holds NUL or a lone surrogate (SPEC 1.1), or None."""
+    if "\x00" in text:
+        return f"{path}: {text[:50]!r} holds NUL (\\x00), which sqlbus refuses in any string"
+    if not _is_utf8(text):
+        return f"{path}: {text[:50]!r} is not valid Unicode (a lone surrogate has no UTF-8 form)"
+    return None
+
+
+def check_text(value: object, field_name: str, max_length: int, *, empty: bool = False) -> str:
+    """Return ``value`` if it is a str of 1..``max_length`` characters (0.. with ``empty``)
+    without NUL or a lone surrogate, else raise :class:`ValidationError`."""
+    if type(value) is not str:
+        raise ValidationError(f"{field_name}: expected str, got {builtin_type(value)}")
+    if not (0 if empty else 1) <= len(value) <= max_length:
+        raise ValidationError(
+            f"{field_name}: expected {0 if empty else 1}..{max_length} characters, got {len(value)}"
+        )
+    found = _bad_text(value, field_name)
+    if found:
+        raise ValidationError(found)
+    return value
+
+
+def escape_text(text: str) -> str:
+    """``text`` with lone surrogates written as ``\\udcff``: text the bus records (errors,
+    tracebacks, reasons) must be storable whatever it holds (file names from os.listdir carry
+    surrogates)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
+    return text
+
+
+def escape_strings(value: Any, depth: int = 1) -> Any:
+    """A copy of a JSON-like value with :func:`escape_text` applied to every string (keys
+    included); ``value`` itself when nothing changed. Beyond :data:`MAX_DEPTH` it stops,
+    leaving the value for the depth check to refuse."""
+    kind = type_of(value)
+    if kind is str:
+        return escape_text(value)
+    if depth > MAX_DEPTH:
+        return value
+    if kind is dict:
+        copy = {escape_text(k) if type_of(k) is str else k: escape_strings(v, depth + 1)
+                for k, v in value.items()}
+        same = len(copy) == len(value) and all(
+            a is b and copy[a] is value[b] for a, b in zip(copy, value, strict=True))
+        return value if same else copy
+    if kind is list:
+        items = [escape_strings(v, depth + 1) for v in value]
+        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
+    return value
 
 
 def builtin_type(value: object) -> str:

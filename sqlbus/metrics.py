@@ -27,7 +27,7 @@ import msgspec
 
 from . import connections, storage
 from .errors import DatabaseError
-from .messages import Message, decode_message, iso_ms
+from .messages import Message, decode_listed, iso_ms
 
 if TYPE_CHECKING:
     from .bus import Bus, SentRecord
@@ -832,9 +832,12 @@ def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
     with bus._reading() as conn, snapshot(conn):
         rows = storage.peek_rows(conn, agent, now, limit)
     entries = []
-    for status, visible_at, attempts, _sent_at, body in rows:
+    for status, visible_at, attempts, sent_at, body in rows:
         entries.append(
-            InboxEntry(message=decode_message(body), status=status, attempts=attempts,
+            # a row that cannot be decoded shows as an error message (SPEC 4.2)
+            InboxEntry(message=decode_listed(body, bus.max_payload_bytes, to=agent,
+                                             sent_at=sent_at),
+                       status=status, attempts=attempts,
                        visible_at=iso_ms(visible_at))
         )
     return entries
@@ -882,8 +885,9 @@ def _follow(
                 groups.append([row])
         for group in groups:
             cursor = group[-1][0]
-            message = decode_message(group[0][4])
             recipients = [row[2] for row in group if row[2] is not None]
+            message = decode_listed(group[0][4], bus.max_payload_bytes, to=recipients,
+                                    sent_at=group[0][3])
             if wanted is not None and message.type not in wanted:
                 continue
             if agent is not None and message.sender != agent and agent not in recipients:

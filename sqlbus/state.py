@@ -21,7 +21,7 @@ import msgspec
 
 from . import storage
 from .errors import ValidationError, VersionConflictError
-from .messages import encode_json_value, iso_ms
+from .messages import check_agent_id, check_text, encode_json_value, iso_ms
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -59,12 +59,28 @@ def entry_from_row(row: tuple[Any, ...]) -> StateEntry:
 
 def check_key(key: object) -> str:
     if type(key) is not str or not 1 <= len(key) <= 512:
-        raise ValidationError(f"state key: expected a str of 1..512 characters, got {key!r}")
-    try:
-        key.encode()
-    except UnicodeEncodeError as exc:  # a lone surrogate cannot be stored (no UTF-8 form)
-        raise ValidationError(f"state key: {key!r} is not valid Unicode ({exc.reason})") from exc
-    return key
+        got = key[:50] if type(key) is str else key
+        raise ValidationError(f"state key: expected a str of 1..512 characters, got {got!r}")
+    # NUL: SQLite's length() ends a text at it, which would make prefixes match wrongly; a
+    # lone surrogate has no UTF-8 form to store.
+    return check_text(key, "state key", 512)
+
+
+def check_prefix(prefix: object) -> str:
+    """A key prefix: like a key, but may be empty (every key)."""
+    if type(prefix) is not str:
+        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+    return check_text(prefix, "prefix", 512, empty=True)
+
+
+def check_subscribers(subscribers: object) -> list[str] | None:
+    """``subscribers`` as a list of agent ids (``[]``: nobody), or None (every interested agent)."""
+    if subscribers is None:
+        return None
+    if isinstance(subscribers, (str, bytes)) or not hasattr(subscribers, "__iter__"):
+        raise ValidationError(
+            f"subscribers: expected a list of agent ids, got {type(subscribers).__name__}")
+    return [check_agent_id(agent, f"subscribers[{i}]") for i, agent in enumerate(subscribers)]
 
 
 def write_version(
@@ -127,10 +143,12 @@ class StateStore:
 
     def keys(self, prefix: str = "") -> list[str]:
         """Live keys that start with ``prefix``, sorted."""
+        check_prefix(prefix)
         return self._read(storage.state_keys, prefix)
 
     def items(self, prefix: str = "") -> list[StateEntry]:
         """Live entries whose key starts with ``prefix``, sorted by key."""
+        check_prefix(prefix)
         return self._read(
             lambda conn: [entry_from_row(row) for row in storage.state_entries(conn, prefix)]
         )
@@ -255,14 +273,14 @@ class StateWrite:
         self.value_json = value_json
         self.expected_version = expected_version
         self.notify = notify
-        self.subscribers = list(subscribers) if subscribers is not None else None
+        self.subscribers = check_subscribers(subscribers)
         self.include_value = include_value
 
     def write(self, conn: apsw.Connection, now: int) -> int:
         version = write_version(
             conn, self.key, self.value_json, self.expected_version, self.updated_by, now
         )
-        if version and self.notify:
+        if version and self.notify and self.subscribers != []:  # [] = nobody
             payload: dict[str, Any] = {
                 "key": self.key,
                 "version": version,

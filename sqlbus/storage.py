@@ -776,7 +776,12 @@ _READY_TYPES = " AND type IN (SELECT value FROM json_each(?3))"
 _READY_NOT_AWAITED = (
     " AND NOT (type = 'response' AND correlation_id IN (SELECT value FROM json_each(?4)))"
 )
-_CLAIMED = "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, body"
+# The body is read only when its stored length (known without reading it) is at most ?5, the
+# receiver's limit: a larger one is NULL here and never loaded.
+_CLAIMED = (
+    "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at,"
+    " CASE WHEN length(body) <= ?5 THEN body END"
+)
 
 
 def _filters(types: bool, skip: bool) -> str:
@@ -814,10 +819,14 @@ _LOOK = {
 
 
 def _ready_params(
-    agent: str, now: int, types_json: str | None, skip_json: str | None, *, due: bool = True
+    agent: str, now: int, types_json: str | None, skip_json: str | None, *, due: bool = True,
+    max_body: int | None = None,
 ) -> tuple[Any, ...]:
     """Bindings for ?1..?4 of the ready-row queries (SQLite counts up to the highest used;
-    ``due=False``: a query on queued rows only, which has no ?2)."""
+    ``due=False``: a query on queued rows only, which has no ?2), and ?5 when ``max_body`` is
+    given (the claim's)."""
+    if max_body is not None:
+        return (agent, now, types_json, skip_json, max_body)
     if skip_json is not None:
         return (agent, now, types_json, skip_json)
     if types_json is not None:
@@ -825,9 +834,12 @@ def _ready_params(
     return (agent, now) if due else (agent,)
 
 
+# last_error is the error of the attempt before (a retry's, an interrupted handler's). A row
+# claimed while leased (state 1) lost its last attempt to the lease running out: that clears
+# it, so the lease is not blamed on an older attempt's error (see Agent._dead_letter_worn_out).
 _LEASE = (
-    "UPDATE message SET state = 1, visible_at = ?, attempts = attempts + 1, claims = claims + 1"
-    " WHERE seq = ?"
+    "UPDATE message SET state = 1, visible_at = ?, attempts = attempts + 1, claims = claims + 1,"
+    " last_error = CASE WHEN state = 1 THEN NULL ELSE last_error END WHERE seq = ?"
 )
 # A held lease: the row is leased, or its lease ran out and nobody claimed it again yet (a
 # claim may have queued it, state 0, without taking it).
@@ -842,11 +854,13 @@ def claim(
     limit: int,
     types_json: str | None = None,
     skip_json: str | None = None,
-) -> tuple[list[tuple[int, int, int, int, int | None, int, bytes]], bool]:
+    max_body: int = 1 << 62,
+) -> tuple[list[tuple[int, int, int, int, int | None, int, bytes | None]], bool]:
     """Lease up to ``limit`` ready rows of ``agent``, highest priority first, then FIFO.
 
     Returns the rows, (seq, claims, attempts, priority, expires_at, sent_at, body) in delivery
-    order, and whether more ready rows wait behind them (the query reads one row past the
+    order, ``body`` None when its stored length is above ``max_body`` (it is not read), and
+    whether more ready rows wait behind them (the query reads one row past the
     limit, so a receiver that took the last one can look before it writes again). Ready rows
     are queued ones and rows whose time came: retries and delayed messages that are due,
     leases that ran out. ``types_json`` (a JSON list) keeps only those types;
@@ -858,7 +872,7 @@ def claim(
     select = _SELECT_READY[key] if due else _SELECT_QUEUED[key]
     rows = conn.cur.execute(
         select + str(min(limit, 1 << 62) + 1),
-        _ready_params(agent, now, types_json, skip_json, due=bool(due)),
+        _ready_params(agent, now, types_json, skip_json, due=bool(due), max_body=max_body),
     ).fetchall()
     more = len(rows) > limit
     if more:
@@ -934,15 +948,33 @@ _EXTEND = "UPDATE message SET state = 1, visible_at = ?" + _HELD
 
 
 def release(
-    conn: Connection, seq: int, claims: int, now: int, *, attempted: bool = True
+    conn: Connection, seq: int, claims: int, now: int, *, attempted: bool = True,
+    last_error: str | None = None,
 ) -> bool:
     """Give a held lease back: the row is ready again now. ``attempted=False`` (no handler
-    saw the message) takes back the attempt the claim counted; ``claims`` stays, fencing."""
-    conn.cur.execute(_RELEASE, (now, 0 if attempted else 1, seq, claims))
+    saw the message) takes back the attempt the claim counted, and keeps the error of the
+    attempt before; ``claims`` stays, fencing. ``last_error`` ("Name: text") records why an
+    attempt ended (e.g. KeyboardInterrupt)."""
+    conn.cur.execute(_RELEASE, (now, 0 if attempted else 1, last_error, seq, claims))
     return conn.changes() == 1
 
 
-_RELEASE = "UPDATE message SET state = 0, visible_at = ?, attempts = attempts - ?" + _HELD
+_RELEASE = (
+    "UPDATE message SET state = 0, visible_at = ?1, attempts = attempts - ?2,"
+    " last_error = CASE WHEN ?2 = 1 THEN last_error ELSE ?3 END"
+    " WHERE seq = ?4 AND claims = ?5 AND state <= 1"  # as _HELD
+)
+
+
+def last_error(conn: apsw.Connection, seq: int) -> str | None:
+    """The recorded error of a row's last attempt ("Name: text"), or None."""
+    rows = conn.execute("SELECT last_error FROM message WHERE seq = ?", (seq,)).fetchall()
+    return rows[0][0] if rows else None
+
+
+def body_length(conn: apsw.Connection, seq: int) -> int:
+    """The stored length of a row's body in bytes (SQLite knows it without reading it)."""
+    return conn.execute("SELECT length(body) FROM message WHERE seq = ?", (seq,)).fetchall()[0][0]
 
 
 def retry(
@@ -1010,25 +1042,62 @@ def next_due(conn: apsw.Connection, agent: str) -> int | None:
 # ---------------------------------------------------------------------------------------------
 # Dead letters and the archive
 
+# ?3 is the reader's limit on a body's stored length: a longer body is not read (NULL), and the
+# message's own columns stand in for it.
 _DEAD = (
     "SELECT d.id, m.agent, d.reason, d.error_name, d.error_message, d.traceback, d.context,"
-    " d.failed_at, d.attempts, m.body FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+    " d.failed_at, d.attempts, CASE WHEN length(m.body) <= ?3 THEN m.body END, m.message_id,"
+    " m.sender, m.type, m.priority, m.sent_at"
+    " FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
 )
 
 
 def list_dead_letters(
-    conn: apsw.Connection, agent: str | None, limit: int
+    conn: apsw.Connection, agent: str | None, limit: int, max_body: int = 1 << 62
 ) -> list[tuple[Any, ...]]:
     """Dead letters, newest first: (id, agent, reason, error_name, error_message, traceback,
-    context, failed_at, attempts, body)."""
+    context, failed_at, attempts, body or None when longer than ``max_body``, message_id,
+    sender, type, priority, sent_at)."""
     return conn.execute(
-        f"{_DEAD} WHERE ?1 IS NULL OR m.agent = ?1 ORDER BY d.id DESC LIMIT ?2", (agent, limit)
+        f"{_DEAD} WHERE ?1 IS NULL OR m.agent = ?1 ORDER BY d.id DESC LIMIT ?2",
+        (agent, limit, max_body),
     ).fetchall()
 
 
-def get_dead_letter(conn: apsw.Connection, dead_letter_id: int) -> tuple[Any, ...] | None:
-    rows = conn.execute(f"{_DEAD} WHERE d.id = ?", (dead_letter_id,)).fetchall()
+def get_dead_letter(
+    conn: apsw.Connection, dead_letter_id: int | None, message_id: str | None = None,
+    max_body: int = 1 << 62,
+) -> tuple[Any, ...] | None:
+    """A dead letter by number, or the newest of message ``message_id``'s (as
+    :func:`list_dead_letters`), or None."""
+    rows = conn.execute(
+        f"{_DEAD} WHERE d.id = ?1 AND ?2 IS NULL"
+        if dead_letter_id is not None else
+        f"{_DEAD} WHERE m.message_id = ?2 ORDER BY d.id DESC LIMIT 1",
+        (dead_letter_id, message_id, max_body),
+    ).fetchall()
     return rows[0] if rows else None
+
+
+# A message's ttl, read in SQL so that requeueing never loads a body (which may be large or
+# damaged): None when the body is not valid JSON.
+_REQUEUE_TARGET = (
+    "SELECT d.id, m.message_id, CASE WHEN json_valid(CAST(m.body AS TEXT))"
+    " THEN json_extract(CAST(m.body AS TEXT), '$.headers.ttl') END"
+    " FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+)
+
+
+def requeue_targets(
+    conn: apsw.Connection, dead_letter_id: int | None, message_id: str | None
+) -> list[tuple[int, str, Any]]:
+    """(id, message_id, ttl or None) of the dead letter numbered ``dead_letter_id``, or of
+    every dead letter of message ``message_id``, oldest first."""
+    if dead_letter_id is not None:
+        return conn.execute(f"{_REQUEUE_TARGET} WHERE d.id = ?", (dead_letter_id,)).fetchall()
+    return conn.execute(
+        f"{_REQUEUE_TARGET} WHERE m.message_id = ? ORDER BY d.id", (message_id,)
+    ).fetchall()
 
 
 def requeue(conn: apsw.Connection, dead_letter_id: int, now: int, ttl_ms: int) -> bool:
@@ -1549,11 +1618,12 @@ def rows_after(
 
 def dead_letter_ids(
     conn: apsw.Connection, agent: str | None, reason: str | None
-) -> list[tuple[int, bytes]]:
-    """(id, body) of the dead letters of ``agent`` with ``reason`` (None: any), oldest first."""
+) -> list[tuple[int, str, Any]]:
+    """(id, message_id, ttl or None) of the dead letters of ``agent`` with ``reason`` (None:
+    any), oldest first (see :func:`requeue_targets`)."""
     return conn.execute(
-        "SELECT d.id, m.body FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
-        " WHERE (?1 IS NULL OR m.agent = ?1) AND (?2 IS NULL OR d.reason = ?2) ORDER BY d.id",
+        f"{_REQUEUE_TARGET} WHERE (?1 IS NULL OR m.agent = ?1) AND (?2 IS NULL OR d.reason = ?2)"
+        " ORDER BY d.id",
         (agent, reason),
     ).fetchall()
 

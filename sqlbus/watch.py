@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from . import storage
-from .state import StateEntry, entry_from_row
+from .state import StateEntry, check_prefix, entry_from_row
 
 if TYPE_CHECKING:
     from .bus import Bus
@@ -28,9 +28,7 @@ _BATCH = 1000  # log rows read per query
 
 
 def _check_prefix(prefix: object) -> str:
-    if type(prefix) is not str:
-        raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-    return prefix
+    return check_prefix(prefix)
 
 
 def _check_poll(poll: object) -> float:

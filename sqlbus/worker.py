@@ -58,7 +58,7 @@ import apsw
 import msgspec
 
 from . import storage
-from .bus import LATE_RESPONSES, _check_limit, _seconds, count_late_responses
+from .bus import LATE_RESPONSES, _check_limit, _error_text, _seconds, count_late_responses
 from .errors import (
     DatabaseError,
     Discard,
@@ -323,6 +323,7 @@ class Dispatcher:
         that claim found, or None)."""
         done = 0
         claimed = None
+        interrupted: BaseException | None = None
         keeper.hold(deliveries)
         try:
             for index, d in enumerate(deliveries):
@@ -337,8 +338,12 @@ class Dispatcher:
                 except LeaseLostError as exc:
                     log.warning("sqlbus: %s; another receiver has it now", exc)
                 keeper.drop(d)
+        except BaseException as exc:  # KeyboardInterrupt in a handler: kept as its error
+            interrupted = exc
+            raise
         finally:
-            _release(deliveries[:done], attempted=True)  # a handler saw them: interrupted
+            # a handler saw them: interrupted
+            _release(deliveries[:done], attempted=True, error=interrupted)
             _release(deliveries[done:], attempted=False)
             keeper.drop_all(deliveries)
         return done, claimed
@@ -396,12 +401,19 @@ class Dispatcher:
             except Retry as signal_:
                 if d._settled is not None:
                     return _settled_then_raised(d, signal_)
-                d.retry(signal_.delay)
+                try:
+                    d.retry(signal_.delay)
+                except (TypeError, ValueError) as bad:  # a delay changed after construction
+                    d.fail(bad)
                 return False
             except Discard as signal_:
                 if d._settled is not None:
                     return _settled_then_raised(d, signal_)
-                d.dead_letter(signal_.reason)
+                try:
+                    d.dead_letter(signal_.reason)
+                except (TypeError, ValueError) as bad:  # a reason changed after construction
+                    d.fail(bad)
+                    return False
                 if message.type == "request":  # tell the requester now, not at its timeout
                     respond(agent, message, None, success=False,
                             error=f"discarded: {signal_.reason}")
@@ -416,7 +428,7 @@ class Dispatcher:
                 # retry would answer late or twice). Counted in the error rates.
                 d._effects.clear()
                 d._effects.append(_CountError(type(exc).__name__))
-                d.reply(None, success=False, error=str(exc) or type(exc).__name__)
+                d.reply(None, success=False, error=_error_text(exc) or type(exc).__name__)
                 return True
             if message.type == "request" and d._settled is None and not _has_response(d):
                 try:  # the handlers' result is the response
@@ -477,13 +489,15 @@ def _has_response(d: Delivery) -> bool:
     return False
 
 
-def _release(deliveries: Sequence[Delivery], *, attempted: bool) -> None:
+def _release(
+    deliveries: Sequence[Delivery], *, attempted: bool, error: BaseException | None = None
+) -> None:
     """Give back at once the deliveries a loop holds but will not finish (``attempted``:
-    whether a handler saw them, see :meth:`Delivery._release`)."""
+    whether a handler saw them, ``error`` what interrupted it, see :meth:`Delivery._release`)."""
     for d in deliveries:
         if d._settled is None:
             try:
-                d._release(attempted=attempted)
+                d._release(attempted=attempted, error=error)
             except DatabaseError:  # the lease runs out by itself: nothing is lost
                 log.warning("sqlbus: could not release %r", d)
 
@@ -716,8 +730,10 @@ def respond(
 
 
 def _check_event_name(name: object) -> str:
-    if type(name) is not str or not name:
-        raise ValidationError(f"event name: expected a non-empty str, got {name!r}")
+    # isprintable() also refuses NUL and lone surrogates
+    if type(name) is not str or not 1 <= len(name) <= 200 or not name.isprintable():
+        got = name[:50] if type(name) is str else name
+        raise ValidationError(f"event name: expected 1..200 printable characters, got {got!r}")
     return name
 
 

@@ -23,6 +23,10 @@ Tables (all STRICT):
   values SQLite stores in no bytes at all, so a claim (0 to 1) leaves the row's size alone
   and SQLite rewrites it in place, never touching the overflow pages of a large body.
   A broadcast that matched nobody is archived as one row with ``agent`` NULL.
+- ``message_body``: the body of a message to more than one recipient, stored once; each of
+  its rows holds an empty ``body`` and the shared one's id (``body_id``), so a fan-out costs
+  one body plus a small row per recipient. A message to one recipient keeps its body in its
+  row (``body_id`` NULL) and never touches this table or its index.
 - ``dead_letter``: why a row ended dead (reason, error, traceback, context).
 - ``agents``: the registry.
 - ``state`` and ``state_log``: versioned shared state and its change history (for watch).
@@ -42,7 +46,7 @@ import apsw
 
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x5153_4255  # "QSBU": marks a file as a sqlbus database
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -81,6 +85,58 @@ CREATE INDEX message_id ON message (message_id);
 -- only, so no other publish touches a page of it; an ack does not either (state is not in it).
 CREATE INDEX message_response ON message (agent, correlation_id) WHERE type = 'response';
 """
+
+# Added by schema 3 (see :func:`_add_shared_bodies`); IF NOT EXISTS: the ALTER TABLE is
+# the only statement that may run once only.
+SHARED_BODIES = """
+CREATE TABLE IF NOT EXISTS message_body (
+    id INTEGER PRIMARY KEY,
+    body BLOB NOT NULL
+) STRICT;
+ALTER TABLE message ADD COLUMN body_id INTEGER;  -- message_body.id; NULL: the body is in the row
+-- Partial: rows with their body inline (every single-recipient message) are not in it.
+CREATE INDEX IF NOT EXISTS message_body_id ON message (body_id) WHERE body_id IS NOT NULL;
+-- A shared body goes with the last row that references it, whatever deletes the rows
+-- (retention, purge, a caller's own SQL), so no delete path can leave one behind.
+CREATE TRIGGER IF NOT EXISTS message_body_release AFTER DELETE ON message
+WHEN old.body_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM message WHERE body_id = old.body_id)
+BEGIN
+    DELETE FROM message_body WHERE id = old.body_id;
+END;
+"""
+
+# The row's body and the row's body length, as every statement that reads a message row
+# must take them: from the row, or shared (the row's body is empty then; a message's JSON
+# never is). The test is length(body), which SQLite answers from the record header, so an
+# inline body's overflow pages are not read to learn which case it is (body_id, stored
+# after the body, would need them).
+# A shared body that is missing (a damaged file) reads as empty, which no decoder accepts.
+_BODY = (
+    "CASE WHEN length(body) THEN body"
+    " ELSE coalesce((SELECT s.body FROM message_body AS s WHERE s.id = body_id), X'') END"
+)
+_BODY_LENGTH = (
+    "CASE WHEN length(body) THEN length(body)"
+    " ELSE coalesce((SELECT length(s.body) FROM message_body AS s WHERE s.id = body_id), 0) END"
+)
+
+
+def _share_bodies(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``rows`` that end in (body, body_id) with the row's body (as ``_BODY``) in their
+    place, for reads of many rows of one message: its shared body is read once and the rows
+    share one bytes object, where ``_BODY`` would copy it once per recipient."""
+    shared: dict[int, bytes] = {}
+    result = []
+    for *values, body, body_id in rows:
+        if not body:
+            if body_id not in shared:
+                found = conn.execute(
+                    "SELECT body FROM message_body WHERE id = ?", (body_id,)
+                ).fetchall()
+                shared[body_id] = found[0][0] if found else b""
+            body = shared[body_id]
+        result.append((*values, body))
+    return result
 
 SCHEMA = (
     """
@@ -153,6 +209,7 @@ CREATE TABLE request_timeout (
     PRIMARY KEY (agent, correlation_id)
 ) STRICT, WITHOUT ROWID;
 """
+    + SHARED_BODIES
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +483,14 @@ def _migrate_1_to_2(conn: apsw.Connection, now: int) -> None:
     conn.execute(MESSAGE_INDEXES)
 
 
+def _add_shared_bodies(conn: apsw.Connection, now: int) -> None:
+    """Schema 3 stores the body of a message to many recipients once (``message_body``);
+    rows written before keep their bodies in the row, which reads them as before."""
+    conn.execute(SHARED_BODIES)
+
+
 # from schema version N to N + 1, in the caller's transaction
-_MIGRATIONS = {1: _migrate_1_to_2}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _add_shared_bodies}
 
 PAGE_SIZE = 2048
 
@@ -586,6 +649,11 @@ def publish(
         # TTL counts from when the message can first be delivered, so a delay longer than the
         # ttl does not doom the message before anyone could see it.
         expires_at = visible + message.ttl if message.ttl else None
+        if len(message.recipients) > 1:
+            _insert_values(conn, values)  # the rows before first: seq is publish order
+            values = []
+            _insert_fanout(conn, message, state, visible, expires_at, now, done_at)
+            continue
         if not message.recipients:  # a broadcast that matched nobody: archive only
             values += (message.id, message.sender, None, message.type, message.correlation_id,
                        message.priority, ACKED, now, expires_at, now, now, message.body)
@@ -625,6 +693,19 @@ def _insert_chunks(
         start = end
 
 
+def _insert_fanout(
+    conn: Connection, message: Any, state: int, visible_at: int, expires_at: int | None,
+    now: int, done_at: int | None,
+) -> None:
+    """Write a message to many recipients: its body once, then a row per recipient that
+    references it, which differ in the recipient only (bound once per row)."""
+    conn.cur.execute("INSERT INTO message_body (body) VALUES (?)", (message.body,))
+    shared = [message.id, message.sender, message.type, message.correlation_id,
+              message.priority, state, visible_at, expires_at, now, done_at,
+              conn.last_insert_rowid()]
+    _insert_chunks(conn, _INSERT_FANOUT, shared, message.recipients, 1)
+
+
 _INSERT_MANY = {size: _INSERT_INTO + ",".join([_ONE_ROW] * size) for size in (1, 2, 4, 8, 16, 32, 64)}
 # publish_plain's rows: ?1-?6 are the values they share (sender, agent, type, priority, now,
 # expires_at), then each row's id and body.
@@ -632,6 +713,15 @@ _INSERT_SHARED = {
     size: _INSERT_INTO + ",".join(
         f"(?{7 + 2 * row},?1,?2,?3,NULL,?4,{QUEUED},?5,?6,?5,NULL,?{8 + 2 * row})" for row in range(size)
     )
+    for size in (1, 2, 4, 8, 16, 32, 64)
+}
+
+
+# _insert_fanout's rows: ?1-?11 are the values they share, then each row's recipient.
+_INSERT_FANOUT = {
+    size: "INSERT INTO message (message_id, sender, agent, type, correlation_id, priority,"
+    " state, visible_at, expires_at, sent_at, done_at, body, body_id) VALUES "
+    + ",".join(f"(?1,?2,?{12 + row},?3,?4,?5,?6,?7,?8,?9,?10,X'',?11)" for row in range(size))
     for size in (1, 2, 4, 8, 16, 32, 64)
 }
 
@@ -677,7 +767,7 @@ _READY_TYPES = " AND type IN (SELECT value FROM json_each(?3))"
 _READY_NOT_AWAITED = (
     " AND NOT (type = 'response' AND correlation_id IN (SELECT value FROM json_each(?4)))"
 )
-_CLAIMED = "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, body"
+_CLAIMED = f"SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at, {_BODY}"
 
 
 def _filters(types: bool, skip: bool) -> str:
@@ -911,7 +1001,7 @@ def next_due(conn: apsw.Connection, agent: str) -> int | None:
 
 _DEAD = (
     "SELECT d.id, m.agent, d.reason, d.error_name, d.error_message, d.traceback, d.context,"
-    " d.failed_at, d.attempts, m.body FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+    f" d.failed_at, d.attempts, {_BODY} FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
 )
 
 
@@ -983,7 +1073,7 @@ def list_sent(
     result = []
     for message_id in ids:
         rows = conn.execute(
-            "SELECT agent, sent_at, body FROM message WHERE message_id = ? ORDER BY seq",
+            "SELECT agent, sent_at, seq FROM message WHERE message_id = ? ORDER BY seq",
             (message_id,),
         ).fetchall()
         if not rows:  # the message_id index names a row the table lacks
@@ -992,7 +1082,8 @@ def list_sent(
                 "run 'sqlbus check' and restore from a 'sqlbus backup'"
             )
         recipients = [row[0] for row in rows if row[0] is not None]
-        result.append((rows[0][2], recipients, rows[0][1]))
+        body = conn.execute(f"SELECT {_BODY} FROM message WHERE seq = ?", (rows[0][2],))
+        result.append((body.fetchall()[0][0], recipients, rows[0][1]))
     return result
 
 
@@ -1374,7 +1465,7 @@ def peek_rows(
     rows = []
     for seq, status in chosen:
         visible_at, attempts, sent_at, body = conn.execute(
-            "SELECT visible_at, attempts, sent_at, body FROM message WHERE seq = ?", (seq,)
+            f"SELECT visible_at, attempts, sent_at, {_BODY} FROM message WHERE seq = ?", (seq,)
         ).fetchall()[0]
         rows.append((status, visible_at, attempts, sent_at, body))
     return rows
@@ -1389,23 +1480,24 @@ def rows_after(
     conn: apsw.Connection, after_seq: int, limit: int
 ) -> list[tuple[int, str, str | None, int, bytes]]:
     """Rows published after ``after_seq``, in publish order: (seq, message_id, agent,
-    sent_at, body)."""
-    return conn.execute(
-        "SELECT seq, message_id, agent, sent_at, body FROM message WHERE seq > ? ORDER BY seq"
-        " LIMIT ?",
+    sent_at, body); the rows of one message share its body's bytes object."""
+    return _share_bodies(conn, conn.execute(
+        "SELECT seq, message_id, agent, sent_at, body, body_id FROM message WHERE seq > ?"
+        " ORDER BY seq LIMIT ?",
         (after_seq, limit),
-    ).fetchall()
+    ).fetchall())
 
 
 def dead_letter_ids(
     conn: apsw.Connection, agent: str | None, reason: str | None
 ) -> list[tuple[int, bytes]]:
-    """(id, body) of the dead letters of ``agent`` with ``reason`` (None: any), oldest first."""
-    return conn.execute(
-        "SELECT d.id, m.body FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+    """(id, body) of the dead letters of ``agent`` with ``reason`` (None: any), oldest first;
+    those of one message share its body's bytes object."""
+    return _share_bodies(conn, conn.execute(
+        "SELECT d.id, m.body, m.body_id FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
         " WHERE (?1 IS NULL OR m.agent = ?1) AND (?2 IS NULL OR d.reason = ?2) ORDER BY d.id",
         (agent, reason),
-    ).fetchall()
+    ).fetchall())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1433,7 +1525,7 @@ def find_response(
     """
     rows = conn.cur.execute(
         "SELECT (SELECT data_version FROM pragma_data_version()),"
-        f" (SELECT body FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
+        f" (SELECT {_BODY} FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
         " ORDER BY seq LIMIT 1),"
         f" EXISTS (SELECT 1 FROM message WHERE {_RESPONSE_WHERE})",
         (agent, correlation_id),
@@ -1452,7 +1544,7 @@ def take_response(
         "UPDATE message SET state = 2, done_at = ?3, attempts = attempts + 1,"
         f" claims = claims + 1 WHERE seq = (SELECT seq FROM message WHERE {_RESPONSE_WHERE}"
         " AND (expires_at IS NULL OR expires_at >= ?3) ORDER BY seq LIMIT 1)"
-        " RETURNING seq, body",
+        f" RETURNING seq, {_BODY}",
         (agent, correlation_id, now),
     ).fetchall()
     return (rows[0][0], rows[0][1]) if rows else None

@@ -703,9 +703,12 @@ class Bus:
             check_agent_id(agent, "agent")
         now = self._now_ms()
         ids = []
+        decoded: dict[bytes, Message] = {}  # the rows of a fan-out share one body object
         with self._write() as conn:
             for dead_letter_id, body in storage.dead_letter_ids(conn, agent, reason):
-                message = decode_message(body)
+                message = decoded.get(body)
+                if message is None:
+                    message = decoded[body] = decode_message(body)
                 storage.requeue(conn, dead_letter_id, now, message.headers.ttl)
                 ids.append(message.id)
         return ids

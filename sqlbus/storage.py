@@ -1412,6 +1412,11 @@ def expired_leases(conn: apsw.Connection, now: int) -> int:
     ).fetchall()[0][0]
 
 
+def rows_without_body(conn: apsw.Connection) -> int:
+    """Message rows whose shared body is missing (a damaged file): a scan of the table."""
+    return conn.execute(f"SELECT count(*) FROM message WHERE {_BODY_LENGTH} = 0").fetchall()[0][0]
+
+
 def integrity_check(conn: apsw.Connection, max_errors: int = 20) -> list[str]:
     """SQLite's integrity check: ``['ok']`` or up to ``max_errors`` problems."""
     return [row[0] for row in conn.execute(f"PRAGMA integrity_check({int(max_errors)})")]

@@ -125,7 +125,7 @@ def _share_bodies(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> lis
     """``rows`` that end in (body, body_id) with the row's body (as ``_BODY``) in their
     place, for reads of many rows of one message: its shared body is read once and the rows
     share one bytes object, where ``_BODY`` would copy it once per recipient."""
-    shared: dict[int, bytes] = {}
+    shared: dict[int, Any] = {}
     result = []
     for *values, body, body_id in rows:
         if not body:
@@ -137,6 +137,7 @@ def _share_bodies(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> lis
             body = shared[body_id]
         result.append((*values, body))
     return result
+
 
 SCHEMA = (
     """
@@ -1414,7 +1415,8 @@ def expired_leases(conn: apsw.Connection, now: int) -> int:
 
 def rows_without_body(conn: apsw.Connection) -> int:
     """Message rows whose shared body is missing (a damaged file): a scan of the table."""
-    return conn.execute(f"SELECT count(*) FROM message WHERE {_BODY_LENGTH} = 0").fetchall()[0][0]
+    rows = conn.execute(f"SELECT count(*) FROM message WHERE {_BODY_LENGTH} = 0").fetchall()
+    return int(rows[0][0] or 0)
 
 
 def integrity_check(conn: apsw.Connection, max_errors: int = 20) -> list[str]:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import apsw
 import pytest
+from conftest import query
 
 import sqlbus
 from sqlbus import metrics, storage, wakeup
-
-from conftest import query
 
 MiB = 1024 * 1024
 

@@ -120,7 +120,7 @@ def test_ack_fail_dead_letter_requeue_and_peek_work_per_recipient(make_bus, cloc
     assert bus.peek("bob") == []
     (entry,) = bus.peek("carol")
     assert (entry.status, entry.message.id, entry.message.to) == (
-        "scheduled", message_id, ["bob", "carol", "dave"])
+        "retrying", message_id, ["bob", "carol", "dave"])
     (dead,) = bus.dead_letters()
     assert (dead.agent, dead.reason, dead.message.id, dead.message.to) == (
         "dave", "by hand", message_id, ["bob", "carol", "dave"])

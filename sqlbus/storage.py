@@ -86,8 +86,8 @@ CREATE INDEX message_id ON message (message_id);
 CREATE INDEX message_response ON message (agent, correlation_id) WHERE type = 'response';
 """
 
-# Added by schema 3 (see :func:`_add_shared_bodies`); IF NOT EXISTS: the ALTER TABLE is
-# the only statement that may run once only.
+# Added by schema 3 (see :func:`_add_shared_bodies`). IF NOT EXISTS: after a rebuild of the
+# message table (which drops its index and trigger, not message_body) it makes what is missing.
 SHARED_BODIES = """
 CREATE TABLE IF NOT EXISTS message_body (
     id INTEGER PRIMARY KEY,
@@ -109,8 +109,8 @@ END;
 # must take them: from the row, or shared (the row's body is empty then; a message's JSON
 # never is). The test is length(body), which SQLite answers from the record header, so an
 # inline body's overflow pages are not read to learn which case it is (body_id, stored
-# after the body, would need them).
-# A shared body that is missing (a damaged file) reads as empty, which no decoder accepts.
+# after the body, would need them). A shared body that is missing (a damaged file) reads
+# as empty, which no decoder accepts.
 _BODY = (
     "CASE WHEN length(body) THEN body"
     " ELSE coalesce((SELECT s.body FROM message_body AS s WHERE s.id = body_id), X'') END"
@@ -626,7 +626,8 @@ def message_exists(conn: Connection, message_id: str) -> bool:
 def publish(
     conn: apsw.Connection, messages: Sequence[Any], visible_at: Sequence[int], now: int
 ) -> list[bool]:
-    """Write messages (``messages.Outgoing``) to their recipients' inboxes, one row each.
+    """Write messages (``messages.Outgoing``) to their recipients' inboxes, one row each
+    (a message to many recipients with its body once, in ``message_body``).
 
     A message whose id was given by the caller and exists already is skipped (idempotent
     publish); the result says, per message, whether it was written. A ``visible_at`` later
@@ -719,10 +720,14 @@ _INSERT_SHARED = {
 
 
 # _insert_fanout's rows: ?1-?11 are the values they share, then each row's recipient.
+_INSERT_REFERENCING = (
+    "INSERT INTO message (message_id, sender, agent, type, correlation_id, priority, state,"
+    " visible_at, expires_at, sent_at, done_at, body, body_id) VALUES "
+)
 _INSERT_FANOUT = {
-    size: "INSERT INTO message (message_id, sender, agent, type, correlation_id, priority,"
-    " state, visible_at, expires_at, sent_at, done_at, body, body_id) VALUES "
-    + ",".join(f"(?1,?2,?{12 + row},?3,?4,?5,?6,?7,?8,?9,?10,X'',?11)" for row in range(size))
+    size: _INSERT_REFERENCING + ",".join(
+        f"(?1,?2,?{12 + row},?3,?4,?5,?6,?7,?8,?9,?10,X'',?11)" for row in range(size)
+    )
     for size in (1, 2, 4, 8, 16, 32, 64)
 }
 

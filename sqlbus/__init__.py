@@ -47,6 +47,7 @@ from .metrics import (
     Metrics,
     PruneResult,
     QueueDepth,
+    Retention,
     Throughput,
     VacuumResult,
 )
@@ -80,6 +81,7 @@ __all__ = [
     "AgentStats",
     "InboxEntry",
     "PruneResult",
+    "Retention",
     "CheckReport",
     "BackupResult",
     "VacuumResult",

@@ -44,8 +44,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from . import worker
-from .bus import Agent, Bus, Delivery, Transaction, _seconds
-from .errors import VersionConflictError
+from .bus import Agent, Bus, Delivery, Transaction, _open_block, _seconds
+from .errors import DatabaseError, VersionConflictError
 from .messages import Message, encode_json_value
 from .state import StateEntry, StateStore, check_key
 from .wakeup import ANY, FALLBACK, agent_tag
@@ -86,7 +86,10 @@ def _call(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any, **kwargs: 
     """Run ``fn`` on ``pool`` with the caller's contextvars (e.g. the current delivery)."""
     context = contextvars.copy_context()
     call = functools.partial(context.run, fn, *args, **kwargs)
-    return asyncio.get_running_loop().run_in_executor(pool, call)
+    try:
+        return asyncio.get_running_loop().run_in_executor(pool, call)
+    except RuntimeError as exc:  # the pool was shut down: AsyncBus.close()
+        raise DatabaseError("the bus is closed") from exc
 
 
 def _offloaded(name: str, doc: str) -> Callable[..., Awaitable[Any]]:
@@ -130,7 +133,11 @@ class AsyncBus:
     metrics = _offloaded("metrics", "Metrics shared by every process (SPEC 8).")
     stats = _offloaded("stats", "Per-agent queue depths.")
     peek = _offloaded("peek", "Look at an inbox without claiming.")
-    prune = _offloaded("prune", "Delete old archive rows (see :meth:`sqlbus.Bus.prune`).")
+    retention = _offloaded("retention", "The stored retention policy (see :meth:`sqlbus.Bus.retention`).")
+    set_retention = _offloaded(
+        "set_retention", "Store a new retention policy (see :meth:`sqlbus.Bus.set_retention`)."
+    )
+    prune = _offloaded("prune", "Apply the retention policy now (see :meth:`sqlbus.Bus.prune`).")
     check = _offloaded("check", "Integrity and schema check.")
     backup = _offloaded("backup", "Online, consistent copy of the database.")
     vacuum = _offloaded("vacuum", "Rebuild the file to reclaim space.")
@@ -542,6 +549,7 @@ class AsyncTransaction:
         self.agent = agent
         self.sync = Transaction(agent.sync)
         self._thread: ThreadPoolExecutor | None = None
+        self._token: Any = None
         self.state: _AsyncTxState = _AsyncTxState(self)
 
     async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -552,17 +560,22 @@ class AsyncTransaction:
     async def __aenter__(self) -> AsyncTransaction:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlbus-aio-tx")
         try:
-            await self._run(self.sync.__enter__)
+            await self._run(self.sync._begin)
         except BaseException:
             self._thread.shutdown(wait=False)
             self._thread = None
             raise
+        # In this task's context: its own writes then fail at once (see sqlbus.bus._Write)
+        self._token = _open_block.set(self.sync)
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
+            if self._token is not None:
+                _open_block.reset(self._token)
+                self._token = None
             # shielded: a cancelled block still ends its transaction on its own thread
-            await asyncio.shield(self._run(self.sync.__exit__, exc_type, exc, tb))
+            await asyncio.shield(self._run(self.sync._end, exc_type, exc, tb))
         finally:
             thread, self._thread = self._thread, None
             if thread is not None:

@@ -15,6 +15,8 @@ transaction is open while a handler runs (claim, run the handler, ack in another
 
 from __future__ import annotations
 
+import contextvars
+import enum
 import fcntl
 import fnmatch
 import math
@@ -27,7 +29,7 @@ import traceback as traceback_module
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 if TYPE_CHECKING:
     from .worker import Events
@@ -35,8 +37,8 @@ if TYPE_CHECKING:
 import apsw
 import msgspec
 
+from . import connections, storage
 from . import metrics as ops
-from . import storage
 from .errors import (
     AuthenticationError,
     DatabaseError,
@@ -57,7 +59,6 @@ from .messages import (
     prepare,
     prepare_plain_batch,
 )
-from .metrics import ARCHIVE_RETENTION, DEAD_RETENTION
 from .state import StateStore, StateWrite, check_key
 from .wakeup import ANY, RUNG, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
 
@@ -71,8 +72,10 @@ __all__ = [
     "SentRecord",
     "DeadLetter",
     "DURABILITY",
+    "STORED",
 ]
 
+T = TypeVar("T")
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
 ALIVE_WITHIN_MS = 60_000  # an agent seen within this window counts as alive
 _TOUCH_EVERY_MS = 1_000  # receive() refreshes last_seen at most this often per agent object
@@ -141,10 +144,64 @@ def _seconds(value: object, name: str, *, allow_zero: bool = True) -> float:
     return float(value)
 
 
+class _Stored(enum.Enum):
+    STORED = "STORED"
+
+    def __repr__(self) -> str:
+        return "STORED"
+
+
+#: The default of the retention keywords (``connect``, ``Bus.set_retention``, ``Bus.prune``):
+#: the policy stored in the database, left as it is.
+STORED = _Stored.STORED
+
+
+def _retention_ms(value: float | None, name: str) -> int | None:
+    """A retention duration (seconds, None: for ever) as stored: ms."""
+    return None if value is None else round(_seconds(value, name) * 1000)
+
+
+def _max_messages(value: int | None) -> int | None:
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise TypeError(f"archive_max_messages must be an int or None, got {type(value).__name__}")
+    if not 0 <= value < 2**63:
+        raise ValueError(f"archive_max_messages must be >= 0 (or None: no bound), got {value!r}")
+    return value
+
+
+def _retention_changes(
+    archive_retention: float | None | _Stored,
+    dead_retention: float | None | _Stored,
+    archive_max_messages: int | None | _Stored,
+) -> dict[int, int | None]:
+    """The given retention keywords, checked, as stored (by their place in the policy row)."""
+    changes: dict[int, int | None] = {}
+    if archive_retention is not STORED:
+        changes[0] = _retention_ms(archive_retention, "archive_retention")
+    if dead_retention is not STORED:
+        changes[1] = _retention_ms(dead_retention, "dead_retention")
+    if archive_max_messages is not STORED:
+        changes[2] = _max_messages(archive_max_messages)
+    return changes
+
+
+def _retention(row: tuple[int | None, int | None, int | None]) -> ops.Retention:
+    archive_ms, dead_ms, max_messages = row
+    return ops.Retention(
+        archive_retention=None if archive_ms is None else archive_ms / 1000,
+        dead_retention=None if dead_ms is None else dead_ms / 1000,
+        archive_max_messages=max_messages,
+    )
+
+
 _all_buses: weakref.WeakSet[Bus] = weakref.WeakSet()
-# Connections inherited by a forked child are parked here and never used or closed: closing
-# them in the child could disturb the parent's locks and shared memory.
-_parked_after_fork: list[Any] = []
+# The outbox block open in this thread (asyncio: this task), if any: a write of its own there
+# would wait for the block's own write lock (see _Write).
+_open_block: contextvars.ContextVar[Transaction | None] = contextvars.ContextVar(
+    "sqlbus_open_block", default=None
+)
 
 
 def _after_fork_in_child() -> None:
@@ -168,8 +225,9 @@ def connect(
     clock: Callable[[], float] | None = None,
     mode: int = 0o600,
     non_retryable: Iterable[type[BaseException]] = (),
-    archive_retention: float | None = ARCHIVE_RETENTION,
-    dead_retention: float | None = DEAD_RETENTION,
+    archive_retention: float | None | _Stored = STORED,
+    dead_retention: float | None | _Stored = STORED,
+    archive_max_messages: int | None | _Stored = STORED,
 ) -> Bus:
     """Open (creating if needed) the sqlbus database at ``path`` and return a :class:`Bus`.
 
@@ -180,12 +238,15 @@ def connect(
     seconds; ``clock`` returns epoch seconds (for tests); ``mode`` is the new file's
     permissions; ``non_retryable`` adds exception classes that dead-letter at once. A file that
     is not a healthy sqlbus database raises :class:`DatabaseError` and is left untouched.
-    Retention (seconds; None keeps them for ever): acked messages of the sent archive are
-    deleted ``archive_retention`` (7 days) after their ack (state changes in the log watch
-    replays age the same way) and dead letters
-    ``dead_retention`` (30 days) after they failed, a small batch at a time, at most about
-    once a minute per process, after one of its writes; totals in :meth:`Bus.metrics` keep
-    counting them.
+    Retention is a policy stored in the database, for every process (:meth:`Bus.retention`):
+    acked messages of the sent archive are deleted ``archive_retention`` seconds (7 days) after
+    their ack (state changes in the log watch replays age the same way), dead letters
+    ``dead_retention`` seconds (30 days) after they failed, and above ``archive_max_messages``
+    (1,000,000) acked messages the oldest go first; None keeps them for ever (no bound). The
+    keywords given are stored (as :meth:`Bus.set_retention`); a connect without them
+    (``STORED``) leaves the stored policy as it is. Pruning runs a small batch at a time, at
+    most about once a minute per process, after one of its writes; totals in
+    :meth:`Bus.metrics` keep counting what it deletes.
     """
     return Bus(
         path,
@@ -201,6 +262,7 @@ def connect(
         non_retryable=non_retryable,
         archive_retention=archive_retention,
         dead_retention=dead_retention,
+        archive_max_messages=archive_max_messages,
     )
 
 
@@ -260,7 +322,8 @@ def _read_only_directory(path: str) -> str:
 
 class _Write:
     """``with bus._write() as conn``: one BEGIN IMMEDIATE transaction on this thread's
-    connection; apsw errors become :class:`DatabaseError`; waiters are woken after commit."""
+    connection; apsw errors become :class:`DatabaseError`; waiters are woken after commit.
+    The thread is inside :data:`sqlbus.connections.inside` from BEGIN to COMMIT."""
 
     __slots__ = ("bus", "conn")
 
@@ -268,25 +331,41 @@ class _Write:
         self.bus = bus
 
     def __enter__(self) -> apsw.Connection:
-        conn = self.conn = self.bus._conn()
+        block = _open_block.get()
+        if block is not None and block._conn is not None:
+            # Its BEGIN would wait out busy_timeout for the write lock the block holds.
+            raise RuntimeError(
+                f"{block.agent.id}'s transaction() block is open in this thread or task: "
+                "write through its tx (tx.publish, tx.state.set, ...) or after the block"
+            )
+        connections.inside.__enter__()
         try:
+            conn = self.conn = self.bus._conn()
             storage.begin(conn)
-        except apsw.Error as exc:
-            raise self.bus._database_error(exc) from exc
+        except BaseException as exc:
+            connections.inside.__exit__()
+            if isinstance(exc, apsw.Error):
+                raise self.bus._database_error(exc) from exc
+            raise
         reset_marks()  # the commit rings whom this transaction marks (sqlbus.wakeup)
         return conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         conn = self.conn
-        if exc_type is None:
-            try:
-                storage.commit(conn)
-            except apsw.Error as error:
+        try:
+            if exc_type is None:
+                try:
+                    storage.commit(conn)
+                except apsw.Error as error:
+                    self._rollback()
+                    raise self.bus._database_error(error) from error
+            else:
                 self._rollback()
-                raise self.bus._database_error(error) from error
+        finally:
+            connections.inside.__exit__()
+        if exc_type is None:
             self.bus._committed()
             return
-        self._rollback()
         if isinstance(exc, apsw.Error):
             raise self.bus._database_error(exc) from exc
 
@@ -295,6 +374,25 @@ class _Write:
             storage.rollback(self.conn)
         except apsw.Error:
             pass  # the connection already ended the transaction
+
+
+class _ClosedWithThread:
+    """Kept in a thread's thread-local storage beside its connection: when the thread ends,
+    that storage goes and this closes the connection (a thread that ends leaves nothing)."""
+
+    __slots__ = ("bus", "conn", "pid")
+
+    def __init__(self, bus: Bus, conn: storage.Connection) -> None:
+        self.bus = weakref.ref(bus)
+        self.conn = conn
+        self.pid = os.getpid()
+
+    def __del__(self) -> None:
+        # In a forked child the other threads' storage goes before any at-fork handler runs:
+        # their connections are the parent's, parked by _forget_connections, never closed.
+        bus = self.bus()
+        if bus is not None and os.getpid() == self.pid:
+            bus._release(self.conn)
 
 
 _DAMAGE = (UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError)
@@ -310,11 +408,19 @@ class _Read:
         self.conn = conn
 
     def __enter__(self) -> apsw.Connection:
-        if self.conn is None:
-            self.conn = self.bus._conn()
+        connections.inside.__enter__()
+        try:
+            if self.conn is None:
+                self.conn = self.bus._conn()
+            else:
+                self.bus._check_usable(self.conn)
+        except BaseException:
+            connections.inside.__exit__()
+            raise
         return self.conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        connections.inside.__exit__()
         if isinstance(exc, apsw.Error):
             raise self.bus._database_error(exc) from exc
         if isinstance(exc, _DAMAGE):
@@ -347,8 +453,9 @@ class Bus:
         clock: Callable[[], float] | None = None,
         mode: int = 0o600,
         non_retryable: Iterable[type[BaseException]] = (),
-        archive_retention: float | None = ARCHIVE_RETENTION,
-        dead_retention: float | None = DEAD_RETENTION,
+        archive_retention: float | None | _Stored = STORED,
+        dead_retention: float | None | _Stored = STORED,
+        archive_max_messages: int | None | _Stored = STORED,
     ) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")
@@ -372,17 +479,12 @@ class Bus:
         self.max_payload_bytes = max_payload_bytes
         self.clock: Callable[[], float] = clock or time.time
         self.non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE + extra
-        self.archive_retention = (
-            None if archive_retention is None else _seconds(archive_retention, "archive_retention")
-        )
-        self.dead_retention = (
-            None if dead_retention is None else _seconds(dead_retention, "dead_retention")
-        )
+        retention = _retention_changes(archive_retention, dead_retention, archive_max_messages)
         self._upkeep_due = 0.0  # time.monotonic() of the next background upkeep
         self._retention_due = 0.0  # ... and of the next background retention pass
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
-        self._connections: list[apsw.Connection] = []
+        self._connections: set[storage.Connection] = set()
         self._lock = threading.Lock()
         # Wake-ups of waiters, in this process and others (doorbells, checkpoints): sqlbus.wakeup
         self._wakeup = Wakeup(self.path)
@@ -392,6 +494,12 @@ class Bus:
         self._awaiting: dict[str, frozenset[str]] = {}
         self._closed = False
         self._open_file(mode)
+        if retention:
+            try:
+                self._store_retention(retention)
+            except BaseException:
+                self.close()
+                raise
         self.state = StateStore(self, None)
         _all_buses.add(self)
 
@@ -435,8 +543,9 @@ class Bus:
                 self._initialize_new_file(path)
             else:
                 conn = self._conn()
-                storage.initialize(conn, path, self._now_ms())
-                storage.set_wal_mode(conn, path)
+                with connections.inside:
+                    storage.initialize(conn, path, self._now_ms())
+                    storage.set_wal_mode(conn, path)
         except apsw.Error as exc:
             self.close()
             raise self._database_error(exc) from exc
@@ -456,61 +565,80 @@ class Bus:
             fcntl.flock(directory, fcntl.LOCK_EX)
             still_empty = storage.check_file(path) == "empty"  # before our connection reads it
             conn = self._conn()
-            if still_empty:  # nobody initialised it while we waited
-                storage.set_wal_mode(conn, path, new_file=True)
-            storage.initialize(conn, path, self._now_ms())
-            storage.set_wal_mode(conn, path)
+            with connections.inside:
+                if still_empty:  # nobody initialised it while we waited
+                    storage.set_wal_mode(conn, path, new_file=True)
+                storage.initialize(conn, path, self._now_ms())
+                storage.set_wal_mode(conn, path)
         finally:
             os.close(directory)  # releases the flock
 
     def _conn(self) -> apsw.Connection:
-        """This thread's connection (each thread has its own)."""
+        """This thread's connection (each thread has its own; it closes when the thread ends)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = self._local.conn = self._open_connection(self.busy_timeout)
+            if self._closed:
+                raise self._closed_error()
+            conn = self._open_connection(self.busy_timeout)
+            self._local.conn = conn
+            self._local.closer = _ClosedWithThread(self, conn)
+        elif self._closed:
+            raise self._closed_error()
         return conn
+
+    def _check_usable(self, conn: storage.Connection) -> None:
+        """Refuse a connection of a closed bus, or one a forked child inherited."""
+        if self._closed:
+            raise self._closed_error()
+        if conn.generation != connections.generation:
+            raise DatabaseError(
+                f"{self.path}: this transaction or connection was opened before os.fork() and "
+                "belongs to the parent process; open a new one in the child"
+            )
+
+    def _closed_error(self) -> DatabaseError:
+        return DatabaseError(f"{self.path}: the bus is closed")
 
     def _open_connection(self, busy_timeout: float) -> apsw.Connection:
         """A new connection, closed with the bus (and handled at a fork like the others)."""
         if self._closed:
-            raise DatabaseError(f"the bus on {self.path} is closed")
+            raise self._closed_error()
         try:
-            conn = storage.open_connection(
-                self.path, synchronous=self._synchronous, busy_timeout=busy_timeout,
-                wal_hook=self._wal_hook if ops.CHECKPOINT_FRAMES else None,
-            )
+            with connections.inside:
+                conn = storage.open_connection(
+                    self.path, synchronous=self._synchronous, busy_timeout=busy_timeout,
+                    wal_hook=self._wal_hook if ops.CHECKPOINT_FRAMES else None,
+                )
+                conn.file = connections.file_pointer(conn)
+            conn.generation = connections.generation
         except apsw.Error as exc:
             raise self._database_error(exc) from exc
         with self._lock:
-            self._connections.append(conn)
+            self._connections.add(conn)
         return conn
+
+    def _release(self, conn: storage.Connection) -> None:
+        """Close the connection of a thread that ended (unless close() or a fork took it)."""
+        with self._lock:
+            if conn not in self._connections:
+                return
+            self._connections.discard(conn)
+        connections.close(conn)
 
     def _forget_connections(self) -> None:
         """In a forked child: drop the parent's connections; open new ones on demand.
 
-        SQLite keeps per-process books of the locks it holds on a file, and a forked child
-        inherits the parent's books but not its locks. A connection the child opened on top of
-        them would believe it holds the shared lock it never took, so the parent, closing last,
-        would delete the WAL under the child. Closing the inherited connections first (the
-        parent's real locks make the close leave the files alone) clears the books. A
-        connection caught inside a transaction by the fork is parked instead, never touched:
-        its rollback would edit the WAL index the parent is still writing.
+        The inherited connections are taken out of SQLite's per-process books and parked for
+        ever, never called, rolled back or closed (see :mod:`sqlbus.connections`): the
+        child's own connections then take real locks, and the parent's transactions and WAL
+        are left alone.
         """
-        for conn in self._connections:
-            try:
-                idle = conn.get_autocommit()
-            except apsw.Error:
-                idle = False
-            if idle:
-                try:
-                    conn.close()
-                except apsw.Error:
-                    _parked_after_fork.append(conn)
-            else:
-                _parked_after_fork.append(conn)
-        self._connections = []
-        self._local = threading.local()
+        inherited, self._connections = self._connections, set()
         self._lock = threading.Lock()
+        for conn in inherited:
+            connections.release_inherited(conn.file)
+            connections.park(conn)
+        self._local = threading.local()
         self._wakeup.forget()  # the parent's doorbell stays the parent's
         self._wakeup = Wakeup(self.path)
         self._checkpointer = ops.Checkpointer(self)  # the parent's thread is not here
@@ -549,17 +677,21 @@ class Bus:
         return DatabaseError(f"{path}: {exc}")
 
     def close(self) -> None:
-        """Close every connection this bus opened. Safe to call twice."""
+        """Close every connection this bus opened; a thread waiting in it wakes at once with
+        :class:`DatabaseError`, as does every later call. Safe to call twice."""
         self._closed = True
         self._wakeup.close()  # removes this process's doorbell and wakes its waiters
         self._checkpointer.close()
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            try:
-                conn.close()
-            except apsw.Error:
-                pass
+        # Other threads may be using their connections: close them while none is inside SQLite
+        # (their next call sees the bus closed).
+        with connections.exclusive():
+            with self._lock:
+                opened, self._connections = self._connections, set()
+            for conn in opened:
+                try:
+                    conn.close()
+                except apsw.Error:
+                    pass
         self._local = threading.local()
 
     def __enter__(self) -> Bus:
@@ -763,22 +895,73 @@ class Bus:
             timeout = _seconds(timeout, "timeout")
         return ops.tail(self, agent, types, timeout=timeout)
 
+    def retention(self) -> ops.Retention:
+        """The retention policy stored in the database (the same for every process).
+
+        >>> bus.retention()   # doctest: +SKIP
+        Retention(archive_retention=604800.0, dead_retention=2592000.0, archive_max_messages=1000000)
+        """
+        with self._reading() as conn:
+            return _retention(storage.get_retention(conn))
+
+    def set_retention(
+        self,
+        *,
+        archive_retention: float | None | _Stored = STORED,
+        dead_retention: float | None | _Stored = STORED,
+        archive_max_messages: int | None | _Stored = STORED,
+    ) -> ops.Retention:
+        """Store a new retention policy for every process: seconds after their ack that acked
+        messages are kept, seconds after they failed that dead letters are kept, acked messages
+        kept at most (None: for ever, no bound). Omitted keywords stay as they are. Returns
+        the policy now stored.
+
+        >>> bus.set_retention(archive_retention=86_400.0, dead_retention=None)   # doctest: +SKIP
+        """
+        return self._store_retention(
+            _retention_changes(archive_retention, dead_retention, archive_max_messages)
+        )
+
+    def _store_retention(self, changes: dict[int, int | None]) -> ops.Retention:
+        """Write checked ``changes`` (see _retention_changes) into the stored policy; a policy
+        that already holds them is not written again (a connect with keywords takes no lock)."""
+        with self._reading() as conn:
+            stored = storage.get_retention(conn)
+        if all(stored[place] == value for place, value in changes.items()):
+            return _retention(stored)
+        with self._write() as conn:
+            mark_quiet()  # a policy makes no work for anyone
+            policy = list(storage.get_retention(conn))
+            for place, value in changes.items():
+                policy[place] = value
+            storage.set_retention(conn, policy[0], policy[1], policy[2])
+        return _retention((policy[0], policy[1], policy[2]))
+
     def prune(
         self,
-        sent_older_than: float | None = ARCHIVE_RETENTION,
-        dead_older_than: float | None = DEAD_RETENTION,
+        sent_older_than: float | None | _Stored = STORED,
+        dead_older_than: float | None | _Stored = STORED,
         *,
         progress: Callable[[int, int], None] | None = None,
     ) -> ops.PruneResult:
-        """Delete acked messages acked more than ``sent_older_than`` seconds ago (the sent
-        archive) and dead letters older than ``dead_older_than`` seconds (None: keep them),
-        in short transactions. Metrics totals keep counting what is deleted.
+        """Apply the stored retention policy now (:meth:`retention`): delete acked messages
+        acked more than ``sent_older_than`` seconds ago (the sent archive), dead letters older
+        than ``dead_older_than`` seconds (None: keep them; omitted: the stored policy's), then
+        the oldest acked messages above the policy's ``archive_max_messages``, in short
+        transactions. Metrics totals keep counting what is deleted.
         ``progress(done, total)`` is called as batches commit."""
-        if sent_older_than is not None:
+        if sent_older_than is not STORED and sent_older_than is not None:
             sent_older_than = _seconds(sent_older_than, "sent_older_than")
-        if dead_older_than is not None:
+        if dead_older_than is not STORED and dead_older_than is not None:
             dead_older_than = _seconds(dead_older_than, "dead_older_than")
-        return ops.prune(self, sent_older_than, dead_older_than, progress=progress)
+        policy = self.retention()
+        if sent_older_than is STORED:
+            sent_older_than = policy.archive_retention
+        if dead_older_than is STORED:
+            dead_older_than = policy.dead_retention
+        return ops.prune(
+            self, sent_older_than, dead_older_than, policy.archive_max_messages, progress=progress
+        )
 
     def check(self) -> ops.CheckReport:
         """Integrity check, schema version, file and WAL sizes, whether a reader pins the WAL,
@@ -1313,7 +1496,10 @@ class Agent:
         if not any(type_of(e) is StateWrite for d in pending for e in d._effects):
             mark_quiet()  # rings only the agents its buffered publishes reach
         if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
-            lost = next(d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now))
+            lost = next(  # always found; the default only keeps StopIteration from the caller
+                (d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now)),
+                pending[0],
+            )
             raise LeaseLostError(
                 f"message {lost.message.id} to {self.id!r}: the lease of attempt "
                 f"{lost.attempts} was lost (it ran out and the message was claimed again, "
@@ -1720,59 +1906,113 @@ class _BufferedState:
 class Transaction:
     """``with alice.transaction() as tx:`` one write transaction for messages, state and the
     application's own SQL (``tx.execute``); it commits on a clean exit and rolls back on an
-    exception. It holds the write lock until the block ends: keep the block short."""
+    exception. It holds the write lock until the block ends: keep the block short.
+
+    Once the database has ended the transaction (a trigger's ``RAISE(ROLLBACK)``, ``INSERT OR
+    ROLLBACK``, ...), every later call, and leaving the block, raises :class:`DatabaseError`
+    and writes nothing, even if the caller caught the first error. While the block is open,
+    a write of its own on the same thread (``alice.publish``, ``d.ack``, ...) raises
+    ``RuntimeError``."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._write: _Write | None = None
         self._conn: apsw.Connection | None = None
+        self._ended = False  # the database ended the transaction before the block did
+        self._token: contextvars.Token[Transaction | None] | None = None
         self.state: StateStore = StateStore(agent.bus, agent.id)
 
     def __enter__(self) -> Transaction:
-        if self._write is not None:
-            raise RuntimeError("this transaction is already open")
-        self._write = self.agent.bus._write()
-        self._conn = self._write.__enter__()
-        self.state = StateStore(self.agent.bus, self.agent.id, self._conn)
+        self._begin()
+        self._token = _open_block.set(self)
         return self
 
+    def _begin(self) -> None:
+        if self._write is not None:
+            raise RuntimeError("this transaction is already open")
+        write = self.agent.bus._write()
+        self._conn = write.__enter__()
+        # Between the block's calls no thread is inside SQLite: a fork or a close may go ahead.
+        connections.inside.__exit__()
+        self._write = write
+        self._ended = False
+        self.state = StateStore(self.agent.bus, self.agent.id, self._conn, self._run)
+
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._token is not None:
+            _open_block.reset(self._token)
+            self._token = None
+        self._end(exc_type, exc, tb)
+
+    def _end(self, exc_type: Any, exc: Any, tb: Any) -> None:
         write, self._write, self._conn = self._write, None, None
         assert write is not None
+        bus = self.agent.bus
+        try:
+            bus._check_usable(write.conn)
+        except DatabaseError:
+            if exc_type is None:
+                raise
+            return  # the caller's own error goes on
+        if self._ended or write.conn.get_autocommit():
+            if exc_type is None:
+                raise self._ended_error()
+            return
+        connections.inside.__enter__()  # write.__exit__ leaves it
         write.__exit__(exc_type, exc, tb)
 
+    def _ended_error(self) -> DatabaseError:
+        return DatabaseError(
+            f"{self.agent.bus.path}: the database ended this transaction (rolled back, e.g. by a "
+            "trigger's RAISE(ROLLBACK)); nothing in the block was written: leave it and retry"
+        )
+
     def _connection(self) -> apsw.Connection:
-        if self._conn is None:
+        conn = self._conn
+        if conn is None:
             raise RuntimeError("use the transaction in a with block: with agent.transaction() as tx")
-        return self._conn
+        self.agent.bus._check_usable(conn)
+        if self._ended:
+            raise self._ended_error()
+        return conn
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` in the transaction; a statement that made the database end the
+        transaction leaves the block ended for every later call."""
+        conn = self._connection()
+        with connections.inside:
+            try:
+                return fn(conn, *args)
+            except apsw.Error as exc:
+                raise self.agent.bus._database_error(exc) from exc
+            finally:
+                if conn.get_autocommit():
+                    self._ended = True
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         """Run the application's own SQL in this transaction (bound parameters); returns rows."""
-        conn = self._connection()
-        try:
-            return conn.execute(sql, params).fetchall()
-        except apsw.Error as exc:
-            raise self.agent.bus._database_error(exc) from exc
+        return self._run(lambda conn: conn.execute(sql, params).fetchall())
 
     def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
         """Like :meth:`Agent.publish`, committed with the transaction."""
-        conn = self._connection()
+        self._connection()
         bus = self.agent.bus
         now = bus._now_ms()
         op = bus._prepare(self.agent.id, to, type, payload, now=now, **headers)
-        return op.write(conn, now)
+        return self._run(op.write, now)
 
     def publish_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
         """Like :meth:`Agent.publish_many`, committed with the transaction."""
-        conn = self._connection()
+        self._connection()
         now = self.agent.bus._now_ms()
         ops = self.agent._prepare_many(items, now)
-        return _write_all(conn, self.agent.id, ops, now) if ops else []
+        return self._run(_write_all, self.agent.id, ops, now) if ops else []
 
     def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:
         """Like :meth:`Agent.broadcast`, committed with the transaction."""
-        conn = self._connection()
+        self._connection()
         bus = self.agent.bus
         now = bus._now_ms()
-        return bus._prepare_broadcast(self.agent.id, type, payload, pattern, dict(headers), now).write(conn, now)
+        op = bus._prepare_broadcast(self.agent.id, type, payload, pattern, dict(headers), now)
+        return self._run(op.write, now)
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 import msgspec
+from click.core import ParameterSource
 
 from . import __version__
 from .bus import Bus, connect
@@ -70,8 +71,40 @@ class _Json(click.ParamType):
             self.fail(f"expected JSON (quote a string: '\"text\"'), got {value!r}", param, ctx)
 
 
+class _Count(click.ParamType):
+    name = "N"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int | None:
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().lower()
+        if text in ("none", "never"):
+            return None
+        if not text.isdigit():
+            self.fail(f"expected a whole number >= 0 or 'none' (no bound), got {value!r}", param, ctx)
+        return int(text)
+
+
 DURATION = _Duration()
 JSON = _Json()
+COUNT = _Count()
+
+
+def _duration_text(seconds: float | None) -> str:
+    """A duration as people write it (``7d``, ``12h``, ``90s``), or ``never``."""
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def _given(*names: str) -> list[str]:
+    """Which of the current command's options ``names`` were given (not their defaults):
+    ``never`` gives None, like an option left out, and means something else."""
+    ctx = click.get_current_context()
+    return [name for name in names if ctx.get_parameter_source(name) is not ParameterSource.DEFAULT]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,11 +715,52 @@ def metrics(config: _Config, fmt: str) -> None:
         _table(["error", "count"], sorted(m.error_rates.items()))
 
 
+@cli.command("config")
+@click.option("--archive-retention", type=DURATION, default=None, metavar="D",
+              help="Keep acked messages this long after their ack (e.g. 7d; 'never').")
+@click.option("--dead-retention", type=DURATION, default=None, metavar="D",
+              help="Keep dead letters this long after they failed (e.g. 30d; 'never').")
+@click.option("--archive-max-messages", type=COUNT, default=None, metavar="N",
+              help="Keep at most N acked messages, the oldest go first ('none': no bound).")
+@json_option
+@pass_config
+def config_command(
+    config: _Config, archive_retention: float | None, dead_retention: float | None,
+    archive_max_messages: int | None, as_json: bool,
+) -> None:
+    """Show the retention policy stored in the database, or set the parts given.
+
+    Every process that opens the database prunes by this policy (in the background, a small
+    batch at a time); options left out keep their stored value.
+
+    \b
+    Example:
+        sqlbus --db team.db config --archive-retention 1d --dead-retention never
+    """
+    given = {"archive_retention": archive_retention, "dead_retention": dead_retention,
+             "archive_max_messages": archive_max_messages}
+    changes: dict[str, Any] = {name: given[name] for name in _given(*given)}
+    with config.bus() as bus:
+        policy = bus.set_retention(**changes) if changes else bus.retention()
+    if as_json:
+        _json_out(policy)
+        return
+    for name, text in (
+        ("archive_retention", _duration_text(policy.archive_retention)),
+        ("dead_retention", _duration_text(policy.dead_retention)),
+        ("archive_max_messages", "none" if policy.archive_max_messages is None
+         else str(policy.archive_max_messages)),
+    ):
+        click.echo(f"{name.ljust(20)}  {text}")
+
+
 @cli.command()
-@click.option("--sent-older-than", type=DURATION, default="7d", show_default=True,
-              help="Delete acked messages acked longer ago than this ('never' keeps them).")
-@click.option("--dead-older-than", type=DURATION, default="30d", show_default=True,
-              help="Delete dead letters older than this ('never' keeps them).")
+@click.option("--sent-older-than", type=DURATION, default=None, metavar="D",
+              help="Delete acked messages acked longer ago than this ('never' keeps them; "
+                   "default: the stored policy, see config).")
+@click.option("--dead-older-than", type=DURATION, default=None, metavar="D",
+              help="Delete dead letters older than this ('never' keeps them; default: the "
+                   "stored policy).")
 @json_option
 @pass_config
 def prune(
@@ -694,14 +768,18 @@ def prune(
 ) -> None:
     """Apply retention now: delete old acked messages (the sent archive) and dead letters.
 
-    Metrics totals keep counting what is deleted. Run vacuum afterwards to shrink the file.
+    Without options, applies the policy stored in the database (see config), including its
+    bound on the number of acked messages. Metrics totals keep counting what is deleted. Run
+    vacuum afterwards to shrink the file.
 
     \b
     Example:
         sqlbus --db team.db prune --sent-older-than 1d --dead-older-than 7d
     """
+    ages = {"sent_older_than": sent_older_than, "dead_older_than": dead_older_than}
+    overrides: dict[str, Any] = {name: ages[name] for name in _given(*ages)}
     with config.bus() as bus, _progress("pruning") as progress:
-        result = bus.prune(sent_older_than, dead_older_than, progress=progress)
+        result = bus.prune(**overrides, progress=progress)
     if as_json:
         _json_out(result)
     else:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 import msgspec
 
-from . import storage
+from . import connections, storage
 from .errors import DatabaseError
 from .messages import Message, decode_message, iso_ms
 
@@ -40,6 +40,7 @@ __all__ = [
     "AgentStats",
     "InboxEntry",
     "PruneResult",
+    "Retention",
     "CheckReport",
     "BackupResult",
     "VacuumResult",
@@ -50,8 +51,9 @@ __all__ = [
 
 log = logging.getLogger("sqlbus")
 
-ARCHIVE_RETENTION = 7 * 86400.0  # s: acked rows (the sent archive) older than this are pruned
-DEAD_RETENTION = 30 * 86400.0  # s: dead letters older than this are pruned
+# The default retention (s), which a new file stores (SPEC 2.2)
+ARCHIVE_RETENTION = storage.DEFAULT_RETENTION[0] / 1000  # acked rows (the sent archive)
+DEAD_RETENTION = storage.DEFAULT_RETENTION[1] / 1000  # dead letters
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
 UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
@@ -162,6 +164,19 @@ class PruneResult(msgspec.Struct, kw_only=True):
 
     acked: int
     dead_letters: int
+
+
+class Retention(msgspec.Struct, kw_only=True):
+    """The retention policy stored in the database, the same for every process (SPEC 2.2).
+
+    Acked messages (the sent archive, and the state change log ``watch`` replays) are deleted
+    ``archive_retention`` seconds after their ack or write, dead letters ``dead_retention``
+    seconds after they failed; above ``archive_max_messages`` acked messages the oldest go
+    first. None keeps them for ever (no bound)."""
+
+    archive_retention: float | None
+    dead_retention: float | None
+    archive_max_messages: int | None
 
 
 class CheckReport(msgspec.Struct, kw_only=True):
@@ -397,13 +412,15 @@ def prune(
     bus: Bus,
     sent_older_than: float | None,
     dead_older_than: float | None,
+    max_messages: int | None = None,
     *,
     batch: int = 5000,
     progress: Callable[[int, int], None] | None = None,
 ) -> PruneResult:
     """Delete acked rows acked more than ``sent_older_than`` seconds ago and dead letters
-    older than ``dead_older_than`` seconds (None: keep them), in short transactions of
-    ``batch`` rows so writers are never held up for long. ``progress(done, total)``."""
+    older than ``dead_older_than`` seconds (None: keep them), then the oldest acked rows above
+    ``max_messages`` (None: no bound), in short transactions of ``batch`` rows so writers are
+    never held up for long. ``progress(done, total)``."""
     now = bus._now_ms()
     acked_cutoff = None if sent_older_than is None else now - int(sent_older_than * 1000)
     dead_cutoff = None if dead_older_than is None else now - int(dead_older_than * 1000)
@@ -435,45 +452,54 @@ def prune(
                 progress(done, max(total, done))
             if n < batch:
                 break
+    if max_messages is not None:
+        # Counted once, outside the write lock (it reads whole indexes); the batches delete
+        # that excess and no more.
+        with bus._reading() as conn:
+            excess = storage.archive_excess(conn, max_messages)
+        total += excess
+        after = 0
+        while excess > 0:
+            with bus._write() as conn:
+                n, after = storage.prune_oldest_acked(conn, min(excess, batch), after)
+            result.acked += n
+            excess -= n
+            if progress is not None:
+                done = result.acked + result.dead_letters
+                progress(done, max(total, done))
+            if n == 0:
+                break
     return result
 
 
 def upkeep(bus: Bus) -> int:
-    """One background retention pass: at most ``UPKEEP_BATCH`` acked rows and as many dead
-    letters past the bus's retention, in one short transaction. Returns rows deleted."""
-    archive, dead = bus.archive_retention, bus.dead_retention
-    if archive is None and dead is None:
-        return 0
+    """One background retention pass under the policy stored in the file: at most
+    ``UPKEEP_BATCH`` acked rows past ``archive_retention`` (and as many state changes), as many
+    dead letters past ``dead_retention`` and as many of the oldest acked rows above
+    ``archive_max_messages``, in one short transaction. Returns rows deleted."""
     now = bus._now_ms()
-    deleted = 0
-    bound = 0
-    if archive is not None:
-        # Found by a read, before the write lock: it walks every row older than the cutoff.
-        with bus._reading() as conn:
-            bound = storage.archive_bound(conn, now - int(archive * 1000))
+    # Read before the write lock: the archive's bound walks every row older than the cutoff,
+    # and its excess counts whole indexes.
+    with bus._reading() as conn:
+        archive_ms, dead_ms, max_messages = storage.get_retention(conn)
+        bound = 0 if archive_ms is None else storage.archive_bound(conn, now - archive_ms)
+        excess = 0 if max_messages is None else storage.archive_excess(conn, max_messages)
+    if archive_ms is None and dead_ms is None and not excess:
+        return 0
+    acked = deleted = 0
     with bus._write() as conn:
-        if archive is not None:
-            deleted += storage.prune_acked(
-                conn, now - int(archive * 1000), UPKEEP_BATCH, bound=bound
-            )[0]
-            deleted += storage.prune_state_log(conn, now - int(archive * 1000), UPKEEP_BATCH)
-        if dead is not None:
-            deleted += storage.prune_dead(conn, now - int(dead * 1000), UPKEEP_BATCH)
-    return deleted
+        if archive_ms is not None:
+            acked = storage.prune_acked(conn, now - archive_ms, UPKEEP_BATCH, bound=bound)[0]
+            deleted += storage.prune_state_log(conn, now - archive_ms, UPKEEP_BATCH)
+        if excess > acked:  # the rows just pruned by age count against the excess
+            acked += storage.prune_oldest_acked(conn, min(excess - acked, UPKEEP_BATCH))[0]
+        if dead_ms is not None:
+            deleted += storage.prune_dead(conn, now - dead_ms, UPKEEP_BATCH)
+    return deleted + acked
 
 
 # ---------------------------------------------------------------------------------------------
 # WAL upkeep
-
-
-# A fork while a checkpointer thread is inside SQLite could leave the child with a SQLite mutex
-# held for ever; a fork waits for the checkpoint in progress instead.
-_no_fork_inside = threading.Lock()
-os.register_at_fork(
-    before=_no_fork_inside.acquire,
-    after_in_parent=_no_fork_inside.release,
-    after_in_child=_no_fork_inside.release,
-)
 
 
 class Checkpointer:
@@ -530,7 +556,7 @@ class Checkpointer:
             if self._frames < CHECKPOINT_FRAMES:
                 continue  # another process's checkpointer made it start over meanwhile
             try:
-                with _no_fork_inside:
+                with connections.inside:  # a fork waits for the checkpoint in progress
                     if conn is None:  # its own, waiting at most WAL_WAIT for others
                         conn = self._bus._open_connection(WAL_WAIT)
                     restart = time.monotonic() >= self._restart_after
@@ -674,6 +700,16 @@ def backup(
     if not os.path.isdir(directory):
         raise DatabaseError(f"backup destination directory {directory} does not exist")
     started = time.monotonic()
+    # Inside the fork gate for the whole copy: its connection is none of the bus's, so a child
+    # forked meanwhile could not take it out of SQLite's books (sqlbus.connections).
+    with connections.inside:
+        return _backup(bus, dest_path, pages_per_step, progress, started)
+
+
+def _backup(
+    bus: Bus, dest_path: str, pages_per_step: int,
+    progress: Callable[[int, int], None] | None, started: float,
+) -> BackupResult:
     source = storage.open_connection(
         bus.path, synchronous=bus._synchronous, busy_timeout=bus.busy_timeout
     )
@@ -750,6 +786,11 @@ def vacuum(bus: Bus) -> VacuumResult:
     reader = "a reader holding an old snapshot (or a long transaction)"
     if bus._closed:
         raise DatabaseError(f"the bus on {bus.path} is closed")
+    with connections.inside:  # like backup: a connection that is none of the bus's
+        return _vacuum(bus, before, reader)
+
+
+def _vacuum(bus: Bus, before: int, reader: str) -> VacuumResult:
     conn = None
     try:
         # a connection of its own: its waits and temp_store differ from the bus's

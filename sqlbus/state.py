@@ -14,7 +14,7 @@ compare-and-set, retrying on conflict, so no lock is held while user code runs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import apsw
 import msgspec
@@ -25,6 +25,8 @@ from .messages import encode_json_value, iso_ms
 
 if TYPE_CHECKING:
     from .bus import Bus
+
+T = TypeVar("T")
 
 __all__ = ["StateEntry", "StateStore", "SYSTEM_SENDER"]
 
@@ -97,29 +99,41 @@ class StateStore:
     value in the message as ``full_value``.
     """
 
-    def __init__(self, bus: Bus, updated_by: str | None, conn: apsw.Connection | None = None):
+    def __init__(
+        self,
+        bus: Bus,
+        updated_by: str | None,
+        conn: apsw.Connection | None = None,
+        run: Callable[..., Any] | None = None,
+    ):
         self._bus = bus
         self._updated_by = updated_by
         self._conn = conn  # set inside agent.transaction(): use the caller's transaction
+        self._run = run  # ... through Transaction._run, which refuses a transaction that ended
+
+    def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._run is not None:
+            return cast(T, self._run(fn, *args))
+        with self._bus._reading(self._conn) as conn:
+            return fn(conn, *args)
 
     # -- reads ---------------------------------------------------------------------------
 
     def get(self, key: str) -> StateEntry | None:
         """The latest version of ``key``, or None when it is absent (or deleted)."""
         check_key(key)
-        with self._bus._reading(self._conn) as conn:
-            row = storage.get_state(conn, key)
+        row = self._read(storage.get_state, key)
         return None if row is None or row[3] else entry_from_row(row)
 
     def keys(self, prefix: str = "") -> list[str]:
         """Live keys that start with ``prefix``, sorted."""
-        with self._bus._reading(self._conn) as conn:
-            return storage.state_keys(conn, prefix)
+        return self._read(storage.state_keys, prefix)
 
     def items(self, prefix: str = "") -> list[StateEntry]:
         """Live entries whose key starts with ``prefix``, sorted by key."""
-        with self._bus._reading(self._conn) as conn:
-            return [entry_from_row(row) for row in storage.state_entries(conn, prefix)]
+        return self._read(
+            lambda conn: [entry_from_row(row) for row in storage.state_entries(conn, prefix)]
+        )
 
     # -- writes --------------------------------------------------------------------------
 
@@ -194,6 +208,8 @@ class StateStore:
             self._bus, self._updated_by, key, value_json, expected_version, notify, subscribers,
             include_value,
         )
+        if self._run is not None:
+            return cast(int, self._run(op.write, self._bus._now_ms()))
         if self._conn is not None:
             return op.write(self._conn, self._bus._now_ms())
         now = self._bus._now_ms()

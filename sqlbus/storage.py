@@ -23,6 +23,11 @@ Tables (all STRICT):
   values SQLite stores in no bytes at all, so a claim (0 to 1) leaves the row's size alone
   and SQLite rewrites it in place, never touching the overflow pages of a large body.
   A broadcast that matched nobody is archived as one row with ``agent`` NULL.
+  ``seq`` is the row's position: never reused for the life of the file, so a lease (``seq``,
+  ``claims``), a tail and a watch never mistake a new row for an old one. A publish numbers
+  its rows after both the newest row and ``message_high_water``, which a trigger raises when
+  the newest row is deleted (prune, purge): AUTOINCREMENT would do the same, but it writes
+  ``sqlite_sequence`` in every publish's commit, one more page, where this costs a read.
 - ``message_body``: the body of a message to more than one recipient, stored once; each of
   its rows holds an empty ``body`` and the shared one's id (``body_id``), so a fan-out costs
   one body plus a small row per recipient. A message to one recipient keeps its body in its
@@ -30,6 +35,8 @@ Tables (all STRICT):
 - ``dead_letter``: why a row ended dead (reason, error, traceback, context).
 - ``agents``: the registry.
 - ``state`` and ``state_log``: versioned shared state and its change history (for watch).
+  Pruning the log keeps its newest entry, so its positions never go back either.
+- ``retention``: the retention policy, one row shared by every process (SPEC 2.2).
 - ``error_counts``: failures by exception name.
 """
 
@@ -44,9 +51,10 @@ from typing import Any
 
 import apsw
 
+from . import connections
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x5153_4255  # "QSBU": marks a file as a sqlbus database
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -86,7 +94,65 @@ CREATE INDEX message_id ON message (message_id);
 CREATE INDEX message_response ON message (agent, correlation_id) WHERE type = 'response';
 """
 
-# Added by schema 3 (see :func:`_add_shared_bodies`). IF NOT EXISTS: after a rebuild of the
+# Positions of message rows are never reused (see the module docstring): the highest position
+# deleted from the top of the table, and the trigger that records it. A delete of any other row
+# (most of them) costs the trigger one look at the newest row.
+MESSAGE_HIGH_WATER = """
+CREATE TABLE message_high_water (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL
+) STRICT;
+INSERT INTO message_high_water (id, seq) VALUES (1, 0);
+CREATE TRIGGER message_keep_position AFTER DELETE ON message
+WHEN old.seq > (SELECT coalesce(max(seq), 0) FROM message)
+BEGIN
+    UPDATE message_high_water SET seq = old.seq WHERE seq < old.seq;
+END;
+"""
+
+# A dead letter's number is what people requeue by (``sqlbus dead-letters requeue 7``): never
+# reused, or a stale listing would name another message. Dead-lettering is rare enough for
+# AUTOINCREMENT's extra page.
+DEAD_LETTER_TABLE = """
+CREATE TABLE dead_letter (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER NOT NULL UNIQUE,       -- the message row, kept with state 3
+    reason TEXT NOT NULL,
+    error_name TEXT,
+    error_message TEXT,
+    traceback TEXT,
+    context TEXT,                      -- JSON object
+    failed_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL
+) STRICT;
+CREATE INDEX dead_letter_failed_at ON dead_letter (failed_at);
+"""
+
+# What a new file (or one upgraded from schema 2) keeps: acked messages 7 days, dead letters
+# 30 days, at most 1,000,000 acked messages. ms and a count; NULL keeps them for ever.
+DEFAULT_RETENTION = (7 * 86_400_000, 30 * 86_400_000, 1_000_000)
+
+# The retention policy lives in the file, not in each connection's defaults, so that every
+# process (the CLI included) applies the same one (SPEC 2.2).
+RETENTION_TABLE = """
+CREATE TABLE retention (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    archive_ms INTEGER CHECK (archive_ms >= 0),            -- acked rows, after their ack
+    dead_ms INTEGER CHECK (dead_ms >= 0),                  -- dead letters, after they failed
+    archive_max_messages INTEGER CHECK (archive_max_messages >= 0)
+) STRICT;
+"""
+
+
+def _add_default_retention(conn: apsw.Connection) -> None:
+    """The retention table's one row, with the default policy (after RETENTION_TABLE)."""
+    conn.execute(
+        "INSERT INTO retention (id, archive_ms, dead_ms, archive_max_messages) VALUES (1, ?, ?, ?)",
+        DEFAULT_RETENTION,
+    )
+
+
+# Added by schema 4 (see :func:`_add_shared_bodies`). IF NOT EXISTS: after a rebuild of the
 # message table (which drops its index and trigger, not message_body) it makes what is missing.
 SHARED_BODIES = """
 CREATE TABLE IF NOT EXISTS message_body (
@@ -151,20 +217,10 @@ CREATE TABLE agents (
 """
     + MESSAGE_TABLE
     + MESSAGE_INDEXES
+    + MESSAGE_HIGH_WATER
+    + DEAD_LETTER_TABLE
+    + RETENTION_TABLE
     + """
-CREATE TABLE dead_letter (
-    id INTEGER PRIMARY KEY,
-    seq INTEGER NOT NULL UNIQUE,       -- the message row, kept with state 3
-    reason TEXT NOT NULL,
-    error_name TEXT,
-    error_message TEXT,
-    traceback TEXT,
-    context TEXT,                      -- JSON object
-    failed_at INTEGER NOT NULL,
-    attempts INTEGER NOT NULL
-) STRICT;
-CREATE INDEX dead_letter_failed_at ON dead_letter (failed_at);
-
 CREATE TABLE state (
     key TEXT PRIMARY KEY,
     value BLOB NOT NULL,               -- JSON
@@ -236,7 +292,8 @@ def _busy_handler(timeout: float):
         # A write transaction here holds the lock for tens of microseconds (a few ms with
         # fsync), so the first waits are short: a sleeping waiter leaves the lock idle.
         pause = min(0.002, 0.00002 * (2 ** min(retries, 7))) * random.uniform(0.5, 1.5)
-        time.sleep(min(pause, timeout - elapsed))
+        with connections.step_out():  # no SQLite mutex is held here: a fork need not wait
+            time.sleep(min(pause, timeout - elapsed))
         return True
 
     return handler
@@ -380,6 +437,8 @@ class Connection(apsw.Connection):
     cursor runs one statement at a time)."""
 
     cur: apsw.Cursor
+    file: int  # its sqlite3_file*, and the fork generation it was opened in (sqlbus.connections)
+    generation: int
 
 
 def open_connection(
@@ -456,6 +515,7 @@ def initialize(conn: apsw.Connection, path: str, now: int) -> None:
             commit(conn)
             return
         conn.execute(SCHEMA)
+        _add_default_retention(conn)
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         commit(conn)
@@ -484,14 +544,32 @@ def _migrate_1_to_2(conn: apsw.Connection, now: int) -> None:
     conn.execute(MESSAGE_INDEXES)
 
 
+def _migrate_2_to_3(conn: apsw.Connection, now: int) -> None:
+    """Schema 3 never reuses positions (message rows, dead-letter numbers) and keeps the
+    retention policy in the file, starting from the defaults (schema 2 had it per connection).
+    AUTOINCREMENT on dead_letter needs a copy of that table (the message table stays as it is);
+    the high-water mark starts at the newest message row."""
+    conn.execute("ALTER TABLE dead_letter RENAME TO dead_letter_v2")
+    conn.execute("DROP INDEX dead_letter_failed_at")
+    conn.execute(DEAD_LETTER_TABLE)
+    conn.execute("INSERT INTO dead_letter SELECT * FROM dead_letter_v2")
+    conn.execute("DROP TABLE dead_letter_v2")
+    conn.execute(MESSAGE_HIGH_WATER)
+    conn.execute(
+        "UPDATE message_high_water SET seq = (SELECT coalesce(max(seq), 0) FROM message)"
+    )
+    conn.execute(RETENTION_TABLE)
+    _add_default_retention(conn)
+
+
 def _add_shared_bodies(conn: apsw.Connection, now: int) -> None:
-    """Schema 3 stores the body of a message to many recipients once (``message_body``);
+    """Schema 4 stores the body of a message to many recipients once (``message_body``);
     rows written before keep their bodies in the row, which reads them as before."""
     conn.execute(SHARED_BODIES)
 
 
 # from schema version N to N + 1, in the caller's transaction
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _add_shared_bodies}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _add_shared_bodies}
 
 PAGE_SIZE = 2048
 
@@ -610,11 +688,19 @@ def agent_ids(conn: apsw.Connection) -> list[str]:
 QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
 
 _INSERT_INTO = (
-    "INSERT INTO message (message_id, sender, agent, type, correlation_id, priority, state,"
+    "INSERT INTO message (seq, message_id, sender, agent, type, correlation_id, priority, state,"
     " visible_at, expires_at, sent_at, done_at, body) VALUES "
 )
 _COLUMNS = 12
-_ONE_ROW = "(" + ",".join("?" * _COLUMNS) + ")"  # no spaces: apsw hashes the whole text per execute
+_VALUES = ",".join("?" * _COLUMNS)  # no spaces: apsw hashes the whole text per execute
+# Positions are never reused: an INSERT's first row takes the one after both the newest row and
+# the high-water mark, and the rows after it follow on (NULL: the newest plus one). A one-row
+# INSERT reads that inline; a multi-row one is given it (bound), because SQLite copies the rows
+# of a VALUES list that reads the table it inserts into to a temporary table first.
+_NEXT_SEQ = (
+    "SELECT max(h.seq,(SELECT coalesce(max(seq),0) FROM message))+1 FROM message_high_water AS h"
+)
+_INSERT_ONE = f"{_INSERT_INTO}(({_NEXT_SEQ}),{_VALUES})"
 
 
 def message_exists(conn: Connection, message_id: str) -> bool:
@@ -652,8 +738,9 @@ def publish(
         # ttl does not doom the message before anyone could see it.
         expires_at = visible + message.ttl if message.ttl else None
         if len(message.recipients) > 1:
-            _insert_values(conn, values)  # the rows before first: seq is publish order
-            values = []
+            if values:
+                _insert_values(conn, values)  # the rows before first: seq is publish order
+                values = []
             _insert_fanout(conn, message, state, visible, expires_at, now, done_at)
             continue
         if not message.recipients:  # a broadcast that matched nobody: archive only
@@ -672,26 +759,33 @@ _INSERT_CHUNK = 64  # rows per multi-row INSERT
 def _insert_values(conn: Connection, values: list[Any]) -> None:
     """INSERT rows given as one flat list of their twelve values each."""
     if len(values) == _COLUMNS:  # one row (a single publish): no chunking
-        conn.cur.execute(_INSERT_MANY[1], values)
+        conn.cur.execute(_INSERT_ONE, values)
     else:
-        _insert_chunks(conn, _INSERT_MANY, [], values, _COLUMNS)
+        _insert_chunks(conn, _INSERT_MANY, [], values, _COLUMNS, _next_seq(conn))
+
+
+def _next_seq(conn: Connection) -> int:
+    """The position of the next row written (see _NEXT_SEQ)."""
+    seq: Any = conn.cur.execute(_NEXT_SEQ).fetchall()[0][0]
+    return int(seq)
 
 
 def _insert_chunks(
     conn: Connection, statements: dict[int, str], shared: list[Any], values: list[Any],
-    width: int,
+    width: int, seq: int | None,
 ) -> None:
     """Run ``statements[size]`` (a multi-row INSERT of ``size`` rows, ``width`` values each
-    after the ``shared`` ones) for chunks of 64, then 32, 16, ... 1 rows of ``values``: a
-    handful of texts for apsw to cache, and measured, 18% fewer instructions per row than one
-    statement per row (executemany)."""
+    after the ``shared`` ones and the first row's ``seq``, None: the newest plus one) for
+    chunks of 64, then 32, 16, ... 1 rows of ``values``: a handful of texts for apsw to cache,
+    and measured, 18% fewer instructions per row than one statement per row (executemany)."""
     start, count = 0, len(values)
     while start < count:
         size = _INSERT_CHUNK
         while size * width > count - start:
             size //= 2
         end = start + size * width
-        conn.cur.execute(statements[size], shared + values[start:end])
+        conn.cur.execute(statements[size], [*shared, seq, *values[start:end]])
+        seq = None  # the rows after the first follow on
         start = end
 
 
@@ -705,28 +799,35 @@ def _insert_fanout(
     shared = [message.id, message.sender, message.type, message.correlation_id,
               message.priority, state, visible_at, expires_at, now, done_at,
               conn.last_insert_rowid()]
-    _insert_chunks(conn, _INSERT_FANOUT, shared, message.recipients, 1)
+    _insert_chunks(conn, _INSERT_FANOUT, shared, message.recipients, 1, _next_seq(conn))
 
 
-_INSERT_MANY = {size: _INSERT_INTO + ",".join([_ONE_ROW] * size) for size in (1, 2, 4, 8, 16, 32, 64)}
+_INSERT_MANY = {
+    size: _INSERT_INTO + ",".join([f"(?,{_VALUES})"] + [f"(NULL,{_VALUES})"] * (size - 1))
+    for size in (1, 2, 4, 8, 16, 32, 64)
+}
 # publish_plain's rows: ?1-?6 are the values they share (sender, agent, type, priority, now,
-# expires_at), then each row's id and body.
+# expires_at), ?7 the first row's seq, then each row's id and body.
 _INSERT_SHARED = {
     size: _INSERT_INTO + ",".join(
-        f"(?{7 + 2 * row},?1,?2,?3,NULL,?4,{QUEUED},?5,?6,?5,NULL,?{8 + 2 * row})" for row in range(size)
+        f"({'?7' if row == 0 else 'NULL'},?{8 + 2 * row},?1,?2,?3,NULL,?4,{QUEUED},?5,?6,?5,NULL,"
+        f"?{9 + 2 * row})"
+        for row in range(size)
     )
     for size in (1, 2, 4, 8, 16, 32, 64)
 }
 
 
-# _insert_fanout's rows: ?1-?11 are the values they share, then each row's recipient.
+# _insert_fanout's rows: ?1-?11 are the values they share, ?12 the first row's seq, then
+# each row's recipient.
 _INSERT_REFERENCING = (
-    "INSERT INTO message (message_id, sender, agent, type, correlation_id, priority, state,"
-    " visible_at, expires_at, sent_at, done_at, body, body_id) VALUES "
+    "INSERT INTO message (seq, message_id, sender, agent, type, correlation_id, priority,"
+    " state, visible_at, expires_at, sent_at, done_at, body, body_id) VALUES "
 )
 _INSERT_FANOUT = {
     size: _INSERT_REFERENCING + ",".join(
-        f"(?1,?2,?{12 + row},?3,?4,?5,?6,?7,?8,?9,?10,X'',?11)" for row in range(size)
+        f"({'?12' if row == 0 else 'NULL'},?1,?2,?{13 + row},?3,?4,?5,?6,?7,?8,?9,?10,X'',?11)"
+        for row in range(size)
     )
     for size in (1, 2, 4, 8, 16, 32, 64)
 }
@@ -739,11 +840,13 @@ def publish_plain(conn: Connection, sender: str, runs: Sequence[Any], now: int) 
 
     The messages of a run share all their row's values but id and body, which are bound once
     per statement: measured, 28% fewer instructions per row than binding all twelve."""
+    seq: int | None = _next_seq(conn)  # the first run's first row; the rest follow on
     for to, type, priority, ttl, ids, bodies in runs:
         values: list[Any] = [None] * (2 * len(ids))
         values[0::2], values[1::2] = ids, bodies
         shared = [sender, to, type, priority, now, now + ttl if ttl else None]
-        _insert_chunks(conn, _INSERT_SHARED, shared, values, 2)
+        _insert_chunks(conn, _INSERT_SHARED, shared, values, 2, seq)
+        seq = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,7 +1013,9 @@ _ACK = "UPDATE message SET state = 2, done_at = ?" + _HELD
 
 def acked_now(conn: Connection, seq: int, claims: int, now: int) -> bool:
     """Whether this transaction's ack took the lease (seq, claims): to name, after a failed
-    batch ack, a delivery whose lease was lost."""
+    batch ack, a delivery whose lease was lost. (seq, claims) names one lease for the life of
+    the file (positions are never reused, claims only grow), so only this transaction can
+    have acked it."""
     return bool(
         conn.cur.execute(
             "SELECT 1 FROM message WHERE seq = ? AND claims = ? AND state = 2 AND done_at = ?",
@@ -1293,6 +1398,53 @@ def prune_acked(
     return len(rows), seqs[-1][0]
 
 
+_NO_CUTOFF = 1 << 62  # later than any time (ms) and any seq
+
+
+def archive_excess(conn: apsw.Connection, max_messages: int) -> int:
+    """How many acked rows (the sent archive) there are above ``max_messages``.
+
+    Counts index entries, never the archive's rows: every row but the queued, waiting and
+    dead ones (two partial indexes and the dead-letter table) is acked. It counts only when
+    the table spans more positions than ``max_messages`` (otherwise it holds fewer rows)."""
+    span: tuple[Any, ...] = conn.execute(
+        "SELECT (SELECT max(seq) FROM message) - (SELECT min(seq) FROM message) + 1"
+    ).fetchall()[0]
+    if span[0] is None or span[0] <= max_messages:
+        return 0
+    acked: Any = conn.execute(
+        "SELECT (SELECT count(*) FROM message) - (SELECT count(*) FROM message WHERE state = 0)"
+        " - (SELECT count(*) FROM message WHERE (state = 1 OR state = 4))"
+        " - (SELECT count(*) FROM dead_letter)"
+    ).fetchall()[0][0]
+    return max(0, acked - max_messages)
+
+
+def prune_oldest_acked(conn: apsw.Connection, limit: int, after: int = 0) -> tuple[int, int]:
+    """Delete up to ``limit`` of the oldest acked rows whatever their age (the archive is over
+    its ``archive_max_messages``), folding them into the counters; returns as
+    :func:`prune_acked`."""
+    return prune_acked(conn, _NO_CUTOFF, limit, after, _NO_CUTOFF)
+
+
+def get_retention(conn: apsw.Connection) -> tuple[int | None, int | None, int | None]:
+    """The stored retention policy: (archive ms, dead-letter ms, archive max messages); None
+    keeps them for ever (no bound)."""
+    row: tuple[Any, ...] = conn.execute(
+        "SELECT archive_ms, dead_ms, archive_max_messages FROM retention"
+    ).fetchall()[0]
+    return row[0], row[1], row[2]
+
+
+def set_retention(
+    conn: apsw.Connection, archive_ms: int | None, dead_ms: int | None, max_messages: int | None
+) -> None:
+    conn.execute(
+        "UPDATE retention SET archive_ms = ?, dead_ms = ?, archive_max_messages = ?",
+        (archive_ms, dead_ms, max_messages),
+    )
+
+
 def prune_dead(conn: apsw.Connection, cutoff: int, limit: int) -> int:
     """Delete up to ``limit`` dead letters (record and row) that failed before ``cutoff`` ms,
     oldest first, folding them into the counters; returns how many."""
@@ -1309,11 +1461,13 @@ def prune_state_log(conn: apsw.Connection, cutoff: int, limit: int) -> int:
     """Delete up to ``limit`` of the oldest state changes logged before ``cutoff`` (ms).
 
     Only the log (what ``watch`` replays) shrinks; ``state`` keeps every key's latest version.
-    Looks at the ``limit`` oldest entries only, so a pass with nothing to delete is cheap.
+    Looks at the ``limit`` oldest entries only, so a pass with nothing to delete is cheap. The
+    newest entry stays, however old: the next change is numbered after it, so a watch that
+    stands there sees it (positions never go back; a watch replays only what follows it).
     """
     conn.execute(
         "DELETE FROM state_log WHERE seq IN (SELECT seq FROM state_log ORDER BY seq LIMIT ?)"
-        " AND updated_at < ?",
+        " AND updated_at < ? AND seq < (SELECT max(seq) FROM state_log)",
         (limit, cutoff),
     )
     return conn.changes()

@@ -511,6 +511,8 @@ class Wakeup:
         with self._setup_lock:
             if self._sock is not None:
                 return True
+            if self._closed or self._dir_fd is None:
+                return False  # closed meanwhile: its directory descriptor is gone
             stem = f"{os.getpid()}-{secrets.token_hex(6)}"
             name = _doorbell_name(stem, self._wants_any, self._wants)
             awake = self._make_flag(stem)  # before the socket: a ringer that lists it finds it
@@ -755,8 +757,14 @@ class Wakeup:
                 self._unregister(tag)
                 if not self._waiters and not self._always_awake:
                     self._raise_flag(False)
-                if self._closed and not self._leading and not self._waiters:
+                last_out = self._closed and not self._leading and not self._waiters
+                if last_out:
                     self._unbind()
+            if last_out and self._pid == os.getpid():
+                # close() left the shared descriptors to the last waiter out
+                with self._setup_lock, self._lock:
+                    if self._sock is None:
+                        self._close_shared()
 
     def _lead(self, timeout: float) -> None:
         """Poll the doorbell for up to ``timeout`` seconds (as the process's one poller)."""
@@ -837,7 +845,7 @@ class Wakeup:
             self._kick(b"")  # the leader wakes, and the last waiter out removes the doorbell
             if self._finalizer is not None:
                 self._finalizer()  # the file goes now; the socket closes with the last waiter
-        with self._setup_lock:
+        with self._setup_lock, self._lock:  # not while a waiter's _unbind uses them
             if self._sock is None:
                 self._close_shared()
 

@@ -98,7 +98,7 @@ def test_every_command_is_in_the_readme_cli_table():
 
 def test_the_command_list_is_what_the_spec_names():
     assert set(leaf_paths()) == {
-        "init", "stats", "agents", "peek", "send", "tail", "dead-letters list",
+        "init", "config", "stats", "agents", "peek", "send", "tail", "dead-letters list",
         "dead-letters show", "dead-letters requeue", "dead-letters purge", "state get",
         "state set", "state list", "metrics", "prune", "check", "backup", "vacuum",
     }

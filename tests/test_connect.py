@@ -208,6 +208,8 @@ def test_a_database_of_schema_version_1_is_upgraded_and_keeps_every_message(db_p
                  " attempts, claims, sent_at, done_at, last_error, body FROM message_v2")
     conn.execute("DROP TABLE message_v2")
     conn.execute(SCHEMA_1_INDEXES)
+    conn.execute("DROP TABLE message_high_water")  # tables of later schema versions
+    conn.execute("DROP TABLE retention")
     conn.execute("PRAGMA user_version = 1")
     conn.execute("COMMIT")
     conn.close()

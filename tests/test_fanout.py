@@ -225,11 +225,11 @@ def test_marking_more_agents_than_a_ring_names_keeps_only_enough_tags_to_ring_ev
 
 
 # ---------------------------------------------------------------------------------------------
-# Migration from schema 2 (bodies always in the row)
+# Migration from schema 3 (bodies always in the row)
 
 
-def downgrade_to_schema_2(path: Path) -> None:
-    """Rewrite the file as schema 2 kept it: every row with its own body, no message_body."""
+def downgrade_to_schema_3(path: Path) -> None:
+    """Rewrite the file as schema 3 kept it: every row with its own body, no message_body."""
     conn = apsw.Connection(str(path))
     conn.execute("BEGIN")
     conn.execute("UPDATE message SET body = (SELECT b.body FROM message_body AS b"
@@ -238,7 +238,7 @@ def downgrade_to_schema_2(path: Path) -> None:
     conn.execute("DROP INDEX message_body_id")
     conn.execute("ALTER TABLE message DROP COLUMN body_id")
     conn.execute("DROP TABLE message_body")
-    conn.execute("PRAGMA user_version = 2")
+    conn.execute("PRAGMA user_version = 3")
     conn.execute("COMMIT")
     conn.close()
 
@@ -247,13 +247,13 @@ def schema_of(path: Path) -> list[tuple]:
     return query(path, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY name")
 
 
-def test_a_schema_2_file_is_upgraded_and_its_fanout_rows_stay_deliverable(make_bus, db_path, tmp_path, clock):
+def test_a_schema_3_file_is_upgraded_and_its_fanout_rows_stay_deliverable(make_bus, db_path, tmp_path, clock):
     with sqlbus.connect(db_path, clock=clock) as bus:
         alice, bob, carol = bus.agent("alice"), bus.agent("bob"), bus.agent("carol")
         old_single = alice.publish("bob", "notification", {"n": 0}, ttl=0)
         old_fanout = alice.publish(["bob", "carol"], "notification", {"n": 1}, ttl=0)
         bob.receive()[0].ack()
-    downgrade_to_schema_2(db_path)
+    downgrade_to_schema_3(db_path)
     assert query(db_path, "SELECT count(*) FROM message WHERE length(body) = 0") == [(0,)]
 
     bus = make_bus()

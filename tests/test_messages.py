@@ -84,7 +84,7 @@ def assert_valid(document: dict) -> None:
 
 
 def stored_bodies(sql) -> list[dict]:
-    # a message to many recipients stores its body once, shared by its rows (schema 3)
+    # a message to many recipients stores its body once, shared by its rows (schema 4)
     return [json.loads(body) for (body,) in sql(f"SELECT {storage._BODY} FROM message ORDER BY seq")]
 
 

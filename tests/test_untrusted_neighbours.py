@@ -56,9 +56,15 @@ def make_doorbells(db: Path, kind: str) -> Path:
 
 
 def bound_socket(path: Path, owner: int | None = None) -> socket.socket:
+    """Bind a datagram socket at ``path`` through /proc/self/fd (as the bus does): a tmp_path
+    can make the full path longer than the 108 bytes AF_UNIX takes."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.setblocking(False)
-    sock.bind(str(path))
+    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        sock.bind(f"/proc/self/fd/{directory}/{path.name}")
+    finally:
+        os.close(directory)
     if owner is not None:
         os.chown(path, owner, owner)
     return sock

@@ -2,6 +2,7 @@
 
     python tools/soak.py --duration 600                 # the 10-minute run of the closing note
     python tools/soak.py --duration 30 --interval 5     # a short smoke run
+    python tools/soak.py --asyncio --duration 600       # an asyncio agent: outbox blocks, runs
 
 One process, three threads on one bus: a producer publishing at ``--rate`` messages per second
 (singles and small ``publish_many`` batches), a consumer receiving and acking them (``with d:``),
@@ -13,11 +14,18 @@ Every ``--interval`` seconds it prints: elapsed time, RSS and peak RSS (KiB), op
 and WAL size, the interval's publish and ack throughput, backlog, and the state counter. At the
 end it prints the start, middle and end figures, and exits non-zero if a worker thread failed
 or the backlog was not drained.
+
+``--asyncio`` soaks an asyncio agent instead: in a loop, an ``async with agent.transaction()``
+block writes a row of the application's own table and publishes a message, and every few
+blocks ``await agent.run(until_idle=True)`` handles them. Every ``--interval`` seconds it prints
+RSS, open fds, threads, database and WAL size and the blocks per second: a long-running agent
+must keep fds, threads and RSS flat.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import inspect
 import json
 import os
@@ -150,6 +158,70 @@ def connect(path: str, args: argparse.Namespace) -> tuple[sqlbus.Bus, str]:
     return sqlbus.connect(path), "note: this sqlbus has no archive_retention: no retention"
 
 
+def soak_asyncio(path: str, args: argparse.Namespace) -> int:
+    """The ``--asyncio`` mode: outbox blocks and ``run(until_idle=True)`` in a loop."""
+    import sqlbus.aio
+
+    print(f"soak --asyncio: {path} for {args.duration:g} s", flush=True)
+    print(f"{'t(s)':>6} {'rss KiB':>9} {'fds':>4} {'threads':>7} {'db bytes':>11} "
+          f"{'wal bytes':>11} {'blocks/s':>8} {'handled':>8}", flush=True)
+    samples: list[dict[str, Any]] = []
+
+    def sample(elapsed: float, blocks: int, per_s: float, handled: int) -> None:
+        row = {"t": round(elapsed, 1), "rss_kb": rss_kb(), "fds": open_fds(),
+               "threads": threading.active_count(), "db_bytes": size(path),
+               "wal_bytes": size(path + "-wal"), "blocks": blocks, "blocks_per_s": round(per_s, 1),
+               "handled": handled}
+        print(f"{row['t']:>6.0f} {row['rss_kb']:>9} {row['fds']:>4} {row['threads']:>7} "
+              f"{row['db_bytes']:>11} {row['wal_bytes']:>11} {per_s:>8.0f} {handled:>8}",
+              flush=True)
+        samples.append(row)
+
+    async def run() -> tuple[int, int]:
+        kwargs = {"archive_retention": args.retention} if "archive_retention" in inspect.signature(
+            sqlbus.connect).parameters else {}
+        bus = await sqlbus.aio.connect(path, **kwargs)
+        alice, bob = await bus.agent("alice"), await bus.agent("bob")
+        handled = [0]
+        bob.subscribe("notification", lambda message: handled.__setitem__(0, handled[0] + 1))
+        async with alice.transaction() as tx:
+            await tx.execute("CREATE TABLE IF NOT EXISTS soak_orders(id INTEGER PRIMARY KEY, n)")
+        started = time.monotonic()
+        sample(0.0, 0, 0.0, 0)
+        blocks, last_t, last_blocks = 0, started, 0
+        next_sample = started + args.interval
+        while time.monotonic() - started < args.duration:
+            async with alice.transaction() as tx:
+                await tx.execute("INSERT INTO soak_orders(n) VALUES (?)", (blocks,))
+                await tx.publish("bob", "notification", {"n": blocks}, ttl=0)
+            blocks += 1
+            if blocks % 5 == 0:
+                await bob.run(until_idle=True)
+            now = time.monotonic()
+            if now >= next_sample:
+                sample(now - started, blocks, (blocks - last_blocks) / (now - last_t), handled[0])
+                last_t, last_blocks, next_sample = now, blocks, now + args.interval
+        await bob.run(until_idle=True)
+        now = time.monotonic()
+        sample(now - started, blocks, (blocks - last_blocks) / max(now - last_t, 1e-9), handled[0])
+        await bus.close()
+        return blocks, handled[0]
+
+    blocks, handled = asyncio.run(run())
+    start, middle, end = samples[0], samples[len(samples) // 2], samples[-1]
+    print(f"blocks {blocks}, handled {handled}")
+    for label, row in (("start", start), ("middle", middle), ("end", end)):
+        print(f"  {label:>6} t={row['t']:>6.0f}s rss {row['rss_kb']} KiB, fds {row['fds']}, "
+              f"threads {row['threads']}, db {row['db_bytes']} B, wal {row['wal_bytes']} B")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(
+            {"samples": samples, "blocks": blocks, "handled": handled}, indent=2))
+    if handled != blocks:
+        print(f"FAILED: {blocks} blocks published, {handled} handled")
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
@@ -159,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="archive retention in seconds (acked messages older are pruned)")
     parser.add_argument("--db", default=None, help="database file (default: a temporary one)")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the samples here")
+    parser.add_argument("--asyncio", action="store_true",
+                        help="soak an asyncio agent: outbox blocks and run(until_idle=True)")
     args = parser.parse_args(argv)
     path = args.db or os.path.join(tempfile.mkdtemp(prefix="sqlbus-soak-"), "soak.db")
+    if args.asyncio:
+        return soak_asyncio(path, args)
     bus, note = connect(path, args)
     load = Load(bus, args.rate)
     print(f"soak: {path} for {args.duration:g} s at {args.rate:g} msg/s; {note}", flush=True)

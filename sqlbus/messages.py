@@ -627,9 +627,11 @@ def prepare(
         recipients = [check_agent_id(to, f"{prefix}to")]
     elif isinstance(to, (list, tuple)):
         recipients = []
+        seen: set[str] = set()  # a set: the list's `in` would cost the square of its length
         for index, agent in enumerate(to):
             check_agent_id(agent, f"{prefix}to[{index}]")
-            if agent not in recipients:
+            if agent not in seen:
+                seen.add(agent)
                 recipients.append(agent)
         if not recipients and broadcast_pattern is None:
             raise ValidationError(f"{prefix}to: expected at least one agent id, got an empty list")

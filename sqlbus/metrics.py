@@ -641,10 +641,11 @@ def check(bus: Bus) -> CheckReport:
     try:
         with bus._reading(conn):
             leases = storage.expired_leases(conn, now)
+            bodiless = storage.rows_without_body(conn)
     except DatabaseError:
         if integrity == ["ok"]:
             raise
-        leases = 0  # the rows cannot be read: the damage is the problem to report
+        leases = bodiless = 0  # the rows cannot be read: the damage is the problem to report
     with bus._reading(conn):
         # A passive checkpoint copies what it can and says how far it got: frames it could not
         # copy belong to snapshots that some reader still holds. Ask twice, a moment apart, so
@@ -657,6 +658,8 @@ def check(bus: Bus) -> CheckReport:
     if integrity != ["ok"]:
         found = "; ".join(integrity[:3]).replace("\n", "; ")
         problems.append(f"integrity check failed: {found}; the file is damaged: restore a backup")
+    if bodiless:
+        problems.append(f"{bodiless} message rows have lost their shared body (message_body)")
     if application_id != storage.APPLICATION_ID:
         problems.append(f"not marked as a sqlbus database (application_id {application_id:#x})")
     if version != storage.SCHEMA_VERSION:

@@ -28,6 +28,10 @@ Tables (all STRICT):
   its rows after both the newest row and ``message_high_water``, which a trigger raises when
   the newest row is deleted (prune, purge): AUTOINCREMENT would do the same, but it writes
   ``sqlite_sequence`` in every publish's commit, one more page, where this costs a read.
+- ``message_body``: the body of a message to more than one recipient, stored once; each of
+  its rows holds an empty ``body`` and the shared one's id (``body_id``), so a fan-out costs
+  one body plus a small row per recipient. A message to one recipient keeps its body in its
+  row (``body_id`` NULL) and never touches this table or its index.
 - ``dead_letter``: why a row ended dead (reason, error, traceback, context).
 - ``agents``: the registry.
 - ``state`` and ``state_log``: versioned shared state and its change history (for watch).
@@ -50,7 +54,7 @@ import apsw
 from . import connections
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x5153_4255  # "QSBU": marks a file as a sqlbus database
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -147,6 +151,60 @@ def _add_default_retention(conn: apsw.Connection) -> None:
         DEFAULT_RETENTION,
     )
 
+
+# Added by schema 4 (see :func:`_add_shared_bodies`). IF NOT EXISTS: after a rebuild of the
+# message table (which drops its index and trigger, not message_body) it makes what is missing.
+SHARED_BODIES = """
+CREATE TABLE IF NOT EXISTS message_body (
+    id INTEGER PRIMARY KEY,
+    body BLOB NOT NULL
+) STRICT;
+ALTER TABLE message ADD COLUMN body_id INTEGER;  -- message_body.id; NULL: the body is in the row
+-- Partial: rows with their body inline (every single-recipient message) are not in it.
+CREATE INDEX IF NOT EXISTS message_body_id ON message (body_id) WHERE body_id IS NOT NULL;
+-- A shared body goes with the last row that references it, whatever deletes the rows
+-- (retention, purge, a caller's own SQL), so no delete path can leave one behind.
+CREATE TRIGGER IF NOT EXISTS message_body_release AFTER DELETE ON message
+WHEN old.body_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM message WHERE body_id = old.body_id)
+BEGIN
+    DELETE FROM message_body WHERE id = old.body_id;
+END;
+"""
+
+# The row's body and the row's body length, as every statement that reads a message row
+# must take them: from the row, or shared (the row's body is empty then; a message's JSON
+# never is). The test is length(body), which SQLite answers from the record header, so an
+# inline body's overflow pages are not read to learn which case it is (body_id, stored
+# after the body, would need them). A shared body that is missing (a damaged file) reads
+# as empty, which no decoder accepts.
+_BODY = (
+    "CASE WHEN length(body) THEN body"
+    " ELSE coalesce((SELECT s.body FROM message_body AS s WHERE s.id = body_id), X'') END"
+)
+_BODY_LENGTH = (
+    "CASE WHEN length(body) THEN length(body)"
+    " ELSE coalesce((SELECT length(s.body) FROM message_body AS s WHERE s.id = body_id), 0) END"
+)
+
+
+def _share_bodies(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """``rows`` that end in (body, body_id) with the row's body (as ``_BODY``) in their
+    place, for reads of many rows of one message: its shared body is read once and the rows
+    share one bytes object, where ``_BODY`` would copy it once per recipient."""
+    shared: dict[int, Any] = {}
+    result = []
+    for *values, body, body_id in rows:
+        if not body:
+            if body_id not in shared:
+                found = conn.execute(
+                    "SELECT body FROM message_body WHERE id = ?", (body_id,)
+                ).fetchall()
+                shared[body_id] = found[0][0] if found else b""
+            body = shared[body_id]
+        result.append((*values, body))
+    return result
+
+
 SCHEMA = (
     """
 CREATE TABLE agents (
@@ -208,6 +266,7 @@ CREATE TABLE request_timeout (
     PRIMARY KEY (agent, correlation_id)
 ) STRICT, WITHOUT ROWID;
 """
+    + SHARED_BODIES
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -503,8 +562,14 @@ def _migrate_2_to_3(conn: apsw.Connection, now: int) -> None:
     _add_default_retention(conn)
 
 
+def _add_shared_bodies(conn: apsw.Connection, now: int) -> None:
+    """Schema 4 stores the body of a message to many recipients once (``message_body``);
+    rows written before keep their bodies in the row, which reads them as before."""
+    conn.execute(SHARED_BODIES)
+
+
 # from schema version N to N + 1, in the caller's transaction
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _add_shared_bodies}
 
 PAGE_SIZE = 2048
 
@@ -647,7 +712,8 @@ def message_exists(conn: Connection, message_id: str) -> bool:
 def publish(
     conn: apsw.Connection, messages: Sequence[Any], visible_at: Sequence[int], now: int
 ) -> list[bool]:
-    """Write messages (``messages.Outgoing``) to their recipients' inboxes, one row each.
+    """Write messages (``messages.Outgoing``) to their recipients' inboxes, one row each
+    (a message to many recipients with its body once, in ``message_body``).
 
     A message whose id was given by the caller and exists already is skipped (idempotent
     publish); the result says, per message, whether it was written. A ``visible_at`` later
@@ -671,6 +737,12 @@ def publish(
         # TTL counts from when the message can first be delivered, so a delay longer than the
         # ttl does not doom the message before anyone could see it.
         expires_at = visible + message.ttl if message.ttl else None
+        if len(message.recipients) > 1:
+            if values:
+                _insert_values(conn, values)  # the rows before first: seq is publish order
+                values = []
+            _insert_fanout(conn, message, state, visible, expires_at, now, done_at)
+            continue
         if not message.recipients:  # a broadcast that matched nobody: archive only
             values += (message.id, message.sender, None, message.type, message.correlation_id,
                        message.priority, ACKED, now, expires_at, now, now, message.body)
@@ -717,6 +789,19 @@ def _insert_chunks(
         start = end
 
 
+def _insert_fanout(
+    conn: Connection, message: Any, state: int, visible_at: int, expires_at: int | None,
+    now: int, done_at: int | None,
+) -> None:
+    """Write a message to many recipients: its body once, then a row per recipient that
+    references it, which differ in the recipient only (bound once per row)."""
+    conn.cur.execute("INSERT INTO message_body (body) VALUES (?)", (message.body,))
+    shared = [message.id, message.sender, message.type, message.correlation_id,
+              message.priority, state, visible_at, expires_at, now, done_at,
+              conn.last_insert_rowid()]
+    _insert_chunks(conn, _INSERT_FANOUT, shared, message.recipients, 1, _next_seq(conn))
+
+
 _INSERT_MANY = {
     size: _INSERT_INTO + ",".join([f"(?,{_VALUES})"] + [f"(NULL,{_VALUES})"] * (size - 1))
     for size in (1, 2, 4, 8, 16, 32, 64)
@@ -727,6 +812,21 @@ _INSERT_SHARED = {
     size: _INSERT_INTO + ",".join(
         f"({'?7' if row == 0 else 'NULL'},?{8 + 2 * row},?1,?2,?3,NULL,?4,{QUEUED},?5,?6,?5,NULL,"
         f"?{9 + 2 * row})"
+        for row in range(size)
+    )
+    for size in (1, 2, 4, 8, 16, 32, 64)
+}
+
+
+# _insert_fanout's rows: ?1-?11 are the values they share, ?12 the first row's seq, then
+# each row's recipient.
+_INSERT_REFERENCING = (
+    "INSERT INTO message (seq, message_id, sender, agent, type, correlation_id, priority,"
+    " state, visible_at, expires_at, sent_at, done_at, body, body_id) VALUES "
+)
+_INSERT_FANOUT = {
+    size: _INSERT_REFERENCING + ",".join(
+        f"({'?12' if row == 0 else 'NULL'},?1,?2,?{13 + row},?3,?4,?5,?6,?7,?8,?9,?10,X'',?11)"
         for row in range(size)
     )
     for size in (1, 2, 4, 8, 16, 32, 64)
@@ -780,7 +880,7 @@ _READY_NOT_AWAITED = (
 # receiver's limit: a larger one is NULL here and never loaded.
 _CLAIMED = (
     "SELECT seq, claims + 1, attempts + 1, priority, expires_at, sent_at,"
-    " CASE WHEN length(body) <= ?5 THEN body END"
+    f" CASE WHEN {_BODY_LENGTH} <= ?5 THEN {_BODY} END"
 )
 
 
@@ -1046,7 +1146,7 @@ def next_due(conn: apsw.Connection, agent: str) -> int | None:
 # message's own columns stand in for it.
 _DEAD = (
     "SELECT d.id, m.agent, d.reason, d.error_name, d.error_message, d.traceback, d.context,"
-    " d.failed_at, d.attempts, CASE WHEN length(m.body) <= ?3 THEN m.body END, m.message_id,"
+    f" d.failed_at, d.attempts, CASE WHEN {_BODY_LENGTH} <= ?3 THEN {_BODY} END, m.message_id,"
     " m.sender, m.type, m.priority, m.sent_at"
     " FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
 )
@@ -1081,11 +1181,29 @@ def get_dead_letter(
 
 # A message's ttl, read in SQL so that requeueing never loads a body (which may be large or
 # damaged): None when the body is not valid JSON.
-_REQUEUE_TARGET = (
-    "SELECT d.id, m.message_id, CASE WHEN json_valid(CAST(m.body AS TEXT))"
-    " THEN json_extract(CAST(m.body AS TEXT), '$.headers.ttl') END"
-    " FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+_TTL_OF = (
+    "CASE WHEN json_valid(CAST({0} AS TEXT)) THEN json_extract(CAST({0} AS TEXT), '$.headers.ttl') END"
 )
+# A shared body's ttl is read once per message (_with_ttls), not once per recipient's row.
+_REQUEUE_TARGET = (
+    "SELECT d.id, m.message_id, m.body_id, CASE WHEN length(m.body) THEN "
+    + _TTL_OF.format("m.body") + " END FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+)
+_SHARED_TTL = "SELECT " + _TTL_OF.format("body") + " FROM message_body WHERE id = ?"
+
+
+def _with_ttls(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, str, Any]]:
+    """``_REQUEUE_TARGET``'s rows as (id, message_id, ttl or None)."""
+    shared: dict[int, Any] = {}
+    result = []
+    for dead_letter_id, message_id, body_id, ttl in rows:
+        if body_id is not None:
+            if body_id not in shared:
+                found = conn.execute(_SHARED_TTL, (body_id,)).fetchall()
+                shared[body_id] = found[0][0] if found else None
+            ttl = shared[body_id]
+        result.append((dead_letter_id, message_id, ttl))
+    return result
 
 
 def requeue_targets(
@@ -1094,10 +1212,12 @@ def requeue_targets(
     """(id, message_id, ttl or None) of the dead letter numbered ``dead_letter_id``, or of
     every dead letter of message ``message_id``, oldest first."""
     if dead_letter_id is not None:
-        return conn.execute(f"{_REQUEUE_TARGET} WHERE d.id = ?", (dead_letter_id,)).fetchall()
-    return conn.execute(
-        f"{_REQUEUE_TARGET} WHERE m.message_id = ? ORDER BY d.id", (message_id,)
-    ).fetchall()
+        rows = conn.execute(f"{_REQUEUE_TARGET} WHERE d.id = ?", (dead_letter_id,)).fetchall()
+    else:
+        rows = conn.execute(
+            f"{_REQUEUE_TARGET} WHERE m.message_id = ? ORDER BY d.id", (message_id,)
+        ).fetchall()
+    return _with_ttls(conn, rows)
 
 
 def requeue(conn: apsw.Connection, dead_letter_id: int, now: int, ttl_ms: int) -> bool:
@@ -1153,7 +1273,7 @@ def list_sent(
     result = []
     for message_id in ids:
         rows = conn.execute(
-            "SELECT agent, sent_at, body FROM message WHERE message_id = ? ORDER BY seq",
+            "SELECT agent, sent_at, seq FROM message WHERE message_id = ? ORDER BY seq",
             (message_id,),
         ).fetchall()
         if not rows:  # the message_id index names a row the table lacks
@@ -1162,7 +1282,8 @@ def list_sent(
                 "run 'sqlbus check' and restore from a 'sqlbus backup'"
             )
         recipients = [row[0] for row in rows if row[0] is not None]
-        result.append((rows[0][2], recipients, rows[0][1]))
+        body = conn.execute(f"SELECT {_BODY} FROM message WHERE seq = ?", (rows[0][2],))
+        result.append((body.fetchall()[0][0], recipients, rows[0][1]))
     return result
 
 
@@ -1540,6 +1661,12 @@ def expired_leases(conn: apsw.Connection, now: int) -> int:
     ).fetchall()[0][0]
 
 
+def rows_without_body(conn: apsw.Connection) -> int:
+    """Message rows whose shared body is missing (a damaged file): a scan of the table."""
+    rows = conn.execute(f"SELECT count(*) FROM message WHERE {_BODY_LENGTH} = 0").fetchall()
+    return int(rows[0][0] or 0)
+
+
 def integrity_check(conn: apsw.Connection, max_errors: int = 20) -> list[str]:
     """SQLite's integrity check: ``['ok']`` or up to ``max_errors`` problems."""
     return [row[0] for row in conn.execute(f"PRAGMA integrity_check({int(max_errors)})")]
@@ -1593,7 +1720,7 @@ def peek_rows(
     rows = []
     for seq, status in chosen:
         visible_at, attempts, sent_at, body = conn.execute(
-            "SELECT visible_at, attempts, sent_at, body FROM message WHERE seq = ?", (seq,)
+            f"SELECT visible_at, attempts, sent_at, {_BODY} FROM message WHERE seq = ?", (seq,)
         ).fetchall()[0]
         rows.append((status, visible_at, attempts, sent_at, body))
     return rows
@@ -1608,12 +1735,12 @@ def rows_after(
     conn: apsw.Connection, after_seq: int, limit: int
 ) -> list[tuple[int, str, str | None, int, bytes]]:
     """Rows published after ``after_seq``, in publish order: (seq, message_id, agent,
-    sent_at, body)."""
-    return conn.execute(
-        "SELECT seq, message_id, agent, sent_at, body FROM message WHERE seq > ? ORDER BY seq"
-        " LIMIT ?",
+    sent_at, body); the rows of one message share its body's bytes object."""
+    return _share_bodies(conn, conn.execute(
+        "SELECT seq, message_id, agent, sent_at, body, body_id FROM message WHERE seq > ?"
+        " ORDER BY seq LIMIT ?",
         (after_seq, limit),
-    ).fetchall()
+    ).fetchall())
 
 
 def dead_letter_ids(
@@ -1621,11 +1748,11 @@ def dead_letter_ids(
 ) -> list[tuple[int, str, Any]]:
     """(id, message_id, ttl or None) of the dead letters of ``agent`` with ``reason`` (None:
     any), oldest first (see :func:`requeue_targets`)."""
-    return conn.execute(
+    return _with_ttls(conn, conn.execute(
         f"{_REQUEUE_TARGET} WHERE (?1 IS NULL OR m.agent = ?1) AND (?2 IS NULL OR d.reason = ?2)"
         " ORDER BY d.id",
         (agent, reason),
-    ).fetchall()
+    ).fetchall())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1653,7 +1780,7 @@ def find_response(
     """
     rows = conn.cur.execute(
         "SELECT (SELECT data_version FROM pragma_data_version()),"
-        f" (SELECT body FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
+        f" (SELECT {_BODY} FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
         " ORDER BY seq LIMIT 1),"
         f" EXISTS (SELECT 1 FROM message WHERE {_RESPONSE_WHERE})",
         (agent, correlation_id),
@@ -1672,7 +1799,7 @@ def take_response(
         "UPDATE message SET state = 2, done_at = ?3, attempts = attempts + 1,"
         f" claims = claims + 1 WHERE seq = (SELECT seq FROM message WHERE {_RESPONSE_WHERE}"
         " AND (expires_at IS NULL OR expires_at >= ?3) ORDER BY seq LIMIT 1)"
-        " RETURNING seq, body",
+        f" RETURNING seq, {_BODY}",
         (agent, correlation_id, now),
     ).fetchall()
     return (rows[0][0], rows[0][1]) if rows else None

@@ -879,6 +879,8 @@ def mark(agents: Iterable[str]) -> None:
     if tags is None:
         tags = _pending.tags = set()
     for agent in agents:
+        if len(tags) > MAX_TAGS:
+            break  # the commit rings "anything may have changed": more tags change nothing
         tags.add(agent_tag(agent))
 
 

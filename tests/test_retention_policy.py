@@ -308,8 +308,9 @@ def _as_schema_2(source: Path, dest: Path) -> None:
     conn.execute(SCHEMA_2)
     conn.execute("ATTACH ? AS source", (str(source),))
     conn.execute("BEGIN")
-    for table in TABLES_2:
-        conn.execute(f"INSERT INTO main.{table} SELECT * FROM source.{table}")
+    for table in TABLES_2:  # the columns schema 2 has (later schemas add some)
+        columns = ", ".join(row[1] for row in conn.execute(f"PRAGMA main.table_info({table})"))
+        conn.execute(f"INSERT INTO main.{table} SELECT {columns} FROM source.{table}")
     conn.execute(f"PRAGMA main.application_id = {storage.APPLICATION_ID}")
     conn.execute("PRAGMA main.user_version = 2")
     conn.execute("COMMIT")
@@ -334,7 +335,7 @@ def test_a_schema_2_file_is_upgraded_keeps_every_message_and_gets_the_default_po
         bus.state.set("plan", {"step": 2}, notify=False)
     _as_schema_2(source, db)
     with sqlbus.connect(db, clock=clock, backoff_base=10.0) as bus:
-        assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)] == [(3,)]
+        assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)] == [(4,)]
         assert bus.retention() == DEFAULT
         assert [r.message.id for r in bus.sent(limit=10)] == ids[::-1]
         assert {e.message.id: e.status for e in bus.peek("bob")} == {

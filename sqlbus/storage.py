@@ -1181,15 +1181,17 @@ def get_dead_letter(
 
 # A message's ttl, read in SQL so that requeueing never loads a body (which may be large or
 # damaged): None when the body is not valid JSON.
-_TTL_OF = (
-    "CASE WHEN json_valid(CAST({0} AS TEXT)) THEN json_extract(CAST({0} AS TEXT), '$.headers.ttl') END"
-)
 # A shared body's ttl is read once per message (_with_ttls), not once per recipient's row.
 _REQUEUE_TARGET = (
-    "SELECT d.id, m.message_id, m.body_id, CASE WHEN length(m.body) THEN "
-    + _TTL_OF.format("m.body") + " END FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+    "SELECT d.id, m.message_id, m.body_id, CASE WHEN length(m.body) THEN"
+    " CASE WHEN json_valid(CAST(m.body AS TEXT))"
+    " THEN json_extract(CAST(m.body AS TEXT), '$.headers.ttl') END END"
+    " FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
 )
-_SHARED_TTL = "SELECT " + _TTL_OF.format("body") + " FROM message_body WHERE id = ?"
+_SHARED_TTL = (
+    "SELECT CASE WHEN json_valid(CAST(body AS TEXT))"
+    " THEN json_extract(CAST(body AS TEXT), '$.headers.ttl') END FROM message_body WHERE id = ?"
+)
 
 
 def _with_ttls(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> list[tuple[int, str, Any]]:

@@ -57,13 +57,13 @@ from .messages import (
     Outgoing,
     PlainRun,
     check_agent_id,
-    decode_listed,
     decode_stored,
     encode_json,
     encode_json_value,
     escape_strings,
     escape_text,
     iso_ms,
+    listed_message,
     prepare,
     prepare_plain_batch,
 )
@@ -114,6 +114,7 @@ class SentRecord(msgspec.Struct, kw_only=True):
     message: Message
     recipients: list[str]
     sent_at: str
+    payload_bytes: int = 0  # the stored message's size (JSON bytes), loaded or not
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -135,6 +136,7 @@ class DeadLetter(msgspec.Struct, kw_only=True):
     context: dict[str, Any]
     failed_at: str
     attempts: int
+    payload_bytes: int = 0  # the stored message's size (JSON bytes), loaded or not
 
 
 # The longest duration accepted anywhere (~31,700 years): times are stored as epoch ms in
@@ -811,12 +813,11 @@ class Bus:
             check_agent_id(agent, "agent")
         _check_limit(limit)
         with self._reading() as conn:
-            rows = storage.list_sent(conn, agent, limit)
+            rows = storage.list_sent(conn, agent, limit, self._max_body())
         return [  # a row that cannot be decoded shows as an error message (SPEC 4.2)
-            SentRecord(message=decode_listed(body, self.max_payload_bytes, to=recipients,
-                                             sent_at=sent_at),
-                       recipients=recipients, sent_at=iso_ms(sent_at))
-            for body, recipients, sent_at in rows
+            SentRecord(message=listed_message(recipients, *columns, body, self.max_payload_bytes),
+                       recipients=recipients, sent_at=iso_ms(columns[-1]), payload_bytes=length)
+            for recipients, *columns, length, body in rows
         ]
 
     def dead_letters(self, agent: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -1139,13 +1140,10 @@ def _stored_ttl(ttl: object) -> int:
 
 def _dead_letter_from_row(row: tuple[Any, ...], max_payload_bytes: int) -> DeadLetter:
     (dead_id, agent, reason, error_name, error_message, tb, context, failed_at, attempts, body,
-     message_id, sender, type_, priority, sent_at) = row
-    if body is None:  # above the reader's limit: its columns stand in, the payload is not loaded
-        message = Message(id=message_id, sender=sender, to=agent, type=type_,
-                          timestamp=iso_ms(sent_at), payload={},
-                          headers=Headers(priority=priority))
-    else:
-        message = decode_listed(body, max_payload_bytes, to=agent, sent_at=sent_at)
+     message_id, sender, type_, priority, sent_at, length) = row
+    # above the reader's limit (body None) its columns stand in, the payload is not loaded
+    message = listed_message(agent, message_id, sender, type_, priority, sent_at, body,
+                             max_payload_bytes)
     try:
         context_value = msgspec.json.decode(context) if context else {}
     except msgspec.DecodeError:  # a listing never fails because of one row
@@ -1161,6 +1159,7 @@ def _dead_letter_from_row(row: tuple[Any, ...], max_payload_bytes: int) -> DeadL
         context=context_value,
         failed_at=iso_ms(failed_at),
         attempts=attempts,
+        payload_bytes=length,
     )
 
 

@@ -341,6 +341,18 @@ def decode_listed(
                    timestamp=envelope.timestamp, payload={}, headers=envelope.headers)
 
 
+def listed_message(
+    to: str | list[str], message_id: str, sender: str, type: str, priority: int, sent_at: int,
+    body: bytes | None, max_payload_bytes: int,
+) -> Message:
+    """A message row as a listing shows it (SPEC 4.2): decoded from its ``body``, or, when the
+    body was too long to load (None), made of the row's columns with the payload ``{}``."""
+    if body is None:
+        return Message(id=message_id, sender=sender, to=to, type=type,  # type: ignore[arg-type]
+                       timestamp=iso_ms(sent_at), payload={}, headers=Headers(priority=priority))
+    return decode_listed(body, max_payload_bytes, to=to, sent_at=sent_at)
+
+
 def corrupt_message(
     body: bytes, *, to: str | list[str] | None = None, sent_at: int = 0
 ) -> Message:

@@ -27,7 +27,7 @@ import msgspec
 
 from . import connections, storage
 from .errors import DatabaseError
-from .messages import Message, decode_listed, iso_ms
+from .messages import Message, iso_ms, listed_message
 
 if TYPE_CHECKING:
     from .bus import Bus, SentRecord
@@ -157,6 +157,7 @@ class InboxEntry(msgspec.Struct, kw_only=True):
     status: str
     attempts: int
     visible_at: str
+    payload_bytes: int = 0  # the stored message's size (JSON bytes), loaded or not
 
 
 class PruneResult(msgspec.Struct, kw_only=True):
@@ -833,15 +834,14 @@ def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
     ones last."""
     now = bus._now_ms()
     with bus._reading() as conn, snapshot(conn):
-        rows = storage.peek_rows(conn, agent, now, limit)
+        rows = storage.peek_rows(conn, agent, now, limit, bus._max_body())
     entries = []
-    for status, visible_at, attempts, sent_at, body in rows:
+    for status, visible_at, attempts, *columns, length, body in rows:
         entries.append(
             # a row that cannot be decoded shows as an error message (SPEC 4.2)
-            InboxEntry(message=decode_listed(body, bus.max_payload_bytes, to=agent,
-                                             sent_at=sent_at),
-                       status=status, attempts=attempts,
-                       visible_at=iso_ms(visible_at))
+            InboxEntry(message=listed_message(agent, *columns, body, bus.max_payload_bytes),
+                       status=status, attempts=attempts, visible_at=iso_ms(visible_at),
+                       payload_bytes=length)
         )
     return entries
 
@@ -873,29 +873,30 @@ def _follow(
     while True:
         baseline = bus._data_version()
         with bus._reading() as conn:
-            rows = storage.rows_after(conn, cursor, 500)
+            rows = storage.rows_after(conn, cursor, 500, bus._max_body())
         if len(rows) == 500:
             # Rows of one message are written together; keep the last message whole.
-            last_id = rows[-1][1]
-            trimmed = [row for row in rows if row[1] != last_id]
+            last_id = rows[-1][2]
+            trimmed = [row for row in rows if row[2] != last_id]
             if trimmed:
                 rows = trimmed
         groups: list[list[tuple[Any, ...]]] = []
         for row in rows:
-            if groups and groups[-1][0][1] == row[1]:
+            if groups and groups[-1][0][2] == row[2]:
                 groups[-1].append(row)
             else:
                 groups.append([row])
         for group in groups:
             cursor = group[-1][0]
-            recipients = [row[2] for row in group if row[2] is not None]
-            message = decode_listed(group[0][4], bus.max_payload_bytes, to=recipients,
-                                    sent_at=group[0][3])
+            recipients = [row[1] for row in group if row[1] is not None]
+            _seq, _agent, *columns, length, body = group[0]
+            message = listed_message(recipients, *columns, body, bus.max_payload_bytes)
             if wanted is not None and message.type not in wanted:
                 continue
             if agent is not None and message.sender != agent and agent not in recipients:
                 continue
-            yield SentRecord(message=message, recipients=recipients, sent_at=iso_ms(group[0][3]))
+            yield SentRecord(message=message, recipients=recipients,
+                             sent_at=iso_ms(columns[-1]), payload_bytes=length)
         if rows:
             continue
         remaining = None if deadline is None else deadline - time.monotonic()

@@ -187,22 +187,13 @@ _BODY_LENGTH = (
 )
 
 
-def _share_bodies(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """``rows`` that end in (body, body_id) with the row's body (as ``_BODY``) in their
-    place, for reads of many rows of one message: its shared body is read once and the rows
-    share one bytes object, where ``_BODY`` would copy it once per recipient."""
-    shared: dict[int, Any] = {}
-    result = []
-    for *values, body, body_id in rows:
-        if not body:
-            if body_id not in shared:
-                found = conn.execute(
-                    "SELECT body FROM message_body WHERE id = ?", (body_id,)
-                ).fetchall()
-                shared[body_id] = found[0][0] if found else b""
-            body = shared[body_id]
-        result.append((*values, body))
-    return result
+# What a listing reads of a message row (?1 its seq, ?2 the reader's limit on a body's
+# length): the columns that stand in for a body too long to load, the body's length, and the
+# body itself only when it is within the limit (else NULL, never read).
+_LISTED = (
+    "message_id, sender, type, priority, sent_at, " + _BODY_LENGTH
+    + " AS length, CASE WHEN " + _BODY_LENGTH + " <= ?2 THEN " + _BODY + " END"
+)
 
 
 SCHEMA = (
@@ -1147,7 +1138,7 @@ def next_due(conn: apsw.Connection, agent: str) -> int | None:
 _DEAD = (
     "SELECT d.id, m.agent, d.reason, d.error_name, d.error_message, d.traceback, d.context,"
     f" d.failed_at, d.attempts, CASE WHEN {_BODY_LENGTH} <= ?3 THEN {_BODY} END, m.message_id,"
-    " m.sender, m.type, m.priority, m.sent_at"
+    f" m.sender, m.type, m.priority, m.sent_at, {_BODY_LENGTH}"
     " FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
 )
 
@@ -1157,7 +1148,7 @@ def list_dead_letters(
 ) -> list[tuple[Any, ...]]:
     """Dead letters, newest first: (id, agent, reason, error_name, error_message, traceback,
     context, failed_at, attempts, body or None when longer than ``max_body``, message_id,
-    sender, type, priority, sent_at)."""
+    sender, type, priority, sent_at, body length)."""
     return conn.execute(
         f"{_DEAD} WHERE ?1 IS NULL OR m.agent = ?1 ORDER BY d.id DESC LIMIT ?2",
         (agent, limit, max_body),
@@ -1253,10 +1244,10 @@ def purge_dead_letters(conn: apsw.Connection, older_than: int | None) -> int:
 
 
 def list_sent(
-    conn: apsw.Connection, agent: str | None, limit: int
-) -> list[tuple[bytes, list[str], int]]:
-    """(body, recipients, sent_at) of archived messages, newest first; ``agent`` keeps those
-    sent by or to it."""
+    conn: apsw.Connection, agent: str | None, limit: int, max_body: int = 1 << 62
+) -> list[tuple[Any, ...]]:
+    """Archived messages, newest first: (recipients, and :data:`_LISTED`'s columns with the
+    body None when longer than ``max_body``); ``agent`` keeps those sent by or to it."""
     if agent is None:
         cursor = conn.execute("SELECT message_id FROM message ORDER BY seq DESC")
     else:
@@ -1284,8 +1275,8 @@ def list_sent(
                 "run 'sqlbus check' and restore from a 'sqlbus backup'"
             )
         recipients = [row[0] for row in rows if row[0] is not None]
-        body = conn.execute(f"SELECT {_BODY} FROM message WHERE seq = ?", (rows[0][2],))
-        result.append((body.fetchall()[0][0], recipients, rows[0][1]))
+        listed = conn.execute(f"SELECT {_LISTED} FROM message WHERE seq = ?1", (rows[0][2], max_body))
+        result.append((recipients, *listed.fetchall()[0]))
     return result
 
 
@@ -1703,9 +1694,10 @@ _PEEK_EXPIRED = (  # by when they expired
 
 
 def peek_rows(
-    conn: apsw.Connection, agent: str, now: int, limit: int
-) -> list[tuple[str, int, int, int, bytes]]:
-    """An agent's inbox without claiming: (status, visible_at, attempts, sent_at, body), the
+    conn: apsw.Connection, agent: str, now: int, limit: int, max_body: int = 1 << 62
+) -> list[tuple[Any, ...]]:
+    """An agent's inbox without claiming: (status, visible_at, attempts, and
+    :data:`_LISTED`'s columns with the body None when longer than ``max_body``), the
     status as ``_STATUS`` names it at ``now``. Ready rows come first in the order a claim
     takes them, then the others by when they become claimable (lease end, due time), expired
     ones last. A group is read only while ``limit`` is not reached (the ready rows of a long
@@ -1721,10 +1713,10 @@ def peek_rows(
         chosen += [(seq, status) for _key, seq, status in group[:room]]
     rows = []
     for seq, status in chosen:
-        visible_at, attempts, sent_at, body = conn.execute(
-            f"SELECT visible_at, attempts, sent_at, {_BODY} FROM message WHERE seq = ?", (seq,)
+        listed = conn.execute(
+            f"SELECT visible_at, attempts, {_LISTED} FROM message WHERE seq = ?1", (seq, max_body)
         ).fetchall()[0]
-        rows.append((status, visible_at, attempts, sent_at, body))
+        rows.append((status, *listed))
     return rows
 
 
@@ -1734,15 +1726,23 @@ def last_seq(conn: apsw.Connection) -> int:
 
 
 def rows_after(
-    conn: apsw.Connection, after_seq: int, limit: int
-) -> list[tuple[int, str, str | None, int, bytes]]:
-    """Rows published after ``after_seq``, in publish order: (seq, message_id, agent,
-    sent_at, body); the rows of one message share its body's bytes object."""
-    return _share_bodies(conn, conn.execute(
-        "SELECT seq, message_id, agent, sent_at, body, body_id FROM message WHERE seq > ?"
-        " ORDER BY seq LIMIT ?",
+    conn: apsw.Connection, after_seq: int, limit: int, max_body: int = 1 << 62
+) -> list[tuple[Any, ...]]:
+    """Rows published after ``after_seq``, in publish order: (seq, agent, and
+    :data:`_LISTED`'s columns with the body None when longer than ``max_body``). A message's
+    rows come together; only the first of each carries the body (the others None)."""
+    rows = conn.execute(
+        "SELECT seq, agent, message_id FROM message WHERE seq > ? ORDER BY seq LIMIT ?",
         (after_seq, limit),
-    ).fetchall())
+    ).fetchall()
+    result = []
+    for index, (seq, agent, message_id) in enumerate(rows):
+        if index and rows[index - 1][2] == message_id:
+            result.append((seq, agent, message_id, None, None, None, None, None, None))
+            continue
+        listed = conn.execute(f"SELECT {_LISTED} FROM message WHERE seq = ?1", (seq, max_body))
+        result.append((seq, agent, *listed.fetchall()[0]))
+    return result
 
 
 def dead_letter_ids(

@@ -188,6 +188,43 @@ def test_listings_of_a_reader_with_a_smaller_limit_leave_the_payload_out(
     assert sender.peek("bob")[0].message.payload == {"blob": "x" * 600_000}
 
 
+def _peak_bytes(call: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_listings_never_fetch_a_body_above_the_readers_limit(
+    oversized: tuple[sqlbus.Bus, sqlbus.Bus, str, str],
+) -> None:
+    sender, receiver, big, small = oversized
+    from sqlbus import metrics
+
+    listings = {
+        "peek": lambda: receiver.peek("bob"),
+        "sent": lambda: receiver.sent(),
+        "tail": lambda: list(metrics.tail(receiver, None, None, timeout=0.0, from_seq=0)),
+    }
+    for name, listing in listings.items():
+        assert _peak_bytes(listing) < 300_000, name  # the 600 KB body stayed on disk
+    [entry, _] = receiver.peek("bob")
+    assert (entry.message.id, entry.message.sender, entry.message.type) == (
+        big, "alice", "notification")
+    assert entry.payload_bytes > 600_000
+    record = {r.message.id: r for r in receiver.sent()}[big]
+    assert record.payload_bytes == entry.payload_bytes and record.recipients == ["bob"]
+    [tailed] = [r for r in metrics.tail(receiver, None, None, timeout=0.0, from_seq=0)
+                if r.message.id == big]
+    assert tailed.message.payload == {} and tailed.payload_bytes == entry.payload_bytes
+    bob = receiver.agent("bob")
+    bob.receive(limit=10)  # dead-letters the big one unread
+    assert _peak_bytes(lambda: receiver.dead_letters()) < 300_000
+    assert receiver.dead_letters()[0].payload_bytes == entry.payload_bytes
+
+
 def test_a_run_loop_goes_past_a_message_above_its_limit(
     oversized: tuple[sqlbus.Bus, sqlbus.Bus, str, str],
 ) -> None:

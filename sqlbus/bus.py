@@ -1493,7 +1493,8 @@ class Agent:
                 for row in rows:
                     seq, claims, attempts, _priority, expires_at, _sent_at, body = row
                     if expires_at is not None and now > expires_at:
-                        storage.dead_letter(conn, seq, None, now, "expired", attempts=attempts - 1)
+                        storage.dead_letter(conn, seq, None, now, "expired", attempts=attempts - 1,
+                                            failed_at=expires_at)
                     elif attempts > bus.max_attempts:
                         self._dead_letter_worn_out(conn, seq, attempts, now)
                     else:

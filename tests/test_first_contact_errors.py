@@ -1,0 +1,112 @@
+"""Issue 13, sections 2 and 3: queue states that tell the truth and failures you can see
+(expired messages, CLI warnings, handler failure logs, RemoteError, ValidationError.field,
+aio.connect's keywords, enum errors that list the valid values)."""
+
+from __future__ import annotations
+
+import sqlbus
+from sqlbus import metrics
+from sqlbus.cli import cli
+from click.testing import CliRunner
+from conftest import query
+
+
+def iso(ms: int) -> str:
+    return sqlbus.messages.iso_ms(ms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Expired messages
+
+
+def test_an_expired_message_claimed_later_is_dead_lettered_at_its_expiry_time(make_bus, clock):
+    bus = make_bus()
+    alice, bob = bus.agent("alice"), bus.agent("bob")
+    alice.publish("bob", "notification", {"n": 1}, ttl=1000)
+    expires_at = clock.ms + 1000
+    clock.advance(3600)
+    assert bob.receive() == []
+    (dead,) = bus.dead_letters()
+    assert dead.reason == "expired"
+    assert dead.failed_at == iso(expires_at)
+
+
+def test_background_upkeep_moves_expired_messages_of_an_inbox_nobody_reads(make_bus, clock, db_path):
+    bus = make_bus()
+    alice = bus.agent("alice")
+    bus.agent("bob")
+    alice.publish("bob", "notification", {"n": 1}, ttl=1000)
+    alice.publish("bob", "notification", {"n": 2}, ttl=0)  # never expires: stays
+    alice.publish("bob", "notification", {"n": 3}, ttl=2000, delay=5.0)
+    expiries = {clock.ms + 1000, clock.ms + 7000}
+    clock.advance(60)
+    (stats,) = [s for s in bus.stats() if s.agent == "bob"]
+    assert (stats.expired, stats.ready, stats.dead) == (2, 1, 0)
+    assert bus.check().expired_messages == 2
+    other = make_bus()  # another process's first write runs its background upkeep pass
+    other.agent("carol").publish("carol", "notification", {})
+    dead = bus.dead_letters(agent="bob")
+    assert sorted(d.reason for d in dead) == ["expired", "expired"]
+    assert {d.failed_at for d in dead} == {iso(ms) for ms in expiries}
+    assert [d.attempts for d in dead] == [0, 0]
+    (stats,) = [s for s in bus.stats() if s.agent == "bob"]
+    assert (stats.expired, stats.ready, stats.dead) == (0, 1, 2)
+    assert bus.metrics().messages_expired == 2  # counted once, before and after the move
+    report = bus.check()
+    assert report.expired_messages == 0 and report.ok
+
+
+def test_upkeep_moves_an_expired_retrying_message_and_leaves_a_running_lease(make_bus, clock):
+    bus = make_bus(backoff_base=100.0, backoff_cap=100.0)
+    alice, bob = bus.agent("alice"), bus.agent("bob")
+    alice.publish("bob", "notification", {"n": 1}, ttl=10_000)
+    alice.publish("bob", "notification", {"n": 2}, ttl=10_000)
+    expires_at = clock.ms + 10_000
+    first, second = bob.receive(limit=2, lease=3600)
+    first.fail(RuntimeError("boom"))  # retrying for 100 s, expires meanwhile
+    clock.advance(20)
+    assert bus.check().expired_messages == 1  # the lease held is not expired: its holder may ack
+    assert metrics.upkeep(bus) == 1
+    (dead,) = bus.dead_letters()
+    assert (dead.message.payload, dead.reason, dead.attempts) == ({"n": 1}, "expired", 1)
+    assert dead.failed_at == iso(expires_at)
+    second.ack()
+    assert query(bus.path, "SELECT count(*) FROM dead_letter")[0][0] == 1
+
+
+def test_check_reports_expired_messages_as_information_not_a_problem(make_bus, clock):
+    bus = make_bus()
+    bus.agent("alice").publish("alice", "notification", {}, ttl=1)
+    clock.advance(1)
+    report = bus.check()
+    assert report.expired_messages == 1
+    assert report.ok and report.problems == []
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI warnings
+
+
+def run(db, *args):
+    return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
+
+
+def test_peek_of_an_unregistered_agent_warns_on_stderr_and_succeeds(make_bus, db_path):
+    make_bus().agent("bob")
+    result = run(db_path, "peek", "nobody")
+    assert result.exit_code == 0
+    (line,) = result.stderr.splitlines()
+    assert "warning" in line and "'nobody'" in line
+    assert run(db_path, "peek", "bob").stderr == ""
+
+
+def test_send_to_an_unregistered_agent_warns_on_stderr_and_succeeds(make_bus, db_path):
+    make_bus().agent("bob")
+    result = run(db_path, "send", "--from", "ops", "--to", "ghost", "--to", "bob",
+                 "--type", "notification")
+    assert result.exit_code == 0
+    assert result.stdout.startswith("msg-")
+    (line,) = result.stderr.splitlines()
+    assert "warning" in line and "'ghost'" in line and "bob" not in line
+    result = run(db_path, "send", "--from", "ops", "--to", "bob", "--type", "notification")
+    assert result.exit_code == 0 and result.stderr == ""

@@ -1699,7 +1699,7 @@ class Delivery:
     """
 
     __slots__ = ("agent", "message", "attempts", "lease_until", "_seq", "_claims", "_effects",
-                 "_settled", "_lock", "state")
+                 "_settled", "_lock", "state", "_outcome")
 
     def __init__(
         self, agent: Agent, message: Message, seq: int, claims: int, attempts: int,
@@ -1713,6 +1713,7 @@ class Delivery:
         self._claims = claims
         self._effects: list[Any] = []
         self._settled: str | None = None
+        self._outcome = ""  # after a failure, what happens next, for the run loop's log
         # Held from the check that a delivery is unsettled to the write that settles it, so of
         # two threads settling it one writes and the other is told it is settled already.
         self._lock = threading.Lock()
@@ -1920,6 +1921,7 @@ class Delivery:
             if counted:  # messages_failed and error_rates both come from these counts
                 storage.count_error(conn, error_name or "UnknownError")
         self._settled = "retrying" if reason is None else "dead"
+        self._outcome = f"retry in {delay:g} s" if reason is None else f"dead letter ({reason})"
 
 
 def response_payload(

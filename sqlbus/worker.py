@@ -362,6 +362,7 @@ class Dispatcher:
                 d.ack()
         except (VersionConflictError, ValidationError) as exc:
             d.fail(exc)
+            _log_failure(d, exc, d._outcome)
         return None
 
     def _dispatch(self, d: Delivery) -> bool:
@@ -405,6 +406,7 @@ class Dispatcher:
                     d.retry(signal_.delay)
                 except (TypeError, ValueError) as bad:  # a delay changed after construction
                     d.fail(bad)
+                    _log_failure(d, bad, d._outcome)
                 return False
             except Discard as signal_:
                 if d._settled is not None:
@@ -413,6 +415,7 @@ class Dispatcher:
                     d.dead_letter(signal_.reason)
                 except (TypeError, ValueError) as bad:  # a reason changed after construction
                     d.fail(bad)
+                    _log_failure(d, bad, d._outcome)
                     return False
                 if message.type == "request":  # tell the requester now, not at its timeout
                     respond(agent, message, None, success=False,
@@ -423,12 +426,14 @@ class Dispatcher:
                     return _settled_then_raised(d, exc)
                 if message.type != "request":
                     d.fail(exc)
+                    _log_failure(d, exc, d._outcome)
                     return False
                 # The requester is waiting: answer with the error and consume the request (a
                 # retry would answer late or twice). Counted in the error rates.
                 d._effects.clear()
                 d._effects.append(_CountError(type(exc).__name__))
                 d.reply(None, success=False, error=_error_text(exc) or type(exc).__name__)
+                _log_failure(d, exc, "answered success: false")
                 return True
             if message.type == "request" and d._settled is None and not _has_response(d):
                 try:  # the handlers' result is the response
@@ -436,6 +441,7 @@ class Dispatcher:
                 except ValidationError as exc:  # the return value cannot be sent as JSON
                     d._effects.append(_CountError(type(exc).__name__))
                     d.reply(None, success=False, error=f"the handler's return value: {exc}")
+                    _log_failure(d, exc, "answered success: false")
             return True
         finally:
             _current.reset(token)
@@ -467,6 +473,15 @@ def _removed(table: dict[str, tuple[Any, ...]], key: str, handler: Any) -> dict[
     else:
         del new[key]
     return new
+
+
+def _log_failure(d: Delivery, exc: BaseException, outcome: str) -> None:
+    """One WARNING per failed delivery: whose, which message and attempt, what happens next,
+    and the traceback (SPEC 5)."""
+    log.warning(
+        "sqlbus: agent %s, %s message %s, attempt %d: %s: %s; %s", d.agent.id, d.message.type,
+        d.message.id, d.attempts, type(exc).__name__, _error_text(exc), outcome, exc_info=exc,
+    )
 
 
 def _settled_then_raised(d: Delivery, exc: Exception) -> bool:

@@ -4,6 +4,8 @@ aio.connect's keywords, enum errors that list the valid values)."""
 
 from __future__ import annotations
 
+import logging
+
 import sqlbus
 from sqlbus import metrics
 from sqlbus.cli import cli
@@ -110,3 +112,62 @@ def test_send_to_an_unregistered_agent_warns_on_stderr_and_succeeds(make_bus, db
     assert "warning" in line and "'ghost'" in line and "bob" not in line
     result = run(db_path, "send", "--from", "ops", "--to", "bob", "--type", "notification")
     assert result.exit_code == 0 and result.stderr == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Handler failures under run() are logged
+
+
+def _failure_records(caplog):
+    return [r for r in caplog.records if r.name == "sqlbus" and r.levelno == logging.WARNING]
+
+
+def test_a_handler_that_raises_logs_one_warning_saying_it_retries(make_bus, caplog):
+    bus = make_bus()
+    bob = bus.agent("bob")
+    mid = bus.agent("alice").publish("bob", "notification", {})
+    bob.subscribe("notification", lambda m: 1 / 0)
+    with caplog.at_level(logging.WARNING, logger="sqlbus"):
+        assert bob.run(until_idle=True) == 1
+    (record,) = _failure_records(caplog)
+    text = record.getMessage()
+    for part in ("bob", mid, "notification", "attempt 1", "ZeroDivisionError",
+                 "division by zero", "retry in 1 s"):
+        assert part in text, (part, text)
+    assert record.exc_info and record.exc_info[0] is ZeroDivisionError
+
+
+def test_a_handler_failure_that_dead_letters_logs_the_reason(make_bus, caplog, clock):
+    bus = make_bus(max_attempts=2)
+    bob = bus.agent("bob")
+    alice = bus.agent("alice")
+    alice.publish("bob", "notification", {"n": 1})
+    alice.publish("bob", "notification", {"n": 2})
+
+    def handler(message):
+        if message.payload["n"] == 1:
+            raise RuntimeError("worn out")
+        raise sqlbus.ValidationError("payload.n: expected 1, got 2")
+
+    bob.subscribe("notification", handler)
+    with caplog.at_level(logging.WARNING, logger="sqlbus"):
+        bob.run(until_idle=True)
+        clock.advance(10)
+        bob.run(until_idle=True)
+    texts = [r.getMessage() for r in _failure_records(caplog)]
+    assert len(texts) == 3, texts
+    assert "attempt 1" in texts[0] and "retry in 1 s" in texts[0]
+    assert "dead letter (non_retryable)" in texts[1] and "ValidationError" in texts[1]
+    assert "attempt 2" in texts[2] and "dead letter (max_attempts)" in texts[2]
+
+
+def test_a_request_handler_that_raises_logs_that_it_answered_a_failure(make_bus, caplog):
+    bus = make_bus()
+    bob = bus.agent("bob")
+    mid = bus.agent("alice").publish("bob", "request", {"q": 1})
+    bob.subscribe("request", lambda m: 1 / 0)
+    with caplog.at_level(logging.WARNING, logger="sqlbus"):
+        bob.run(until_idle=True)
+    (record,) = _failure_records(caplog)
+    assert mid in record.getMessage() and "answered success: false" in record.getMessage()
+    assert record.exc_info[0] is ZeroDivisionError

@@ -436,9 +436,12 @@ class AsyncDelivery:
     extend = _offloaded("extend", "Keep the lease ``lease`` more seconds.")
     release = _offloaded("release", "Give the message back now.")
 
-    def reply(self, data: Any = None, *, success: bool = True, error: str | None = None) -> str:
+    def reply(
+        self, data: Any = None, *, success: bool = True, error: str | None = None,
+        error_type: str | None = None,
+    ) -> str:
         """Buffer a ``response`` to the sender (committed with the ack)."""
-        return self.sync.reply(data, success=success, error=error)
+        return self.sync.reply(data, success=success, error=error, error_type=error_type)
 
     def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
         """Buffer a message (committed with the ack)."""

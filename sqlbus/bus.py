@@ -1048,11 +1048,12 @@ class Bus:
         return _Publish(outgoing, delay_ms)
 
     def _prepare_response(
-        self, sender: str, request: Message, data: Any, success: bool, error: str | None, now: int
+        self, sender: str, request: Message, data: Any, success: bool, error: str | None, now: int,
+        error_type: str | None = None,
     ) -> _Publish:
         """The response to ``request`` (SPEC 5.1), validated; a direct reply when the request
         came from ``request()`` (header ``direct_reply``)."""
-        payload, correlation_id = response_payload(request, data, success, error)
+        payload, correlation_id = response_payload(request, data, success, error, error_type)
         direct = request.headers.direct_reply is True
         outgoing = prepare(
             sender, request.sender, "response", payload, now_ms=now,
@@ -1668,13 +1669,15 @@ class Agent:
         return request(self, to, payload, timeout, priority=priority, ttl=ttl)
 
     def respond(
-        self, message: Message, data: Any = None, success: bool = True, *, error: str | None = None
+        self, message: Message, data: Any = None, success: bool = True, *, error: str | None = None,
+        error_type: str | None = None,
     ) -> str:
-        """Answer the request ``message`` with ``data`` (or a failure with ``error``); returns
-        the response's id. Inside that request's handler it commits with the ack."""
+        """Answer the request ``message`` with ``data`` (or a failure with ``error`` and
+        ``error_type``, default ``"Error"``); returns the response's id. Inside that request's
+        handler it commits with the ack."""
         from .worker import respond
 
-        return respond(self, message, data, success, error=error)
+        return respond(self, message, data, success, error=error, error_type=error_type)
 
     @property
     def events(self) -> Events:
@@ -1825,12 +1828,17 @@ class Delivery:
 
     # -- buffered effects ------------------------------------------------------------------
 
-    def reply(self, data: Any = None, *, success: bool = True, error: str | None = None) -> str:
+    def reply(
+        self, data: Any = None, *, success: bool = True, error: str | None = None,
+        error_type: str | None = None,
+    ) -> str:
         """Buffer a ``response`` to the sender: ``{"success", "data", "request_id"}`` (and
-        ``"error"`` on failure) with the request's correlation id. Returns its id."""
+        ``"error"``, ``"error_type"`` (default ``"Error"``) on failure) with the request's
+        correlation id. Returns its id."""
         self._check_open()
         bus = self.agent.bus
-        op = bus._prepare_response(self.agent.id, self.message, data, success, error, bus._now_ms())
+        op = bus._prepare_response(self.agent.id, self.message, data, success, error,
+                                   bus._now_ms(), error_type)
         self._effects.append(op)
         return op.outgoing.id
 
@@ -1925,7 +1933,7 @@ class Delivery:
 
 
 def response_payload(
-    request: Message, data: Any, success: bool, error: str | None
+    request: Message, data: Any, success: bool, error: str | None, error_type: str | None = None
 ) -> tuple[dict[str, Any], str]:
     """The payload and correlation id of the response to ``request`` (SPEC 5.1)."""
     payload: dict[str, Any] = {"success": bool(success), "data": data, "request_id": request.id}
@@ -1934,6 +1942,11 @@ def response_payload(
             error = "request failed"
         # recorded text (often an exception's): a lone surrogate is kept escaped
         payload["error"] = escape_text(error) if type_of(error) is str else error
+    if error_type is not None and type_of(error_type) is not str:
+        raise TypeError(f"error_type must be a str (an exception's name), got {type_of(error_type).__name__}")
+    if not success:
+        # recorded text, like error: a lone surrogate is kept escaped
+        payload["error_type"] = "Error" if error_type is None else escape_text(error_type)
     correlation_id = request.headers.correlation_id
     return payload, correlation_id if isinstance(correlation_id, str) else request.id
 

@@ -65,7 +65,17 @@ class RequestTimeoutError(SqlbusError, TimeoutError):
 
 
 class RemoteError(SqlbusError):
-    """The agent that handled a request answered with a failure; the text is its error."""
+    """The agent that handled a request answered with a failure: ``bob: ZeroDivisionError: ...``."""
+
+    def __init__(self, agent: str, error_type: str, error: str) -> None:
+        # all three in args, so the error pickles (a process pool) and compares like any other
+        super().__init__(agent, error_type, error)
+        self.agent = agent
+        self.error_type = error_type
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"{self.agent}: {self.error_type}: {self.error}"
 
 
 class AuthenticationError(SqlbusError):

@@ -419,7 +419,7 @@ class Dispatcher:
                     return False
                 if message.type == "request":  # tell the requester now, not at its timeout
                     respond(agent, message, None, success=False,
-                            error=f"discarded: {signal_.reason}")
+                            error=f"discarded: {signal_.reason}", error_type="Discard")
                 return False
             except Exception as exc:
                 if d._settled is not None:
@@ -432,7 +432,8 @@ class Dispatcher:
                 # retry would answer late or twice). Counted in the error rates.
                 d._effects.clear()
                 d._effects.append(_CountError(type(exc).__name__))
-                d.reply(None, success=False, error=_error_text(exc) or type(exc).__name__)
+                d.reply(None, success=False, error=_error_text(exc) or type(exc).__name__,
+                        error_type=type(exc).__name__)
                 _log_failure(d, exc, "answered success: false")
                 return True
             if message.type == "request" and d._settled is None and not _has_response(d):
@@ -440,7 +441,8 @@ class Dispatcher:
                     d.reply(result)
                 except ValidationError as exc:  # the return value cannot be sent as JSON
                     d._effects.append(_CountError(type(exc).__name__))
-                    d.reply(None, success=False, error=f"the handler's return value: {exc}")
+                    d.reply(None, success=False, error=f"the handler's return value: {exc}",
+                            error_type=type(exc).__name__)
                     _log_failure(d, exc, "answered success: false")
             return True
         finally:
@@ -718,12 +720,16 @@ def _result_of(response: Message) -> Any:
     if payload.get("success") is True:
         return payload.get("data")
     error = payload.get("error")
-    raise RemoteError(str(error) if error else f"request failed (response {response.id})")
+    error_type = payload.get("error_type")
+    raise RemoteError(
+        response.sender, error_type if type(error_type) is str and error_type else "Error",
+        str(error) if error else f"request failed (response {response.id})",
+    )
 
 
 def respond(
     agent: Agent, message: Message, data: Any = None, success: bool = True,
-    *, error: str | None = None,
+    *, error: str | None = None, error_type: str | None = None,
 ) -> str:
     """Answer the request ``message``; returns the response's id.
 
@@ -732,10 +738,10 @@ def respond(
     """
     d = _current.get()
     if d is not None and d._settled is None and d.message.id == message.id and d.agent.id == agent.id:
-        return d.reply(data, success=success, error=error)
+        return d.reply(data, success=success, error=error, error_type=error_type)
     bus = agent.bus
     now = bus._now_ms()
-    op = bus._prepare_response(agent.id, message, data, success, error, now)
+    op = bus._prepare_response(agent.id, message, data, success, error, now, error_type)
     with bus._write() as conn:
         return op.write(conn, now)
 

@@ -5,6 +5,10 @@ aio.connect's keywords, enum errors that list the valid values)."""
 from __future__ import annotations
 
 import logging
+import pickle
+import threading
+
+import pytest
 
 import sqlbus
 from sqlbus import metrics
@@ -171,3 +175,53 @@ def test_a_request_handler_that_raises_logs_that_it_answered_a_failure(make_bus,
     (record,) = _failure_records(caplog)
     assert mid in record.getMessage() and "answered success: false" in record.getMessage()
     assert record.exc_info[0] is ZeroDivisionError
+
+
+# ---------------------------------------------------------------------------------------------
+# RemoteError
+
+
+@pytest.fixture
+def served(tmp_path):
+    """A real-time bus with bob answering requests in a thread: ``served(handler)`` -> alice."""
+    bus = sqlbus.connect(tmp_path / "served.db")
+    bob = bus.agent("bob")
+    threads = []
+
+    def serve(handler):
+        bob.subscribe("request", handler)
+        thread = threading.Thread(target=bob.run)
+        thread.start()
+        threads.append(thread)
+        return bus.agent("alice")
+
+    yield serve
+    bob.stop()
+    for thread in threads:
+        thread.join(10)
+    bus.close()
+
+
+def test_a_remote_error_names_the_agent_the_error_type_and_the_error(served):
+    alice = served(lambda m: 1 / 0)
+    with pytest.raises(sqlbus.RemoteError) as caught:
+        alice.request("bob", {"q": 1}, timeout=10)
+    error = caught.value
+    assert str(error) == "bob: ZeroDivisionError: division by zero"
+    assert (error.agent, error.error_type, error.error) == ("bob", "ZeroDivisionError",
+                                                            "division by zero")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (str(copy), copy.agent, copy.error_type) == (str(error), "bob", "ZeroDivisionError")
+
+
+def test_a_failure_answered_without_a_type_has_error_type_error(served):
+    def handler(message):
+        sqlbus.current_delivery().agent.respond(message, None, success=False, error="no stock")
+
+    alice = served(handler)
+    with pytest.raises(sqlbus.RemoteError) as caught:
+        alice.request("bob", {"q": 1}, timeout=10)
+    assert str(caught.value) == "bob: Error: no stock"
+    assert caught.value.error_type == "Error"
+    (response,) = [r.message for r in alice.bus.sent(limit=5) if r.message.type == "response"]
+    assert response.payload["error_type"] == "Error"

@@ -1670,22 +1670,26 @@ def expired_rows(conn: apsw.Connection, now: int, limit: int) -> list[int]:
 
 def count_expired(conn: apsw.Connection, now: int) -> int:
     """Expired messages not yet moved to dead letters."""
-    return sum(conn.execute(count, (now,)).fetchall()[0][0] for count in _COUNT_EXPIRED)
+    total = 0
+    for count in _COUNT_EXPIRED:
+        rows = conn.execute(count, (now,)).fetchall()
+        total += int(rows[0][0] or 0)
+    return total
 
 
-def dead_letter_expired(conn: Connection, seqs: Sequence[int], now: int) -> int:
+def dead_letter_expired(conn: apsw.Connection, seqs: Sequence[int], now: int) -> int:
     """Move the rows ``seqs`` that are still expired at ``now`` to dead letters, reason
     ``expired``, failed at their expiry time, attempts as they stand; returns how many."""
     moved = []
     for seq in seqs:
-        moved += conn.cur.execute(
+        moved += conn.execute(
             "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2"
             " AND state IN (0, 1, 4) AND expires_at < ?1 AND NOT (state = 1 AND visible_at > ?1)"
             " RETURNING seq, expires_at, attempts",
             (now, seq),
         ).fetchall()
     if moved:
-        conn.cur.executemany(
+        conn.executemany(
             "INSERT INTO dead_letter (seq, reason, failed_at, attempts) VALUES (?, 'expired', ?, ?)",
             moved,
         )

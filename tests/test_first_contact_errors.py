@@ -4,17 +4,20 @@ aio.connect's keywords, enum errors that list the valid values)."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import pickle
 import threading
 
 import pytest
-
-import sqlbus
-from sqlbus import metrics
-from sqlbus.cli import cli
 from click.testing import CliRunner
 from conftest import query
+
+import sqlbus
+import sqlbus.aio
+from sqlbus import metrics
+from sqlbus.cli import cli
 
 
 def iso(ms: int) -> str:
@@ -225,3 +228,30 @@ def test_a_failure_answered_without_a_type_has_error_type_error(served):
     assert caught.value.error_type == "Error"
     (response,) = [r.message for r in alice.bus.sent(limit=5) if r.message.type == "response"]
     assert response.payload["error_type"] == "Error"
+
+
+# ---------------------------------------------------------------------------------------------
+# sqlbus.aio.connect spells out sqlbus.connect's keywords
+
+
+def test_aio_connect_takes_exactly_the_keywords_of_connect_with_the_same_defaults():
+    sync = inspect.signature(sqlbus.connect).parameters
+    aio = inspect.signature(sqlbus.aio.connect).parameters
+    assert list(aio) == list(sync)
+    for name, parameter in sync.items():
+        assert aio[name] == parameter, name  # kind, default and annotation
+    assert inspect.signature(sqlbus.aio.connect).return_annotation == "AsyncBus"
+
+
+def test_aio_connect_passes_every_keyword_on(tmp_path, clock):
+    async def main():
+        bus = await sqlbus.aio.connect(tmp_path / "a.db", lease=7.0, max_attempts=2, clock=clock,
+                                       dead_retention=None)
+        try:
+            assert (bus.sync.lease, bus.sync.max_attempts) == (7.0, 2)
+            assert bus.sync.retention().dead_retention is None
+            assert bus.sync._now_ms() == clock.ms
+        finally:
+            await bus.close()
+
+    asyncio.run(main())

@@ -29,7 +29,7 @@ import traceback as traceback_module
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast, get_args
 
 if TYPE_CHECKING:
     from .worker import Events
@@ -54,6 +54,7 @@ from .messages import (
     MESSAGE_TYPES,
     Headers,
     Message,
+    MessageType,
     Outgoing,
     PlainRun,
     check_agent_id,
@@ -925,7 +926,8 @@ class Bus:
             types = [types] if isinstance(types, str) else list(types)
             for name in types:
                 if name not in MESSAGE_TYPES:
-                    raise ValidationError(f"types: unknown message type {name!r}")
+                    raise ValidationError(f"types: unknown message type {name!r}, expected one of "
+                                          f"{', '.join(get_args(MessageType))}", field="types")
         if timeout is not None:
             timeout = _seconds(timeout, "timeout")
         return ops.tail(self, agent, types, timeout=timeout)
@@ -1068,7 +1070,8 @@ class Bus:
         if type_of(pattern) is not str or not 1 <= len(pattern) <= 200 or not pattern.isprintable():
             # isprintable() refuses NUL and lone surrogates, which SQLite cannot compare
             got = pattern[:50] if type_of(pattern) is str else pattern
-            raise ValidationError(f"pattern: expected 1..200 printable characters, got {got!r}")
+            raise ValidationError(f"pattern: expected 1..200 printable characters, got {got!r}",
+                                  field="pattern")
         unknown = set(headers) - (_PUBLISH_KEYS - {"to", "type", "payload"})
         if unknown:
             raise TypeError(f"broadcast() got unknown header(s): {', '.join(sorted(unknown))}")
@@ -1353,13 +1356,15 @@ class Agent:
         ops = []
         for index, item in enumerate(items):
             if type_of(item) is not dict:
-                raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}")
+                raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}",
+                                      field=f"[{index}]")
             if not _PUBLISH_KEYS.issuperset(item):
                 unknown = sorted(map(str, set(item) - _PUBLISH_KEYS))
-                raise ValidationError(f"[{index}]: unknown key(s) {', '.join(unknown)}")
+                raise ValidationError(f"[{index}]: unknown key(s) {', '.join(unknown)}",
+                                      field=f"[{index}]")
             if "to" not in item or "type" not in item:
                 missing = "to" if "to" not in item else "type"
-                raise ValidationError(f"[{index}].{missing}: required")
+                raise ValidationError(f"[{index}].{missing}: required", field=f"[{index}].{missing}")
             get = item.get
             ops.append(self.bus._prepare(
                 self.id, item["to"], item["type"], get("payload"), priority=get("priority", 3),
@@ -1412,7 +1417,8 @@ class Agent:
             types = [types] if isinstance(types, str) else list(types)
             for name in types:
                 if name not in MESSAGE_TYPES:
-                    raise ValidationError(f"types: unknown message type {name!r}")
+                    raise ValidationError(f"types: unknown message type {name!r}, expected one of "
+                                          f"{', '.join(get_args(MessageType))}", field="types")
             types_json = encode_json(types).decode()
         if wait <= 0:
             return self._claim(limit, lease_ms, types_json).deliveries

@@ -754,7 +754,8 @@ def _check_event_name(name: object) -> str:
     # isprintable() also refuses NUL and lone surrogates
     if type(name) is not str or not 1 <= len(name) <= 200 or not name.isprintable():
         got = name[:50] if type(name) is str else name
-        raise ValidationError(f"event name: expected 1..200 printable characters, got {got!r}")
+        raise ValidationError(f"event name: expected 1..200 printable characters, got {got!r}",
+                              field="event name")
     return name
 
 

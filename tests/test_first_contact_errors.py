@@ -255,3 +255,98 @@ def test_aio_connect_passes_every_keyword_on(tmp_path, clock):
             await bus.close()
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------
+# ValidationError.field and enum errors
+
+
+def _refused(call):
+    with pytest.raises(sqlbus.ValidationError) as caught:
+        call()
+    error = caught.value
+    assert str(error).startswith(error.field + ": "), (error.field, str(error))
+    return error
+
+
+def test_a_validation_error_names_the_path_of_its_field(make_bus):
+    bus = make_bus()
+    alice = bus.agent("alice")
+    good = {"to": "bob", "type": "notification"}
+    cases = {
+        "headers.priority": lambda: alice.publish("bob", "notification", {}, priority=9),
+        "headers.ttl": lambda: alice.publish("bob", "notification", {}, ttl=-1),
+        "headers.requires_ack": lambda: alice.publish("bob", "notification", {}, requires_ack=1),
+        "headers.correlation_id": lambda: alice.publish("bob", "notification", {},
+                                                        correlation_id=5),
+        "type": lambda: alice.publish("bob", "nonsense", {}),
+        "to": lambda: alice.publish("b*", "notification", {}),
+        "to[1]": lambda: alice.publish(["bob", ""], "notification", {}),
+        "id": lambda: alice.publish("bob", "notification", {}, id="msg-1"),
+        "payload": lambda: alice.publish("bob", "notification", [1]),
+        "payload.items[2]": lambda: alice.publish("bob", "notification",
+                                                  {"items": [1, 2, float("nan")]}),
+        "payload.k": lambda: alice.publish("bob", "notification", {"k": {"a\x00": 1}}),
+        "payload.task.id": lambda: alice.publish("bob", "task_assignment",
+                                                 {"task": {"id": 1, "type": "t"}}),
+        "[3].to": lambda: alice.publish_many([good] * 3 + [dict(good, to="x?")]),
+        "[1].headers.priority":
+            lambda: alice.publish_many([good, dict(good, priority=0)]),
+        "[0]": lambda: alice.publish_many([dict(good, colour="red")]),
+        "[0].type": lambda: alice.publish_many([{"to": "bob"}]),
+        "pattern": lambda: alice.broadcast("notification", {}, pattern=""),
+        "types": lambda: alice.receive(types=["nonsense"]),
+        "state key": lambda: bus.state.set("", 1),
+        "subscribers": lambda: bus.state.set("k", 1, subscribers="bob"),
+        "subscribers[0]": lambda: bus.state.set("k", 1, subscribers=["b*"]),
+        "event name": lambda: alice.events.emit("", {}),
+    }
+    for field, call in cases.items():
+        assert _refused(call).field == field
+
+
+def test_a_path_whose_key_holds_a_colon_is_still_the_field(make_bus):
+    alice = make_bus().agent("alice")
+    error = _refused(lambda: alice.publish("bob", "notification", {"a: b": [1, float("inf")]}))
+    assert error.field == "payload.a: b[1]"
+
+
+def test_a_too_large_payload_names_the_payload(make_bus):
+    alice = make_bus(max_payload_bytes=100).agent("alice")
+    with pytest.raises(sqlbus.PayloadTooLargeError) as caught:
+        alice.publish("bob", "notification", {"text": "x" * 200})
+    assert caught.value.field == "payload"
+
+
+def test_a_validation_error_raised_without_a_field_takes_it_from_its_text():
+    assert sqlbus.ValidationError("payload.n: expected 1, got 2").field == "payload.n"
+    assert sqlbus.ValidationError("no field named").field == ""
+    error = sqlbus.ValidationError("a: b: c", field="a: b")
+    copy = pickle.loads(pickle.dumps(error))
+    assert (type(copy), str(copy), copy.field) == (sqlbus.ValidationError, "a: b: c", "a: b")
+
+
+def test_an_invalid_status_lists_the_valid_values(make_bus):
+    alice = make_bus().agent("alice")
+    error = _refused(lambda: alice.publish("bob", "status_update", {"agent_status": "sleepy"}))
+    assert error.field == "payload.agent_status"
+    assert str(error) == ("payload.agent_status: invalid enum value 'sleepy', expected one of "
+                          "idle, busy, error, shutting_down")
+    error = _refused(lambda: alice.publish("bob", "task_result", {"task_id": "t", "status": "meh"}))
+    assert str(error).endswith("expected one of completed, failed, timeout")
+    message = sqlbus.Message(id="msg-1800000000000-abcdefghi", sender="a", to="b",
+                             type="status_update", timestamp="2027-01-15T08:00:00.000Z",
+                             payload={"agent_status": "sleepy"})
+    error = _refused(lambda: sqlbus.decode_payload(message, sqlbus.StatusUpdate))
+    assert str(error).endswith("expected one of idle, busy, error, shutting_down")
+
+
+def test_an_unknown_message_type_lists_the_types_in_their_order(make_bus):
+    alice = make_bus().agent("alice")
+    order = ("request, response, notification, error, task_assignment, task_result, "
+             "status_update, heartbeat, shutdown, broadcast, event, state_change, "
+             "state_sync_request")
+    assert str(_refused(lambda: alice.publish("bob", "nonsense", {}))).endswith(
+        f"expected one of {order}, got 'nonsense'")
+    assert str(_refused(lambda: alice.receive(types=["nonsense"]))).endswith(
+        f"expected one of {order}")

@@ -51,6 +51,8 @@ def test_background_upkeep_moves_expired_messages_of_an_inbox_nobody_reads(make_
     clock.advance(60)
     (stats,) = [s for s in bus.stats() if s.agent == "bob"]
     assert (stats.expired, stats.ready, stats.dead) == (2, 1, 0)
+    assert [e.status for e in bus.peek("bob")] == ["ready", "expired", "expired"]
+    assert bus.metrics().messages_expired == 2
     assert bus.check().expired_messages == 2
     other = make_bus()  # another process's first write runs its background upkeep pass
     other.agent("carol").publish("carol", "notification", {})

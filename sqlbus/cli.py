@@ -25,7 +25,7 @@ from . import __version__
 from .bus import Bus, connect
 from .errors import DatabaseError, SqlbusError
 from .messages import MESSAGE_TYPES, Message
-from .metrics import to_prometheus
+from .metrics import to_openmetrics, to_prometheus
 from .storage import check_file
 
 __all__ = ["cli", "main", "parse_duration"]
@@ -681,25 +681,32 @@ def state_list(config: _Config, prefix: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "prometheus"]),
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "prometheus", "openmetrics"]),
               default="table", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the same as --format json).")
 @pass_config
-def metrics(config: _Config, fmt: str) -> None:
+def metrics(config: _Config, fmt: str, as_json: bool) -> None:
     """Bus-wide metrics: totals, throughput, delivery time, errors, depths, file sizes.
 
-    json is the seed's generateReport; prometheus is the text exposition format.
+    json is the seed's generateReport; prometheus is the Prometheus text format, openmetrics
+    is OpenMetrics (for a scrape that asks for application/openmetrics-text).
 
     \b
     Example:
         sqlbus --db team.db metrics --format prometheus
     """
+    if as_json and _given("fmt") and fmt != "json":
+        raise click.UsageError(f"--json is --format json, not --format {fmt}")
     with config.bus() as bus:
         m = bus.metrics()
-    if fmt == "json":
+    if as_json or fmt == "json":
         _json_out(m)
         return
     if fmt == "prometheus":
         click.echo(to_prometheus(m), nl=False)
+        return
+    if fmt == "openmetrics":
+        click.echo(to_openmetrics(m), nl=False)
         return
     scalar = [
         (f.replace("_", " "), getattr(m, f))

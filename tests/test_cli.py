@@ -222,8 +222,8 @@ def test_metrics_prometheus_is_the_text_exposition_format(populated):
     from test_metrics import parse_prometheus
 
     series = parse_prometheus(ok(populated.path, "metrics", "--format", "prometheus"))
-    assert series["sqlbus_messages_sent"] == {"": 4.0}
-    assert series["sqlbus_queue_depths"]['agent="bob",state="ready"'] == 2.0
+    assert series["sqlbus_messages_sent_total"] == {"": 4.0}
+    assert series["sqlbus_queue_depth"]['agent="bob",state="ready"'] == 2.0
 
 
 def test_prune_deletes_only_what_is_older_than_asked(populated):

@@ -25,7 +25,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .bus import Bus, connect
-from .errors import DatabaseError, SqlbusError
+from .errors import DatabaseError, SqlbusError, ValidationError
 from .messages import Message, MessageType
 from .metrics import to_openmetrics, to_prometheus
 from .storage import check_file
@@ -161,6 +161,8 @@ class _Group(click.Group):
             except OSError:
                 pass
             code = 1
+        except ValidationError as exc:  # a value given on the command line broke a rule
+            code = _fail(str(exc), 2)
         except SqlbusError as exc:
             code = _fail(str(exc), 1)
         except KeyError as exc:
@@ -741,7 +743,7 @@ def state_get(config: _Config, key: str, as_json: bool) -> None:
 @state.command("set")
 @click.argument("key")
 @click.argument("value", type=JSON)
-@click.option("--expected-version", type=click.IntRange(min=0), default=None,
+@click.option("--expected-version", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="Compare-and-set: write only if the version is this (0 = absent).")
 @click.option("--no-notify", is_flag=True, help="Send no state_change message.")
 @json_option

@@ -352,7 +352,8 @@ class Dispatcher:
                         pool.submit(handle, d)
                     continue
                 if claimed is not None:
-                    baseline, due = claimed.baseline, claimed.due
+                    baseline = claimed.baseline if claimed.baseline is not None else baseline
+                    due = claimed.due
                 if until_idle:
                     with slots:
                         if in_flight == 0:

@@ -103,7 +103,8 @@ def test_db_after_a_group_name_and_after_the_command_wins(populated, db_path, tm
 
 def test_python_dash_m_sqlbus_runs_the_cli(populated, db_path):
     out = subprocess.run([sys.executable, "-m", "sqlbus", "stats", "--db", str(db_path), "--json"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(Path(sqlbus.__file__).parent.parent)})
     assert out.returncode == 0, out.stderr
     assert {row["agent"] for row in json.loads(out.stdout)} == {"alice", "bob"}
 
@@ -246,12 +247,17 @@ def handle(message):
 '''
 
 
+# The console script as installed: the current directory is not on sys.path by itself.
+SQLBUS_SCRIPT = ("import os, sys; sys.path[:] = [p for p in sys.path if p not in ('', os.getcwd())]; "
+                 "sys.argv[0] = 'sqlbus'; from sqlbus.cli import main; main()")
+
+
 def _worker(tmp_path: Path, db_path: Path, *args: str) -> subprocess.Popen:
     (tmp_path / "myhandlers.py").write_text(HANDLER_MODULE)
-    env = {**os.environ, "HANDLED": str(tmp_path / "handled.jsonl")}
-    env.pop("PYTHONPATH", None)
+    env = {**os.environ, "HANDLED": str(tmp_path / "handled.jsonl"),
+           "PYTHONPATH": str(Path(sqlbus.__file__).parent.parent)}  # this test's sqlbus
     return subprocess.Popen(
-        [sys.executable, "-m", "sqlbus", "worker", "myhandlers:handle", "--db", str(db_path),
+        [sys.executable, "-c", SQLBUS_SCRIPT, "worker", "myhandlers:handle", "--db", str(db_path),
          *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
@@ -433,3 +439,32 @@ def test_the_asyncio_run_takes_concurrency_too(db_path):
             return done, most
 
     assert asyncio.run(main()) == (9, 3)
+
+
+def test_a_failing_concurrent_handler_does_not_stop_the_loop(make_bus):
+    bus = make_bus(clock=time.time, max_attempts=1)
+    bob = bus.agent("bob")
+
+    def handler(message):
+        if message.payload["i"] % 2:
+            raise ValueError("odd")
+
+    bob.subscribe("notification", handler)
+    bus.agent("alice").publish_many([{"to": "bob", "type": "notification", "payload": {"i": i}}
+                                     for i in range(10)])
+    assert bob.run(until_idle=True, concurrency=3) == 10
+    m = bus.metrics()
+    assert (m.messages_received, m.messages_failed, m.messages_dead_lettered) == (5, 5, 5)
+
+
+def test_hundreds_of_concurrent_runs_leave_no_thread_behind(make_bus):
+    bus = make_bus(clock=time.time)
+    bob, alice = bus.agent("bob"), bus.agent("alice")
+    bob.subscribe("notification", lambda message: None)
+    alice.publish("bob", "notification", {})
+    bob.run(until_idle=True, concurrency=4)  # the bus's own threads start here
+    threads = threading.active_count()
+    for _ in range(300):
+        alice.publish("bob", "notification", {})
+        assert bob.run(until_idle=True, concurrency=4) == 1
+    assert threading.active_count() == threads

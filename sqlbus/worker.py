@@ -364,7 +364,7 @@ class Dispatcher:
                     baseline, min(_IDLE_SLICE, agent._seconds_until(due)), agent.id
                 )
         finally:
-            pool.shutdown(wait=True)  # in-flight handlers finish (a second signal ends the wait)
+            pool.shutdown(wait=True)  # in-flight handlers finish, however run() ends
         if failure:
             raise failure[0]
         return processed

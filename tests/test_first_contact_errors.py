@@ -352,3 +352,15 @@ def test_an_unknown_message_type_lists_the_types_in_their_order(make_bus):
         f"expected one of {order}, got 'nonsense'")
     assert str(_refused(lambda: alice.receive(types=["nonsense"]))).endswith(
         f"expected one of {order}")
+
+
+def test_handler_failures_under_concurrency_are_logged_once_each(make_bus, caplog):
+    bus = make_bus()
+    bob = bus.agent("bob")
+    ids = {bus.agent("alice").publish("bob", "notification", {"n": n}) for n in range(6)}
+    bob.subscribe("notification", lambda m: 1 / 0)
+    with caplog.at_level(logging.WARNING, logger="sqlbus"):
+        assert bob.run(until_idle=True, concurrency=3) == 6
+    texts = [r.getMessage() for r in _failure_records(caplog)]
+    assert len(texts) == 6, texts
+    assert {next(i for i in ids if i in t) for t in texts} == ids

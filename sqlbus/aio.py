@@ -37,6 +37,7 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -44,7 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from . import worker
-from .bus import Agent, Bus, Delivery, Transaction, _open_block, _seconds
+from .bus import STORED, Agent, Bus, Delivery, Transaction, _open_block, _seconds, _Stored
+from .bus import connect as _connect
 from .errors import DatabaseError, VersionConflictError
 from .messages import Message, encode_json_value
 from .state import StateEntry, StateStore, check_key
@@ -66,15 +68,38 @@ T = TypeVar("T")
 _POOL_THREADS = 8  # threads for short database calls (one connection each)
 
 
-async def connect(path: Any, **policy: Any) -> AsyncBus:
-    """Open the database at ``path`` (same keyword policy as :func:`sqlbus.connect`).
+async def connect(
+    path: str | os.PathLike[str],
+    *,
+    durability: str = "normal",
+    lease: float = 30.0,
+    max_attempts: int = 5,
+    backoff_base: float = 1.0,
+    backoff_cap: float = 16.0,
+    max_payload_bytes: int = 1_048_576,
+    busy_timeout: float = 5.0,
+    clock: Callable[[], float] | None = None,
+    mode: int = 0o600,
+    non_retryable: Iterable[type[BaseException]] = (),
+    archive_retention: float | None | _Stored = STORED,
+    dead_retention: float | None | _Stored = STORED,
+    archive_max_messages: int | None | _Stored = STORED,
+) -> AsyncBus:
+    """Open the database at ``path``: the keywords, their defaults and units are those of
+    :func:`sqlbus.connect` (spelled out here so editors and type checkers see them).
 
     >>> bus = await sqlbus.aio.connect("team.db", durability="full")   # doctest: +SKIP
     """
+    policy: dict[str, Any] = dict(
+        durability=durability, lease=lease, max_attempts=max_attempts, backoff_base=backoff_base,
+        backoff_cap=backoff_cap, max_payload_bytes=max_payload_bytes, busy_timeout=busy_timeout,
+        clock=clock, mode=mode, non_retryable=non_retryable, archive_retention=archive_retention,
+        dead_retention=dead_retention, archive_max_messages=archive_max_messages,
+    )
     pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="sqlbus-aio")
     try:
         bus = await asyncio.get_running_loop().run_in_executor(
-            pool, functools.partial(Bus, path, **policy)
+            pool, functools.partial(_connect, path, **policy)
         )
     except BaseException:
         pool.shutdown(wait=False)
@@ -443,9 +468,12 @@ class AsyncDelivery:
     extend = _offloaded("extend", "Keep the lease ``lease`` more seconds.")
     release = _offloaded("release", "Give the message back now.")
 
-    def reply(self, data: Any = None, *, success: bool = True, error: str | None = None) -> str:
+    def reply(
+        self, data: Any = None, *, success: bool = True, error: str | None = None,
+        error_type: str | None = None,
+    ) -> str:
         """Buffer a ``response`` to the sender (committed with the ack)."""
-        return self.sync.reply(data, success=success, error=error)
+        return self.sync.reply(data, success=success, error=error, error_type=error_type)
 
     def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
         """Buffer a message (committed with the ack)."""

@@ -29,7 +29,7 @@ import traceback as traceback_module
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast, get_args
 
 if TYPE_CHECKING:
     from .worker import Events
@@ -54,6 +54,7 @@ from .messages import (
     MESSAGE_TYPES,
     Headers,
     Message,
+    MessageType,
     Outgoing,
     PlainRun,
     check_agent_id,
@@ -925,7 +926,8 @@ class Bus:
             types = [types] if isinstance(types, str) else list(types)
             for name in types:
                 if name not in MESSAGE_TYPES:
-                    raise ValidationError(f"types: unknown message type {name!r}")
+                    raise ValidationError(f"types: unknown message type {name!r}, expected one of "
+                                          f"{', '.join(get_args(MessageType))}", field="types")
         if timeout is not None:
             timeout = _seconds(timeout, "timeout")
         return ops.tail(self, agent, types, timeout=timeout)
@@ -1048,11 +1050,12 @@ class Bus:
         return _Publish(outgoing, delay_ms)
 
     def _prepare_response(
-        self, sender: str, request: Message, data: Any, success: bool, error: str | None, now: int
+        self, sender: str, request: Message, data: Any, success: bool, error: str | None, now: int,
+        error_type: str | None = None,
     ) -> _Publish:
         """The response to ``request`` (SPEC 5.1), validated; a direct reply when the request
         came from ``request()`` (header ``direct_reply``)."""
-        payload, correlation_id = response_payload(request, data, success, error)
+        payload, correlation_id = response_payload(request, data, success, error, error_type)
         direct = request.headers.direct_reply is True
         outgoing = prepare(
             sender, request.sender, "response", payload, now_ms=now,
@@ -1067,7 +1070,8 @@ class Bus:
         if type_of(pattern) is not str or not 1 <= len(pattern) <= 200 or not pattern.isprintable():
             # isprintable() refuses NUL and lone surrogates, which SQLite cannot compare
             got = pattern[:50] if type_of(pattern) is str else pattern
-            raise ValidationError(f"pattern: expected 1..200 printable characters, got {got!r}")
+            raise ValidationError(f"pattern: expected 1..200 printable characters, got {got!r}",
+                                  field="pattern")
         unknown = set(headers) - (_PUBLISH_KEYS - {"to", "type", "payload"})
         if unknown:
             raise TypeError(f"broadcast() got unknown header(s): {', '.join(sorted(unknown))}")
@@ -1352,13 +1356,15 @@ class Agent:
         ops = []
         for index, item in enumerate(items):
             if type_of(item) is not dict:
-                raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}")
+                raise ValidationError(f"[{index}]: expected a dict, got {type_of(item).__name__}",
+                                      field=f"[{index}]")
             if not _PUBLISH_KEYS.issuperset(item):
                 unknown = sorted(map(str, set(item) - _PUBLISH_KEYS))
-                raise ValidationError(f"[{index}]: unknown key(s) {', '.join(unknown)}")
+                raise ValidationError(f"[{index}]: unknown key(s) {', '.join(unknown)}",
+                                      field=f"[{index}]")
             if "to" not in item or "type" not in item:
                 missing = "to" if "to" not in item else "type"
-                raise ValidationError(f"[{index}].{missing}: required")
+                raise ValidationError(f"[{index}].{missing}: required", field=f"[{index}].{missing}")
             get = item.get
             ops.append(self.bus._prepare(
                 self.id, item["to"], item["type"], get("payload"), priority=get("priority", 3),
@@ -1411,7 +1417,8 @@ class Agent:
             types = [types] if isinstance(types, str) else list(types)
             for name in types:
                 if name not in MESSAGE_TYPES:
-                    raise ValidationError(f"types: unknown message type {name!r}")
+                    raise ValidationError(f"types: unknown message type {name!r}, expected one of "
+                                          f"{', '.join(get_args(MessageType))}", field="types")
             types_json = encode_json(types).decode()
         if wait <= 0:
             return self._claim(limit, lease_ms, types_json).deliveries
@@ -1493,7 +1500,8 @@ class Agent:
                 for row in rows:
                     seq, claims, attempts, _priority, expires_at, _sent_at, body = row
                     if expires_at is not None and now > expires_at:
-                        storage.dead_letter(conn, seq, None, now, "expired", attempts=attempts - 1)
+                        storage.dead_letter(conn, seq, None, now, "expired", attempts=attempts - 1,
+                                            failed_at=expires_at)
                     elif attempts > bus.max_attempts:
                         self._dead_letter_worn_out(conn, seq, attempts, now)
                     else:
@@ -1674,13 +1682,15 @@ class Agent:
         return request(self, to, payload, timeout, priority=priority, ttl=ttl)
 
     def respond(
-        self, message: Message, data: Any = None, success: bool = True, *, error: str | None = None
+        self, message: Message, data: Any = None, success: bool = True, *, error: str | None = None,
+        error_type: str | None = None,
     ) -> str:
-        """Answer the request ``message`` with ``data`` (or a failure with ``error``); returns
-        the response's id. Inside that request's handler it commits with the ack."""
+        """Answer the request ``message`` with ``data`` (or a failure with ``error`` and
+        ``error_type``, default ``"Error"``); returns the response's id. Inside that request's
+        handler it commits with the ack."""
         from .worker import respond
 
-        return respond(self, message, data, success, error=error)
+        return respond(self, message, data, success, error=error, error_type=error_type)
 
     @property
     def events(self) -> Events:
@@ -1705,7 +1715,7 @@ class Delivery:
     """
 
     __slots__ = ("agent", "message", "attempts", "lease_until", "_seq", "_claims", "_effects",
-                 "_settled", "_lock", "state")
+                 "_settled", "_lock", "state", "_outcome")
 
     def __init__(
         self, agent: Agent, message: Message, seq: int, claims: int, attempts: int,
@@ -1719,6 +1729,7 @@ class Delivery:
         self._claims = claims
         self._effects: list[Any] = []
         self._settled: str | None = None
+        self._outcome = ""  # after a failure, what happens next, for the run loop's log
         # Held from the check that a delivery is unsettled to the write that settles it, so of
         # two threads settling it one writes and the other is told it is settled already.
         self._lock = threading.Lock()
@@ -1830,12 +1841,17 @@ class Delivery:
 
     # -- buffered effects ------------------------------------------------------------------
 
-    def reply(self, data: Any = None, *, success: bool = True, error: str | None = None) -> str:
+    def reply(
+        self, data: Any = None, *, success: bool = True, error: str | None = None,
+        error_type: str | None = None,
+    ) -> str:
         """Buffer a ``response`` to the sender: ``{"success", "data", "request_id"}`` (and
-        ``"error"`` on failure) with the request's correlation id. Returns its id."""
+        ``"error"``, ``"error_type"`` (default ``"Error"``) on failure) with the request's
+        correlation id. Returns its id."""
         self._check_open()
         bus = self.agent.bus
-        op = bus._prepare_response(self.agent.id, self.message, data, success, error, bus._now_ms())
+        op = bus._prepare_response(self.agent.id, self.message, data, success, error,
+                                   bus._now_ms(), error_type)
         self._effects.append(op)
         return op.outgoing.id
 
@@ -1926,10 +1942,11 @@ class Delivery:
             if counted:  # messages_failed and error_rates both come from these counts
                 storage.count_error(conn, error_name or "UnknownError")
         self._settled = "retrying" if reason is None else "dead"
+        self._outcome = f"retry in {delay:g} s" if reason is None else f"dead letter ({reason})"
 
 
 def response_payload(
-    request: Message, data: Any, success: bool, error: str | None
+    request: Message, data: Any, success: bool, error: str | None, error_type: str | None = None
 ) -> tuple[dict[str, Any], str]:
     """The payload and correlation id of the response to ``request`` (SPEC 5.1)."""
     payload: dict[str, Any] = {"success": bool(success), "data": data, "request_id": request.id}
@@ -1938,6 +1955,11 @@ def response_payload(
             error = "request failed"
         # recorded text (often an exception's): a lone surrogate is kept escaped
         payload["error"] = escape_text(error) if type_of(error) is str else error
+    if error_type is not None and type_of(error_type) is not str:
+        raise TypeError(f"error_type must be a str (an exception's name), got {type_of(error_type).__name__}")
+    if not success:
+        # recorded text, like error: a lone surrogate is kept escaped
+        payload["error_type"] = "Error" if error_type is None else escape_text(error_type)
     correlation_id = request.headers.correlation_id
     return payload, correlation_id if isinstance(correlation_id, str) else request.id
 

@@ -407,6 +407,15 @@ def agents(config: _Config, as_json: bool) -> None:
     )
 
 
+def _warn_unregistered(bus: Bus, agents: Sequence[str]) -> None:
+    """One line on stderr naming the agents no process has registered (most likely a typo)."""
+    registered = {a.id for a in bus.agents()}
+    unknown = sorted(set(agents) - registered)
+    if unknown:
+        click.echo(f"sqlbus: warning: not a registered agent: {', '.join(map(repr, unknown))}",
+                   err=True)
+
+
 @cli.command()
 @click.argument("agent")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
@@ -421,6 +430,7 @@ def peek(config: _Config, agent: str, limit: int, as_json: bool) -> None:
     """
     with config.bus() as bus:
         entries = bus.peek(agent, limit)
+        _warn_unregistered(bus, [agent])
     if as_json:
         _json_out(entries)
         return
@@ -459,6 +469,7 @@ def send(
             to[0] if len(to) == 1 else list(to), type_, payload, priority=priority, ttl=ttl,
             requires_ack=requires_ack, correlation_id=correlation_id, delay=delay or 0.0,
         )
+        _warn_unregistered(bus, to)
     if as_json:
         _json_out({"id": message_id})
     else:
@@ -987,6 +998,7 @@ def check(config: _Config, as_json: bool) -> int:
                    f"{report.wal_frames_checkpointed} checkpointed"
                    + (" - PINNED by a reader" if report.wal_pinned else ""))
         click.echo(f"expired leases: {report.expired_leases}")
+        click.echo(f"expired messages not yet dead-lettered: {report.expired_messages}")
         for problem in report.problems:
             click.echo(f"problem: {problem}")
         click.echo("ok" if report.ok else "NOT OK")

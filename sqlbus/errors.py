@@ -7,6 +7,8 @@ steer what happens to the message it is processing.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "SqlbusError",
     "ValidationError",
@@ -33,7 +35,19 @@ class SqlbusError(Exception):
 
 
 class ValidationError(SqlbusError, ValueError):
-    """A message or argument broke a rule; the text names the field and the rule."""
+    """A message or argument broke a rule; the text names the field (``.field``) and the rule."""
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message)
+        if field is None:  # raised without one (a handler's own): the text before its first ": "
+            head, sep, _ = str(message).partition(": ")
+            field = head if sep else ""
+        self.field = field
+        """The path the text names: ``headers.priority``, ``[3].to``, ``payload.items[2]``."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keyword-only field: pickled as state, or a copy would parse it from the text again
+        return (type(self), self.args, {"field": self.field})
 
 
 class PayloadTooLargeError(ValidationError):
@@ -65,7 +79,17 @@ class RequestTimeoutError(SqlbusError, TimeoutError):
 
 
 class RemoteError(SqlbusError):
-    """The agent that handled a request answered with a failure; the text is its error."""
+    """The agent that handled a request answered with a failure: ``bob: ZeroDivisionError: ...``."""
+
+    def __init__(self, agent: str, error_type: str, error: str) -> None:
+        # all three in args, so the error pickles (a process pool) and compares like any other
+        super().__init__(agent, error_type, error)
+        self.agent = agent
+        self.error_type = error_type
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"{self.agent}: {self.error_type}: {self.error}"
 
 
 class AuthenticationError(SqlbusError):

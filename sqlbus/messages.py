@@ -18,7 +18,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal, NamedTuple, Union, get_args
+from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
@@ -375,7 +375,7 @@ def decode_payload(message: Message, struct_type: type[Struct]) -> Any:
     try:
         return msgspec.convert(message.payload, struct_type)
     except msgspec.ValidationError as exc:
-        raise ValidationError(_msgspec_error_text(exc, "payload")) from exc
+        raise _msgspec_error(exc, "payload", struct_type) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,15 +393,18 @@ def check_agent_id(value: object, field_name: str = "agent id") -> str:
     if type(value) is str and value in _known_agent_ids:
         return value
     if type(value) is not str:
-        raise ValidationError(f"{field_name}: expected str, got {type(value).__name__}")
+        raise ValidationError(f"{field_name}: expected str, got {type(value).__name__}",
+                              field=field_name)
     if not 1 <= len(value) <= 200:
-        raise ValidationError(f"{field_name}: expected 1..200 characters, got {len(value)}")
+        raise ValidationError(f"{field_name}: expected 1..200 characters, got {len(value)}",
+                              field=field_name)
     if not value.isprintable():
-        raise ValidationError(f"{field_name}: expected printable text, got {value!r}")
+        raise ValidationError(f"{field_name}: expected printable text, got {value!r}",
+                              field=field_name)
     if _PATTERN_CHARS.search(value):
         raise ValidationError(
             f"{field_name}: {value!r} contains a pattern character (* ? [); "
-            "publish takes agent ids, use broadcast(pattern=...) to match many"
+            "publish takes agent ids, use broadcast(pattern=...) to match many", field=field_name,
         )
     if len(_known_agent_ids) < 10_000:
         _known_agent_ids.add(value)
@@ -410,24 +413,61 @@ def check_agent_id(value: object, field_name: str = "agent id") -> str:
 
 def _check_int(value: object, name: str, low: int, high: int | None) -> int:
     if type(value) is not int:
-        raise ValidationError(f"{name}: expected int, got {type(value).__name__}")
+        raise ValidationError(f"{name}: expected int, got {type(value).__name__}", field=name)
     if value < low or (high is not None and value > high):
         rule = f">= {low}" if high is None else f">= {low} and <= {high}"
-        raise ValidationError(f"{name}: expected int {rule}, got {value}")
+        raise ValidationError(f"{name}: expected int {rule}, got {value}", field=name)
     return value
 
 
-def _msgspec_error_text(exc: msgspec.ValidationError, root: str) -> str:
+def _msgspec_error(
+    exc: msgspec.ValidationError, root: str, struct_type: type[Struct]
+) -> ValidationError:
+    """msgspec's error about a value converted to ``struct_type``, in our words: the path from
+    ``root`` and the rule; an enum error lists the valid values (SPEC 1.1)."""
     text = str(exc)
     match = re.match(r"^(.*) - at `\$(.*)`$", text, re.S)
     if not match:
-        return f"{root}: {text[0].lower() + text[1:] if text else text}"
+        return ValidationError(f"{root}: {text[0].lower() + text[1:] if text else text}",
+                               field=root)
     rule, path = match.groups()
     rule = rule.replace("`", "")
-    return f"{root}{path}: {rule[0].lower() + rule[1:]}"
+    choices = _enum_values(struct_type, path) if rule.startswith("Invalid enum value") else ()
+    if choices:
+        rule += f", expected one of {', '.join(choices)}"
+    return ValidationError(f"{root}{path}: {rule[0].lower() + rule[1:]}", field=f"{root}{path}")
 
 
-def _find_non_json(value: Any, path: str) -> str | None:
+def _enum_values(struct_type: type[Struct], path: str) -> tuple[str, ...]:
+    """The values of the ``Literal`` at ``path`` (``.progress.eta``, ``.items[2]``, as msgspec
+    names it) inside ``struct_type``, or () when that is no Literal."""
+    kind: Any = struct_type
+    for step in re.finditer(r"\.([^.\[]+)|\[\d+\]", path):
+        kind = _unwrapped(kind)
+        name = step.group(1)
+        if name:
+            is_struct = isinstance(kind, type) and issubclass(kind, Struct)
+            kind = get_type_hints(kind, include_extras=True).get(name) if is_struct else None
+        else:
+            kind = (get_args(kind) or (None,))[0]  # a list's items
+    kind = _unwrapped(kind)
+    return tuple(str(v) for v in get_args(kind)) if get_origin(kind) is Literal else ()
+
+
+def _unwrapped(kind: Any) -> Any:
+    """``kind`` without ``Annotated`` and without the ``UNSET``/``None`` of an optional field."""
+    while get_origin(kind) is Annotated or get_origin(kind) is Union:
+        if get_origin(kind) is Annotated:
+            kind = get_args(kind)[0]
+        else:
+            rest = [k for k in get_args(kind) if k is not UnsetType and k is not type(None)]
+            if len(rest) != 1:
+                return kind
+            kind = rest[0]
+    return kind
+
+
+def _find_non_json(value: Any, path: str) -> ValidationError | None:
     """Walk a payload and name the first value that is not plain JSON (slow path, errors only)."""
     kind = type(value)
     if kind is str:
@@ -436,13 +476,16 @@ def _find_non_json(value: Any, path: str) -> str | None:
         return None
     if kind is float:
         return None if value == value and value not in (float("inf"), float("-inf")) else (
-            f"{path}: {value!r} is not JSON (NaN and infinity are not allowed)"
+            ValidationError(f"{path}: {value!r} is not JSON (NaN and infinity are not allowed)",
+                            field=path)
         )
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
-                return f"{path}: key {key!r} is not a string (JSON object keys are strings)"
-            found = _bad_text(key, f"{path}: key")
+                return ValidationError(
+                    f"{path}: key {key!r} is not a string (JSON object keys are strings)",
+                    field=path)
+            found = _bad_text(key, path, "key ")
             if found:
                 return found
             found = _find_non_json(item, _member_path(path, key))
@@ -455,7 +498,9 @@ def _find_non_json(value: Any, path: str) -> str | None:
             if found:
                 return found
         return None
-    return f"{path}: {kind.__name__} is not JSON (use dict, list, str, int, float, bool, None)"
+    return ValidationError(
+        f"{path}: {kind.__name__} is not JSON (use dict, list, str, int, float, bool, None)",
+        field=path)
 
 
 def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
@@ -469,30 +514,30 @@ def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
     except (TypeError, OverflowError, UnicodeEncodeError, RecursionError,
             msgspec.EncodeError) as exc:
         found = _too_deep_path(value, name) or _find_non_json(value, name)
-        raise ValidationError(found or f"{name}: {exc}") from exc
+        raise (found or ValidationError(f"{name}: {exc}", field=name)) from exc
     if len(encoded) > max_bytes:
         raise PayloadTooLargeError(
-            f"{name}: encoded size {len(encoded)} bytes exceeds max_payload_bytes={max_bytes}"
+            f"{name}: encoded size {len(encoded)} bytes exceeds max_payload_bytes={max_bytes}",
+            field=name,
         )
     # Depth is checked before anything walks the value recursively (the NUL check below).
     try:
         decoded = _decode_any(encoded)
     except RecursionError as exc:
-        raise ValidationError(_too_deep_path(value, name) or _TOO_DEEP.format(name)) from exc
+        raise (_too_deep_path(value, name) or _too_deep(name)) from exc
     # _may_nest_too_deep and _may_hold_nul inlined (a call costs more than their tests)
     if len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH and (
         _nests_too_deep(encoded)
     ):
-        raise ValidationError(_too_deep_path(value, name) or _TOO_DEEP.format(name))
+        raise _too_deep_path(value, name) or _too_deep(name)
     if 92 in encoded and encoded.find(b"\\u0000") >= 0:
         found = _find_non_json(value, name)
         if found:
-            raise ValidationError(found)
+            raise found
     # msgspec quietly writes NaN as null and bytes as base64; a round trip catches both.
     if decoded != value:
-        raise ValidationError(
-            _find_non_json(value, name) or f"{name}: does not survive a JSON round trip"
-        )
+        raise _find_non_json(value, name) or ValidationError(
+            f"{name}: does not survive a JSON round trip", field=name)
     return encoded
 
 
@@ -501,6 +546,10 @@ def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
 # also in a receiver whose handler already runs some frames down.
 MAX_DEPTH = 64
 _TOO_DEEP = "{}: nested deeper than " + f"{MAX_DEPTH} levels of objects and arrays"
+
+
+def _too_deep(path: str) -> ValidationError:
+    return ValidationError(_TOO_DEEP.format(path), field=path)
 
 
 def _may_nest_too_deep(encoded: bytes) -> bool:
@@ -537,14 +586,14 @@ def _member_path(path: str, key: object) -> str:
     return f"{path}.{key}" if type_of(key) is str and key.isprintable() else f"{path}[{key!r}]"
 
 
-def _too_deep_path(value: Any, name: str) -> str | None:
+def _too_deep_path(value: Any, name: str) -> ValidationError | None:
     """The error naming the first object or array nested deeper than MAX_DEPTH, or None.
     Iterative: the value may be nested deeper than Python can recurse."""
     stack = [(value, name, 1)]
     while stack:
         item, path, depth = stack.pop()
         if depth > MAX_DEPTH:
-            return _TOO_DEEP.format(path)
+            return _too_deep(path)
         if isinstance(item, dict):
             stack.extend((v, _member_path(path, k), depth + 1) for k, v in reversed(item.items())
                          if isinstance(v, (dict, list, tuple)))
@@ -563,14 +612,15 @@ def encode_payload(payload: Any, type_: str, max_bytes: int, name: str = "payloa
     if isinstance(payload, Struct):
         payload = msgspec.to_builtins(payload)
     if type(payload) is not dict:
-        raise ValidationError(f"{name}: expected a JSON object (dict), got {type(payload).__name__}")
+        raise ValidationError(
+            f"{name}: expected a JSON object (dict), got {type(payload).__name__}", field=name)
     encoded = encode_json_value(payload, max_bytes, name)
     struct_type = TYPED_PAYLOADS.get(type_)
     if struct_type is not None:
         try:
             msgspec.convert(payload, struct_type)
         except msgspec.ValidationError as exc:
-            raise ValidationError(_msgspec_error_text(exc, name)) from exc
+            raise _msgspec_error(exc, name, struct_type) from exc
     return encoded
 
 
@@ -616,7 +666,8 @@ def prepare(
     """
     if type not in MESSAGE_TYPES:
         raise ValidationError(
-            f"{prefix}type: expected one of {', '.join(sorted(MESSAGE_TYPES))}, got {type!r}"
+            f"{prefix}type: expected one of {', '.join(get_args(MessageType))}, got {type!r}",
+            field=f"{prefix}type",
         )
     # Fast paths first: the names for an error message are built only when one is raised.
     if type_of(priority) is not int or not 1 <= priority <= 5:
@@ -625,14 +676,16 @@ def prepare(
         _check_int(ttl, f"{prefix}headers.ttl", 0, MAX_TTL_MS)
     if requires_ack is not True and requires_ack is not False:
         raise ValidationError(
-            f"{prefix}headers.requires_ack: expected bool, got {builtin_type(requires_ack)}"
+            f"{prefix}headers.requires_ack: expected bool, got {builtin_type(requires_ack)}",
+            field=f"{prefix}headers.requires_ack",
         )
     if correlation_id is not None and (
         type_of(correlation_id) is not str or _bad_text(correlation_id, "")
     ):
         got = builtin_type(correlation_id) if type_of(correlation_id) is not str else (
             "a str with NUL or a lone surrogate")
-        raise ValidationError(f"{prefix}headers.correlation_id: expected str, got {got}")
+        raise ValidationError(f"{prefix}headers.correlation_id: expected str, got {got}",
+                              field=f"{prefix}headers.correlation_id")
     if type_of(to) is str and to in _known_agent_ids:
         recipients = [to]
     elif isinstance(to, str):
@@ -646,15 +699,18 @@ def prepare(
                 seen.add(agent)
                 recipients.append(agent)
         if not recipients and broadcast_pattern is None:
-            raise ValidationError(f"{prefix}to: expected at least one agent id, got an empty list")
+            raise ValidationError(f"{prefix}to: expected at least one agent id, got an empty list",
+                                  field=f"{prefix}to")
     else:
-        raise ValidationError(f"{prefix}to: expected str or list of str, got {builtin_type(to)}")
+        raise ValidationError(f"{prefix}to: expected str or list of str, got {builtin_type(to)}",
+                              field=f"{prefix}to")
     caller_id = id is not None
     if id is None:
         id = new_message_id(now_ms)
     elif type_of(id) is not str or not _ID_RE.fullmatch(id):
         raise ValidationError(
-            f"{prefix}id: expected msg-<13 digits>-<9 chars of [a-z0-9]>, got {id!r}"
+            f"{prefix}id: expected msg-<13 digits>-<9 chars of [a-z0-9]>, got {id!r}",
+            field=f"{prefix}id",
         )
     if payload is None:
         payload = {}
@@ -685,7 +741,7 @@ def prepare(
         raise PayloadTooLargeError(
             f"{prefix}to: the message with its {len(recipients)} recipient(s) and headers is "
             f"{len(body)} bytes, more than max_payload_bytes={max_payload_bytes} plus "
-            f"{ENVELOPE_ALLOWANCE} bytes for the envelope"
+            f"{ENVELOPE_ALLOWANCE} bytes for the envelope", field=f"{prefix}to",
         )
     return Outgoing(
         id=id,
@@ -855,12 +911,17 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _bad_text(text: str, path: str) -> str | None:
-    """The error for a caller's string that holds NUL or a lone surrogate (SPEC 1.1), or None."""
+def _bad_text(text: str, path: str, what: str = "") -> ValidationError | None:
+    """The error for a caller's string (``what``: ``"key "`` for an object's key) at ``path``
+    that holds NUL or a lone surrogate (SPEC 1.1), or None."""
     if "\x00" in text:
-        return f"{path}: {text[:50]!r} holds NUL (\\x00), which sqlbus refuses in any string"
+        return ValidationError(
+            f"{path}: {what}{text[:50]!r} holds NUL (\\x00), which sqlbus refuses in any string",
+            field=path)
     if not _is_utf8(text):
-        return f"{path}: {text[:50]!r} is not valid Unicode (a lone surrogate has no UTF-8 form)"
+        return ValidationError(
+            f"{path}: {what}{text[:50]!r} is not valid Unicode (a lone surrogate has no UTF-8 form)",
+            field=path)
     return None
 
 
@@ -868,14 +929,16 @@ def check_text(value: object, field_name: str, max_length: int, *, empty: bool =
     """Return ``value`` if it is a str of 1..``max_length`` characters (0.. with ``empty``)
     without NUL or a lone surrogate, else raise :class:`ValidationError`."""
     if type(value) is not str:
-        raise ValidationError(f"{field_name}: expected str, got {builtin_type(value)}")
+        raise ValidationError(f"{field_name}: expected str, got {builtin_type(value)}",
+                              field=field_name)
     if not (0 if empty else 1) <= len(value) <= max_length:
         raise ValidationError(
-            f"{field_name}: expected {0 if empty else 1}..{max_length} characters, got {len(value)}"
+            f"{field_name}: expected {0 if empty else 1}..{max_length} characters, got {len(value)}",
+            field=field_name,
         )
     found = _bad_text(value, field_name)
     if found:
-        raise ValidationError(found)
+        raise found
     return value
 
 

@@ -198,6 +198,9 @@ class CheckReport(msgspec.Struct, kw_only=True):
     wal_frames_checkpointed: int
     wal_pinned: bool
     expired_leases: int
+    # Expired messages still in an inbox: normal (the next claim or upkeep moves them to dead
+    # letters), so information, not a problem.
+    expired_messages: int = 0
 
 
 class BackupResult(msgspec.Struct, kw_only=True):
@@ -505,18 +508,23 @@ def upkeep(bus: Bus) -> int:
     """One background retention pass under the policy stored in the file: at most
     ``UPKEEP_BATCH`` acked rows past ``archive_retention`` (and as many state changes), as many
     dead letters past ``dead_retention`` and as many of the oldest acked rows above
-    ``archive_max_messages``, in one short transaction. Returns rows deleted."""
+    ``archive_max_messages``, in one short transaction; in the same one it moves up to
+    ``UPKEEP_BATCH`` expired messages to dead letters (SPEC 4: not only a claim on their inbox
+    does, so an inbox nobody reads does not keep them). Returns rows deleted or moved."""
     now = bus._now_ms()
     # Read before the write lock: the archive's bound walks every row older than the cutoff,
-    # and its excess counts whole indexes.
+    # its excess counts whole indexes, and finding expired rows walks the backlog.
     with bus._reading() as conn:
         archive_ms, dead_ms, max_messages = storage.get_retention(conn)
         bound = 0 if archive_ms is None else storage.archive_bound(conn, now - archive_ms)
         excess = 0 if max_messages is None else storage.archive_excess(conn, max_messages)
-    if archive_ms is None and dead_ms is None and not excess:
+        expired = storage.expired_rows(conn, now, UPKEEP_BATCH)
+    if archive_ms is None and dead_ms is None and not excess and not expired:
         return 0
     acked = deleted = 0
     with bus._write() as conn:
+        if expired:
+            deleted += storage.dead_letter_expired(conn, expired, now)
         if archive_ms is not None:
             acked = storage.prune_acked(conn, now - archive_ms, UPKEEP_BATCH, bound=bound)[0]
             deleted += storage.prune_state_log(conn, now - archive_ms, UPKEEP_BATCH)
@@ -660,7 +668,8 @@ def background_upkeep(bus: Bus) -> None:
 
 
 def check(bus: Bus) -> CheckReport:
-    """Integrity, schema version, file sizes, WAL pinning and expired leases of the bus's file."""
+    """Integrity, schema version, file sizes, WAL pinning, expired leases and expired messages
+    not yet moved to dead letters of the bus's file."""
     conn = bus._conn()
     now = bus._now_ms()
     problems: list[str] = []
@@ -670,11 +679,12 @@ def check(bus: Bus) -> CheckReport:
     try:
         with bus._reading(conn):
             leases = storage.expired_leases(conn, now)
+            expired = storage.count_expired(conn, now)
             bodiless = storage.rows_without_body(conn)
     except DatabaseError:
         if integrity == ["ok"]:
             raise
-        leases = bodiless = 0  # the rows cannot be read: the damage is the problem to report
+        leases = expired = bodiless = 0  # the rows cannot be read: the damage is the problem to report
     with bus._reading(conn):
         # A passive checkpoint copies what it can and says how far it got: frames it could not
         # copy belong to snapshots that some reader still holds. Ask twice, a moment apart, so
@@ -703,7 +713,7 @@ def check(bus: Bus) -> CheckReport:
         ok=not problems, problems=problems, integrity=integrity, schema_version=version,
         supported_schema_version=storage.SCHEMA_VERSION, db_bytes=db_bytes, wal_bytes=wal_bytes,
         wal_frames=max(frames, 0), wal_frames_checkpointed=max(done, 0), wal_pinned=pinned,
-        expired_leases=leases,
+        expired_leases=leases, expired_messages=expired,
     )
 
 

@@ -60,7 +60,8 @@ def entry_from_row(row: tuple[Any, ...]) -> StateEntry:
 def check_key(key: object) -> str:
     if type(key) is not str or not 1 <= len(key) <= 512:
         got = key[:50] if type(key) is str else key
-        raise ValidationError(f"state key: expected a str of 1..512 characters, got {got!r}")
+        raise ValidationError(f"state key: expected a str of 1..512 characters, got {got!r}",
+                              field="state key")
     # NUL: SQLite's length() ends a text at it, which would make prefixes match wrongly; a
     # lone surrogate has no UTF-8 form to store.
     return check_text(key, "state key", 512)
@@ -79,7 +80,8 @@ def check_subscribers(subscribers: object) -> list[str] | None:
         return None
     if isinstance(subscribers, (str, bytes)) or not hasattr(subscribers, "__iter__"):
         raise ValidationError(
-            f"subscribers: expected a list of agent ids, got {type(subscribers).__name__}")
+            f"subscribers: expected a list of agent ids, got {type(subscribers).__name__}",
+            field="subscribers")
     return [check_agent_id(agent, f"subscribers[{i}]") for i, agent in enumerate(subscribers)]
 
 

@@ -1090,11 +1090,13 @@ def dead_letter(
     traceback: str | None = None,
     context_json: str | None = None,
     attempts: int | None = None,
+    failed_at: int | None = None,
 ) -> bool:
     """Move a queued or leased row to dead letters; False when that lease (or row) is gone.
 
     ``claims=None`` retires the row whatever its lease (the bus's own decisions at claim
-    time). ``attempts`` overrides the attempt count kept in the record.
+    time). ``attempts`` overrides the attempt count kept in the record, ``failed_at`` the
+    time (default ``now``; an expired message failed when it expired, not when it was found).
     """
     rows = conn.cur.execute(
         "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2 AND state <= 1"
@@ -1106,8 +1108,8 @@ def dead_letter(
     conn.cur.execute(
         "INSERT INTO dead_letter (seq, reason, error_name, error_message, traceback, context,"
         " failed_at, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (seq, reason, error_name, error_message, traceback, context_json, now,
-         rows[0][0] if attempts is None else attempts),
+        (seq, reason, error_name, error_message, traceback, context_json,
+         now if failed_at is None else failed_at, rows[0][0] if attempts is None else attempts),
     )
     return True
 
@@ -1641,6 +1643,57 @@ def dead_reason_rows(conn: apsw.Connection) -> list[tuple[str, int]]:
 def error_count_rows(conn: apsw.Connection) -> list[tuple[str, int]]:
     """(exception name, failures) since the file was made."""
     return conn.execute("SELECT name, count FROM error_counts ORDER BY name").fetchall()
+
+
+# Expired rows as _STATUS names them (a running lease stays leased), one query per partial
+# index (message_claim, message_wait) so the archive is never read.
+_EXPIRED_QUEUED = " FROM message WHERE state = 0 AND expires_at < ?1"
+_EXPIRED_WAITING = (
+    " FROM message WHERE (state = 1 OR state = 4) AND expires_at < ?1"
+    " AND NOT (state = 1 AND visible_at > ?1)"
+)
+_SELECT_EXPIRED = ("SELECT seq" + _EXPIRED_QUEUED + " LIMIT ?2",
+                   "SELECT seq" + _EXPIRED_WAITING + " LIMIT ?2")
+_COUNT_EXPIRED = ("SELECT count(*)" + _EXPIRED_QUEUED, "SELECT count(*)" + _EXPIRED_WAITING)
+
+
+def expired_rows(conn: apsw.Connection, now: int, limit: int) -> list[int]:
+    """Up to ``limit`` expired messages still in an inbox (never delivered again; the next
+    claim on that inbox or background upkeep moves them to dead letters): their seqs."""
+    seqs: list[int] = []
+    for select in _SELECT_EXPIRED:
+        seqs += [row[0] for row in conn.execute(select, (now, limit - len(seqs)))]
+        if len(seqs) >= limit:
+            break
+    return seqs
+
+
+def count_expired(conn: apsw.Connection, now: int) -> int:
+    """Expired messages not yet moved to dead letters."""
+    total = 0
+    for count in _COUNT_EXPIRED:
+        rows = conn.execute(count, (now,)).fetchall()
+        total += int(rows[0][0] or 0)
+    return total
+
+
+def dead_letter_expired(conn: apsw.Connection, seqs: Sequence[int], now: int) -> int:
+    """Move the rows ``seqs`` that are still expired at ``now`` to dead letters, reason
+    ``expired``, failed at their expiry time, attempts as they stand; returns how many."""
+    moved = []
+    for seq in seqs:
+        moved += conn.execute(
+            "UPDATE message SET state = 3, done_at = ?1 WHERE seq = ?2"
+            " AND state IN (0, 1, 4) AND expires_at < ?1 AND NOT (state = 1 AND visible_at > ?1)"
+            " RETURNING seq, expires_at, attempts",
+            (now, seq),
+        ).fetchall()
+    if moved:
+        conn.executemany(
+            "INSERT INTO dead_letter (seq, reason, failed_at, attempts) VALUES (?, 'expired', ?, ?)",
+            moved,
+        )
+    return len(moved)
 
 
 def expired_leases(conn: apsw.Connection, now: int) -> int:

@@ -443,6 +443,7 @@ class Dispatcher:
                 d.ack()
         except (VersionConflictError, ValidationError) as exc:
             d.fail(exc)
+            _log_failure(d, exc, d._outcome)
         return None
 
     def _dispatch(self, d: Delivery) -> bool:
@@ -486,6 +487,7 @@ class Dispatcher:
                     d.retry(signal_.delay)
                 except (TypeError, ValueError) as bad:  # a delay changed after construction
                     d.fail(bad)
+                    _log_failure(d, bad, d._outcome)
                 return False
             except Discard as signal_:
                 if d._settled is not None:
@@ -494,29 +496,35 @@ class Dispatcher:
                     d.dead_letter(signal_.reason)
                 except (TypeError, ValueError) as bad:  # a reason changed after construction
                     d.fail(bad)
+                    _log_failure(d, bad, d._outcome)
                     return False
                 if message.type == "request":  # tell the requester now, not at its timeout
                     respond(agent, message, None, success=False,
-                            error=f"discarded: {signal_.reason}")
+                            error=f"discarded: {signal_.reason}", error_type="Discard")
                 return False
             except Exception as exc:
                 if d._settled is not None:
                     return _settled_then_raised(d, exc)
                 if message.type != "request":
                     d.fail(exc)
+                    _log_failure(d, exc, d._outcome)
                     return False
                 # The requester is waiting: answer with the error and consume the request (a
                 # retry would answer late or twice). Counted in the error rates.
                 d._effects.clear()
                 d._effects.append(_CountError(type(exc).__name__))
-                d.reply(None, success=False, error=_error_text(exc) or type(exc).__name__)
+                d.reply(None, success=False, error=_error_text(exc) or type(exc).__name__,
+                        error_type=type(exc).__name__)
+                _log_failure(d, exc, "answered success: false")
                 return True
             if message.type == "request" and d._settled is None and not _has_response(d):
                 try:  # the handlers' result is the response
                     d.reply(result)
                 except ValidationError as exc:  # the return value cannot be sent as JSON
                     d._effects.append(_CountError(type(exc).__name__))
-                    d.reply(None, success=False, error=f"the handler's return value: {exc}")
+                    d.reply(None, success=False, error=f"the handler's return value: {exc}",
+                            error_type=type(exc).__name__)
+                    _log_failure(d, exc, "answered success: false")
             return True
         finally:
             _current.reset(token)
@@ -559,6 +567,15 @@ def _removed(table: dict[str, tuple[Any, ...]], key: str, handler: Any) -> dict[
     else:
         del new[key]
     return new
+
+
+def _log_failure(d: Delivery, exc: BaseException, outcome: str) -> None:
+    """One WARNING per failed delivery: whose, which message and attempt, what happens next,
+    and the traceback (SPEC 5)."""
+    log.warning(
+        "sqlbus: agent %s, %s message %s, attempt %d: %s: %s; %s", d.agent.id, d.message.type,
+        d.message.id, d.attempts, type(exc).__name__, _error_text(exc), outcome, exc_info=exc,
+    )
 
 
 def _settled_then_raised(d: Delivery, exc: Exception) -> bool:
@@ -795,12 +812,16 @@ def _result_of(response: Message) -> Any:
     if payload.get("success") is True:
         return payload.get("data")
     error = payload.get("error")
-    raise RemoteError(str(error) if error else f"request failed (response {response.id})")
+    error_type = payload.get("error_type")
+    raise RemoteError(
+        response.sender, error_type if type(error_type) is str and error_type else "Error",
+        str(error) if error else f"request failed (response {response.id})",
+    )
 
 
 def respond(
     agent: Agent, message: Message, data: Any = None, success: bool = True,
-    *, error: str | None = None,
+    *, error: str | None = None, error_type: str | None = None,
 ) -> str:
     """Answer the request ``message``; returns the response's id.
 
@@ -809,10 +830,10 @@ def respond(
     """
     d = _current.get()
     if d is not None and d._settled is None and d.message.id == message.id and d.agent.id == agent.id:
-        return d.reply(data, success=success, error=error)
+        return d.reply(data, success=success, error=error, error_type=error_type)
     bus = agent.bus
     now = bus._now_ms()
-    op = bus._prepare_response(agent.id, message, data, success, error, now)
+    op = bus._prepare_response(agent.id, message, data, success, error, now, error_type)
     with bus._write() as conn:
         return op.write(conn, now)
 
@@ -825,7 +846,8 @@ def _check_event_name(name: object) -> str:
     # isprintable() also refuses NUL and lone surrogates
     if type(name) is not str or not 1 <= len(name) <= 200 or not name.isprintable():
         got = name[:50] if type(name) is str else name
-        raise ValidationError(f"event name: expected 1..200 printable characters, got {got!r}")
+        raise ValidationError(f"event name: expected 1..200 printable characters, got {got!r}",
+                              field="event name")
     return name
 
 

@@ -384,6 +384,8 @@ def test_every_command_runs_as_a_real_process(tmp_path):
         return proc.stdout
 
     check("init")
+    with sqlbus.connect(db) as bus:
+        bus.agent("bob")  # registered: a send to an unknown agent warns on stderr
     message_id = check("send", "--from", "ops", "--to", "bob", "--type", "notification").strip()
     assert message_id.startswith("msg-")
     assert json.loads(check("stats", "--json"))[0]["agent"] == "bob"

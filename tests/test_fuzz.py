@@ -40,8 +40,10 @@ OUTCOMES: Counter[str] = Counter()
 # -- strategies ---------------------------------------------------------------------------------
 
 def good_text(**kwargs: Any) -> st.SearchStrategy[str]:
-    """Text a caller may give: no NUL (SPEC 1.1; hypothesis already leaves out surrogates)."""
-    return st.text(alphabet=st.characters(blacklist_characters="\x00"), **kwargs)
+    """Text a caller may give: no NUL and no lone surrogate (SPEC 1.1)."""
+    return st.text(
+        alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), **kwargs
+    )
 
 
 json_scalars = st.one_of(

@@ -24,9 +24,9 @@ import msgspec
 from click.core import ParameterSource
 
 from . import __version__
-from .bus import Bus, connect
+from .bus import Agent, Bus, connect
 from .errors import DatabaseError, SqlbusError, ValidationError
-from .messages import Message, MessageType
+from .messages import Message, MessageType, check_agent_id
 from .metrics import to_openmetrics, to_prometheus
 from .storage import check_file
 from .worker import MAX_CONCURRENCY
@@ -465,10 +465,13 @@ def send(
         sqlbus --db team.db send --from ops --to worker-1 --type notification --payload '{"text": "hi"}'
     """
     with config.bus() as bus:
-        message_id = bus.agent(sender).publish(
+        # Publish first and register the sender after: a message that fails validation
+        # writes nothing, not even the sender's registration.
+        message_id = Agent(bus, check_agent_id(sender, "--from")).publish(
             to[0] if len(to) == 1 else list(to), type_, payload, priority=priority, ttl=ttl,
             requires_ack=requires_ack, correlation_id=correlation_id, delay=delay or 0.0,
         )
+        bus.agent(sender)
         _warn_unregistered(bus, to)
     if as_json:
         _json_out({"id": message_id})

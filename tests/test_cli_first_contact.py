@@ -468,3 +468,13 @@ def test_hundreds_of_concurrent_runs_leave_no_thread_behind(make_bus):
         alice.publish("bob", "notification", {})
         assert bob.run(until_idle=True, concurrency=4) == 1
     assert threading.active_count() == threads
+
+
+def test_send_that_fails_validation_does_not_register_its_sender(tmp_path: Path) -> None:
+    db = tmp_path / "team.db"
+    sqlbus.connect(db).close()
+    result = CliRunner().invoke(cli, ["--db", str(db), "send", "--from", "newcomer", "--to", "bob",
+                                      "--type", "notification", "--payload", "[1]"])
+    assert result.exit_code == 2, result.output
+    with sqlbus.connect(db) as bus:
+        assert [a.id for a in bus.agents()] == []

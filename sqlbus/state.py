@@ -112,8 +112,7 @@ class StateStore:
 
     ``subscribers`` (agent ids) receive the ``state_change`` message; when omitted it goes to
     every agent but the writer with an interest in ``state_change`` or ``*`` (``subscribe``).
-    ``include_value=True`` puts the new
-    value in the message as ``full_value``.
+    ``include_value=True`` puts the new value in the message as ``full_value``.
     """
 
     def __init__(

@@ -202,6 +202,13 @@ def _check_callable(handler: object) -> None:
         raise TypeError(f"handler must be callable, got {type(handler).__name__}")
 
 
+def _check_type(type_: object) -> None:
+    if type_ != "*" and type_ not in MESSAGE_TYPES:
+        raise ValidationError(
+            f"type: expected '*' or one of {', '.join(sorted(MESSAGE_TYPES))}, got {type_!r}"
+        )
+
+
 class Dispatcher:
     """One agent object's handlers and run loop (used through :class:`~sqlbus.Agent`)."""
 
@@ -779,13 +786,6 @@ def respond(
 
 # ---------------------------------------------------------------------------------------------
 # Events
-
-
-def _check_type(type_: object) -> None:
-    if type_ != "*" and type_ not in MESSAGE_TYPES:
-        raise ValidationError(
-            f"type: expected '*' or one of {', '.join(sorted(MESSAGE_TYPES))}, got {type_!r}"
-        )
 
 
 _PATTERN_CHARACTERS = frozenset("*?[")

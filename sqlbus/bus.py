@@ -1322,12 +1322,15 @@ class _Interested:
             if not recipients:
                 return None
         else:
-            recipients = []
-            for agent, kind, pattern in storage.event_interests(conn, self.sender):  # by agent
-                if (not recipients or recipients[-1] != agent) and (
-                    kind == "type" or fnmatch.fnmatchcase(self.event, pattern)
-                ):
-                    recipients.append(agent)
+            matched: set[str] = set()
+            last, matches = "", False
+            for agent, pattern in storage.event_interests(conn, self.sender):  # by pattern
+                if pattern != last:
+                    last, matches = pattern, pattern is None or fnmatch.fnmatchcase(
+                        self.event, pattern)
+                if matches:
+                    matched.add(agent)
+            recipients = sorted(matched)
         out = prepare(self.sender, recipients, self.type, self.payload, now_ms=self.prepared_at,
                       matched=True, max_payload_bytes=self.bus.max_payload_bytes, **self.headers)
         storage.publish(conn, [out], [now], now)

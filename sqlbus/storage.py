@@ -736,11 +736,16 @@ def interested_in_type(conn: Connection, type: str, sender: str) -> list[str]:
 
 
 def event_interests(conn: Connection, sender: str) -> list[tuple[Any, ...]]:
-    """(agent, kind, pattern) of every agent but ``sender`` with an interest in events: the
-    types ``event`` and ``*``, and every event-name pattern (matched by the caller), by agent."""
+    """(agent, pattern) of every interest in events of the agents but ``sender``: each
+    event-name pattern (for the caller to match), grouped by pattern, then (pattern None)
+    each interest in the types ``event`` and ``*``. An agent may come more than once.
+
+    Two range reads of the primary key and no sort: grouped by pattern, the caller matches
+    each pattern once, however many agents share it."""
     return conn.cur.execute(
-        "SELECT agent, kind, pattern FROM interest WHERE (kind = 'event'"
-        " OR (kind = 'type' AND pattern IN ('event', '*'))) AND agent <> ? ORDER BY agent",
+        "SELECT agent, pattern FROM interest WHERE kind = 'event' AND agent <> ?1"
+        " UNION ALL SELECT agent, NULL FROM interest WHERE kind = 'type'"
+        " AND pattern IN ('event', '*') AND agent <> ?1",
         (sender,),
     ).fetchall()
 

@@ -716,13 +716,12 @@ def drop_interest(conn: apsw.Connection, agent: str, kind: str, pattern: str) ->
 
 
 def list_interests(conn: apsw.Connection, agent: str | None = None) -> list[tuple[Any, ...]]:
-    """(agent, kind, pattern, subscribed_at) of ``agent``'s interests, or of every agent's,
-    by agent, kind and pattern."""
-    where = "" if agent is None else " WHERE agent = ?"
+    """(agent, kind, pattern, subscribed_at) of ``agent``'s interests, or of every agent's
+    (None), by agent, kind and pattern."""
     return conn.execute(
-        "SELECT agent, kind, pattern, subscribed_at FROM interest" + where
-        + " ORDER BY agent, kind, pattern",
-        () if agent is None else (agent,),
+        "SELECT agent, kind, pattern, subscribed_at FROM interest"
+        " WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, kind, pattern",
+        (agent,),
     ).fetchall()
 
 

@@ -1,6 +1,6 @@
 """sqlbus demo: a coordinator and three workers, as separate processes, on one SQLite file.
 
-Run it with ``make demo`` (or ``python examples/demo.py``). What happens:
+Run it with ``make demo`` (or ``python examples/demo.py [PATH]``). What happens:
 
 1. Three worker processes start, register on the bus and report ``idle`` (status_update).
 2. The coordinator assigns seven tasks (task_assignment) with priorities 1..5. Each worker
@@ -12,13 +12,18 @@ Run it with ``make demo`` (or ``python examples/demo.py``). What happens:
 5. The coordinator broadcasts the event ``all.done``; every worker stops cleanly.
 6. A summary, read back from the database: sent, acked, retried, dead letters.
 
-Everything goes through one file in a temporary directory; nothing else is shared.
+Everything goes through one file; nothing else is shared. Without PATH it is
+``<temp dir>/sqlbus-demo-<uid>/team.db``, the same on every run: a run starts by removing the
+previous run's database (and its -wal, -shm and wake-up files), and leaves its own in place for
+``sqlbus --db PATH stats`` and the other commands to look at.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -100,12 +105,51 @@ def worker(path: str, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The database file
+
+
+def default_path() -> str:
+    """The one path every demo run uses, in a directory of this user's alone (0700): in a
+    shared temp directory another user could have made the name first."""
+    directory = os.path.join(tempfile.gettempdir(), f"sqlbus-demo-{os.getuid()}")
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise SystemExit(f"demo: {directory} is not a private directory of this user; "
+                         "remove it or pass a database path: python examples/demo.py PATH")
+    return os.path.join(directory, "team.db")
+
+
+def remove_earlier_run(path: str) -> None:
+    """Remove the database a previous run left at ``path``, with SQLite's and sqlbus's files
+    beside it, so each run starts from an empty bus."""
+    for name in (path, path + "-wal", path + "-shm", path + "-journal"):
+        try:
+            os.remove(name)
+        except FileNotFoundError:
+            pass
+    shutil.rmtree(path + ".doorbells", ignore_errors=True)
+
+
+def sqlbus_command() -> str:
+    """How to call the sqlbus CLI of this Python (.venv/bin/sqlbus under make demo)."""
+    script = os.path.join(os.path.dirname(sys.executable), "sqlbus")
+    if not os.path.exists(script):
+        return "sqlbus"
+    relative = os.path.relpath(script)
+    return script if relative.startswith("..") else relative
+
+
+# ---------------------------------------------------------------------------------------------
 # The coordinator (this process)
 
 
 def main() -> int:
-    workdir = tempfile.mkdtemp(prefix="sqlbus-demo-")
-    path = os.path.join(workdir, "team.db")
+    path = os.path.abspath(sys.argv[1]) if len(sys.argv) > 1 else default_path()
+    remove_earlier_run(path)
     bus = sqlbus.connect(path, **POLICY)
     coordinator = bus.agent(COORDINATOR)
     print("sqlbus demo: a coordinator and 3 worker processes sharing one SQLite file\n"
@@ -210,6 +254,12 @@ def main() -> int:
     print(f"  average publish->ack     {metrics.average_delivery_ms:.1f} ms")
     print(f"  workers exited cleanly   {'yes' if ok else 'NO'}")
     bus.close()
+    print()
+    print(f"The database is {path} (the next run replaces it). Look inside:")
+    cli = f"{sqlbus_command()} --db {path}"
+    print(f"  {cli} stats")
+    print(f"  {cli} dead-letters list")
+    print(f"  {cli} metrics")
     return 0 if ok else 1
 
 

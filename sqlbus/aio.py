@@ -255,13 +255,19 @@ class AsyncAgent:
         """Ask :meth:`run` to return after the message in hand."""
         self.sync.stop()
 
-    async def run(self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None) -> int:
+    async def run(
+        self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None,
+        concurrency: int = 1,
+    ) -> int:
         """Claim and dispatch until :meth:`stop`, SIGINT/SIGTERM (when the loop runs in the
         main thread) or cancellation; returns how many messages were processed.
 
         The claim loop runs on a thread of its own; cancelling this coroutine stops it
         gracefully (the message in hand finishes, the others go back) before re-raising.
+        ``concurrency``: up to that many messages in handlers at once (async handlers run as
+        that many tasks on this event loop).
         """
+        worker._check_concurrency(concurrency)  # here: a bad value raises before the loop starts
         loop = asyncio.get_running_loop()
         self._loop = loop
         installed = []
@@ -275,7 +281,8 @@ class AsyncAgent:
 
         def target() -> None:
             try:
-                result = self.sync.run(until_idle, limit=limit, lease=lease)
+                result = self.sync.run(until_idle, limit=limit, lease=lease,
+                                       concurrency=concurrency)
             except BaseException as exc:  # delivered to the awaiting coroutine
                 loop.call_soon_threadsafe(_settle, future, None, exc)
             else:

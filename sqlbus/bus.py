@@ -1719,7 +1719,10 @@ class Agent:
             rows = storage.list_interests(conn, self.id)
         return [Subscription(kind, pattern, iso_ms(at)) for _, kind, pattern, at in rows]
 
-    def run(self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None) -> int:
+    def run(
+        self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None,
+        concurrency: int = 1,
+    ) -> int:
         """Claim messages and dispatch them to the handlers until :meth:`stop`, SIGINT or
         SIGTERM; returns how many messages it processed.
 
@@ -1729,10 +1732,14 @@ class Agent:
         (handled only when run() is in the main thread) lets the message in hand finish; the
         other claimed ones go back at once. ``limit``: messages claimed at a time; ``lease``
         (seconds, default the bus's) is extended in the background while a handler runs.
+        ``concurrency`` (int 1..1024): up to that many messages in handlers at once, each on a
+        thread of its own with its own lease; order holds only with 1 (then ``limit`` applies).
+        On stop the handlers in flight finish; claimed messages no handler saw go back
+        without counting an attempt.
         """
         from .worker import dispatcher
 
-        return dispatcher(self).run(until_idle, limit=limit, lease=lease)
+        return dispatcher(self).run(until_idle, limit=limit, lease=lease, concurrency=concurrency)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the message in hand (safe from any thread)."""

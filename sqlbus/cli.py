@@ -9,13 +9,15 @@ or changed on the way: only ``init`` creates a database.
 
 from __future__ import annotations
 
+import importlib
 import json
+import logging
 import os
 import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, get_args
 
 import click
 import msgspec
@@ -23,12 +25,18 @@ from click.core import ParameterSource
 
 from . import __version__
 from .bus import AgentInfo, Bus, connect
-from .errors import DatabaseError, SqlbusError
-from .messages import MESSAGE_TYPES, Message
-from .metrics import to_prometheus
+from .errors import DatabaseError, SqlbusError, ValidationError
+from .messages import Message, MessageType
+from .metrics import to_openmetrics, to_prometheus
 from .storage import check_file
+from .worker import MAX_CONCURRENCY
 
 __all__ = ["cli", "main", "parse_duration"]
+
+# The --type choices, in SPEC 1.2's order (MESSAGE_TYPES is a set: its order changes per run)
+TYPES = get_args(MessageType)
+
+log = logging.getLogger("sqlbus")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0, None: 1.0}
@@ -153,6 +161,8 @@ class _Group(click.Group):
             except OSError:
                 pass
             code = 1
+        except ValidationError as exc:  # a value given on the command line broke a rule
+            code = _fail(str(exc), 2)
         except SqlbusError as exc:
             code = _fail(str(exc), 1)
         except KeyError as exc:
@@ -207,6 +217,31 @@ class _Config:
 
 
 pass_config = click.make_pass_decorator(_Config)
+
+
+def _set_db(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--db`` after the command name: it wins over one before it and over SQLBUS_DB."""
+    if value is not None:
+        ctx.ensure_object(_Config).db = value
+
+
+db_after_command = click.Option(
+    ["--db"], metavar="PATH", expose_value=False, callback=_set_db,
+    help="The database file (also before the command; default: SQLBUS_DB).",
+)
+
+yes_option = click.option("--yes", "-y", is_flag=True,
+                          help="Do not ask for confirmation (required without a terminal).")
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Go on only with --yes or a yes typed on the terminal; else exit 1, nothing changed."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.ClickException(f"{question} Refused: no terminal to ask on; give --yes")
+    if not click.confirm(question, default=False, err=True):
+        raise click.ClickException("not confirmed: nothing changed")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -297,6 +332,13 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (
 @click.pass_context
 def cli(ctx: click.Context, db: str | None) -> None:
     """Inspect and repair a sqlbus database: depths, dead letters, metrics, backups.
+
+    --db (or SQLBUS_DB) goes before or after the command. Exit codes: 0 success, 1 a failed
+    operation (bad or missing database, not found, a refusal), 2 a bad argument.
+
+    \b
+    Shell completion (bash; zsh_source and fish_source likewise):
+        eval "$(_SQLBUS_COMPLETE=bash_source sqlbus)"
 
     \b
     Example:
@@ -400,7 +442,7 @@ def peek(config: _Config, agent: str, limit: int, as_json: bool) -> None:
 @cli.command()
 @click.option("--from", "sender", required=True, help="The sending agent (registered if new).")
 @click.option("--to", "to", required=True, multiple=True, help="A recipient (repeat for more).")
-@click.option("--type", "type_", required=True, type=click.Choice(MESSAGE_TYPES), help="Message type.")
+@click.option("--type", "type_", required=True, type=click.Choice(TYPES), help="Message type.")
 @click.option("--payload", type=JSON, default="{}", show_default=True, help="Payload as JSON.")
 @click.option("--priority", type=click.IntRange(1, 5), default=3, show_default=True)
 @click.option("--ttl", type=click.IntRange(min=0), default=30_000, show_default=True,
@@ -433,7 +475,7 @@ def send(
 
 @cli.command()
 @click.option("--agent", default=None, help="Only messages sent by or to this agent.")
-@click.option("--type", "types", multiple=True, type=click.Choice(MESSAGE_TYPES),
+@click.option("--type", "types", multiple=True, type=click.Choice(TYPES),
               help="Only this type (repeat for more).")
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Stop after N messages.")
 @click.option("--timeout", type=DURATION, default=None, help="Stop after this long (e.g. 10s).")
@@ -469,6 +511,69 @@ def tail(
                     break
         except KeyboardInterrupt:
             pass  # Ctrl-C is how tail ends
+
+
+def _import_handler(target: str) -> Callable[..., Any]:
+    """FUNCTION from MODULE (``pkg.mod:func`` or ``mod:Class.method``), the current directory
+    first on sys.path as ``python -m`` has it."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise click.BadParameter(f"expected MODULE:FUNCTION, got {target!r}",
+                                 param_hint="'MODULE:FUNCTION'")
+    if sys.path[:1] != [os.getcwd()]:
+        sys.path.insert(0, os.getcwd())
+    try:
+        value: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise click.BadParameter(f"no module named {module_name!r} (in {os.getcwd()} or on "
+                                     "sys.path)", param_hint="'MODULE:FUNCTION'") from exc
+        raise click.ClickException(f"importing {module_name}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:  # the module itself fails: its error, in one line
+        raise click.ClickException(f"importing {module_name}: {type(exc).__name__}: {exc}") from exc
+    for name in attribute.split("."):
+        if not hasattr(value, name):
+            raise click.BadParameter(f"module {module_name!r} has no {attribute!r}",
+                                     param_hint="'MODULE:FUNCTION'")
+        value = getattr(value, name)
+    if not callable(value):
+        raise click.BadParameter(f"{target} is a {type(value).__name__}, not a function",
+                                 param_hint="'MODULE:FUNCTION'")
+    return value
+
+
+@cli.command()
+@click.argument("target", metavar="MODULE:FUNCTION")
+@click.option("--agent", "agent_id", required=True, help="The agent id to receive as.")
+@click.option("--type", "types", multiple=True, type=click.Choice(("*", *TYPES)),
+              help="A message type to handle (repeat for more; default: * = every type).")
+@click.option("--concurrency", type=click.IntRange(1, MAX_CONCURRENCY), default=1,
+              show_default=True, help="Messages in handlers at once (threads); order holds only with 1.")
+@pass_config
+def worker(
+    config: _Config, target: str, agent_id: str, types: tuple[str, ...], concurrency: int
+) -> None:
+    """Run FUNCTION from MODULE as AGENT's handler in a run loop until SIGINT or SIGTERM.
+
+    FUNCTION(message) is called for each message of the --type(s); its return value answers
+    a request. MODULE is imported with the current directory first on sys.path. Logs go to
+    stderr; on SIGINT/SIGTERM the messages in handlers finish, then it exits 0.
+
+    \b
+    Example:
+        sqlbus --db team.db worker jobs:handle --agent worker-1 --type task_assignment
+    """
+    handler = _import_handler(target)
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with config.bus() as bus:
+        agent = bus.agent(agent_id)
+        for type_ in types or ("*",):
+            agent.subscribe(type_, handler)
+        log.info("sqlbus worker: agent %s runs %s for %s (concurrency %d)", agent_id, target,
+                 ", ".join(types or ("*",)), concurrency)
+        processed = agent.run(concurrency=concurrency)
+    log.info("sqlbus worker: agent %s stopped after %d message(s)", agent_id, processed)
 
 
 def _agent_id(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -585,20 +690,24 @@ def dead_letters_requeue(
 @dead_letters.command("purge")
 @click.option("--older-than", type=DURATION, default=None, help="Only those older (e.g. 30d).")
 @click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@yes_option
 @json_option
 @pass_config
 def dead_letters_purge(
-    config: _Config, older_than: float | None, all_: bool, as_json: bool
+    config: _Config, older_than: float | None, all_: bool, yes: bool, as_json: bool
 ) -> None:
-    """Delete dead letters for good: those older than --older-than, or --all.
+    """Delete dead letters for good: those older than --older-than, or --all. Asks first on a
+    terminal; --yes skips the question (and is required without a terminal).
 
     \b
     Example:
-        sqlbus --db team.db dead-letters purge --older-than 30d
+        sqlbus --db team.db dead-letters purge --older-than 30d --yes
     """
     if (older_than is None) == (not all_):
         raise click.UsageError("give --older-than DURATION or --all (not both)")
     with config.bus() as bus:
+        _confirm("Delete every dead letter for good?" if all_ else
+                 f"Delete the dead letters older than {_duration_text(older_than)} for good?", yes)
         deleted = bus.purge_dead_letters(older_than)
     if as_json:
         _json_out({"purged": deleted})
@@ -642,7 +751,7 @@ def state_get(config: _Config, key: str, as_json: bool) -> None:
 @state.command("set")
 @click.argument("key")
 @click.argument("value", type=JSON)
-@click.option("--expected-version", type=click.IntRange(min=0), default=None,
+@click.option("--expected-version", type=click.IntRange(min=0, max=2**63 - 1), default=None,
               help="Compare-and-set: write only if the version is this (0 = absent).")
 @click.option("--no-notify", is_flag=True, help="Send no state_change message.")
 @json_option
@@ -660,6 +769,40 @@ def state_set(
     with config.bus() as bus:
         version = bus.state.set(key, value, expected_version=expected_version,
                                 notify=not no_notify)
+    if as_json:
+        _json_out({"key": key, "version": version})
+    else:
+        click.echo(str(version))
+
+
+@state.command("delete")
+@click.argument("key")
+@click.option("--expected-version", type=click.IntRange(min=1, max=2**63 - 1), default=None,
+              help="Delete only if the version is this.")
+@click.option("--no-notify", is_flag=True, help="Send no state_change message.")
+@yes_option
+@json_option
+@pass_config
+def state_delete(
+    config: _Config, key: str, expected_version: int | None, no_notify: bool, yes: bool,
+    as_json: bool,
+) -> None:
+    """Delete KEY and print the version of the deletion; exit 1 when it is absent. Asks first
+    on a terminal; --yes skips the question (and is required without a terminal).
+
+    \b
+    Example:
+        sqlbus --db team.db state delete plan --yes
+    """
+    with config.bus() as bus:
+        entry = bus.state.get(key)
+        if entry is None:
+            raise click.ClickException(f"state key {key!r} is absent")
+        _confirm(f"Delete state key {key!r} (version {entry.version})?", yes)
+        version = bus.state.delete(key, expected_version=expected_version,
+                                   notify=not no_notify)
+    if version == 0:
+        raise click.ClickException(f"state key {key!r} is absent")
     if as_json:
         _json_out({"key": key, "version": version})
     else:
@@ -689,25 +832,32 @@ def state_list(config: _Config, prefix: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "prometheus"]),
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "prometheus", "openmetrics"]),
               default="table", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (the same as --format json).")
 @pass_config
-def metrics(config: _Config, fmt: str) -> None:
+def metrics(config: _Config, fmt: str, as_json: bool) -> None:
     """Bus-wide metrics: totals, throughput, delivery time, errors, depths, file sizes.
 
-    json is the seed's generateReport; prometheus is the text exposition format.
+    json is the seed's generateReport; prometheus is the Prometheus text format, openmetrics
+    is OpenMetrics (for a scrape that asks for application/openmetrics-text).
 
     \b
     Example:
         sqlbus --db team.db metrics --format prometheus
     """
+    if as_json and _given("fmt") and fmt != "json":
+        raise click.UsageError(f"--json is --format json, not --format {fmt}")
     with config.bus() as bus:
         m = bus.metrics()
-    if fmt == "json":
+    if as_json or fmt == "json":
         _json_out(m)
         return
     if fmt == "prometheus":
         click.echo(to_prometheus(m), nl=False)
+        return
+    if fmt == "openmetrics":
+        click.echo(to_openmetrics(m), nl=False)
         return
     scalar = [
         (f.replace("_", " "), getattr(m, f))
@@ -780,25 +930,32 @@ def config_command(
 @click.option("--dead-older-than", type=DURATION, default=None, metavar="D",
               help="Delete dead letters older than this ('never' keeps them; default: the "
                    "stored policy).")
+@yes_option
 @json_option
 @pass_config
 def prune(
-    config: _Config, sent_older_than: float | None, dead_older_than: float | None, as_json: bool
+    config: _Config, sent_older_than: float | None, dead_older_than: float | None, yes: bool,
+    as_json: bool,
 ) -> None:
     """Apply retention now: delete old acked messages (the sent archive) and dead letters.
 
     Without options, applies the policy stored in the database (see config), including its
     bound on the number of acked messages. Metrics totals keep counting what is deleted. Run
-    vacuum afterwards to shrink the file.
+    vacuum afterwards to shrink the file. Asks first on a terminal; --yes skips the question
+    (and is required without a terminal).
 
     \b
     Example:
-        sqlbus --db team.db prune --sent-older-than 1d --dead-older-than 7d
+        sqlbus --db team.db prune --sent-older-than 1d --dead-older-than 7d --yes
     """
     ages = {"sent_older_than": sent_older_than, "dead_older_than": dead_older_than}
     overrides: dict[str, Any] = {name: ages[name] for name in _given(*ages)}
-    with config.bus() as bus, _progress("pruning") as progress:
-        result = bus.prune(**overrides, progress=progress)
+    limits = ", ".join(f"{name.replace('_', ' ')} {_duration_text(seconds)}"
+                       for name, seconds in overrides.items()) or "by the stored policy"
+    with config.bus() as bus:
+        _confirm(f"Delete old acked messages and dead letters for good ({limits})?", yes)
+        with _progress("pruning") as progress:
+            result = bus.prune(**overrides, progress=progress)
     if as_json:
         _json_out(result)
     else:
@@ -909,6 +1066,8 @@ def _example_last(command: click.Command) -> None:
 
 for _command in _commands(cli):
     _example_last(_command)
+    if _command is not cli:
+        _command.params.append(db_after_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 >>> m = bus.metrics()                                  # doctest: +SKIP
 >>> m.messages_sent, m.queue_depths["bob"].ready, m.throughput.per_minute   # doctest: +SKIP
 >>> print(to_prometheus(m))                            # doctest: +SKIP
+>>> print(to_openmetrics(m))                           # doctest: +SKIP
 
 Everything here is read from the rows of the database file (SPEC 8: shared by every process),
 never from one process's memory, and nothing on the publish/claim/ack path writes a counter:
@@ -47,6 +48,7 @@ __all__ = [
     "ARCHIVE_RETENTION",
     "DEAD_RETENTION",
     "to_prometheus",
+    "to_openmetrics",
 ]
 
 log = logging.getLogger("sqlbus")
@@ -344,27 +346,58 @@ def compute_metrics(conn: apsw.Connection, now: int, path: str) -> Metrics:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prometheus text exposition format (version 0.0.4)
+# Prometheus exposition (SPEC 8): the text format and OpenMetrics, as prometheus_client writes
+# them. Counters end in _total, durations are in seconds, one name per family. The formats
+# differ on counters: the text format names the family ``X_total``, OpenMetrics names it ``X``
+# (its samples are ``X_total``) and ends with ``# EOF``; neither parser accepts the other's.
 
-_HELP = {
-    "messages_sent": ("counter", "Messages published, one per message id however many recipients."),
-    "messages_received": ("counter", "Deliveries acked."),
-    "messages_failed": ("counter", "Handler failures (Retry excluded)."),
-    "messages_dead_lettered": ("counter", "Moves to dead letters."),
-    "messages_expired": ("counter", "Messages dead-lettered because their ttl ran out."),
-    "messages_unhandled": ("counter", "Messages acked with no handler for their type."),
-    "late_responses": ("counter", "Responses that arrived after their request timed out."),
-    "average_delivery_ms": ("gauge", "Mean time from publish to ack, in milliseconds."),
-    "throughput_per_second": ("gauge", "Deliveries acked in the last second."),
-    "throughput_per_minute": ("gauge", "Deliveries acked in the last minute."),
-    "error_rates": ("counter", "Handler failures by exception name."),
-    "agent_activity": ("counter", "Messages sent and deliveries received (acked) per agent."),
-    "success_rate": ("gauge", "Acked / (acked + dead-lettered), 0..1."),
-    "queue_depths": ("gauge", "Messages per agent inbox by state (ready, leased, retrying, scheduled, expired, dead)."),
-    "oldest_ready_age_ms": ("gauge", "Age of the oldest message ready to claim, in milliseconds."),
-    "wal_bytes": ("gauge", "Size of the write-ahead log file in bytes."),
-    "db_bytes": ("gauge", "Size of the database file in bytes."),
-}
+_Family = tuple[str, str, str, list[tuple[str, float]]]  # name, kind, help, (labels, value)
+
+
+def _families(m: Metrics) -> list[_Family]:
+    """The families SPEC 8 names, counters without their ``_total``."""
+    def one(value: float) -> list[tuple[str, float]]:
+        return [("", value)]
+
+    return [
+        ("sqlbus_messages_sent", "counter",
+         "Messages published, one per message id however many recipients.", one(m.messages_sent)),
+        ("sqlbus_messages_received", "counter", "Deliveries acked.", one(m.messages_received)),
+        ("sqlbus_messages_failed", "counter", "Handler failures (Retry excluded).",
+         one(m.messages_failed)),
+        ("sqlbus_messages_dead_lettered", "counter", "Moves to dead letters.",
+         one(m.messages_dead_lettered)),
+        ("sqlbus_messages_expired", "counter", "Messages dead-lettered because their ttl ran out.",
+         one(m.messages_expired)),
+        ("sqlbus_messages_unhandled", "counter", "Messages acked with no handler for their type.",
+         one(m.messages_unhandled)),
+        ("sqlbus_late_responses", "counter",
+         "Responses that arrived after their request timed out.", one(m.late_responses)),
+        ("sqlbus_errors", "counter", "Handler failures by exception name.",
+         [(f'{{error="{_label(error)}"}}', count) for error, count in sorted(m.error_rates.items())]),
+        ("sqlbus_agent_messages", "counter",
+         "Messages sent and deliveries received (acked) per agent.",
+         [(f'{{agent="{_label(agent)}",direction="{direction}"}}', getattr(activity, direction))
+          for agent, activity in sorted(m.agent_activity.items())
+          for direction in ("sent", "received")]),
+        ("sqlbus_average_delivery_seconds", "gauge", "Mean time from publish to ack, in seconds.",
+         one(m.average_delivery_ms / 1000)),
+        ("sqlbus_throughput_per_second", "gauge",
+         "Deliveries acked per second, over the last second (1s) or minute (1m).",
+         [('{window="1s"}', m.throughput.per_second),
+          ('{window="1m"}', m.throughput.per_minute / 60)]),
+        ("sqlbus_success_ratio", "gauge", "Acked / (acked + dead-lettered), 0..1.",
+         one(m.success_rate)),
+        ("sqlbus_queue_depth", "gauge",
+         "Messages per agent inbox by state (ready, leased, retrying, scheduled, expired, dead).",
+         [(f'{{agent="{_label(agent)}",state="{state}"}}', getattr(depth, state))
+          for agent, depth in sorted(m.queue_depths.items())
+          for state in QueueDepth.__struct_fields__]),
+        ("sqlbus_oldest_ready_age_seconds", "gauge",
+         "Age of the oldest message ready to claim, in seconds.", one(m.oldest_ready_age_ms / 1000)),
+        ("sqlbus_wal_bytes", "gauge", "Size of the write-ahead log file in bytes.", one(m.wal_bytes)),
+        ("sqlbus_db_bytes", "gauge", "Size of the database file in bytes.", one(m.db_bytes)),
+    ]
 
 
 def _label(value: str) -> str:
@@ -376,32 +409,27 @@ def _number(value: float) -> str:
 
 
 def to_prometheus(m: Metrics) -> str:
-    """``m`` in the Prometheus text format: ``# HELP`` and ``# TYPE`` per metric, then one
-    sample per line, named ``sqlbus_<field>``, with an ``agent`` label where per agent."""
-    samples: dict[str, list[tuple[str, float]]] = {name: [] for name in _HELP}
-    for name in _HELP:
-        if hasattr(m, name) and name not in ("error_rates", "agent_activity", "queue_depths"):
-            samples[name].append(("", getattr(m, name)))
-    samples["throughput_per_second"].append(("", m.throughput.per_second))
-    samples["throughput_per_minute"].append(("", m.throughput.per_minute))
-    for error, count in sorted(m.error_rates.items()):
-        samples["error_rates"].append((f'{{error="{_label(error)}"}}', count))
-    for agent, activity in m.agent_activity.items():
-        for direction in ("sent", "received"):
-            samples["agent_activity"].append(
-                (f'{{agent="{_label(agent)}",direction="{direction}"}}', getattr(activity, direction))
-            )
-    for agent, depth in m.queue_depths.items():
-        for state in QueueDepth.__struct_fields__:
-            samples["queue_depths"].append(
-                (f'{{agent="{_label(agent)}",state="{state}"}}', getattr(depth, state))
-            )
+    """``m`` in the Prometheus text format (``text/plain; version=0.0.4``): ``# HELP`` and
+    ``# TYPE`` per family, then its samples; counter families are named ``..._total``."""
     lines = []
-    for name, (kind, text) in _HELP.items():
-        full = f"sqlbus_{name}"
-        lines.append(f"# HELP {full} {text}")
-        lines.append(f"# TYPE {full} {kind}")
-        lines.extend(f"{full}{labels} {_number(value)}" for labels, value in samples[name])
+    for name, kind, text, samples in _families(m):
+        family = f"{name}_total" if kind == "counter" else name
+        lines.append(f"# HELP {family} {text}")
+        lines.append(f"# TYPE {family} {kind}")
+        lines.extend(f"{family}{labels} {_number(value)}" for labels, value in samples)
+    return "\n".join(lines) + "\n"
+
+
+def to_openmetrics(m: Metrics) -> str:
+    """``m`` in OpenMetrics (``application/openmetrics-text; version=1.0.0``): counter
+    families without ``_total``, their samples with it, and ``# EOF`` at the end."""
+    lines = []
+    for name, kind, text, samples in _families(m):
+        sample = f"{name}_total" if kind == "counter" else name
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"# HELP {name} {text}")
+        lines.extend(f"{sample}{labels} {_number(value)}" for labels, value in samples)
+    lines.append("# EOF")
     return "\n".join(lines) + "\n"
 
 

@@ -60,6 +60,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, cast
 
 import apsw
@@ -288,8 +289,12 @@ class Dispatcher:
         except OSError:
             pass  # it notices within _IDLE_SLICE anyway
 
-    def run(self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None) -> int:
+    def run(
+        self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None,
+        concurrency: int = 1,
+    ) -> int:
         _check_limit(limit)
+        _check_concurrency(concurrency)
         agent = self.agent
         bus = agent.bus
         lease_s = _seconds(bus.lease if lease is None else lease, "lease", allow_zero=False)
@@ -304,6 +309,8 @@ class Dispatcher:
         claimed = None  # what the ack of the last message claimed, for the next round
         look = True  # read before claiming (receive()'s wait, unrolled so stop() can end it)
         try:
+            if concurrency > 1:
+                return self._run_concurrently(until_idle, concurrency, keeper, lease_ms)
             while not self._stop.is_set():
                 if claimed is None:
                     if look and not agent._more:
@@ -333,6 +340,80 @@ class Dispatcher:
             with self._lock:
                 self._running = False
             self._stop.clear()  # a later run() starts afresh
+        return processed
+
+    def _run_concurrently(
+        self, until_idle: bool, concurrency: int, keeper: _LeaseKeeper, lease_ms: int
+    ) -> int:
+        """The loop of ``run(concurrency=N)``: up to N messages in handlers at once, each on a
+        thread of its own with its own lease (kept by ``keeper``). It claims only as many
+        messages as there are idle threads, so every message claimed goes to a handler at
+        once and none waits behind another; on stop the handlers in flight finish."""
+        agent = self.agent
+        bus = agent.bus
+        slots = threading.Condition()
+        in_flight = 0
+        processed = 0
+        failure: list[BaseException] = []  # what broke a handler thread (not a handler)
+
+        def handle(d: Delivery) -> None:
+            nonlocal in_flight, processed
+            attempted = False
+            error: BaseException | None = None
+            try:
+                if not self._stop.is_set():  # stopped meanwhile: back without an attempt
+                    attempted = True
+                    try:
+                        if self._dispatch(d):
+                            self._ack(d, 0, lease_ms)
+                    except LeaseLostError as exc:
+                        log.warning("sqlbus: %s; another receiver has it now", exc)
+            except BaseException as exc:  # a database error: the loop stops and raises it
+                error = exc
+                failure.append(exc)
+                self._stop.set()
+            finally:
+                _release([d], attempted=attempted, error=error)
+                keeper.drop(d)
+                with slots:
+                    in_flight -= 1
+                    processed += attempted
+                    slots.notify_all()
+
+        pool = ThreadPoolExecutor(concurrency, thread_name_prefix=f"sqlbus-handler-{agent.id}")
+        try:
+            while not self._stop.is_set():
+                with slots:
+                    while in_flight >= concurrency and not self._stop.is_set():
+                        slots.wait(_IDLE_SLICE)
+                    free = concurrency - in_flight
+                if self._stop.is_set():
+                    break
+                baseline, work, due = agent._look()
+                claimed = agent._claim(free, lease_ms) if work else None
+                if claimed is not None and claimed.deliveries:
+                    keeper.hold(claimed.deliveries)
+                    for d in claimed.deliveries:
+                        with slots:
+                            in_flight += 1
+                        pool.submit(handle, d)
+                    continue
+                if claimed is not None:
+                    baseline = claimed.baseline if claimed.baseline is not None else baseline
+                    due = claimed.due
+                if until_idle:
+                    with slots:
+                        if in_flight == 0:
+                            break
+                        slots.wait(_IDLE_SLICE)  # what they ack or publish may be more work
+                    continue
+                bus._wait_for_change(
+                    baseline, min(_IDLE_SLICE, agent._seconds_until(due)), agent.id
+                )
+        finally:
+            pool.shutdown(wait=True)  # in-flight handlers finish, however run() ends
+        if failure:
+            raise failure[0]
         return processed
 
     def _install_signal_handlers(self) -> Callable[[], None]:
@@ -492,6 +573,17 @@ class Dispatcher:
         bus = self.agent.bus
         with bus._reading() as conn:
             return storage.request_timed_out(conn, self.agent.id, correlation_id)
+
+
+MAX_CONCURRENCY = 1024  # handler threads of one run loop
+
+
+def _check_concurrency(concurrency: object) -> int:
+    if type(concurrency) is not int or not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValueError(
+            f"concurrency must be an int 1..{MAX_CONCURRENCY}, got {concurrency!r}"
+        )
+    return concurrency
 
 
 def _added(table: dict[str, tuple[Any, ...]], key: str, handler: Any) -> dict[str, tuple[Any, ...]]:

@@ -100,7 +100,8 @@ def test_the_command_list_is_what_the_spec_names():
     assert set(leaf_paths()) == {
         "init", "config", "stats", "agents", "peek", "send", "tail", "dead-letters list",
         "dead-letters show", "dead-letters requeue", "dead-letters purge", "state get",
-        "state set", "state list", "metrics", "prune", "check", "backup", "vacuum",
+        "state set", "state delete", "state list", "metrics", "prune", "check", "backup",
+        "vacuum", "worker",
     }
 
 
@@ -184,7 +185,7 @@ def test_dead_letters_list_show_requeue_and_purge(populated):
              "--reason", "max_attempts")
     assert out.strip() == "requeued 1 message(s)"
     populated.agent("bob").receive(limit=5)[0].fail(ValueError("third"))
-    assert json.loads(ok(populated.path, "dead-letters", "purge", "--all", "--json")) == {
+    assert json.loads(ok(populated.path, "dead-letters", "purge", "--all", "--yes", "--json")) == {
         "purged": 1}
     assert populated.dead_letters() == []
 
@@ -222,14 +223,14 @@ def test_metrics_prometheus_is_the_text_exposition_format(populated):
     from test_metrics import parse_prometheus
 
     series = parse_prometheus(ok(populated.path, "metrics", "--format", "prometheus"))
-    assert series["sqlbus_messages_sent"] == {"": 4.0}
-    assert series["sqlbus_queue_depths"]['agent="bob",state="ready"'] == 2.0
+    assert series["sqlbus_messages_sent_total"] == {"": 4.0}
+    assert series["sqlbus_queue_depth"]['agent="bob",state="ready"'] == 2.0
 
 
 def test_prune_deletes_only_what_is_older_than_asked(populated):
-    assert json.loads(ok(populated.path, "prune", "--json")) == {"acked": 0, "dead_letters": 0}
+    assert json.loads(ok(populated.path, "prune", "--yes", "--json")) == {"acked": 0, "dead_letters": 0}
     time.sleep(0.01)
-    out = json.loads(ok(populated.path, "prune", "--sent-older-than", "1ms",
+    out = json.loads(ok(populated.path, "prune", "--yes", "--sent-older-than", "1ms",
                         "--dead-older-than", "never", "--json"))
     assert out == {"acked": 1, "dead_letters": 0}
     assert len(populated.dead_letters()) == 1
@@ -397,8 +398,8 @@ def test_every_command_runs_as_a_real_process(tmp_path):
     dead = json.loads(check("dead-letters", "list", "--json"))
     assert "ValueError" in check("dead-letters", "show", str(dead[0]["id"]))
     assert check("dead-letters", "requeue", str(dead[0]["id"])).startswith("requeued 1")
-    assert check("dead-letters", "purge", "--older-than", "30d").startswith("purged 0")
-    assert check("prune").startswith("pruned")
+    assert check("dead-letters", "purge", "--older-than", "30d", "--yes").startswith("purged 0")
+    assert check("prune", "--yes").startswith("pruned")
     assert check("check").splitlines()[-1] == "ok"
     assert check("backup", str(backup)).startswith("backed up")
     assert check("vacuum").startswith("vacuumed")

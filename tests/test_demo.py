@@ -11,11 +11,11 @@ from pathlib import Path
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
 
 
-def test_the_demo_runs_to_the_end_and_tells_what_happened():
+def test_the_demo_runs_to_the_end_and_tells_what_happened(tmp_path):
     env = dict(os.environ)
     env.pop("SQLBUS_DEMO_STARTED", None)
-    done = subprocess.run([sys.executable, str(DEMO)], capture_output=True, text=True,
-                          timeout=120, env=env)
+    done = subprocess.run([sys.executable, str(DEMO), str(tmp_path / "team.db")],
+                          capture_output=True, text=True, timeout=120, env=env)
     out = done.stdout
 
     assert done.returncode == 0, done.stdout + done.stderr

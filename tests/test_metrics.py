@@ -230,11 +230,11 @@ def test_prometheus_output_follows_the_exposition_format_with_agent_labels(make_
     second.fail(ValueError("x"))
     m = bus.metrics()
     series = parse_prometheus(to_prometheus(m))
-    assert series["sqlbus_messages_sent"] == {"": 2.0}
-    assert series["sqlbus_messages_received"] == {"": 1.0}
-    assert series["sqlbus_error_rates"] == {'error="ValueError"': 1.0}
-    assert series["sqlbus_queue_depths"]['agent="we\\"ird\\\\agent",state="dead"'] == 1.0
-    assert series["sqlbus_agent_activity"]['agent="alice",direction="sent"'] == 2.0
-    assert series["sqlbus_success_rate"] == {"": 0.5}
+    assert series["sqlbus_messages_sent_total"] == {"": 2.0}
+    assert series["sqlbus_messages_received_total"] == {"": 1.0}
+    assert series["sqlbus_errors_total"] == {'error="ValueError"': 1.0}
+    assert series["sqlbus_queue_depth"]['agent="we\\"ird\\\\agent",state="dead"'] == 1.0
+    assert series["sqlbus_agent_messages_total"]['agent="alice",direction="sent"'] == 2.0
+    assert series["sqlbus_success_ratio"] == {"": 0.5}
     for name in series:
         assert name.startswith("sqlbus_")

@@ -198,10 +198,10 @@ def test_cli_prune_without_options_applies_the_stored_policy(make_bus, clock, db
     alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(3)])
     bob.ack(bob.receive(limit=3))
     bus.set_retention(archive_retention=DAY)
-    result = _cli(db_path, "prune", "--sent-older-than", "never", "--dead-older-than", "never",
+    result = _cli(db_path, "prune", "--yes", "--sent-older-than", "never", "--dead-older-than", "never",
                   "--json")
     assert json.loads(result.stdout) == {"acked": 0, "dead_letters": 0}
-    result = _cli(db_path, "prune", "--json")
+    result = _cli(db_path, "prune", "--yes", "--json")
     assert json.loads(result.stdout) == {"acked": 3, "dead_letters": 0}
 
 

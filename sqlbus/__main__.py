@@ -1,0 +1,5 @@
+"""``python -m sqlbus``: the ``sqlbus`` command line."""
+
+from .cli import main
+
+main()

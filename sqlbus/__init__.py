@@ -9,7 +9,17 @@
 ...         print(d.message.payload)
 """
 
-from .bus import Agent, AgentInfo, Bus, DeadLetter, Delivery, SentRecord, Transaction, connect
+from .bus import (
+    Agent,
+    AgentInfo,
+    Bus,
+    DeadLetter,
+    Delivery,
+    SentRecord,
+    Subscription,
+    Transaction,
+    connect,
+)
 from .errors import (
     AuthenticationError,
     DatabaseError,
@@ -66,6 +76,7 @@ __all__ = [
     "Transaction",
     # records
     "AgentInfo",
+    "Subscription",
     "SentRecord",
     "DeadLetter",
     "StateEntry",

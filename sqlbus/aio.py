@@ -27,8 +27,9 @@ How it stays off the event loop:
   handlers on its thread and schedules ``async def`` handlers on the event loop
   (``run_coroutine_threadsafe``), waiting for their result before it acks.
 
-``subscribe``, ``unsubscribe``, ``stop`` and ``events.on/off`` are plain calls; ``reply``,
-``publish`` and state writes of a delivery are plain calls too (they only buffer).
+``subscribe``, ``unsubscribe``, ``subscriptions`` and ``events.on/off`` are coroutines (they
+record interests in the database); ``stop`` is a plain call, and so are ``reply``, ``publish``
+and state writes of a delivery (they only buffer).
 """
 
 from __future__ import annotations
@@ -258,14 +259,22 @@ class AsyncAgent:
 
     # -- handlers, the run loop, requests ----------------------------------------------------
 
-    def subscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
-        """Call ``handler(message)`` from :meth:`run` for each message of ``type`` (``"*"``:
-        all). ``async def`` handlers run on the event loop that runs :meth:`run`."""
-        self.sync.subscribe(type, self._wrap(handler))
+    async def subscribe(self, type: str, handler: Callable[[Message], Any] | None = None) -> None:
+        """Record the interest in ``type`` (``"*"``: all) and, with ``handler``, call
+        ``handler(message)`` from :meth:`run` for each such message (see
+        :meth:`sqlbus.Agent.subscribe`). ``async def`` handlers run on the event loop that
+        runs :meth:`run`."""
+        wrapped = None if handler is None else self._wrap(handler)
+        await _call(self._pool, self.sync.subscribe, type, wrapped)
 
-    def unsubscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
-        """Stop calling ``handler`` for ``type``."""
-        self.sync.unsubscribe(type, self._wrapped.get(handler, handler))
+    async def unsubscribe(
+        self, type: str, handler: Callable[[Message], Any] | None = None
+    ) -> None:
+        """Stop calling ``handler`` for ``type`` (see :meth:`sqlbus.Agent.unsubscribe`)."""
+        wrapped = None if handler is None else self._wrapped.get(handler, handler)
+        await _call(self._pool, self.sync.unsubscribe, type, wrapped)
+
+    subscriptions = _offloaded("subscriptions", "This agent's recorded interests (Subscription list).")
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the message in hand."""
@@ -417,8 +426,8 @@ def _give_back(d: Delivery) -> None:
 
 
 class AsyncEvents:
-    """``agent.events`` for asyncio: ``await emit(...)``; ``on``/``off`` are plain calls and
-    take plain or ``async def`` handlers."""
+    """``agent.events`` for asyncio: ``await emit(...)``, ``await on(...)``, ``await off(...)``;
+    handlers may be plain or ``async def``."""
 
     def __init__(self, agent: AsyncAgent) -> None:
         self._agent = agent
@@ -429,13 +438,18 @@ class AsyncEvents:
         agent = self._agent
         return await _call(agent._pool, agent.sync.events.emit, name, data, targets, **options)
 
-    def on(self, name: str, handler: Callable[..., Any]) -> None:
-        """Call ``handler(event)`` from ``run()`` for every event ``name`` (``"*"``: all)."""
-        self._agent.sync.events.on(name, self._agent._wrap(handler))
+    async def on(self, pattern: str, handler: Callable[..., Any] | None = None) -> None:
+        """Record the interest in events matching ``pattern`` (``"*"``: all) and, with
+        ``handler``, call ``handler(event)`` from ``run()`` for them."""
+        agent = self._agent
+        wrapped = None if handler is None else agent._wrap(handler)
+        await _call(agent._pool, agent.sync.events.on, pattern, wrapped)
 
-    def off(self, name: str, handler: Callable[..., Any]) -> None:
-        """Stop calling ``handler`` for ``name``."""
-        self._agent.sync.events.off(name, self._agent._wrapped.get(handler, handler))
+    async def off(self, pattern: str, handler: Callable[..., Any] | None = None) -> None:
+        """Stop calling ``handler`` for ``pattern`` (see :meth:`sqlbus.Events.off`)."""
+        agent = self._agent
+        wrapped = None if handler is None else agent._wrapped.get(handler, handler)
+        await _call(agent._pool, agent.sync.events.off, pattern, wrapped)
 
 
 class AsyncDelivery:

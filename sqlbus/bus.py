@@ -78,6 +78,7 @@ __all__ = [
     "Delivery",
     "Transaction",
     "AgentInfo",
+    "Subscription",
     "SentRecord",
     "DeadLetter",
     "DURABILITY",
@@ -99,14 +100,25 @@ NON_RETRYABLE: tuple[type[BaseException], ...] = (
 )
 
 
+class Subscription(msgspec.Struct):
+    """An agent's recorded interest (SPEC 5): ``kind`` ``"type"`` (``pattern`` a message type
+    or ``*``) or ``"event"`` (``pattern`` an event-name pattern); ``subscribed_at`` ISO 8601 UTC."""
+
+    kind: str
+    pattern: str
+    subscribed_at: str
+
+
 class AgentInfo(msgspec.Struct, kw_only=True):
-    """A registered agent. ``alive``: seen within the last 60 s (ISO 8601 UTC times)."""
+    """A registered agent. ``alive``: seen within the last 60 s (ISO 8601 UTC times);
+    ``subscriptions``: its recorded interests."""
 
     id: str
     registered_at: str
     last_seen: str
     status: str
     alive: bool
+    subscriptions: list[Subscription] = []
 
 
 class SentRecord(msgspec.Struct, kw_only=True):
@@ -791,10 +803,20 @@ class Bus:
         return Agent(self, agent_id)
 
     def agents(self) -> list[AgentInfo]:
-        """The registry: every agent with its registration time, last_seen, status, alive."""
+        """The registry: every agent with its registration time, last_seen, status, alive
+        and subscriptions."""
         now = self._now_ms()
         with self._reading() as conn:
-            rows = storage.list_agents(conn)
+            storage.begin_read(conn)  # agents and interests of the same commit
+            try:
+                rows = storage.list_agents(conn)
+                interests = storage.list_interests(conn)
+            finally:
+                storage.end_read(conn)
+        subscriptions: dict[str, list[Subscription]] = {}
+        for agent_id, kind, pattern, subscribed_at in interests:
+            subscriptions.setdefault(agent_id, []).append(
+                Subscription(kind, pattern, iso_ms(subscribed_at)))
         return [
             AgentInfo(
                 id=agent_id,
@@ -802,6 +824,7 @@ class Bus:
                 last_seen=iso_ms(last_seen),
                 status=status,
                 alive=now - last_seen <= ALIVE_WITHIN_MS,
+                subscriptions=subscriptions.get(agent_id, []),
             )
             for agent_id, registered_at, last_seen, status in rows
         ]
@@ -1084,6 +1107,16 @@ class Bus:
         kwargs = dict(headers, id=checked.outgoing.id, payload=payload)
         return _Broadcast(self, sender, type, pattern, kwargs, checked.delay_ms, now)
 
+    def _prepare_interested(
+        self, sender: str, type: str, payload: Any, headers: dict[str, Any], now: int,
+        event: str | None = None,
+    ) -> _Interested:
+        """Event ``event`` (a message of ``type``) to the agents interested in it, validated
+        now; its recipients are matched when it is written."""
+        prepare(sender, [], type, payload, now_ms=now, matched=True,
+                max_payload_bytes=self.max_payload_bytes, **headers)
+        return _Interested(self, sender, type, event, headers, payload, now)
+
     def _publish_in(
         self,
         conn: apsw.Connection,
@@ -1092,13 +1125,12 @@ class Bus:
         to: list[str] | None,
         type: str,
         payload: dict[str, Any],
-        *,
-        pattern: str = "*",
-    ) -> str:
-        """Publish a message the library builds itself, inside the caller's transaction:
-        to ``to``, or broadcast to ``pattern`` when ``to`` is None."""
-        if to is None:
-            return self._prepare_broadcast(sender, type, payload, pattern, {}, now).write(conn, now)
+    ) -> str | None:
+        """Publish a message the library builds itself, inside the caller's transaction: to
+        ``to``, or to the agents interested in ``type`` when ``to`` is None (None: nobody is,
+        nothing written)."""
+        if to is None:  # validated as it is written (nothing to check when nobody is interested)
+            return _Interested(self, sender, type, None, {}, payload, now).write(conn, now)
         return self._prepare(sender, to, type, payload, now=now).write(conn, now)
 
 
@@ -1258,6 +1290,54 @@ class _Broadcast:
             broadcast_pattern=self.pattern, max_payload_bytes=self.bus.max_payload_bytes,
         )
         storage.publish(conn, [out], [now + self.delay_ms], now)
+        if recipients:  # matched nobody: leave the ring untargeted (a state write may ride on it)
+            mark(recipients)
+        return out.id
+
+
+class _Interested:
+    """A state change or event sent without explicit recipients (SPEC 5-7): to every agent but
+    the sender with a matching interest, matched in the transaction that writes it. A state
+    change that interests nobody is not written (the state log has the change); such an event
+    is archived like a broadcast that matched nobody, so the id ``emit`` returned is a message.
+
+    Event patterns are matched here, with ``fnmatch.fnmatchcase`` over the (few) event
+    interests, not with SQLite's GLOB (which negates with ``[^...]``, not ``[!...]``): the
+    same function as the receivers' run loops, so an event goes to an agent exactly when one
+    of its patterns would dispatch it."""
+
+    __slots__ = ("bus", "sender", "type", "event", "headers", "payload", "prepared_at")
+
+    def __init__(
+        self, bus: Bus, sender: str, type: str, event: str | None, headers: dict[str, Any],
+        payload: Any, prepared_at: int,
+    ) -> None:
+        self.bus = bus
+        self.sender = sender
+        self.type = type
+        self.event = event
+        self.headers = headers
+        self.payload = payload
+        self.prepared_at = prepared_at
+
+    def write(self, conn: apsw.Connection, now: int) -> str | None:
+        if self.event is None:
+            recipients = storage.interested_in_type(conn, self.type, self.sender)
+            if not recipients:
+                return None
+        else:
+            matched: set[str] = set()
+            last, matches = "", False
+            for agent, pattern in storage.event_interests(conn, self.sender):  # by pattern
+                if pattern != last:
+                    last, matches = pattern, pattern is None or fnmatch.fnmatchcase(
+                        self.event, pattern)
+                if matches:
+                    matched.add(agent)
+            recipients = sorted(matched)
+        out = prepare(self.sender, recipients, self.type, self.payload, now_ms=self.prepared_at,
+                      matched=True, max_payload_bytes=self.bus.max_payload_bytes, **self.headers)
+        storage.publish(conn, [out], [now], now)
         if recipients:  # matched nobody: leave the ring untargeted (a state write may ride on it)
             mark(recipients)
         return out.id
@@ -1618,22 +1698,34 @@ class Agent:
 
     # -- handlers, the run loop, request/response, events (the logic is in sqlbus.worker) ----
 
-    def subscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
-        """Call ``handler(message)`` in :meth:`run` for every message of ``type`` (``"*"``:
-        every type). Subscribing the same handler twice has no further effect.
+    def subscribe(self, type: str, handler: Callable[[Message], Any] | None = None) -> None:
+        """Record this agent's interest in messages of ``type`` (``"*"``: every type) in the
+        database and, with ``handler``, call ``handler(message)`` for them in :meth:`run`.
+        Recording is idempotent; subscribing the same handler twice has no further effect.
 
-        A handler reaches its :class:`Delivery` with :func:`sqlbus.current_delivery` to buffer
-        publishes, replies and state writes that commit with the ack.
+        Interests pick the recipients of state changes and events sent without explicit
+        ones (``subscribe("state_change")`` alone suits a :meth:`receive` consumer); they
+        outlive the process until dropped. A handler reaches its :class:`Delivery` with
+        :func:`sqlbus.current_delivery` to buffer publishes, replies and state writes that
+        commit with the ack.
         """
         from .worker import dispatcher
 
         dispatcher(self).subscribe(type, handler)
 
-    def unsubscribe(self, type: str, handler: Callable[[Message], Any]) -> None:
-        """Stop calling ``handler`` for ``type`` (nothing happens if it was not subscribed)."""
+    def unsubscribe(self, type: str, handler: Callable[[Message], Any] | None = None) -> None:
+        """Stop calling ``handler`` for ``type``, and drop the interest once this agent object
+        has no handler left for it (a handler not subscribed changes nothing); without
+        ``handler``, drop the interest and every handler of ``type``."""
         from .worker import dispatcher
 
         dispatcher(self).unsubscribe(type, handler)
+
+    def subscriptions(self) -> list[Subscription]:
+        """This agent's recorded interests, by kind and pattern."""
+        with self.bus._reading() as conn:
+            rows = storage.list_interests(conn, self.id)
+        return [Subscription(kind, pattern, iso_ms(at)) for _, kind, pattern, at in rows]
 
     def run(
         self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None,

@@ -24,7 +24,7 @@ import msgspec
 from click.core import ParameterSource
 
 from . import __version__
-from .bus import Agent, Bus, connect
+from .bus import Agent, AgentInfo, Bus, connect
 from .errors import DatabaseError, SqlbusError, ValidationError
 from .messages import Message, MessageType, check_agent_id
 from .metrics import to_openmetrics, to_prometheus
@@ -390,7 +390,8 @@ def stats(config: _Config, as_json: bool) -> None:
 @json_option
 @pass_config
 def agents(config: _Config, as_json: bool) -> None:
-    """The agent registry: id, status, alive (seen in the last 60 s), last seen, registered.
+    """The agent registry: id, status, alive (seen in the last 60 s), last seen, registered,
+    and subscriptions (message types, and event patterns as event:PATTERN).
 
     \b
     Example:
@@ -402,8 +403,9 @@ def agents(config: _Config, as_json: bool) -> None:
         _json_out(rows)
         return
     _table(
-        ["id", "status", "alive", "last_seen", "registered_at"],
-        [(a.id, a.status, a.alive, a.last_seen, a.registered_at) for a in rows],
+        ["id", "status", "alive", "last_seen", "registered_at", "subscriptions"],
+        [(a.id, a.status, a.alive, a.last_seen, a.registered_at, _subscriptions(a))
+         for a in rows],
     )
 
 
@@ -414,6 +416,12 @@ def _warn_unregistered(bus: Bus, agents: Sequence[str]) -> None:
     if unknown:
         click.echo(f"sqlbus: warning: not a registered agent: {', '.join(map(repr, unknown))}",
                    err=True)
+
+
+def _subscriptions(agent: AgentInfo) -> str | None:
+    return ", ".join(
+        s.pattern if s.kind == "type" else f"event:{s.pattern}" for s in agent.subscriptions
+    ) or None
 
 
 @cli.command()

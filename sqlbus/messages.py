@@ -657,11 +657,13 @@ def prepare(
     delivered: bool = False,
     max_payload_bytes: int = 1_048_576,
     prefix: str = "",
+    matched: bool = False,
 ) -> Outgoing:
     """Validate one message and encode it. ``prefix`` (e.g. ``"[3]."``) goes before field names.
 
     A list ``to`` is deduplicated, keeping order. ``broadcast_pattern`` marks a broadcast, whose
-    ``to`` was expanded by the caller and may be empty. ``direct_reply`` marks a request whose
+    ``to`` was expanded by the caller and may be empty; so may a ``matched`` one (the agents
+    with a matching interest, SPEC 5). ``direct_reply`` marks a request whose
     response the requester reads itself; ``delivered`` writes such a response as delivered.
     """
     if type not in MESSAGE_TYPES:
@@ -698,7 +700,7 @@ def prepare(
             if agent not in seen:
                 seen.add(agent)
                 recipients.append(agent)
-        if not recipients and broadcast_pattern is None:
+        if not recipients and broadcast_pattern is None and not matched:
             raise ValidationError(f"{prefix}to: expected at least one agent id, got an empty list",
                                   field=f"{prefix}to")
     else:

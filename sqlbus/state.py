@@ -112,9 +112,9 @@ def write_version(
 class StateStore:
     """Shared state seen through one agent (``updated_by``), or through the bus (``None``).
 
-    ``subscribers`` (agent ids) receive the ``state_change`` message; when omitted it is
-    broadcast to every registered agent but the writer. ``include_value=True`` puts the new
-    value in the message as ``full_value``.
+    ``subscribers`` (agent ids) receive the ``state_change`` message; when omitted it goes to
+    every agent but the writer with an interest in ``state_change`` or ``*`` (``subscribe``).
+    ``include_value=True`` puts the new value in the message as ``full_value``.
     """
 
     def __init__(
@@ -296,8 +296,6 @@ class StateWrite:
                     None if self.value_json is None else msgspec.json.decode(self.value_json)
                 )
             sender = self.updated_by or SYSTEM_SENDER
-            self.bus._publish_in(
-                conn, now, sender, self.subscribers, "state_change", payload, pattern="*"
-            )
+            self.bus._publish_in(conn, now, sender, self.subscribers, "state_change", payload)
         return version
 

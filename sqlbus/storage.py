@@ -34,6 +34,8 @@ Tables (all STRICT):
   row (``body_id`` NULL) and never touches this table or its index.
 - ``dead_letter``: why a row ended dead (reason, error, traceback, context).
 - ``agents``: the registry.
+- ``interest``: what each agent subscribed to (SPEC 5): the recipients of state changes and
+  events sent without explicit ones.
 - ``state`` and ``state_log``: versioned shared state and its change history (for watch).
   Pruning the log keeps its newest entry, so its positions never go back either.
 - ``retention``: the retention policy, one row shared by every process (SPEC 2.2).
@@ -54,7 +56,7 @@ import apsw
 from . import connections
 from .errors import DatabaseError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x5153_4255  # "QSBU": marks a file as a sqlbus database
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -170,6 +172,19 @@ BEGIN
     DELETE FROM message_body WHERE id = old.body_id;
 END;
 """
+# Added by schema 5 (see :func:`_add_interests`): an agent's recorded interests, kind 'type'
+# (a message type or '*') or 'event' (an event-name pattern). Keyed by kind and pattern
+# first: the lookup every state change and event without explicit recipients makes is
+# "who is interested in this", while one agent's list is read only by listings.
+INTERESTS = """
+CREATE TABLE IF NOT EXISTS interest (
+    kind TEXT NOT NULL CHECK (kind IN ('type', 'event')),
+    pattern TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    subscribed_at INTEGER NOT NULL,
+    PRIMARY KEY (kind, pattern, agent)
+) STRICT, WITHOUT ROWID;
+"""
 
 # The row's body and the row's body length, as every statement that reads a message row
 # must take them: from the row, or shared (the row's body is empty then; a message's JSON
@@ -258,6 +273,7 @@ CREATE TABLE request_timeout (
 ) STRICT, WITHOUT ROWID;
 """
     + SHARED_BODIES
+    + INTERESTS
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -559,8 +575,15 @@ def _add_shared_bodies(conn: apsw.Connection, now: int) -> None:
     conn.execute(SHARED_BODIES)
 
 
+def _add_interests(conn: apsw.Connection, now: int) -> None:
+    """Schema 5 records agents' interests (``interest``); a file upgraded to it starts with
+    none, so state changes and events without explicit recipients reach nobody until agents
+    subscribe again."""
+    conn.execute(INTERESTS)
+
+
 # from schema version N to N + 1, in the caller's transaction
-_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _add_shared_bodies}
+_MIGRATIONS = {1: _migrate_1_to_2, 2: _migrate_2_to_3, 3: _add_shared_bodies, 4: _add_interests}
 
 PAGE_SIZE = 2048
 
@@ -671,6 +694,59 @@ def list_agents(conn: apsw.Connection) -> list[tuple[Any, ...]]:
 
 def agent_ids(conn: apsw.Connection) -> list[str]:
     return [row[0] for row in conn.execute("SELECT id FROM agents ORDER BY id")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Interests (subscriptions)
+
+
+def add_interest(conn: apsw.Connection, agent: str, kind: str, pattern: str, now: int) -> None:
+    """Record ``agent``'s interest; one already recorded keeps its ``subscribed_at``."""
+    conn.execute(
+        "INSERT INTO interest (kind, pattern, agent, subscribed_at) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT DO NOTHING",
+        (kind, pattern, agent, now),
+    )
+
+
+def drop_interest(conn: apsw.Connection, agent: str, kind: str, pattern: str) -> None:
+    conn.execute(
+        "DELETE FROM interest WHERE kind = ? AND pattern = ? AND agent = ?", (kind, pattern, agent)
+    )
+
+
+def list_interests(conn: apsw.Connection, agent: str | None = None) -> list[tuple[Any, ...]]:
+    """(agent, kind, pattern, subscribed_at) of ``agent``'s interests, or of every agent's
+    (None), by agent, kind and pattern."""
+    return conn.execute(
+        "SELECT agent, kind, pattern, subscribed_at FROM interest"
+        " WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, kind, pattern",
+        (agent,),
+    ).fetchall()
+
+
+def interested_in_type(conn: Connection, type: str, sender: str) -> list[str]:
+    """The agents but ``sender`` interested in messages of ``type`` (or ``*``), by id."""
+    return [row[0] for row in conn.cur.execute(
+        "SELECT DISTINCT agent FROM interest WHERE kind = 'type' AND pattern IN (?1, '*')"
+        " AND agent <> ?2 ORDER BY agent",
+        (type, sender),
+    )]
+
+
+def event_interests(conn: Connection, sender: str) -> list[tuple[Any, ...]]:
+    """(agent, pattern) of every interest in events of the agents but ``sender``: each
+    event-name pattern (for the caller to match), grouped by pattern, then (pattern None)
+    each interest in the types ``event`` and ``*``. An agent may come more than once.
+
+    Two range reads of the primary key and no sort: grouped by pattern, the caller matches
+    each pattern once, however many agents share it."""
+    return conn.cur.execute(
+        "SELECT agent, pattern FROM interest WHERE kind = 'event' AND agent <> ?1"
+        " UNION ALL SELECT agent, NULL FROM interest WHERE kind = 'type'"
+        " AND pattern IN ('event', '*') AND agent <> ?1",
+        (sender,),
+    ).fetchall()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,14 +36,22 @@ request is acked, not retried (the requester is told at once; the error is still
 the error rates). ``Discard`` dead-letters the request and answers with a failure; ``Retry``
 retries it without answering.
 
-Events: ``agent.events.on(name, handler)`` calls ``handler(event)`` with an :class:`Event`
-(name, data, emitted_at, emitted_by, correlation_id) for events of that name, after the
-``subscribe("event")`` and wildcard handlers, which get the message as usual.
+Subscriptions are recorded interests (SPEC 5): ``subscribe`` and ``events.on`` write the
+agent's interest (a type, an event-name pattern) to the database, where the state changes and
+events sent without explicit recipients find their recipients; the handlers stay in this
+process's agent object. The interest goes when its last handler does (or at once with
+``unsubscribe(type)`` / ``events.off(pattern)``).
+
+Events: ``agent.events.on(pattern, handler)`` calls ``handler(event)`` with an :class:`Event`
+(name, data, emitted_at, emitted_by, correlation_id) for events whose name matches the
+shell-style ``pattern`` (``fnmatch.fnmatchcase``, as the emitter matches recipients), after
+the ``subscribe("event")`` and wildcard handlers, which get the message as usual.
 """
 
 from __future__ import annotations
 
 import contextvars
+import fnmatch
 import logging
 import math
 import secrets
@@ -53,7 +61,7 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import apsw
 import msgspec
@@ -195,6 +203,13 @@ def _check_callable(handler: object) -> None:
         raise TypeError(f"handler must be callable, got {type(handler).__name__}")
 
 
+def _check_type(type_: object) -> None:
+    if type_ != "*" and type_ not in MESSAGE_TYPES:
+        raise ValidationError(
+            f"type: expected '*' or one of {', '.join(sorted(MESSAGE_TYPES))}, got {type_!r}"
+        )
+
+
 class Dispatcher:
     """One agent object's handlers and run loop (used through :class:`~sqlbus.Agent`)."""
 
@@ -209,29 +224,61 @@ class Dispatcher:
         self.events = Events(self)
 
     # -- subscriptions ---------------------------------------------------------------------
+    # The interest is written before the handler is added and dropped before the last handler
+    # goes, under the lock, so a failed write changes nothing and the two never disagree.
 
-    def subscribe(self, type: str, handler: Handler) -> None:
-        if type != "*" and type not in MESSAGE_TYPES:
-            raise ValidationError(
-                f"type: expected '*' or one of {', '.join(sorted(MESSAGE_TYPES))}, got {type!r}"
-            )
-        _check_callable(handler)
+    def subscribe(self, type: str, handler: Handler | None) -> None:
+        _check_type(type)
+        if handler is not None:
+            _check_callable(handler)
         with self._lock:
-            self._handlers = _added(self._handlers, type, handler)
+            self._record("type", type)
+            if handler is not None:
+                self._handlers = _added(self._handlers, type, handler)
 
-    def unsubscribe(self, type: str, handler: Handler) -> None:
+    def unsubscribe(self, type: str, handler: Handler | None) -> None:
+        _check_type(type)
         with self._lock:
-            self._handlers = _removed(self._handlers, type, handler)
+            self._handlers = self._unrecord("type", self._handlers, type, handler)
 
-    def on(self, name: str, handler: EventHandler) -> None:
-        _check_event_name(name)
-        _check_callable(handler)
+    def on(self, pattern: str, handler: EventHandler | None) -> None:
+        _check_event_name(pattern, "event pattern")
+        if handler is not None:
+            _check_callable(handler)
         with self._lock:
-            self._event_handlers = _added(self._event_handlers, name, handler)
+            self._record("event", pattern)
+            if handler is not None:
+                self._event_handlers = _added(self._event_handlers, pattern, handler)
 
-    def off(self, name: str, handler: EventHandler) -> None:
+    def off(self, pattern: str, handler: EventHandler | None) -> None:
+        _check_event_name(pattern, "event pattern")
         with self._lock:
-            self._event_handlers = _removed(self._event_handlers, name, handler)
+            self._event_handlers = self._unrecord("event", self._event_handlers, pattern, handler)
+
+    def _record(self, kind: str, pattern: str) -> None:
+        bus = self.agent.bus
+        now = bus._now_ms()
+        with bus._write() as conn:
+            mark_quiet()  # an interest is no work for anyone
+            storage.add_interest(conn, self.agent.id, kind, pattern, now)
+
+    def _unrecord(
+        self, kind: str, table: dict[str, tuple[Any, ...]], pattern: str, handler: Any
+    ) -> dict[str, tuple[Any, ...]]:
+        """``table`` without ``handler`` (None: every handler) for ``pattern``; drops the
+        interest when no handler is left. A handler that was not there changes nothing."""
+        if handler is None:
+            rest = {key: value for key, value in table.items() if key != pattern}
+        elif handler in table.get(pattern, ()):
+            rest = _removed(table, pattern, handler)
+        else:
+            return table
+        if pattern not in rest:
+            bus = self.agent.bus
+            with bus._write() as conn:
+                mark_quiet()
+                storage.drop_interest(conn, self.agent.id, kind, pattern)
+        return rest
 
     # -- the loop --------------------------------------------------------------------------
 
@@ -463,9 +510,7 @@ class Dispatcher:
             event = _event_of(message)
             if event is not None:
                 event.emitted_by = message.sender  # the payload's claim is not evidence
-                event_handlers = self._event_handlers.get(event.name, ())
-                if event.name != "*":
-                    event_handlers += self._event_handlers.get("*", ())
+                event_handlers = _event_handlers(self._event_handlers, event.name)
         if not handlers and not event_handlers:
             log.debug("sqlbus: no handler for %s message %s; acked", message.type, message.id)
             d._effects.append(_Count(UNHANDLED, agent.id))
@@ -576,6 +621,20 @@ def _log_failure(d: Delivery, exc: BaseException, outcome: str) -> None:
         "sqlbus: agent %s, %s message %s, attempt %d: %s: %s; %s", d.agent.id, d.message.type,
         d.message.id, d.attempts, type(exc).__name__, _error_text(exc), outcome, exc_info=exc,
     )
+
+
+def _event_handlers(
+    table: dict[str, tuple[EventHandler, ...]], name: str
+) -> tuple[EventHandler, ...]:
+    """The handlers of the patterns ``name`` matches: those of the name itself first, then
+    those of other patterns in the order they were registered, ``*``'s last."""
+    handlers = table.get(name, ())
+    for pattern, more in table.items():
+        if pattern != name and pattern != "*" and fnmatch.fnmatchcase(name, pattern):
+            handlers += more
+    if name != "*":
+        handlers += table.get("*", ())
+    return handlers
 
 
 def _settled_then_raised(d: Delivery, exc: Exception) -> bool:
@@ -842,12 +901,20 @@ def respond(
 # Events
 
 
-def _check_event_name(name: object) -> str:
+_PATTERN_CHARACTERS = frozenset("*?[")
+
+
+def _check_event_name(name: object, what: str = "event name") -> str:
+    """An event name (``what`` "event name": no pattern characters, which would make it
+    match other patterns than its own) or pattern (``what`` "event pattern")."""
     # isprintable() also refuses NUL and lone surrogates
     if type(name) is not str or not 1 <= len(name) <= 200 or not name.isprintable():
         got = name[:50] if type(name) is str else name
-        raise ValidationError(f"event name: expected 1..200 printable characters, got {got!r}",
-                              field="event name")
+        raise ValidationError(f"{what}: expected 1..200 printable characters, got {got!r}",
+                              field=what)
+    if what == "event name" and not _PATTERN_CHARACTERS.isdisjoint(name):
+        raise ValidationError(
+            f"{what}: expected no pattern characters (*?[), got {name[:50]!r}", field=what)
     return name
 
 
@@ -866,8 +933,9 @@ class Events:
     >>> alice.events.emit("build.done", {"sha": "abc"})            # doctest: +SKIP
     >>> bob.events.on("build.done", lambda event: print(event.data))   # doctest: +SKIP
 
-    Handlers receive an :class:`Event` and run in the agent's ``run()`` loop; ``"*"``
-    handles every event. An agent never handles its own events.
+    ``on`` records the agent's interest in the shell-style pattern (``"*"``: every event);
+    handlers receive an :class:`Event` and run in the agent's ``run()`` loop. An agent never
+    handles its own events.
     """
 
     def __init__(self, owner: Dispatcher) -> None:
@@ -883,27 +951,37 @@ class Events:
         priority: int = 3,
         ttl: int = 30_000,
     ) -> str:
-        """Send event ``name`` with ``data`` to ``targets`` (agent ids), or to every other
-        registered agent when ``targets`` is None; returns the message id. ``ttl`` in ms."""
+        """Send event ``name`` (no pattern characters) with ``data`` to ``targets`` (agent
+        ids), or, when ``targets`` is None, to every other agent with a matching interest (an
+        event pattern that matches ``name``, or the type ``event`` or ``*``); returns the
+        message id (archived even when nobody matched). ``ttl`` in ms."""
         _check_event_name(name)
         agent = self._owner.agent
+        bus = agent.bus
+        now = bus._now_ms()
         payload = {
             "name": name,
             "data": data,
-            "emitted_at": iso_ms(agent.bus._now_ms()),
+            "emitted_at": iso_ms(now),
             "emitted_by": agent.id,
             "correlation_id": correlation_id,
         }
         if targets is None:
-            return agent.broadcast("event", payload, priority=priority, ttl=ttl,
-                                   correlation_id=correlation_id)
+            headers = {"priority": priority, "ttl": ttl, "correlation_id": correlation_id}
+            op = bus._prepare_interested(agent.id, "event", payload, headers, now, event=name)
+            with bus._write() as conn:
+                return cast(str, op.write(conn, now))
         return agent.publish(targets, "event", payload, priority=priority, ttl=ttl,
                              correlation_id=correlation_id)
 
-    def on(self, name: str, handler: EventHandler) -> None:
-        """Call ``handler(event)`` for every event ``name`` (``"*"``: every event)."""
-        self._owner.on(name, handler)
+    def on(self, pattern: str, handler: EventHandler | None = None) -> None:
+        """Record this agent's interest in events whose name matches the shell-style
+        ``pattern`` (``"*"``: every event) and, with ``handler``, call ``handler(event)`` for
+        them in ``run()``. Recording is idempotent."""
+        self._owner.on(pattern, handler)
 
-    def off(self, name: str, handler: EventHandler) -> None:
-        """Stop calling ``handler`` for ``name`` (nothing happens if it was not registered)."""
-        self._owner.off(name, handler)
+    def off(self, pattern: str, handler: EventHandler | None = None) -> None:
+        """Stop calling ``handler`` for ``pattern``, and drop the interest once no handler
+        of this agent object is left for it; without ``handler``, drop the interest and
+        every handler of ``pattern``."""
+        self._owner.off(pattern, handler)

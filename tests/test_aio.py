@@ -211,8 +211,8 @@ def test_run_dispatches_to_plain_and_async_handlers_and_answers_requests(db_path
                 assert sqlbus.current_delivery().message.id == message.id
                 return {"double": message.payload["x"] * 2}
 
-            bob.subscribe("notification", on_note)
-            bob.subscribe("request", on_request)
+            await bob.subscribe("notification", on_note)
+            await bob.subscribe("request", on_request)
             runner = asyncio.create_task(bob.run())
             await alice.publish("bob", "notification", {"n": 1})
             answer = await alice.request("bob", {"x": 21}, timeout=30.0)
@@ -236,7 +236,7 @@ def test_an_async_handler_error_becomes_a_remote_error(db_path: Path) -> None:
             async def fail(message):
                 raise ValueError("no such thing")
 
-            bob.subscribe("request", fail)
+            await bob.subscribe("request", fail)
             runner = asyncio.create_task(bob.run())
             try:
                 with pytest.raises(sqlbus.RemoteError, match="no such thing"):
@@ -258,7 +258,7 @@ def test_async_event_handlers_receive_other_agents_events(db_path: Path) -> None
             async def on_build(event):
                 seen.append((event.name, event.data, event.emitted_by))
 
-            bob.events.on("build.done", on_build)
+            await bob.events.on("build.done", on_build)
             await alice.events.emit("build.done", {"sha": "abc"})
             await bob.run(until_idle=True)
             return seen

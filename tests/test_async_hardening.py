@@ -114,7 +114,7 @@ def test_many_concurrent_requests_to_a_responder_all_get_their_answers(db_path: 
     async def main():
         async with await sqlbus.aio.connect(db_path) as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
-            bob.subscribe("request", lambda message: {"double": message.payload["n"] * 2})
+            await bob.subscribe("request", lambda message: {"double": message.payload["n"] * 2})
             runner = asyncio.create_task(bob.run(limit=20))
             await alice.publish("bob", "notification", {})  # the loop's threads exist now
             await asyncio.sleep(0.2)

@@ -146,7 +146,7 @@ def test_stats_json_matches_the_library(populated):
 def test_agents_lists_the_registry(populated):
     rows = json.loads(ok(populated.path, "agents", "--json"))
     assert [r["id"] for r in rows] == ["alice", "bob"]
-    assert set(rows[0]) == {"id", "registered_at", "last_seen", "status", "alive"}
+    assert set(rows[0]) == {"id", "registered_at", "last_seen", "status", "alive", "subscriptions"}
     assert "alice" in ok(populated.path, "agents")
 
 

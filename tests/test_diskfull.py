@@ -43,6 +43,7 @@ def test_a_full_disk_raises_a_clear_error_keeps_what_was_committed_and_recovers(
     filler = small_disk / "filler"
     bus = sqlbus.connect(db)
     alice, bob = bus.agent("alice"), bus.agent("bob")
+    bob.subscribe("state_change")
     # Take 600 KiB with a filler file first: deleting it later is how space comes back.
     filler.write_bytes(b"\0" * (600 * 1024))
     confirmed: list[str] = []

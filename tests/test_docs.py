@@ -84,7 +84,6 @@ def test_every_example_script_runs_to_the_end(script, tmp_path):
     assert_ran(run_python(EXAMPLES / script, tmp_path, *args))
 
 
-@pytest.mark.xfail(strict=False, reason="needs the interests change")
 def test_the_quick_start_runs_twice_on_the_same_database(tmp_path):
     code = README_BLOCKS["Quick start"]
     first = run_python(code, tmp_path)

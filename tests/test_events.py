@@ -27,7 +27,9 @@ def test_an_emitted_event_reaches_the_handlers_of_its_name_in_every_other_agent(
 
 
 def test_an_event_is_a_message_of_type_event_with_the_spec_payload(team, bus):
-    alice, bob, _ = team
+    alice, bob, carol = team
+    bob.events.on("deploy")
+    carol.subscribe("event")
     message_id = alice.events.emit("deploy", {"env": "prod"}, correlation_id="c-9")
 
     [record] = bus.sent(limit=1)
@@ -94,6 +96,7 @@ def test_off_removes_an_event_handler_and_the_event_then_counts_as_unhandled(tea
     def handler(event):
         got.append(event.data)
 
+    bob.subscribe("event")  # keeps bob interested in every event once the handler is gone
     bob.events.on("tick", handler)
     alice.events.emit("tick", 1)
     bob.run(until_idle=True)
@@ -128,7 +131,7 @@ def test_emit_and_on_check_their_arguments(team):
     with pytest.raises(sqlbus.ValidationError, match="event name"):
         alice.events.emit("")
     with pytest.raises(TypeError, match="callable"):
-        alice.events.on("x", None)
+        alice.events.on("x", "not a function")
     with pytest.raises(sqlbus.ValidationError, match="data"):
         alice.events.emit("x", {"bad": float("nan")})
 

@@ -98,7 +98,7 @@ def test_the_seed_schema_itself_is_valid_draft_07():
 
 def test_every_message_the_library_writes_validates_against_the_seed_schema(bus, sql, clock):
     alice, bob = bus.agent("alice"), bus.agent("bob")
-    bus.agent("carol")
+    bus.agent("carol").subscribe("state_change")
     alice.publish("bob", "task_assignment", {"task": {"id": "t1", "type": "build"}},
                   priority=5, ttl=60_000, requires_ack=True, correlation_id="c-1")
     alice.publish(["bob", "carol"], "notification", {"text": "hi"})

@@ -91,7 +91,7 @@ def test_async_transactions_and_runs_leave_nothing_behind(tmp_path: Path) -> Non
         alice = await bus.agent("alice")
         bob = await bus.agent("bob")
         handled = []
-        bob.subscribe("notification", handled.append)
+        await bob.subscribe("notification", handled.append)
 
         async def one_cycle(i: int) -> None:
             async with alice.transaction() as tx:

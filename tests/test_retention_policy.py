@@ -335,7 +335,7 @@ def test_a_schema_2_file_is_upgraded_keeps_every_message_and_gets_the_default_po
         bus.state.set("plan", {"step": 2}, notify=False)
     _as_schema_2(source, db)
     with sqlbus.connect(db, clock=clock, backoff_base=10.0) as bus:
-        assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)] == [(4,)]
+        assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)] == [(5,)]
         assert bus.retention() == DEFAULT
         assert [r.message.id for r in bus.sent(limit=10)] == ids[::-1]
         assert {e.message.id: e.status for e in bus.peek("bob")} == {

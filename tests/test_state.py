@@ -94,6 +94,8 @@ def test_keys_lists_live_keys_with_a_prefix_sorted(bus):
 
 def test_a_state_change_message_goes_to_other_agents_in_the_same_transaction(bus):
     alice, bob = bus.agent("alice"), bus.agent("bob")
+    alice.subscribe("state_change")
+    bob.subscribe("state_change")
     alice.state.set("plan", {"v": 1}, include_value=True)
     (d,) = bob.receive()
     assert d.message.type == "state_change"

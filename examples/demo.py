@@ -20,6 +20,7 @@ previous run's database (and its -wal, -shm and wake-up files), and leaves its o
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import os
 import shutil
@@ -30,6 +31,18 @@ import threading
 import time
 
 import sqlbus
+
+
+class _WithoutTraceback(logging.Formatter):
+    def formatException(self, ei: object) -> str:  # noqa: N802 (logging's name)
+        return ""
+
+
+# sqlbus logs every handler failure at WARNING with its traceback; this demo narrates its
+# failures itself, so it shows the library's log lines without the tracebacks.
+_log_handler = logging.StreamHandler(sys.stdout)
+_log_handler.setFormatter(_WithoutTraceback("[  log ] %(message)s"))
+logging.getLogger("sqlbus").addHandler(_log_handler)
 
 COORDINATOR = "coordinator"
 WORKERS = ["worker-1", "worker-2", "worker-3"]

@@ -4,11 +4,10 @@ that crashes after dequeue loses the task."""
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 
-from . import Client, Peer, payload
+from . import Client, Peer, decode, encode, payload
 
 
 class HueyClient(Client):
@@ -27,13 +26,13 @@ class HueyClient(Client):
         return storage
 
     def put(self, queue: str, i: int) -> None:
-        self.storage(queue).enqueue(json.dumps(payload(i)).encode())
+        self.storage(queue).enqueue(encode(payload(i)))
 
     def get_nowait(self, queue: str) -> int | None:
         data = self.storage(queue).dequeue()
         if data is None:
             return None
-        return json.loads(bytes(data))["i"]
+        return decode(bytes(data))["i"]
 
     def close(self) -> None:
         for storage in self._storages.values():
@@ -81,7 +80,7 @@ class HueyPeer(Peer):
                 conn.execute("BEGIN IMMEDIATE")
                 conn.executemany(
                     "INSERT INTO task (queue, data, priority) VALUES (?, ?, 0)",
-                    [(queue, json.dumps(payload(i)).encode()) for i in ids[start : start + 10_000]],
+                    [(queue, encode(payload(i))) for i in ids[start : start + 10_000]],
                 )
                 conn.execute("COMMIT")
         finally:

@@ -3,11 +3,10 @@ in a BEGIN IMMEDIATE transaction, done() marks the row done)."""
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 
-from . import Peer, QueuePerName, payload
+from . import Peer, QueuePerName, decode, encode, payload
 
 
 class LiteQueueClient(QueuePerName):
@@ -19,13 +18,13 @@ class LiteQueueClient(QueuePerName):
         return LiteQueue(self.path, queue_name=name)
 
     def put(self, queue: str, i: int) -> None:
-        self.queue(queue).put(json.dumps(payload(i)))
+        self.queue(queue).put(encode(payload(i)).decode())
 
     def put_many(self, queue: str, ids: list[int]) -> None:
         q = self.queue(queue)
         with q.transaction(mode="IMMEDIATE"):
             for i in ids:
-                q.put(json.dumps(payload(i)))
+                q.put(encode(payload(i)).decode())
 
     def get_nowait(self, queue: str) -> int | None:
         q = self.queue(queue)
@@ -33,7 +32,7 @@ class LiteQueueClient(QueuePerName):
         if message is None:
             return None
         q.done(message.message_id)
-        return json.loads(message.data)["i"]
+        return decode(message.data)["i"]
 
 
 class LiteQueuePeer(Peer):

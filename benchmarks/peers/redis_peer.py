@@ -11,11 +11,10 @@ server's own settings are left alone and reported.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 
-from . import Client, Peer, Unavailable, payload
+from . import Client, Peer, Unavailable, decode, encode, payload
 
 HOST, PORT = "127.0.0.1", 6379
 GROUP = "bench"
@@ -36,16 +35,16 @@ class RedisListClient(Client):
         self.processing = f"{prefix}processing:{os.getpid()}:{secrets.token_hex(3)}"
 
     def put(self, queue: str, i: int) -> None:
-        self.r.lpush(self.prefix + queue, json.dumps(payload(i)))
+        self.r.lpush(self.prefix + queue, encode(payload(i)))
 
     def put_many(self, queue: str, ids: list[int]) -> None:
-        self.r.lpush(self.prefix + queue, *[json.dumps(payload(i)) for i in ids])
+        self.r.lpush(self.prefix + queue, *[encode(payload(i)) for i in ids])
 
     def _ack(self, value: bytes | None) -> int | None:
         if value is None:
             return None
         self.r.lrem(self.processing, 1, value)
-        return json.loads(value)["i"]
+        return decode(value)["i"]
 
     def get_nowait(self, queue: str) -> int | None:
         return self._ack(self.r.lmove(self.prefix + queue, self.processing, "RIGHT", "LEFT"))
@@ -68,13 +67,13 @@ class RedisStreamClient(Client):
         self.consumer = f"c-{os.getpid()}-{secrets.token_hex(3)}"
 
     def put(self, queue: str, i: int) -> None:
-        self.r.xadd(self.prefix + queue, {"d": json.dumps(payload(i))})
+        self.r.xadd(self.prefix + queue, {"d": encode(payload(i))})
 
     def put_many(self, queue: str, ids: list[int]) -> None:
         pipe = self.r.pipeline(transaction=False)
         key = self.prefix + queue
         for i in ids:
-            pipe.xadd(key, {"d": json.dumps(payload(i))})
+            pipe.xadd(key, {"d": encode(payload(i))})
         pipe.execute()
 
     def _read(self, queue: str, block_ms: int | None) -> int | None:
@@ -87,7 +86,7 @@ class RedisStreamClient(Client):
             return None
         entry_id, fields = entries[0]
         self.r.xack(key, GROUP, entry_id)
-        return json.loads(fields[b"d"])["i"]
+        return decode(fields[b"d"])["i"]
 
     def get_nowait(self, queue: str) -> int | None:
         return self._read(queue, None)

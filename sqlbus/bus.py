@@ -2021,7 +2021,7 @@ class Delivery:
         last_error = f"{error_name}: {error_message}" if exc is not None else None
         with bus._write() as conn:
             if reason is None:
-                due_at = now + int(delay * 1000)
+                due_at = now + _ceil_ms(delay)  # never early, like a publish delay
                 ok = storage.retry(conn, self._seq, self._claims, due_at, last_error)
                 mark([self.agent.id])  # its waiters re-read the next due time
             else:

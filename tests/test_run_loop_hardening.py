@@ -262,3 +262,16 @@ def test_a_delay_is_rounded_up_to_the_millisecond_never_early(bus, clock, sql):
     clock.advance(0.0015)  # 1.5 ms later: the 2 ms delay is not due, the 1 ms one is
     assert clock.ms - int(clock.start * 1000) == 1
     assert [d.message.id for d in bob.receive(limit=10)] == [m for m, ms in ids.items() if ms == 1]
+
+
+def test_a_retry_delay_is_rounded_up_to_the_millisecond_never_early(bus, clock, sql):
+    alice, bob = bus.agent("alice"), bus.agent("bob")
+    alice.publish("bob", "notification", {})
+    [d] = bob.receive()
+    d.retry(0.0015)  # 1.5 ms: due 2 ms later, not 1
+    [(due_in,)] = sql("SELECT visible_at - ? FROM message", (clock.ms,))
+    assert due_in == 2
+    clock.advance(0.0015)
+    assert bob.receive() == []  # 1.5 ms later it is not due yet
+    clock.advance(0.001)
+    assert [d.message.id for d in bob.receive()] == [d.message.id]

@@ -839,7 +839,7 @@ class Bus:
         with self._reading() as conn:
             rows = storage.list_sent(conn, agent, limit, self._max_body())
         return [  # a row that cannot be decoded shows as an error message (SPEC 4.2)
-            SentRecord(message=listed_message(recipients, *columns, body, self.max_payload_bytes),
+            SentRecord(message=listed_message(recipients, *columns, body),
                        recipients=recipients, sent_at=iso_ms(columns[-1]), payload_bytes=length)
             for recipients, *columns, length, body in rows
         ]
@@ -851,7 +851,7 @@ class Bus:
         _check_limit(limit)
         with self._reading() as conn:
             rows = storage.list_dead_letters(conn, agent, limit, self._max_body())
-        return [_dead_letter_from_row(row, self.max_payload_bytes) for row in rows]
+        return [_dead_letter_from_row(row) for row in rows]
 
     def dead_letter(self, ref: int | str) -> DeadLetter | None:
         """A dead letter by ``ref``: its number (int), or a message id (str), which names
@@ -862,7 +862,7 @@ class Bus:
             return None
         with self._reading() as conn:
             row = storage.get_dead_letter(conn, *names, max_body=self._max_body())
-        return None if row is None else _dead_letter_from_row(row, self.max_payload_bytes)
+        return None if row is None else _dead_letter_from_row(row)
 
     def requeue(self, ref: int | str) -> str:
         """Put dead letters back in their inboxes (attempts reset, fresh TTL) and return the
@@ -1174,12 +1174,11 @@ def _stored_ttl(ttl: object) -> int:
     return ttl if type(ttl) is int and ttl >= 0 else Headers().ttl
 
 
-def _dead_letter_from_row(row: tuple[Any, ...], max_payload_bytes: int) -> DeadLetter:
+def _dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
     (dead_id, agent, reason, error_name, error_message, tb, context, failed_at, attempts, body,
      message_id, sender, type_, priority, sent_at, length) = row
     # above the reader's limit (body None) its columns stand in, the payload is not loaded
-    message = listed_message(agent, message_id, sender, type_, priority, sent_at, body,
-                             max_payload_bytes)
+    message = listed_message(agent, message_id, sender, type_, priority, sent_at, body)
     try:
         context_value = msgspec.json.decode(context) if context else {}
     except msgspec.DecodeError:  # a listing never fails because of one row

@@ -46,7 +46,7 @@ __all__ = [
     "iso_ms",
     "decode_message",
     "decode_stored",
-    "decode_listed",
+    "listed_message",
     "corrupt_message",
     "decode_payload",
     "check_agent_id",
@@ -291,19 +291,6 @@ _NO_ID = "msg-0000000000000-000000000"
 _ID_IN_BODY = re.compile(rb'\{"id":"(msg-[0-9]{13}-[a-z0-9]{9})')
 
 
-class _Envelope(Struct, kw_only=True, rename={"sender": "from"}):
-    """A stored message without its payload decoded (kept as raw bytes)."""
-
-    id: str
-    sender: str
-    to: Union[str, list[str]]
-    type: MessageType
-    timestamp: str
-    payload: msgspec.Raw
-    headers: Headers = field(default_factory=Headers)
-
-
-_envelope_decoder = msgspec.json.Decoder(_Envelope)
 _DAMAGE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 
 
@@ -321,36 +308,21 @@ def decode_stored(body: bytes) -> Message | str:
         return escape_text(f"{type_of(exc).__name__}: {exc}")
 
 
-def decode_listed(
-    body: bytes, max_payload_bytes: int, *, to: str | list[str] | None = None,
-    sent_at: int = 0,
-) -> Message:
-    """A stored message for a listing, which never fails because of one row (SPEC 4.2): a
-    body above the reader's ``max_payload_bytes`` comes without its payload (``{}``), and one
-    that cannot be decoded as :func:`corrupt_message`."""
-    if fits(len(body), max_payload_bytes):
-        message = decode_stored(body)
-        if type_of(message) is Message:
-            return message  # type: ignore[return-value]
-        return corrupt_message(body, to=to, sent_at=sent_at)
-    try:
-        envelope = _envelope_decoder.decode(body)
-    except _DAMAGE:
-        return corrupt_message(body, to=to, sent_at=sent_at)
-    return Message(id=envelope.id, sender=envelope.sender, to=envelope.to, type=envelope.type,
-                   timestamp=envelope.timestamp, payload={}, headers=envelope.headers)
-
-
 def listed_message(
     to: str | list[str], message_id: str, sender: str, type: str, priority: int, sent_at: int,
-    body: bytes | None, max_payload_bytes: int,
+    body: bytes | None,
 ) -> Message:
-    """A message row as a listing shows it (SPEC 4.2): decoded from its ``body``, or, when the
-    body was too long to load (None), made of the row's columns with the payload ``{}``."""
+    """A message row as a listing shows it, which never fails because of one row (SPEC 4.2):
+    decoded from its ``body``; when the body was too long for the reader to load (None), made
+    of the row's columns with the payload ``{}``; when it cannot be decoded, as
+    :func:`corrupt_message`."""
     if body is None:
         return Message(id=message_id, sender=sender, to=to, type=type,  # type: ignore[arg-type]
                        timestamp=iso_ms(sent_at), payload={}, headers=Headers(priority=priority))
-    return decode_listed(body, max_payload_bytes, to=to, sent_at=sent_at)
+    message = decode_stored(body)
+    if type_of(message) is Message:
+        return message  # type: ignore[return-value]
+    return corrupt_message(body, to=to, sent_at=sent_at)
 
 
 def corrupt_message(

@@ -877,7 +877,7 @@ def peek(bus: Bus, agent: str, limit: int) -> list[InboxEntry]:
     for status, visible_at, attempts, *columns, length, body in rows:
         entries.append(
             # a row that cannot be decoded shows as an error message (SPEC 4.2)
-            InboxEntry(message=listed_message(agent, *columns, body, bus.max_payload_bytes),
+            InboxEntry(message=listed_message(agent, *columns, body),
                        status=status, attempts=attempts, visible_at=iso_ms(visible_at),
                        payload_bytes=length)
         )
@@ -928,7 +928,7 @@ def _follow(
             cursor = group[-1][0]
             recipients = [row[1] for row in group if row[1] is not None]
             _seq, _agent, *columns, length, body = group[0]
-            message = listed_message(recipients, *columns, body, bus.max_payload_bytes)
+            message = listed_message(recipients, *columns, body)
             if wanted is not None and message.type not in wanted:
                 continue
             if agent is not None and message.sender != agent and agent not in recipients:

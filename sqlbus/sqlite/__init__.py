@@ -1,0 +1,2 @@
+"""The SQLite backend: the schema and every SQL statement of a bus kept in one SQLite file, and
+the doorbells that wake waiting processes on the same host."""

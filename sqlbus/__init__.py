@@ -9,17 +9,9 @@
 ...         print(d.message.payload)
 """
 
-from .bus import (
-    Agent,
-    AgentInfo,
-    Bus,
-    DeadLetter,
-    Delivery,
-    SentRecord,
-    Subscription,
-    Transaction,
-    connect,
-)
+from .agent import Agent
+from .bus import Bus, connect
+from .delivery import Delivery, current_delivery
 from .errors import (
     AuthenticationError,
     DatabaseError,
@@ -34,6 +26,7 @@ from .errors import (
     ValidationError,
     VersionConflictError,
 )
+from .events import Event, Events
 from .messages import (
     MESSAGE_TYPES,
     Headers,
@@ -49,21 +42,11 @@ from .messages import (
     TaskResult,
     decode_payload,
 )
-from .metrics import (
-    AgentActivity,
-    AgentStats,
-    BackupResult,
-    CheckReport,
-    InboxEntry,
-    Metrics,
-    PruneResult,
-    QueueDepth,
-    Retention,
-    Throughput,
-    VacuumResult,
-)
+from .metrics import AgentActivity, AgentStats, Metrics, QueueDepth, Throughput
+from .ops import BackupResult, CheckReport, InboxEntry, PruneResult, Retention, VacuumResult
+from .records import AgentInfo, DeadLetter, SentRecord, Subscription
 from .state import StateEntry, StateStore
-from .worker import Event, Events, current_delivery
+from .transaction import Transaction
 
 __version__ = "0.1.0"
 

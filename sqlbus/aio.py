@@ -45,14 +45,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from . import worker
-from .bus import STORED, Agent, Bus, Delivery, Transaction, _open_block, _seconds, _Stored
+from . import request as requests
+from .agent import Agent, inbox_of
+from .arguments import STORED, Stored, seconds
+from .bus import Bus
 from .bus import connect as _connect
+from .delivery import Delivery, current, current_delivery, give_back
+from .engine import open_block
 from .errors import DatabaseError, VersionConflictError
 from .messages import Message, encode_json_value
-from .state import StateEntry, StateStore, check_key
+from .state import StateEntry, StateStore, Watch, check_key, check_poll, check_prefix
+from .transaction import Transaction, begin_block, end_block
 from .wakeup import ANY, FALLBACK, agent_tag
-from .watch import Watch, _check_poll, _check_prefix
+from .worker import check_concurrency
 
 __all__ = [
     "connect",
@@ -82,9 +87,9 @@ async def connect(
     clock: Callable[[], float] | None = None,
     mode: int = 0o600,
     non_retryable: Iterable[type[BaseException]] = (),
-    archive_retention: float | None | _Stored = STORED,
-    dead_retention: float | None | _Stored = STORED,
-    archive_max_messages: int | None | _Stored = STORED,
+    archive_retention: float | None | Stored = STORED,
+    dead_retention: float | None | Stored = STORED,
+    archive_max_messages: int | None | Stored = STORED,
 ) -> AsyncBus:
     """Open the database at ``path``: the keywords, their defaults and units are those of
     :func:`sqlbus.connect` (spelled out here so editors and type checkers see them).
@@ -218,11 +223,11 @@ class AsyncAgent:
     ) -> list[AsyncDelivery]:
         """Claim up to ``limit`` messages (see :meth:`sqlbus.Agent.receive`); ``wait``
         (seconds) waits for one without blocking the event loop."""
-        wait = _seconds(wait, "wait")
+        wait = seconds(wait, "wait")
         types = [types] if isinstance(types, str) else (None if types is None else list(types))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
-        wakeup = self.bus.sync._wakeup
+        wakeup = self.bus.sync.engine.wakeup
         tag = agent_tag(self.id)
         while True:
             token = wakeup.token(tag) if wait > 0 else None  # before the look: nothing is lost
@@ -241,7 +246,7 @@ class AsyncAgent:
 
         def look() -> tuple[list[Delivery], float]:
             found = agent.receive(limit=limit, wait=0.0, lease=lease, types=types)
-            return found, (agent._until_due() if waiting and not found else 0.0)
+            return found, (inbox_of(agent).until_due() if waiting and not found else 0.0)
 
         future = asyncio.ensure_future(_call(self._pool, look))
         try:
@@ -292,7 +297,7 @@ class AsyncAgent:
         ``concurrency``: up to that many messages in handlers at once (async handlers run as
         that many tasks on this event loop).
         """
-        worker._check_concurrency(concurrency)  # here: a bad value raises before the loop starts
+        check_concurrency(concurrency)  # here: a bad value raises before the loop starts
         loop = asyncio.get_running_loop()
         self._loop = loop
         installed = []
@@ -332,18 +337,19 @@ class AsyncAgent:
         """Send a ``request`` and await the ``data`` of its response (see
         :meth:`sqlbus.Agent.request`): raises :class:`sqlbus.RemoteError` or
         :class:`sqlbus.RequestTimeoutError` (after ``timeout`` seconds)."""
-        timeout = _seconds(timeout, "timeout", allow_zero=False)
+        timeout = seconds(timeout, "timeout", allow_zero=False)
         agent = self.sync
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        wakeup = agent.bus._wakeup
+        wakeup = agent.bus.engine.wakeup
         tag = agent_tag(self.id)
-        correlation_id = worker._new_correlation_id()
+        correlation_id = requests.new_correlation_id()
+        engine = agent.bus.engine
         # Both before the request exists: its response is ours, and its commit rings us.
-        worker._await(agent.bus, agent.id, correlation_id)
+        requests.await_response(engine, agent.id, correlation_id)
         try:
             token = wakeup.token(tag)
-            await _call(self._pool, worker._send_request, agent, to, payload, timeout,
+            await _call(self._pool, requests.send_request, agent, engine, to, payload, timeout,
                         priority, ttl, correlation_id)
             while True:
                 remaining = deadline - loop.time()
@@ -351,12 +357,14 @@ class AsyncAgent:
                     break
                 await wakeup.wait_async(token, min(remaining, FALLBACK), tag)
                 token = wakeup.token(tag)  # before the look, as in receive
-                _, message = await _call(self._pool, worker._take_response, agent, correlation_id)
+                _, message = await _call(self._pool, requests.take_response, agent, engine,
+                                         correlation_id)
                 if message is not None:
-                    return worker._result_of(message)
-            return await _call(self._pool, worker._end_request, agent, to, correlation_id, timeout)
+                    return requests.result_of(message)
+            return await _call(self._pool, requests.end_request, agent, engine, to, correlation_id,
+                                 timeout)
         finally:
-            worker._unawait(agent.bus, agent.id, correlation_id)
+            requests.stop_awaiting(engine, agent.id, correlation_id)
 
     def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
         """A plain callable for the sync dispatcher; ``async def`` handlers run on the loop."""
@@ -372,14 +380,14 @@ class AsyncAgent:
             loop = self._loop
             if loop is None or loop.is_closed():
                 raise RuntimeError("async handlers run only from sqlbus.aio's agent.run()")
-            delivery = worker.current_delivery()
+            delivery = current_delivery()
 
             async def with_delivery() -> Any:
-                token = worker._current.set(delivery)  # current_delivery() inside the handler
+                token = current.set(delivery)  # current_delivery() inside the handler
                 try:
                     return await handler(*args)
                 finally:
-                    worker._current.reset(token)
+                    current.reset(token)
 
             return asyncio.run_coroutine_threadsafe(with_delivery(), loop).result()
 
@@ -420,7 +428,7 @@ def _release_claimed(
 
 def _give_back(d: Delivery) -> None:
     try:
-        d._release(attempted=False)
+        give_back(d, attempted=False)
     except Exception:
         pass  # its lease runs out by itself: nothing is lost
 
@@ -566,15 +574,15 @@ class AsyncStateStore:
 
     def watch(self, prefix: str = "", *, poll: float = 1.0) -> AsyncIterator[StateEntry]:
         """``async for entry in bus.state.watch("job/")``: the entries under ``prefix`` (by
-        key), then every later change in commit order (see :mod:`sqlbus.watch`); the snapshot
+        key), then every later change in commit order (see :func:`sqlbus.state.watch_state`); the snapshot
         is taken when iteration starts. ``poll``: seconds between looks at most."""
-        _check_prefix(prefix)
-        return _watch(self._bus, prefix, _check_poll(poll))
+        check_prefix(prefix)
+        return _watch(self._bus, prefix, check_poll(poll))
 
 
 async def _watch(bus: AsyncBus, prefix: str, poll: float) -> AsyncIterator[StateEntry]:
-    watch = Watch(bus.sync, prefix)
-    wakeup = bus.sync._wakeup
+    watch = Watch(bus.sync.engine, prefix)
+    wakeup = bus.sync.engine.wakeup
     for entry in await _call(bus._pool, watch.snapshot):
         yield entry
     while True:
@@ -609,22 +617,22 @@ class AsyncTransaction:
     async def __aenter__(self) -> AsyncTransaction:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sqlbus-aio-tx")
         try:
-            await self._run(self.sync._begin)
+            await self._run(begin_block, self.sync)
         except BaseException:
             self._thread.shutdown(wait=False)
             self._thread = None
             raise
-        # In this task's context: its own writes then fail at once (see sqlbus.bus._Write)
-        self._token = _open_block.set(self.sync)
+        # In this task's context: its own writes then fail at once (see sqlbus.engine.Write)
+        self._token = open_block.set(self.sync)
         return self
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if self._token is not None:
-                _open_block.reset(self._token)
+                open_block.reset(self._token)
                 self._token = None
             # shielded: a cancelled block still ends its transaction on its own thread
-            await asyncio.shield(self._run(self.sync._end, exc_type, exc, tb))
+            await asyncio.shield(self._run(end_block, self.sync, exc_type, exc, tb))
         finally:
             thread, self._thread = self._thread, None
             if thread is not None:

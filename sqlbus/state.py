@@ -20,11 +20,14 @@ import apsw
 import msgspec
 
 from . import storage
+from .engine import Looked
 from .errors import ValidationError, VersionConflictError
 from .messages import check_agent_id, check_text, encode_json_value, iso_ms
+from .writes import publish_in
 
 if TYPE_CHECKING:
     from .bus import Bus
+    from .engine import Engine
 
 T = TypeVar("T")
 
@@ -132,7 +135,7 @@ class StateStore:
     def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._run is not None:
             return cast(T, self._run(fn, *args))
-        with self._bus._reading(self._conn) as conn:
+        with self._bus.engine.reading(self._conn) as conn:
             return fn(conn, *args)
 
     # -- reads ---------------------------------------------------------------------------
@@ -229,11 +232,11 @@ class StateStore:
             include_value,
         )
         if self._run is not None:
-            return cast(int, self._run(op.write, self._bus._now_ms()))
+            return cast(int, self._run(op.write, self._bus.engine.now_ms()))
         if self._conn is not None:
-            return op.write(self._conn, self._bus._now_ms())
-        now = self._bus._now_ms()
-        with self._bus._write() as conn:
+            return op.write(self._conn, self._bus.engine.now_ms())
+        now = self._bus.engine.now_ms()
+        with self._bus.engine.write() as conn:
             return op.write(conn, now)
 
     def watch(self, prefix: str = "", *, poll: float = 1.0) -> Iterator[StateEntry]:
@@ -241,9 +244,7 @@ class StateStore:
 
         See :mod:`sqlbus.watch`; this is the blocking iterator form.
         """
-        from .watch import watch_state
-
-        return watch_state(self._bus, prefix, poll=poll)
+        return watch_state(self._bus.engine, prefix, poll=poll)
 
 
 class StateWrite:
@@ -296,6 +297,84 @@ class StateWrite:
                     None if self.value_json is None else msgspec.json.decode(self.value_json)
                 )
             sender = self.updated_by or SYSTEM_SENDER
-            self.bus._publish_in(conn, now, sender, self.subscribers, "state_change", payload)
+            publish_in(self.bus.max_payload_bytes, conn, now, sender, self.subscribers, "state_change",
+                       payload)
         return version
 
+
+# ---------------------------------------------------------------------------------------------
+# Watch: the current entries under a key prefix, then every change, in order.
+#
+# >>> for entry in bus.state.watch("job/"):                   # doctest: +SKIP
+# ...     print(entry.key, entry.version, entry.deleted, entry.value)
+#
+# Like a NATS KV watch. The snapshot is taken when iteration starts, in one read transaction
+# together with the position in ``state_log``, so the changes that follow are exactly those
+# committed after the snapshot: none missed, none repeated. Changes come from ``state_log`` in
+# commit order, by any process; a delete is an entry with ``deleted=True`` (value None) and the
+# next version. Between changes the iterator sleeps on the bus's wake-up (sqlbus.wakeup): a
+# commit by any process wakes it at once, and it looks again at least every ``poll`` seconds.
+
+
+_BATCH = 1000  # log rows read per query
+
+
+def check_poll(poll: object) -> float:
+    if isinstance(poll, bool) or not isinstance(poll, (int, float)) or not poll > 0:
+        raise ValueError(f"poll must be a number of seconds > 0, got {poll!r}")
+    return float(poll)
+
+
+class Watch:
+    """The position of one watch: take the snapshot, then read the changes after it.
+
+    The blocking iterator (:func:`watch_state`) and the asyncio one (``sqlbus.aio``) share it;
+    each call is a short read, so either can run it where it likes (a thread, the loop's
+    executor).
+    """
+
+    def __init__(self, engine: Engine, prefix: str) -> None:
+        self.engine = engine
+        self.prefix = check_prefix(prefix)
+        self.after: int | None = None  # state_log seq of the last change seen
+
+    def snapshot(self) -> list[StateEntry]:
+        """The live entries under the prefix, by key; later changes follow from here."""
+        with self.engine.reading() as conn:
+            rows, head = storage.state_snapshot(conn, self.prefix)
+        self.after = head
+        return [entry_from_row(row) for row in rows]
+
+    def changes(self) -> list[StateEntry]:
+        """Changes committed since the last call (or the snapshot), in commit order."""
+        if self.after is None:
+            raise RuntimeError("take the snapshot first")
+        with self.engine.reading() as conn:
+            rows = storage.state_log_after(conn, self.prefix, self.after, _BATCH)
+        if rows:
+            self.after = rows[-1][0]
+        return [entry_from_row(row[1:]) for row in rows]
+
+
+def watch_state(engine: Engine, prefix: str = "", *, poll: float = 1.0) -> Iterator[StateEntry]:
+    """Yield the entries under ``prefix`` (sorted by key), then every later change in commit
+    order, blocking between changes; ``poll`` (seconds) is the longest it goes without looking.
+
+    The snapshot is taken when iteration starts (the first ``next()``), not when this is
+    called. Stop by breaking out of the loop (or closing the generator).
+    """
+    check_prefix(prefix)
+    poll = check_poll(poll)
+    return _watch(engine, prefix, poll)
+
+
+def _watch(engine: Engine, prefix: str, poll: float) -> Iterator[StateEntry]:
+    watch = Watch(engine, prefix)
+    yield from watch.snapshot()
+
+    def look(rung: bool) -> Looked:
+        token = engine.change_token()  # before the look: a commit after it wakes the wait
+        return Looked(watch.changes(), token)
+
+    while True:
+        yield from engine.wait_until(look, poll)

@@ -1,4 +1,5 @@
-"""The dispatch loop: subscriptions, ``run()``, request/response and events (SPEC 5, 5.1, 7).
+"""The run loop: subscriptions, handlers, ``run()`` and the lease keeper (SPEC 5, 7).
+
 
 >>> bob.subscribe("task_assignment", lambda message: do(message.payload))   # doctest: +SKIP
 >>> bob.subscribe("request", lambda message: {"answer": 42})   # the return value is the response
@@ -50,100 +51,66 @@ the ``subscribe("event")`` and wildcard handlers, which get the message as usual
 
 from __future__ import annotations
 
-import contextvars
-import fnmatch
 import logging
-import math
-import secrets
 import signal
 import threading
-import time
-import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import apsw
-import msgspec
 
 from . import storage
-from .bus import LATE_RESPONSES, _check_limit, _error_text, _seconds, count_late_responses
+from .arguments import check_limit, seconds
+from .delivery import (
+    Delivery,
+    add_effect,
+    current,
+    effects,
+    exception_text,
+    give_back,
+    outcome,
+    row_of,
+    settled,
+)
+from .engine import Engine
 from .errors import (
     DatabaseError,
     Discard,
     LeaseLostError,
-    RemoteError,
-    RequestTimeoutError,
     Retry,
     ValidationError,
     VersionConflictError,
 )
-from .messages import MESSAGE_TYPES, Message, check_agent_id, decode_message, iso_ms
+from .events import EventHandler, Events, check_event_name, event_of
+from .events import event_handlers as matching_event_handlers
+from .inbox import Inbox
+from .messages import MESSAGE_TYPES, Message
+from .request import respond
+from .responses import count_late_responses
 from .wakeup import RUNG, agent_tag, mark_quiet
 
 if TYPE_CHECKING:
-    from .bus import Agent, Bus, Delivery
+    from .agent import Agent
+    from .bus import Bus
 
-__all__ = [
-    "Event",
-    "Events",
-    "Dispatcher",
-    "current_delivery",
-    "request",
-    "respond",
-    "UNHANDLED",
-    "LATE_RESPONSES",
-]
+__all__ = ["Dispatcher", "UNHANDLED", "MAX_CONCURRENCY", "check_concurrency"]
 
 log = logging.getLogger("sqlbus")
 
 Handler = Callable[[Message], Any]
-EventHandler = Callable[["Event"], Any]
 
-# Counter names (table ``counters``, per agent), written only on these rare paths
-# (LATE_RESPONSES, from sqlbus.bus, too).
+# Counter name (table ``counters``, per agent), written only on this rare path.
 UNHANDLED = "unhandled"
 
 # How long an idle run() waits before it looks at its stop flag again (seconds): the longest
 # a signal can take to end an idle loop (stop() rings the loop awake at once). Each look is a
 # claim transaction, so a longer slice costs less CPU while idle.
 _IDLE_SLICE = 1.0
-# How long a timed-out request is remembered, so that its late response is recognised (ms).
-_REMEMBER_TIMEOUTS_MS = 24 * 3600 * 1000
-
-_current: contextvars.ContextVar[Delivery | None] = contextvars.ContextVar(
-    "sqlbus_current_delivery", default=None
-)
-
-
-def current_delivery() -> Delivery | None:
-    """The :class:`~sqlbus.Delivery` the calling handler is processing (None outside one).
-
-    Use it to buffer effects that must commit together with the ack::
-
-        def handle(message):
-            d = sqlbus.current_delivery()
-            d.publish("carol", "notification", {"text": "done"})   # sent with the ack
-            d.state.set("job/42", {"status": "done"})              # written with the ack
-    """
-    return _current.get()
-
-
-class Event(msgspec.Struct, kw_only=True):
-    """An event as an ``events.on`` handler receives it (the payload of an ``event`` message).
-
-    ``emitted_at`` is ISO 8601 UTC; ``correlation_id`` is the emitter's, or None.
-    """
-
-    name: str
-    data: Any = None
-    emitted_at: str = ""
-    emitted_by: str = ""
-    correlation_id: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
-# Effects written with an ack (the delivery's buffered effects take any object with write())
+# Effects written with an ack (a delivery's buffered effects: anything with write(conn, now))
 
 
 class _Count:
@@ -186,16 +153,9 @@ class _CountError:
         storage.count_error(conn, self.name)
 
 
+
 # ---------------------------------------------------------------------------------------------
 # Subscriptions and the run loop
-
-
-def dispatcher(agent: Agent) -> Dispatcher:
-    """The agent object's dispatcher (its subscriptions and run loop), made on first use."""
-    found = agent.__dict__.get("_dispatcher")
-    if found is None:
-        found = agent.__dict__.setdefault("_dispatcher", Dispatcher(agent))
-    return found
 
 
 def _check_callable(handler: object) -> None:
@@ -213,8 +173,10 @@ def _check_type(type_: object) -> None:
 class Dispatcher:
     """One agent object's handlers and run loop (used through :class:`~sqlbus.Agent`)."""
 
-    def __init__(self, agent: Agent) -> None:
+    def __init__(self, agent: Agent, inbox: Inbox, engine: Engine) -> None:
         self.agent = agent
+        self.inbox = inbox
+        self.engine = engine
         self._lock = threading.Lock()
         # Replaced, never mutated: the loop reads them without the lock.
         self._handlers: dict[str, tuple[Handler, ...]] = {}
@@ -242,7 +204,7 @@ class Dispatcher:
             self._handlers = self._unrecord("type", self._handlers, type, handler)
 
     def on(self, pattern: str, handler: EventHandler | None) -> None:
-        _check_event_name(pattern, "event pattern")
+        check_event_name(pattern, "event pattern")
         if handler is not None:
             _check_callable(handler)
         with self._lock:
@@ -251,14 +213,13 @@ class Dispatcher:
                 self._event_handlers = _added(self._event_handlers, pattern, handler)
 
     def off(self, pattern: str, handler: EventHandler | None) -> None:
-        _check_event_name(pattern, "event pattern")
+        check_event_name(pattern, "event pattern")
         with self._lock:
             self._event_handlers = self._unrecord("event", self._event_handlers, pattern, handler)
 
     def _record(self, kind: str, pattern: str) -> None:
-        bus = self.agent.bus
-        now = bus._now_ms()
-        with bus._write() as conn:
+        now = self.engine.now_ms()
+        with self.engine.write() as conn:
             mark_quiet()  # an interest is no work for anyone
             storage.add_interest(conn, self.agent.id, kind, pattern, now)
 
@@ -274,8 +235,7 @@ class Dispatcher:
         else:
             return table
         if pattern not in rest:
-            bus = self.agent.bus
-            with bus._write() as conn:
+            with self.engine.write() as conn:
                 mark_quiet()
                 storage.drop_interest(conn, self.agent.id, kind, pattern)
         return rest
@@ -285,7 +245,7 @@ class Dispatcher:
     def stop(self) -> None:
         self._stop.set()
         try:  # wake the loop now, wherever it waits (only this agent's waiters wake)
-            self.agent.bus._wakeup.ring({agent_tag(self.agent.id)})
+            self.engine.wakeup.ring({agent_tag(self.agent.id)})
         except OSError:
             pass  # it notices within _IDLE_SLICE anyway
 
@@ -293,11 +253,12 @@ class Dispatcher:
         self, until_idle: bool = False, *, limit: int = 1, lease: float | None = None,
         concurrency: int = 1,
     ) -> int:
-        _check_limit(limit)
-        _check_concurrency(concurrency)
+        check_limit(limit)
+        check_concurrency(concurrency)
         agent = self.agent
+        inbox = self.inbox
         bus = agent.bus
-        lease_s = _seconds(bus.lease if lease is None else lease, "lease", allow_zero=False)
+        lease_s = seconds(bus.lease if lease is None else lease, "lease", allow_zero=False)
         with self._lock:
             if self._running:
                 raise RuntimeError(f"run() is already running for agent {agent.id!r}")
@@ -313,12 +274,12 @@ class Dispatcher:
                 return self._run_concurrently(until_idle, concurrency, keeper, lease_ms)
             while not self._stop.is_set():
                 if claimed is None:
-                    if look and not agent._more:
-                        baseline, work, due = agent._look()
+                    if look and not inbox.more:
+                        baseline, work, due = inbox.look()
                         if work:
-                            claimed = agent._claim(limit, lease_ms)
+                            claimed = inbox.claim(limit, lease_ms)
                     else:
-                        claimed = agent._claim(limit, lease_ms)
+                        claimed = inbox.claim(limit, lease_ms)
                 if claimed is not None and claimed.deliveries:
                     done, claimed = self._process(claimed.deliveries, keeper, limit, lease_ms)
                     processed += done
@@ -328,8 +289,8 @@ class Dispatcher:
                     baseline, due, claimed = claimed.baseline, claimed.due, None
                 if until_idle or self._stop.is_set():
                     break
-                woken = bus._wait_for_change(
-                    baseline, min(_IDLE_SLICE, agent._seconds_until(due)), agent.id
+                woken = self.engine.wait_for_change(
+                    baseline, min(_IDLE_SLICE, inbox.seconds_until(due)), agent.id
                 )
                 look = woken != RUNG  # a ring that named this agent: claim straight away
         finally:
@@ -350,7 +311,7 @@ class Dispatcher:
         messages as there are idle threads, so every message claimed goes to a handler at
         once and none waits behind another; on stop the handlers in flight finish."""
         agent = self.agent
-        bus = agent.bus
+        inbox = self.inbox
         slots = threading.Condition()
         in_flight = 0
         processed = 0
@@ -389,8 +350,8 @@ class Dispatcher:
                     free = concurrency - in_flight
                 if self._stop.is_set():
                     break
-                baseline, work, due = agent._look()
-                claimed = agent._claim(free, lease_ms) if work else None
+                baseline, work, due = inbox.look()
+                claimed = inbox.claim(free, lease_ms) if work else None
                 if claimed is not None and claimed.deliveries:
                     keeper.hold(claimed.deliveries)
                     for d in claimed.deliveries:
@@ -407,8 +368,8 @@ class Dispatcher:
                             break
                         slots.wait(_IDLE_SLICE)  # what they ack or publish may be more work
                     continue
-                bus._wait_for_change(
-                    baseline, min(_IDLE_SLICE, agent._seconds_until(due)), agent.id
+                self.engine.wait_for_change(
+                    baseline, min(_IDLE_SLICE, inbox.seconds_until(due)), agent.id
                 )
         finally:
             pool.shutdown(wait=True)  # in-flight handlers finish, however run() ends
@@ -482,15 +443,15 @@ class Dispatcher:
         cannot be written (a state write's version check fails at the ack, a value cannot be
         encoded), the delivery fails instead: retried, or dead-lettered for a non-retryable
         error, and the loop goes on."""
-        acking = [] if d._settled is not None else [d]  # a handler may have settled it itself
+        acking = [] if settled(d) is not None else [d]  # a handler may have settled it itself
         try:
             if claim:
-                return self.agent._claim(claim, lease_ms, acking=acking)
+                return self.inbox.claim(claim, lease_ms, acking=acking)
             if acking:
                 d.ack()
         except (VersionConflictError, ValidationError) as exc:
             d.fail(exc)
-            _log_failure(d, exc, d._outcome)
+            _log_failure(d, exc, outcome(d))
         return None
 
     def _dispatch(self, d: Delivery) -> bool:
@@ -499,7 +460,7 @@ class Dispatcher:
         message = d.message
         agent = self.agent
         if message.type == "response" and self._is_late(message):
-            d._effects.append(_DiscardLate(agent.id, message.headers.correlation_id, d._seq))  # type: ignore[arg-type]
+            add_effect(d, _DiscardLate(agent.id, message.headers.correlation_id, row_of(d)))  # type: ignore[arg-type]
             return True
         handlers = self._handlers.get(message.type, ()) + self._handlers.get("*", ())
         event_handlers: tuple[EventHandler, ...] = ()
@@ -507,15 +468,15 @@ class Dispatcher:
         if message.type == "event":
             if message.sender == agent.id:
                 return True  # an agent never handles its own events: acked
-            event = _event_of(message)
+            event = event_of(message)
             if event is not None:
                 event.emitted_by = message.sender  # the payload's claim is not evidence
-                event_handlers = _event_handlers(self._event_handlers, event.name)
+                event_handlers = matching_event_handlers(self._event_handlers, event.name)
         if not handlers and not event_handlers:
             log.debug("sqlbus: no handler for %s message %s; acked", message.type, message.id)
-            d._effects.append(_Count(UNHANDLED, agent.id))
+            add_effect(d, _Count(UNHANDLED, agent.id))
             return True
-        token = _current.set(d)
+        token = current.set(d)
         try:
             result = None
             try:
@@ -526,67 +487,66 @@ class Dispatcher:
                 for event_handler in event_handlers:
                     event_handler(event)  # type: ignore[arg-type]
             except Retry as signal_:
-                if d._settled is not None:
+                if settled(d) is not None:
                     return _settled_then_raised(d, signal_)
                 try:
                     d.retry(signal_.delay)
                 except (TypeError, ValueError) as bad:  # a delay changed after construction
                     d.fail(bad)
-                    _log_failure(d, bad, d._outcome)
+                    _log_failure(d, bad, outcome(d))
                 return False
             except Discard as signal_:
-                if d._settled is not None:
+                if settled(d) is not None:
                     return _settled_then_raised(d, signal_)
                 try:
                     d.dead_letter(signal_.reason)
                 except (TypeError, ValueError) as bad:  # a reason changed after construction
                     d.fail(bad)
-                    _log_failure(d, bad, d._outcome)
+                    _log_failure(d, bad, outcome(d))
                     return False
                 if message.type == "request":  # tell the requester now, not at its timeout
-                    respond(agent, message, None, success=False,
+                    respond(agent, self.engine, message, None, success=False,
                             error=f"discarded: {signal_.reason}", error_type="Discard")
                 return False
             except Exception as exc:
-                if d._settled is not None:
+                if settled(d) is not None:
                     return _settled_then_raised(d, exc)
                 if message.type != "request":
                     d.fail(exc)
-                    _log_failure(d, exc, d._outcome)
+                    _log_failure(d, exc, outcome(d))
                     return False
                 # The requester is waiting: answer with the error and consume the request (a
                 # retry would answer late or twice). Counted in the error rates.
-                d._effects.clear()
-                d._effects.append(_CountError(type(exc).__name__))
-                d.reply(None, success=False, error=_error_text(exc) or type(exc).__name__,
+                effects(d).clear()
+                add_effect(d, _CountError(type(exc).__name__))
+                d.reply(None, success=False, error=exception_text(exc) or type(exc).__name__,
                         error_type=type(exc).__name__)
                 _log_failure(d, exc, "answered success: false")
                 return True
-            if message.type == "request" and d._settled is None and not _has_response(d):
+            if message.type == "request" and settled(d) is None and not _has_response(d):
                 try:  # the handlers' result is the response
                     d.reply(result)
                 except ValidationError as exc:  # the return value cannot be sent as JSON
-                    d._effects.append(_CountError(type(exc).__name__))
+                    add_effect(d, _CountError(type(exc).__name__))
                     d.reply(None, success=False, error=f"the handler's return value: {exc}",
                             error_type=type(exc).__name__)
                     _log_failure(d, exc, "answered success: false")
             return True
         finally:
-            _current.reset(token)
+            current.reset(token)
 
     def _is_late(self, message: Message) -> bool:
         correlation_id = message.headers.correlation_id
         if not isinstance(correlation_id, str):
             return False
-        bus = self.agent.bus
-        with bus._reading() as conn:
+        with self.engine.reading() as conn:
             return storage.request_timed_out(conn, self.agent.id, correlation_id)
 
 
 MAX_CONCURRENCY = 1024  # handler threads of one run loop
 
 
-def _check_concurrency(concurrency: object) -> int:
+def check_concurrency(concurrency: object) -> int:
     if type(concurrency) is not int or not 1 <= concurrency <= MAX_CONCURRENCY:
         raise ValueError(
             f"concurrency must be an int 1..{MAX_CONCURRENCY}, got {concurrency!r}"
@@ -619,22 +579,8 @@ def _log_failure(d: Delivery, exc: BaseException, outcome: str) -> None:
     and the traceback (SPEC 5)."""
     log.warning(
         "sqlbus: agent %s, %s message %s, attempt %d: %s: %s; %s", d.agent.id, d.message.type,
-        d.message.id, d.attempts, type(exc).__name__, _error_text(exc), outcome, exc_info=exc,
+        d.message.id, d.attempts, type(exc).__name__, exception_text(exc), outcome, exc_info=exc,
     )
-
-
-def _event_handlers(
-    table: dict[str, tuple[EventHandler, ...]], name: str
-) -> tuple[EventHandler, ...]:
-    """The handlers of the patterns ``name`` matches: those of the name itself first, then
-    those of other patterns in the order they were registered, ``*``'s last."""
-    handlers = table.get(name, ())
-    for pattern, more in table.items():
-        if pattern != name and pattern != "*" and fnmatch.fnmatchcase(name, pattern):
-            handlers += more
-    if name != "*":
-        handlers += table.get("*", ())
-    return handlers
 
 
 def _settled_then_raised(d: Delivery, exc: Exception) -> bool:
@@ -643,14 +589,14 @@ def _settled_then_raised(d: Delivery, exc: Exception) -> bool:
     log.warning(
         "sqlbus: agent %s, %s message %s, attempt %d: the handler raised %s after settling the "
         "message itself (%s); that stands", d.agent.id, d.message.type, d.message.id,
-        d.attempts, type(exc).__name__, d._settled, exc_info=exc,
+        d.attempts, type(exc).__name__, settled(d), exc_info=exc,
     )
     return False
 
 
 def _has_response(d: Delivery) -> bool:
     """Whether the handler already buffered a response (``respond``/``reply``)."""
-    for effect in d._effects:
+    for effect in effects(d):
         outgoing = getattr(effect, "outgoing", None)
         if outgoing is not None and outgoing.type == "response":
             return True
@@ -661,11 +607,11 @@ def _release(
     deliveries: Sequence[Delivery], *, attempted: bool, error: BaseException | None = None
 ) -> None:
     """Give back at once the deliveries a loop holds but will not finish (``attempted``:
-    whether a handler saw them, ``error`` what interrupted it, see :meth:`Delivery._release`)."""
+    whether a handler saw them, ``error`` what interrupted it, see :func:`sqlbus.delivery.give_back`)."""
     for d in deliveries:
-        if d._settled is None:
+        if settled(d) is None:
             try:
-                d._release(attempted=attempted, error=error)
+                give_back(d, attempted=attempted, error=error)
             except DatabaseError:  # the lease runs out by itself: nothing is lost
                 log.warning("sqlbus: could not release %r", d)
 
@@ -712,7 +658,7 @@ class _LeaseKeeper:
             with self._lock:
                 held = list(self._held.values())
             for d in held:
-                if d._settled is not None:
+                if settled(d) is not None:
                     continue
                 if d.lease_until - self.bus.clock() > self.lease / 2:
                     continue
@@ -722,266 +668,3 @@ class _LeaseKeeper:
                     pass  # settled meanwhile, or really lost: the ack will say so
                 except DatabaseError as exc:
                     log.warning("sqlbus: could not extend the lease of %r: %s", d, exc)
-
-
-# ---------------------------------------------------------------------------------------------
-# Request / response
-
-
-# Agents of each bus that had a request time out in this process: their next request sweeps
-# late responses out of the inbox in its publish transaction (for requesters without a loop).
-_registry_lock = threading.Lock()
-_had_timeouts: weakref.WeakKeyDictionary[Bus, set[str]] = weakref.WeakKeyDictionary()
-
-
-def _await(bus: Bus, agent_id: str, correlation_id: str) -> None:
-    with _registry_lock:
-        bus._awaiting = {
-            **bus._awaiting,
-            agent_id: bus._awaiting.get(agent_id, frozenset()) | {correlation_id},
-        }
-
-
-def _unawait(bus: Bus, agent_id: str, correlation_id: str) -> None:
-    with _registry_lock:
-        rest = bus._awaiting.get(agent_id, frozenset()) - {correlation_id}
-        awaiting = dict(bus._awaiting)
-        if rest:
-            awaiting[agent_id] = rest
-        else:
-            awaiting.pop(agent_id, None)
-        bus._awaiting = awaiting
-
-
-def request(
-    agent: Agent,
-    to: str,
-    payload: Any = None,
-    timeout: float = 30.0,
-    *,
-    priority: int = 3,
-    ttl: int | None = None,
-) -> Any:
-    """Send a ``request`` to ``to`` and return the ``data`` of its response.
-
-    ``timeout`` is in seconds; ``ttl`` (ms) defaults to the timeout, so a request nobody
-    picked up in time expires (dead letter ``expired``) instead of being answered uselessly.
-    Raises :class:`RemoteError` with the remote error text when the response says
-    ``success: false``, and :class:`RequestTimeoutError` when none comes in time.
-    """
-    timeout = _seconds(timeout, "timeout", allow_zero=False)
-    deadline = time.monotonic() + timeout
-    bus = agent.bus
-    correlation_id = _new_correlation_id()
-    _await(bus, agent.id, correlation_id)  # before the request exists: its response is ours
-    try:
-        baseline = _send_request(agent, to, payload, timeout, priority, ttl, correlation_id)
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            bus._wait_for_change(baseline, remaining, agent.id)
-            baseline, message = _take_response(agent, correlation_id)
-            if message is not None:
-                return _result_of(message)
-        return _end_request(agent, to, correlation_id, timeout)
-    finally:
-        _unawait(bus, agent.id, correlation_id)
-
-
-def _new_correlation_id() -> str:
-    return f"req-{secrets.token_hex(10)}"
-
-
-def _send_request(
-    agent: Agent, to: str, payload: Any, timeout: float, priority: int, ttl: int | None,
-    correlation_id: str,
-) -> int:
-    """Validate and publish the request (its response awaited already, :func:`_await`);
-    returns the ``data_version`` to wait on for the response."""
-    check_agent_id(to, "to")
-    bus = agent.bus
-    ttl_ms = max(1, math.ceil(timeout * 1000)) if ttl is None else ttl
-    now = bus._now_ms()
-    op = bus._prepare(agent.id, to, "request", payload, priority=priority, ttl=ttl_ms,
-                      correlation_id=correlation_id, direct_reply=True, now=now)
-    with _registry_lock:
-        sweep = agent.id in _had_timeouts.get(bus, ())
-    with bus._write() as conn:
-        op.write(conn, now)
-        if sweep:
-            _sweep_late_responses(conn, agent.id, now)
-        # Read in our own write (whose commit does not move it): a response committed at
-        # any time after the request then changes it, so there is no need to look at once.
-        return storage.data_version(conn)
-
-
-def _end_request(agent: Agent, to: str, correlation_id: str, timeout: float) -> Any:
-    """Out of time: one last look and the record of the timeout, in one transaction, so a
-    response is either returned now or recognised as late when it comes."""
-    bus = agent.bus
-    now = bus._now_ms()
-    with bus._write() as conn:
-        mark_quiet()
-        taken = storage.take_response(conn, agent.id, correlation_id, now)
-        if taken is None:  # a direct reply?
-            direct = storage.find_response(conn, agent.id, correlation_id)[1]
-            taken = None if direct is None else (0, direct)
-        if taken is None:
-            storage.record_request_timeout(
-                conn, agent.id, correlation_id, now, _REMEMBER_TIMEOUTS_MS
-            )
-            _sweep_late_responses(conn, agent.id, now)
-    if taken is not None:
-        return _result_of(decode_message(taken[1]))
-    with _registry_lock:
-        _had_timeouts.setdefault(bus, set()).add(agent.id)
-    raise RequestTimeoutError(
-        f"request {correlation_id} from {agent.id!r} to {to!r}: no response within "
-        f"timeout={timeout:g}s"
-    )
-
-
-def _sweep_late_responses(conn: apsw.Connection, agent_id: str, now: int) -> None:
-    count, delivery_ms = storage.take_late_responses(conn, agent_id, now)
-    if count:
-        count_late_responses(conn, agent_id, count, delivery_ms)
-
-
-def _take_response(agent: Agent, correlation_id: str) -> tuple[int, Message | None]:
-    """Look for the response (one read): a direct reply is only read; one that waits in the
-    inbox (sent without ``direct_reply``) is taken in a write. Returns (``data_version`` of
-    the look, to wait on next, the response or None)."""
-    bus = agent.bus
-    with bus._reading() as conn:
-        baseline, body, waiting = storage.find_response(conn, agent.id, correlation_id)
-        if body is not None:
-            return baseline, decode_message(body)
-    if not waiting:
-        return baseline, None
-    now = bus._now_ms()
-    with bus._write() as conn:
-        mark_quiet()  # taking a response makes work for nobody: ring no one
-        taken = storage.take_response(conn, agent.id, correlation_id, now)
-    return baseline, None if taken is None else decode_message(taken[1])
-
-
-def _result_of(response: Message) -> Any:
-    payload = response.payload
-    if payload.get("success") is True:
-        return payload.get("data")
-    error = payload.get("error")
-    error_type = payload.get("error_type")
-    raise RemoteError(
-        response.sender, error_type if type(error_type) is str and error_type else "Error",
-        str(error) if error else f"request failed (response {response.id})",
-    )
-
-
-def respond(
-    agent: Agent, message: Message, data: Any = None, success: bool = True,
-    *, error: str | None = None, error_type: str | None = None,
-) -> str:
-    """Answer the request ``message``; returns the response's id.
-
-    Inside a handler of that request the response is buffered and commits with the ack;
-    elsewhere it is published at once.
-    """
-    d = _current.get()
-    if d is not None and d._settled is None and d.message.id == message.id and d.agent.id == agent.id:
-        return d.reply(data, success=success, error=error, error_type=error_type)
-    bus = agent.bus
-    now = bus._now_ms()
-    op = bus._prepare_response(agent.id, message, data, success, error, now, error_type)
-    with bus._write() as conn:
-        return op.write(conn, now)
-
-
-# ---------------------------------------------------------------------------------------------
-# Events
-
-
-_PATTERN_CHARACTERS = frozenset("*?[")
-
-
-def _check_event_name(name: object, what: str = "event name") -> str:
-    """An event name (``what`` "event name": no pattern characters, which would make it
-    match other patterns than its own) or pattern (``what`` "event pattern")."""
-    # isprintable() also refuses NUL and lone surrogates
-    if type(name) is not str or not 1 <= len(name) <= 200 or not name.isprintable():
-        got = name[:50] if type(name) is str else name
-        raise ValidationError(f"{what}: expected 1..200 printable characters, got {got!r}",
-                              field=what)
-    if what == "event name" and not _PATTERN_CHARACTERS.isdisjoint(name):
-        raise ValidationError(
-            f"{what}: expected no pattern characters (*?[), got {name[:50]!r}", field=what)
-    return name
-
-
-def _event_of(message: Message) -> Event | None:
-    """The event in an ``event`` message, or None when its payload is not one."""
-    try:
-        return msgspec.convert(message.payload, Event)
-    except msgspec.ValidationError:
-        log.warning("sqlbus: event message %s has no valid event payload", message.id)
-        return None
-
-
-class Events:
-    """``agent.events``: emit events, and handle other agents' events by name.
-
-    >>> alice.events.emit("build.done", {"sha": "abc"})            # doctest: +SKIP
-    >>> bob.events.on("build.done", lambda event: print(event.data))   # doctest: +SKIP
-
-    ``on`` records the agent's interest in the shell-style pattern (``"*"``: every event);
-    handlers receive an :class:`Event` and run in the agent's ``run()`` loop. An agent never
-    handles its own events.
-    """
-
-    def __init__(self, owner: Dispatcher) -> None:
-        self._owner = owner
-
-    def emit(
-        self,
-        name: str,
-        data: Any = None,
-        targets: str | list[str] | None = None,
-        *,
-        correlation_id: str | None = None,
-        priority: int = 3,
-        ttl: int = 30_000,
-    ) -> str:
-        """Send event ``name`` (no pattern characters) with ``data`` to ``targets`` (agent
-        ids), or, when ``targets`` is None, to every other agent with a matching interest (an
-        event pattern that matches ``name``, or the type ``event`` or ``*``); returns the
-        message id (archived even when nobody matched). ``ttl`` in ms."""
-        _check_event_name(name)
-        agent = self._owner.agent
-        bus = agent.bus
-        now = bus._now_ms()
-        payload = {
-            "name": name,
-            "data": data,
-            "emitted_at": iso_ms(now),
-            "emitted_by": agent.id,
-            "correlation_id": correlation_id,
-        }
-        if targets is None:
-            headers = {"priority": priority, "ttl": ttl, "correlation_id": correlation_id}
-            op = bus._prepare_interested(agent.id, "event", payload, headers, now, event=name)
-            with bus._write() as conn:
-                return cast(str, op.write(conn, now))
-        return agent.publish(targets, "event", payload, priority=priority, ttl=ttl,
-                             correlation_id=correlation_id)
-
-    def on(self, pattern: str, handler: EventHandler | None = None) -> None:
-        """Record this agent's interest in events whose name matches the shell-style
-        ``pattern`` (``"*"``: every event) and, with ``handler``, call ``handler(event)`` for
-        them in ``run()``. Recording is idempotent."""
-        self._owner.on(pattern, handler)
-
-    def off(self, pattern: str, handler: EventHandler | None = None) -> None:
-        """Stop calling ``handler`` for ``pattern``, and drop the interest once no handler
-        of this agent object is left for it; without ``handler``, drop the interest and
-        every handler of ``pattern``."""
-        self._owner.off(pattern, handler)

@@ -13,7 +13,7 @@ import apsw
 import pytest
 
 import sqlbus
-from sqlbus import metrics
+from sqlbus import ops
 
 TRAILING_NEWLINE_ID = "msg-1796000000000-abcdefghi\n"
 
@@ -84,7 +84,7 @@ def test_listings_show_an_undecodable_row_as_an_error_message_from_sqlbus(
     assert second.message.id == good
     sent = {record.message.id: record for record in bus.sent()}
     assert sent[bad].message.type == "error" and sent[bad].recipients == ["bob"]
-    tailed = list(metrics.tail(bus, None, None, timeout=0, from_seq=0))
+    tailed = list(ops.tail(bus.engine, None, None, timeout=0, from_seq=0))
     assert [r.message.type for r in tailed] == ["error", "notification"]
 
 
@@ -201,12 +201,12 @@ def test_listings_never_fetch_a_body_above_the_readers_limit(
     oversized: tuple[sqlbus.Bus, sqlbus.Bus, str, str],
 ) -> None:
     sender, receiver, big, small = oversized
-    from sqlbus import metrics
+    from sqlbus import ops
 
     listings = {
         "peek": lambda: receiver.peek("bob"),
         "sent": lambda: receiver.sent(),
-        "tail": lambda: list(metrics.tail(receiver, None, None, timeout=0.0, from_seq=0)),
+        "tail": lambda: list(ops.tail(receiver.engine, None, None, timeout=0.0, from_seq=0)),
     }
     for name, listing in listings.items():
         assert _peak_bytes(listing) < 300_000, name  # the 600 KB body stayed on disk
@@ -216,7 +216,7 @@ def test_listings_never_fetch_a_body_above_the_readers_limit(
     assert entry.payload_bytes > 600_000
     record = {r.message.id: r for r in receiver.sent()}[big]
     assert record.payload_bytes == entry.payload_bytes and record.recipients == ["bob"]
-    [tailed] = [r for r in metrics.tail(receiver, None, None, timeout=0.0, from_seq=0)
+    [tailed] = [r for r in ops.tail(receiver.engine, None, None, timeout=0.0, from_seq=0)
                 if r.message.id == big]
     assert tailed.message.payload == {} and tailed.payload_bytes == entry.payload_bytes
     bob = receiver.agent("bob")

@@ -275,7 +275,7 @@ def test_durability_sets_synchronous_on_every_connection(db_path, durability, le
         levels = []
 
         def look() -> None:
-            levels.append(bus._conn().execute("PRAGMA synchronous").fetchall()[0][0])
+            levels.append(bus.engine.connection().execute("PRAGMA synchronous").fetchall()[0][0])
 
         look()
         thread = threading.Thread(target=look)

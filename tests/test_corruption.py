@@ -163,7 +163,7 @@ def test_a_deleted_wal_loses_only_uncheckpointed_commits_and_leaves_a_consistent
         import sqlbus
         from sqlbus import storage
         bus = sqlbus.connect(sys.argv[1])
-        conn = bus._conn()
+        conn = bus.engine.connection()
         conn.execute("PRAGMA wal_autocheckpoint=0")
         alice = bus.agent("alice"); bus.agent("bob")
         alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": n}, "ttl": 0}

@@ -185,7 +185,7 @@ def test_a_kill_during_a_checkpoint_loses_no_committed_message(tmp_path: Path) -
 
         def setup(path):
             bus = sqlbus.connect(path)
-            conn = bus._conn()
+            conn = bus.engine.connection()
             conn.execute("PRAGMA wal_autocheckpoint=0")  # keep it all in the WAL until we ask
             alice = bus.agent("alice")
             bus.agent("bob")

@@ -12,7 +12,7 @@ import pytest
 from conftest import query
 
 import sqlbus
-from sqlbus import metrics, storage, wakeup
+from sqlbus import ops, storage, wakeup
 
 MiB = 1024 * 1024
 
@@ -195,7 +195,7 @@ def test_tail_yields_a_fanout_once_with_all_its_recipients(make_bus):
         bus.agent(agent_id)
     message_id = alice.broadcast("notification", {"n": 1}, pattern="agent-*")
     single = alice.publish(ids[0], "notification", {"n": 2})
-    records = metrics.tail(bus, None, None, timeout=0.0, from_seq=0)
+    records = ops.tail(bus.engine, None, None, timeout=0.0, from_seq=0)
     seen = [(r.message.id, r.message.to) for r in records]
     assert seen[-1] == (single, ids[0])
     assert {m for m, _ in seen[:-1]} == {message_id}

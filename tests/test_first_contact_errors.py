@@ -16,7 +16,7 @@ from conftest import query
 
 import sqlbus
 import sqlbus.aio
-from sqlbus import metrics
+from sqlbus import ops
 from sqlbus.cli import cli
 
 
@@ -77,7 +77,7 @@ def test_upkeep_moves_an_expired_retrying_message_and_leaves_a_running_lease(mak
     first.fail(RuntimeError("boom"))  # retrying for 100 s, expires meanwhile
     clock.advance(20)
     assert bus.check().expired_messages == 1  # the lease held is not expired: its holder may ack
-    assert metrics.upkeep(bus) == 1
+    assert ops.upkeep(bus.engine) == 1
     (dead,) = bus.dead_letters()
     assert (dead.message.payload, dead.reason, dead.attempts) == ({"n": 1}, "expired", 1)
     assert dead.failed_at == iso(expires_at)
@@ -252,7 +252,7 @@ def test_aio_connect_passes_every_keyword_on(tmp_path, clock):
         try:
             assert (bus.sync.lease, bus.sync.max_attempts) == (7.0, 2)
             assert bus.sync.retention().dead_retention is None
-            assert bus.sync._now_ms() == clock.ms
+            assert bus.sync.engine.now_ms() == clock.ms
         finally:
             await bus.close()
 

@@ -19,8 +19,9 @@ from click.testing import CliRunner
 from conftest import query
 
 import sqlbus
-from sqlbus import metrics as ops
 from sqlbus.cli import cli
+from sqlbus.engine import UPKEEP_CHECK_EVERY
+from sqlbus.sqlite import checkpoint as checkpoints
 
 INBOX = 200
 
@@ -298,11 +299,11 @@ def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_chec
         deadline = time.monotonic() + 60
         # The checkpointer copies it back and restarts it; a commit then writes at its start
         # and journal_size_limit trims the file to WAL_LIMIT, where it stays.
-        while _wal_frames(db_path)[0] > 100 or os.path.getsize(wal) > ops.WAL_LIMIT:
+        while _wal_frames(db_path)[0] > 100 or os.path.getsize(wal) > checkpoints.WAL_LIMIT:
             assert time.monotonic() < deadline, (_wal_frames(db_path), os.path.getsize(wal))
             alice.publish("bob", "notification", {})
             time.sleep(0.02)
-        assert os.path.getsize(wal) == ops.WAL_LIMIT
+        assert os.path.getsize(wal) == checkpoints.WAL_LIMIT
 
         caller = threading.get_ident()
         seen: list[str] = []
@@ -321,7 +322,7 @@ def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_chec
         try:
             for _ in range(15):
                 alice.publish("bob", "notification", {})
-                time.sleep(ops.WAL_CHECK_EVERY * 1.2)  # so every publish finds upkeep due
+                time.sleep(UPKEEP_CHECK_EVERY * 1.2)  # so every publish finds upkeep due
         finally:
             apsw.connection_hooks.remove(hook)
     assert seen == []
@@ -380,7 +381,7 @@ def test_the_wal_starts_over_under_steady_load_from_several_processes(db_path, t
     # A restart is tried once the WAL holds WAL_LIMIT bytes of frames; commits go on while it
     # waits, and readers that hold it up for longer than WAL_WAIT make a process wait a while
     # before trying again: the WAL may pass the limit, but not run away.
-    assert largest <= 8 * ops.WAL_LIMIT, largest
+    assert largest <= 8 * checkpoints.WAL_LIMIT, largest
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 

@@ -57,7 +57,7 @@ def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path) -> None:
             thread.join()
         assert _settled(_fds, fds + ONCE_FDS) <= fds + ONCE_FDS
         assert _settled(threading.active_count, threads + ONCE_THREADS) <= threads + ONCE_THREADS
-        assert len(bus._connections) <= 2  # this thread's and the checkpointer's at most
+        assert len(bus.engine._connections) <= 2  # this thread's and the checkpointer's at most
         assert len(bus.agent("bob").receive(limit=1000)) == 420
 
 
@@ -144,7 +144,7 @@ def test_a_run_whose_lease_keeper_extended_leases_leaves_nothing_behind(tmp_path
 
 def _wait_until_waiting(bus: sqlbus.Bus) -> None:
     for _ in range(1000):
-        if bus._wakeup._waiters or bus._wakeup._async:
+        if bus.engine.wakeup._waiters or bus.engine.wakeup._async:
             return
         time.sleep(0.002)
     raise AssertionError("the receive never started waiting")
@@ -196,7 +196,7 @@ def test_closing_an_async_bus_while_a_receive_waits_raises_database_error_and_le
             bob = await bus.agent("bob")
             waiting = asyncio.ensure_future(bob.receive(wait=60))
             for _ in range(1000):
-                if bus.sync._wakeup._async:
+                if bus.sync.engine.wakeup._async:
                     break
                 await asyncio.sleep(0.002)
             await bus.close()

@@ -14,8 +14,8 @@ import pytest
 from conftest import query
 
 import sqlbus
-from sqlbus import metrics as ops
-from sqlbus import storage
+from sqlbus import ops, storage
+from sqlbus.sqlite import checkpoint as checkpoints
 
 DAY = 86400.0
 
@@ -105,7 +105,7 @@ def test_prune_reports_progress_up_to_the_total(make_bus, clock):
     bob.ack(bob.receive(limit=30))
     clock.advance(8 * DAY)
     seen = []
-    result = ops.prune(bus, 7 * DAY, None, batch=7, progress=lambda done, total: seen.append((done, total)))
+    result = ops.prune(bus.engine, 7 * DAY, None, batch=7, progress=lambda done, total: seen.append((done, total)))
     assert result.acked == 30
     assert seen[0] == (0, 30) and seen[-1] == (30, 30)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
@@ -254,9 +254,9 @@ def _wal_frames(db_path) -> int:
 
 
 def test_the_checkpointer_restarts_a_wal_that_grew_past_the_limit(make_bus, db_path, monkeypatch):
-    monkeypatch.setattr(ops, "WAL_LIMIT", 256 * 1024)
-    monkeypatch.setattr(ops, "CHECKPOINT_FRAMES", 64)
-    monkeypatch.setattr(ops, "WAL_BACKOFF", 0.0)
+    monkeypatch.setattr(checkpoints, "WAL_LIMIT", 256 * 1024)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_FRAMES", 64)
+    monkeypatch.setattr(checkpoints, "WAL_BACKOFF", 0.0)
     bus = make_bus(archive_retention=None, dead_retention=None)
     alice = bus.agent("alice")
     bus.agent("bob")
@@ -269,7 +269,7 @@ def test_the_checkpointer_restarts_a_wal_that_grew_past_the_limit(make_bus, db_p
             alice.publish_many([{"to": "bob", "type": "notification", "payload": {"p": "x" * 1000}}
                                 for _ in range(50)])
         grown = _wal_frames(db_path)
-        assert grown * 4096 > ops.WAL_LIMIT
+        assert grown * 4096 > checkpoints.WAL_LIMIT
         reader.execute("COMMIT")
     finally:
         reader.close()

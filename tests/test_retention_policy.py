@@ -114,7 +114,7 @@ def test_another_process_prunes_by_a_policy_set_after_it_connected(make_bus, clo
     bob.ack(bob.receive(limit=3))
     bus.set_retention(archive_retention=DAY)
     clock.advance(2 * DAY)
-    other._retention_due = 0.0  # its next write runs a retention pass (as a minute later)
+    other._retention_upkeep.due = 0.0  # its next write runs a retention pass (as a minute later)
     other.agent("zed")
     assert _counts(db_path) == (0, 0, 0)
     assert other.metrics().messages_received == 3
@@ -166,7 +166,7 @@ def test_archive_max_messages_prunes_the_oldest_acked_messages_first(make_bus, c
 
 
 def test_the_background_pass_bounds_the_archive_a_small_batch_at_a_time(make_bus, db_path):
-    from sqlbus import metrics as ops
+    from sqlbus import ops
 
     bus = make_bus(archive_max_messages=None)
     alice, bob = bus.agent("alice"), bus.agent("bob")

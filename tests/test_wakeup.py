@@ -19,8 +19,9 @@ import pytest
 
 import sqlbus
 import sqlbus.wakeup as wakeup
-from sqlbus import metrics as ops
 from sqlbus import storage
+from sqlbus.agent import inbox_of
+from sqlbus.sqlite import checkpoint as checkpoints
 
 CTX = mp.get_context("fork")
 
@@ -103,17 +104,17 @@ def test_a_deleted_doorbell_is_made_again_by_the_next_wait(db_path: Path) -> Non
     with sqlbus.connect(db_path) as bus:
         bob = bus.agent("bob")
         assert bob.receive(wait=0.01) == []
-        first = Path(bus._wakeup.doorbell_path)
+        first = Path(bus.engine.wakeup.doorbell_path)
         first.unlink()
         assert bob.receive(wait=2.5 * wakeup.FALLBACK) == []
-        second = bus._wakeup.doorbell_path
+        second = bus.engine.wakeup.doorbell_path
         assert second is not None and second != str(first) and os.path.exists(second)
 
 
 def test_doorbell_files_are_private_and_removed_on_close(db_path: Path) -> None:
     bus = sqlbus.connect(db_path)
     assert bus.agent("bob").receive(wait=0.01) == []
-    path = Path(bus._wakeup.doorbell_path)
+    path = Path(bus.engine.wakeup.doorbell_path)
     directory = path.parent
     assert directory == Path(str(db_path) + ".doorbells")
     assert stat.S_IMODE(directory.stat().st_mode) == 0o700
@@ -149,7 +150,7 @@ def test_a_receiver_wakes_for_a_message_published_by_another_thread(bus: sqlbus.
     got: list[sqlbus.Delivery] = []
     waiter = threading.Thread(target=lambda: got.extend(bob.receive(wait=30.0)))
     waiter.start()
-    while bus._wakeup._waiters == 0:
+    while bus.engine.wakeup._waiters == 0:
         time.sleep(0.001)
     alice.publish("bob", "notification", {"n": 2})
     waiter.join(30)
@@ -169,7 +170,7 @@ def test_several_threads_waiting_for_one_agent_each_get_a_message(bus: sqlbus.Bu
     threads = [threading.Thread(target=receive) for _ in range(3)]
     for t in threads:
         t.start()
-    while bus._wakeup._waiters < 3:
+    while bus.engine.wakeup._waiters < 3:
         time.sleep(0.001)
     for n in range(3):
         alice.publish("bob", "notification", {"n": n})
@@ -187,18 +188,19 @@ def test_messages_to_other_agents_do_not_wake_a_waiting_receiver(
         bus.agent("carol")
         looks = []
         # receive(wait=...) looks with a read before it claims, and claims after a ring for bob
-        for name in ("_look", "_claim"):
-            original = getattr(bob, name)
+        inbox = inbox_of(bob)
+        for name in ("look", "claim"):
+            original = getattr(inbox, name)
 
             def counting(*args, _original=original, **kwargs):
                 looks.append(1)
                 return _original(*args, **kwargs)
 
-            setattr(bob, name, counting)
+            setattr(inbox, name, counting)
         got: list[sqlbus.Delivery] = []
         waiter = threading.Thread(target=lambda: got.extend(bob.receive(wait=60.0)))
         waiter.start()
-        while not bus._wakeup._leading:  # past its first look and check: polling the doorbell
+        while not bus.engine.wakeup._leading:  # past its first look and check: polling the doorbell
             time.sleep(0.001)
         # fewer rings than a doorbell holds (a full one counts as "anything may have changed")
         for n in range(min(5, wakeup._OVERFLOW - 1)):
@@ -231,11 +233,11 @@ def test_a_burst_that_overflows_a_doorbell_still_wakes_the_receiver_it_was_for(
         got: list[sqlbus.Delivery] = []
         waiter = threading.Thread(target=lambda: got.extend(bob.receive(wait=60.0)))
         waiter.start()
-        while not bus._wakeup._leading:
+        while not bus.engine.wakeup._leading:
             time.sleep(0.001)
         with alice.transaction() as tx:  # rings pile up faster than they are read
             for _ in range(3 * wakeup._OVERFLOW):
-                bus._wakeup.ring({wakeup.agent_tag("carol")})  # fill bob's process's doorbell
+                bus.engine.wakeup.ring({wakeup.agent_tag("carol")})  # fill bob's process's doorbell
             tx.publish("bob", "notification", {"n": "bob"})  # its own ring may be refused
         waiter.join(30)
         assert [d.message.payload for d in got] == [{"n": "bob"}]
@@ -254,7 +256,7 @@ def test_closing_the_bus_wakes_its_waiters(db_path: Path) -> None:
 
     waiter = threading.Thread(target=receive)
     waiter.start()
-    while bus._wakeup._waiters == 0:
+    while bus.engine.wakeup._waiters == 0:
         time.sleep(0.001)
     bus.close()
     waiter.join(30)
@@ -274,25 +276,25 @@ def test_ringing_with_nobody_waiting_lists_no_doorbells_and_sends_nothing(
         real_listdir = os.listdir
         monkeypatch.setattr(os, "listdir", lambda *a: calls.append("listdir") or real_listdir(*a))
         sent: list[bytes] = []
-        sender = bus._wakeup._sender
-        bus._wakeup._sender = None  # any attempt to send would now show below
-        monkeypatch.setattr(bus._wakeup, "_kick", lambda payload: sent.append(payload))
+        sender = bus.engine.wakeup._sender
+        bus.engine.wakeup._sender = None  # any attempt to send would now show below
+        monkeypatch.setattr(bus.engine.wakeup, "_kick", lambda payload: sent.append(payload))
         for _ in range(5):
             alice.publish("bob", "notification", {})
-        assert calls == [] and sent == [] and bus._wakeup._peers == []
-        bus._wakeup._sender = sender
+        assert calls == [] and sent == [] and bus.engine.wakeup._peers == []
+        bus.engine.wakeup._sender = sender
 
 
 def test_a_new_waiter_makes_ringers_list_the_doorbells_again(db_path: Path) -> None:
     with sqlbus.connect(db_path) as bus:
         alice = bus.agent("alice")
         alice.publish("bob", "notification", {})
-        assert bus._wakeup._peers == []
+        assert bus.engine.wakeup._peers == []
         child = run_child(sleep_in_receive, str(db_path))
         try:
             path = wait_for_announced_doorbell(db_path)
             alice.publish("bob", "notification", {})
-            assert [peer[0] for peer in bus._wakeup._peers] == [path.name]
+            assert [peer[0] for peer in bus.engine.wakeup._peers] == [path.name]
         finally:
             child.kill()
             child.join(10)
@@ -317,7 +319,7 @@ def test_a_process_is_rung_only_for_the_agents_its_doorbell_asks_for(db_path: Pa
             peer.bind(name)
         finally:
             os.chdir(old)
-        bus._wakeup._bump_generation()
+        bus.engine.wakeup._bump_generation()
         try:
             alice.publish("bob", "notification", {})
             with pytest.raises(BlockingIOError):
@@ -340,7 +342,7 @@ def wait_once_then_hold(db_path: str, ready: Any, go: Any, result: Any) -> None:
         assert carol.receive(wait=0.01) == []
         ready.set()
         go.wait(20)
-        got, _tags = bus._wakeup._drain()
+        got, _tags = bus.engine.wakeup._drain()
         result.put(got)
         result.put(len(carol.receive(limit=10, wait=20.0)))
 
@@ -361,7 +363,7 @@ def test_a_process_that_is_not_waiting_now_is_not_rung_and_loses_nothing(
             assert stat.S_IMODE(flag.stat().st_mode) == 0o600
             for _ in range(5):
                 alice.publish("carol", "notification", {})
-            assert [peer[0] for peer in bus._wakeup._peers] == [path.name]  # listed, not rung
+            assert [peer[0] for peer in bus.engine.wakeup._peers] == [path.name]  # listed, not rung
             go.set()
             assert result.get(timeout=20) == 0  # no ring queued for it
             assert result.get(timeout=20) == 5  # its next wait looks first: all five are there
@@ -404,14 +406,14 @@ def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    fold = ops.fold_wal
+    fold = checkpoints.fold_wal
 
     def counting(conn: object, **kwargs: object) -> object:
         calls.append(threading.current_thread().name)
         return fold(conn, **kwargs)
 
-    monkeypatch.setattr(ops, "fold_wal", counting)
-    monkeypatch.setattr(ops, "CHECKPOINT_FRAMES", 500)
+    monkeypatch.setattr(checkpoints, "fold_wal", counting)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_FRAMES", 500)
     with sqlbus.connect(db_path) as bus:
         alice = bus.agent("alice")
         alice.publish("bob", "notification", {})
@@ -427,7 +429,7 @@ def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
         # writes at the start of the WAL (waited for, not timed: the machine may be loaded).
         while True:
             alice.publish("bob", "notification", {})
-            busy, frames, done = storage.checkpoint(bus._conn(), "PASSIVE")
+            busy, frames, done = storage.checkpoint(bus.engine.connection(), "PASSIVE")
             if (busy == 0 and frames < 50) or time.monotonic() > end:  # busy: it is copying
                 break
             time.sleep(0.05)
@@ -438,7 +440,7 @@ def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
 def test_a_reader_that_pins_the_wal_does_not_make_the_checkpointer_hold_writers_back(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(ops, "CHECKPOINT_FRAMES", 200)
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_FRAMES", 200)
     modes: list[str] = []
     checkpoint = storage.checkpoint
 
@@ -473,13 +475,13 @@ def test_a_forked_child_waits_on_a_doorbell_of_its_own_and_leaves_the_parents_al
         bob = bus.agent("bob")
         bus.agent("carol")
         assert bob.receive(wait=0.01) == []
-        parents = Path(bus._wakeup.doorbell_path)
+        parents = Path(bus.engine.wakeup.doorbell_path)
         pid = os.fork()
         if pid == 0:  # the child: the same Bus object, used after the fork
             code = 1
             try:
                 got = bus.agent("carol").receive(wait=30.0)
-                mine = bus._wakeup.doorbell_path
+                mine = bus.engine.wakeup.doorbell_path
                 code = 0 if got and mine and Path(mine) != parents and parents.exists() else 2
             finally:
                 os._exit(code)

@@ -33,7 +33,7 @@ from typing import Any
 
 import sqlbus
 import sqlbus.metrics
-import sqlbus.wakeup
+import sqlbus.sqlite.wakeup
 
 PAYLOAD = {"task": "resize", "image": "s3://bucket/" + "x" * 120, "width": 640, "height": 480}
 CTX = mp.get_context("fork")
@@ -266,7 +266,7 @@ def main() -> None:
     print(f"sqlbus latency, {os.cpu_count()} cores, database {path}")
     frames = sqlbus.metrics.CHECKPOINT_FRAMES
     print(f"checkpointer: {f'past {frames} WAL frames' if frames else 'off (SQLite automatic)'};"
-          f" fallback poll {sqlbus.wakeup.FALLBACK}s")
+          f" fallback poll {sqlbus.sqlite.wakeup.FALLBACK}s")
 
     cost_alone = publish_cost(path, args.publishes)
     times = round_trips(path, args.round_trips)

@@ -50,8 +50,8 @@ from .bus import STORED, Agent, Bus, Delivery, Transaction, _open_block, _second
 from .bus import connect as _connect
 from .errors import DatabaseError, VersionConflictError
 from .messages import Message, encode_json_value
+from .sqlite.wakeup import ANY, FALLBACK, agent_tag
 from .state import StateEntry, StateStore, check_key
-from .wakeup import ANY, FALLBACK, agent_tag
 from .watch import Watch, _check_poll, _check_prefix
 
 __all__ = [

@@ -68,8 +68,8 @@ from .messages import (
     prepare,
     prepare_plain_batch,
 )
+from .sqlite.wakeup import ANY, RUNG, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
 from .state import StateStore, StateWrite, check_key
-from .wakeup import ANY, RUNG, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
 
 __all__ = [
     "connect",

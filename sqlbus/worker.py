@@ -79,7 +79,7 @@ from .errors import (
     VersionConflictError,
 )
 from .messages import MESSAGE_TYPES, Message, check_agent_id, decode_message, iso_ms
-from .wakeup import RUNG, agent_tag, mark_quiet
+from .sqlite.wakeup import RUNG, agent_tag, mark_quiet
 
 if TYPE_CHECKING:
     from .bus import Agent, Bus, Delivery

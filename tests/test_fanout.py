@@ -12,7 +12,8 @@ import pytest
 from conftest import query
 
 import sqlbus
-from sqlbus import metrics, storage, wakeup
+from sqlbus import metrics, storage
+from sqlbus.sqlite import wakeup
 
 MiB = 1024 * 1024
 

@@ -15,7 +15,7 @@ Prints:
 
 Targets (issue 3): round trip p50 <= 0.5 ms, p99 <= 3 ms; publish-to-handler p50 <= 0.5 ms;
 idle < 1% of one core. Durability "normal"; files in a temporary directory (``--dir``).
-``--no-checkpointer`` turns off the background checkpointer (sqlbus.metrics.Checkpointer) to
+``--no-checkpointer`` turns off the background checkpointer (sqlbus.sqlite.checkpoint.Checkpointer) to
 compare with SQLite's automatic checkpoints, which land inside commits.
 """
 
@@ -32,8 +32,8 @@ import time
 from typing import Any
 
 import sqlbus
-import sqlbus.metrics
-import sqlbus.wakeup
+import sqlbus.sqlite.checkpoint
+import sqlbus.sqlite.wakeup
 
 PAYLOAD = {"task": "resize", "image": "s3://bucket/" + "x" * 120, "width": 640, "height": 480}
 CTX = mp.get_context("fork")
@@ -259,14 +259,14 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
     args = parser.parse_args()
     if args.no_checkpointer:
-        sqlbus.metrics.CHECKPOINT_FRAMES = 0  # inherited by the forked processes
+        sqlbus.sqlite.checkpoint.CHECKPOINT_FRAMES = 0  # inherited by the forked processes
     workdir = tempfile.mkdtemp(prefix="sqlbus-latency-", dir=args.dir)
     path = os.path.join(workdir, "bench.db")
     sqlbus.connect(path).close()
     print(f"sqlbus latency, {os.cpu_count()} cores, database {path}")
-    frames = sqlbus.metrics.CHECKPOINT_FRAMES
+    frames = sqlbus.sqlite.checkpoint.CHECKPOINT_FRAMES
     print(f"checkpointer: {f'past {frames} WAL frames' if frames else 'off (SQLite automatic)'};"
-          f" fallback poll {sqlbus.wakeup.FALLBACK}s")
+          f" fallback poll {sqlbus.sqlite.wakeup.FALLBACK}s")
 
     cost_alone = publish_cost(path, args.publishes)
     times = round_trips(path, args.round_trips)

@@ -18,7 +18,7 @@ How it stays off the event loop:
   own connection, like any thread of a :class:`sqlbus.Bus`); the caller's contextvars go with
   it.
 - Waiting (``receive(wait=...)``, ``watch``) never occupies a thread: the coroutine awaits a
-  future that the process's doorbell resolves when a commit concerns it (sqlbus.wakeup), and
+  future that the process's doorbell resolves when a commit concerns it (sqlbus.sqlite.wakeup), and
   looks again at least every ``wakeup.FALLBACK`` seconds.
 - ``request`` publishes on the pool, then waits for its response as ``receive`` waits (the
   doorbell's future, a short look on the pool after each ring): however many requests await,
@@ -54,9 +54,9 @@ from .delivery import Delivery, current, current_delivery, give_back
 from .engine import open_block
 from .errors import DatabaseError, VersionConflictError
 from .messages import Message, encode_json_value
+from .sqlite.wakeup import ANY, FALLBACK, agent_tag
 from .state import StateEntry, StateStore, Watch, check_key, check_poll, check_prefix
 from .transaction import Transaction, begin_block, end_block
-from .wakeup import ANY, FALLBACK, agent_tag
 from .worker import check_concurrency
 
 __all__ = [

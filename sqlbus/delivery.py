@@ -23,8 +23,8 @@ from .arguments import ceil_ms, seconds
 from .errors import Discard, LeaseLostError, Retry, ValidationError
 from .messages import Message, encode_json_value, escape_strings, escape_text, iso_ms
 from .responses import prepare_response
+from .sqlite.wakeup import mark, mark_quiet
 from .state import StateWrite, check_key
-from .wakeup import mark, mark_quiet
 from .writes import Publish, prepare_publish
 
 if TYPE_CHECKING:

@@ -31,7 +31,7 @@ from .errors import DatabaseError
 from .sqlite import checkpoint
 from .sqlite.checkpoint import Checkpointer
 from .sqlite.files import check_paths, create_file, database_error
-from .wakeup import ANY, RUNG, Wakeup, agent_tag, reset_marks, take_marks
+from .sqlite.wakeup import ANY, RUNG, Wakeup, agent_tag, reset_marks, take_marks
 
 if TYPE_CHECKING:
     from .delivery import Transaction
@@ -117,7 +117,7 @@ class Write:
             if isinstance(exc, apsw.Error):
                 raise self.engine.database_error(exc) from exc
             raise
-        reset_marks()  # the commit rings whom this transaction marks (sqlbus.wakeup)
+        reset_marks()  # the commit rings whom this transaction marks (sqlbus.sqlite.wakeup)
         return conn
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -403,7 +403,7 @@ class Engine:
 
     def committed(self) -> None:
         """After a commit: ring the waiters the transaction concerns (every process's; see
-        sqlbus.wakeup). Called outside a write, it wakes every waiter."""
+        sqlbus.sqlite.wakeup). Called outside a write, it wakes every waiter."""
         self.wakeup.ring(take_marks())
         if time.monotonic() >= self._upkeep_due:
             self._upkeep_due = time.monotonic() + UPKEEP_CHECK_EVERY

@@ -13,7 +13,7 @@ from . import storage
 from .delivery import Delivery, ack_in, ack_notices, mark_settled, settling
 from .engine import Engine
 from .messages import ENVELOPE_ALLOWANCE, Message, decode_stored, encode_json
-from .wakeup import mark_quiet
+from .sqlite.wakeup import mark_quiet
 
 if TYPE_CHECKING:
     from .agent import Agent

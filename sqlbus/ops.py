@@ -27,7 +27,7 @@ from .messages import Message, iso_ms, listed_message
 from .metrics import file_sizes, snapshot
 from .records import SentRecord
 from .sqlite.checkpoint import WAL_WAIT, truncate_wal
-from .wakeup import mark_quiet
+from .sqlite.wakeup import mark_quiet
 
 # The default retention (s), which a new file stores (SPEC 2.2)
 ARCHIVE_RETENTION = storage.DEFAULT_RETENTION[0] / 1000  # acked rows (the sent archive)

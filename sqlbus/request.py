@@ -24,7 +24,7 @@ from .engine import Engine, Looked
 from .errors import RemoteError, RequestTimeoutError
 from .messages import Message, check_agent_id, decode_message
 from .responses import count_late_responses, prepare_response
-from .wakeup import mark_quiet
+from .sqlite.wakeup import mark_quiet
 from .writes import prepare_publish
 
 if TYPE_CHECKING:

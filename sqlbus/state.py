@@ -312,7 +312,7 @@ class StateWrite:
 # together with the position in ``state_log``, so the changes that follow are exactly those
 # committed after the snapshot: none missed, none repeated. Changes come from ``state_log`` in
 # commit order, by any process; a delete is an entry with ``deleted=True`` (value None) and the
-# next version. Between changes the iterator sleeps on the bus's wake-up (sqlbus.wakeup): a
+# next version. Between changes the iterator sleeps on the bus's wake-up (sqlbus.sqlite.wakeup): a
 # commit by any process wakes it at once, and it looks again at least every ``poll`` seconds.
 
 

@@ -88,7 +88,7 @@ from .inbox import Inbox
 from .messages import MESSAGE_TYPES, Message
 from .request import respond
 from .responses import count_late_responses
-from .wakeup import RUNG, agent_tag, mark_quiet
+from .sqlite.wakeup import RUNG, agent_tag, mark_quiet
 
 if TYPE_CHECKING:
     from .agent import Agent

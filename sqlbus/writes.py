@@ -21,7 +21,7 @@ from . import storage
 from .arguments import ceil_ms, seconds
 from .errors import ValidationError
 from .messages import Outgoing, PlainRun, prepare, prepare_plain_batch
-from .wakeup import mark
+from .sqlite.wakeup import mark
 
 type_of = type  # the name `type` is a parameter of many functions below
 

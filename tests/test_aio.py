@@ -13,7 +13,7 @@ import pytest
 
 import sqlbus
 import sqlbus.aio
-import sqlbus.wakeup as wakeup
+import sqlbus.sqlite.wakeup as wakeup
 
 
 def run(coro):
@@ -94,7 +94,7 @@ def test_a_waiting_receive_does_not_block_the_event_loop(db_path: Path) -> None:
 PUBLISH_WHEN_WAITING = """
 import sys, time
 from pathlib import Path
-import sqlbus, sqlbus.wakeup as wakeup
+import sqlbus, sqlbus.sqlite.wakeup as wakeup
 db = sys.argv[1]
 directory = Path(wakeup.doorbell_dir(db))
 end = time.monotonic() + 20

@@ -12,7 +12,8 @@ import pytest
 from conftest import query
 
 import sqlbus
-from sqlbus import ops, storage, wakeup
+from sqlbus import ops, storage
+from sqlbus.sqlite import wakeup
 
 MiB = 1024 * 1024
 

@@ -198,8 +198,8 @@ def test_the_database_wal_shm_and_doorbells_are_private_to_the_owner(tmp_path: P
                 else:
                     assert _mode(path) == 0o600, f"{path} is {oct(_mode(path))}"
             doorbells = [p for p in created if stat.S_ISSOCK(os.stat(p).st_mode)]
-            if (PACKAGE / "wakeup.py").exists():
-                assert doorbells, "sqlbus.wakeup exists but no doorbell socket was found"
+            if (PACKAGE / "sqlite" / "wakeup.py").exists():
+                assert doorbells, "sqlbus.sqlite.wakeup exists but no doorbell socket was found"
             waiter.join()
         finally:
             bus.close()

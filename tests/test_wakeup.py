@@ -18,10 +18,11 @@ import apsw
 import pytest
 
 import sqlbus
-import sqlbus.wakeup as wakeup
+import sqlbus.sqlite.wakeup as wakeup
 from sqlbus import storage
 from sqlbus.agent import inbox_of
 from sqlbus.sqlite import checkpoint as checkpoints
+from sqlbus.sqlite import doorbell
 
 CTX = mp.get_context("fork")
 
@@ -44,7 +45,7 @@ def wait_for_doorbell(db_path: Path, *, other_than: set[Path] = frozenset(), lim
 
 def generation(db_path: Path) -> int:
     """The shared counter that waiters bump after binding (or renaming) their doorbell."""
-    path = Path(wakeup.doorbell_dir(str(db_path))) / wakeup.GENERATION
+    path = Path(wakeup.doorbell_dir(str(db_path))) / doorbell.GENERATION
     data = path.read_bytes() if path.exists() else b""
     return int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
 
@@ -203,7 +204,7 @@ def test_messages_to_other_agents_do_not_wake_a_waiting_receiver(
         while not bus.engine.wakeup._leading:  # past its first look and check: polling the doorbell
             time.sleep(0.001)
         # fewer rings than a doorbell holds (a full one counts as "anything may have changed")
-        for n in range(min(5, wakeup._OVERFLOW - 1)):
+        for n in range(min(5, doorbell.OVERFLOW - 1)):
             alice.publish("carol", "notification", {"n": n})
         assert len(looks) == 1  # bob never looked again: those rings were for carol
         alice.publish("bob", "notification", {"n": "bob"})
@@ -236,7 +237,7 @@ def test_a_burst_that_overflows_a_doorbell_still_wakes_the_receiver_it_was_for(
         while not bus.engine.wakeup._leading:
             time.sleep(0.001)
         with alice.transaction() as tx:  # rings pile up faster than they are read
-            for _ in range(3 * wakeup._OVERFLOW):
+            for _ in range(3 * doorbell.OVERFLOW):
                 bus.engine.wakeup.ring({wakeup.agent_tag("carol")})  # fill bob's process's doorbell
             tx.publish("bob", "notification", {"n": "bob"})  # its own ring may be refused
         waiter.join(30)
@@ -268,7 +269,7 @@ def test_closing_the_bus_wakes_its_waiters(db_path: Path) -> None:
 def test_ringing_with_nobody_waiting_lists_no_doorbells_and_sends_nothing(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(wakeup, "REFRESH_EVERY", 600.0)
+    monkeypatch.setattr(doorbell, "REFRESH_EVERY", 600.0)
     with sqlbus.connect(db_path) as bus:
         alice = bus.agent("alice")
         alice.publish("bob", "notification", {})  # sets up and lists the (empty) directory
@@ -276,25 +277,25 @@ def test_ringing_with_nobody_waiting_lists_no_doorbells_and_sends_nothing(
         real_listdir = os.listdir
         monkeypatch.setattr(os, "listdir", lambda *a: calls.append("listdir") or real_listdir(*a))
         sent: list[bytes] = []
-        sender = bus.engine.wakeup._sender
-        bus.engine.wakeup._sender = None  # any attempt to send would now show below
+        sender = bus.engine.wakeup._directory.sender
+        bus.engine.wakeup._directory.sender = None  # any attempt to send would now show below
         monkeypatch.setattr(bus.engine.wakeup, "_kick", lambda payload: sent.append(payload))
         for _ in range(5):
             alice.publish("bob", "notification", {})
-        assert calls == [] and sent == [] and bus.engine.wakeup._peers == []
-        bus.engine.wakeup._sender = sender
+        assert calls == [] and sent == [] and bus.engine.wakeup._ringer.peers == []
+        bus.engine.wakeup._directory.sender = sender
 
 
 def test_a_new_waiter_makes_ringers_list_the_doorbells_again(db_path: Path) -> None:
     with sqlbus.connect(db_path) as bus:
         alice = bus.agent("alice")
         alice.publish("bob", "notification", {})
-        assert bus.engine.wakeup._peers == []
+        assert bus.engine.wakeup._ringer.peers == []
         child = run_child(sleep_in_receive, str(db_path))
         try:
             path = wait_for_announced_doorbell(db_path)
             alice.publish("bob", "notification", {})
-            assert [peer[0] for peer in bus.engine.wakeup._peers] == [path.name]
+            assert [peer[0] for peer in bus.engine.wakeup._ringer.peers] == [path.name]
         finally:
             child.kill()
             child.join(10)
@@ -309,7 +310,7 @@ def test_a_process_is_rung_only_for_the_agents_its_doorbell_asks_for(db_path: Pa
         directory = Path(wakeup.doorbell_dir(str(db_path)))
         # another process's doorbell, waiting for carol only (its name says so, as a hash)
         carol = wakeup.agent_tag("carol")
-        name = wakeup._doorbell_name(f"{os.getpid()}-feedbeef", False, {carol})
+        name = doorbell.doorbell_name(f"{os.getpid()}-feedbeef", False, {carol})
         assert "carol" not in name and carol.hex() in name
         peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         peer.setblocking(False)
@@ -319,7 +320,7 @@ def test_a_process_is_rung_only_for_the_agents_its_doorbell_asks_for(db_path: Pa
             peer.bind(name)
         finally:
             os.chdir(old)
-        bus.engine.wakeup._bump_generation()
+        bus.engine.wakeup._directory.bump_generation()
         try:
             alice.publish("bob", "notification", {})
             with pytest.raises(BlockingIOError):
@@ -342,7 +343,7 @@ def wait_once_then_hold(db_path: str, ready: Any, go: Any, result: Any) -> None:
         assert carol.receive(wait=0.01) == []
         ready.set()
         go.wait(20)
-        got, _tags = bus.engine.wakeup._drain()
+        got, _tags = bus.engine.wakeup._doorbell.drain()
         result.put(got)
         result.put(len(carol.receive(limit=10, wait=20.0)))
 
@@ -358,12 +359,12 @@ def test_a_process_that_is_not_waiting_now_is_not_rung_and_loses_nothing(
         try:
             assert ready.wait(20)
             path = wait_for_doorbell(db_path)
-            flag = path.parent / (path.name.split(".")[0] + wakeup.WAKE)
+            flag = path.parent / (path.name.split(".")[0] + doorbell.WAKE)
             assert flag.read_bytes() == b"\x00"  # down: the child is busy
             assert stat.S_IMODE(flag.stat().st_mode) == 0o600
             for _ in range(5):
                 alice.publish("carol", "notification", {})
-            assert [peer[0] for peer in bus.engine.wakeup._peers] == [path.name]  # listed, not rung
+            assert [peer[0] for peer in bus.engine.wakeup._ringer.peers] == [path.name]  # listed, not rung
             go.set()
             assert result.get(timeout=20) == 0  # no ring queued for it
             assert result.get(timeout=20) == 5  # its next wait looks first: all five are there
@@ -389,7 +390,7 @@ def test_a_waiting_process_raises_its_flag_and_is_rung(db_path: Path) -> None:
         child = run_child(wait_for_carol, str(db_path), result)
         try:
             path = wait_for_announced_doorbell(db_path)
-            flag = path.parent / (path.name.split(".")[0] + wakeup.WAKE)
+            flag = path.parent / (path.name.split(".")[0] + doorbell.WAKE)
             end = time.monotonic() + 20
             while flag.read_bytes() != b"\x01" and time.monotonic() < end:
                 time.sleep(0.005)

@@ -48,8 +48,9 @@ from typing import Any, TypeVar
 from . import worker
 from .bus import STORED, Agent, Bus, Delivery, Transaction, _open_block, _seconds, _Stored
 from .bus import connect as _connect
+from .encoding import encode_json_value
 from .errors import DatabaseError, VersionConflictError
-from .messages import Message, encode_json_value
+from .messages import Message
 from .state import StateEntry, StateStore, check_key
 from .wakeup import ANY, FALLBACK, agent_tag
 from .watch import Watch, _check_poll, _check_prefix

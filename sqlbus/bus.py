@@ -39,6 +39,16 @@ import msgspec
 
 from . import connections, storage
 from . import metrics as ops
+from .encoding import (
+    Outgoing,
+    PlainRun,
+    check_agent_id,
+    encode_json,
+    encode_json_value,
+    escape_strings,
+    prepare,
+    prepare_plain_batch,
+)
 from .errors import (
     AuthenticationError,
     DatabaseError,
@@ -49,24 +59,16 @@ from .errors import (
     ValidationError,
 )
 from .messages import (
-    _ID_RE,
     ENVELOPE_ALLOWANCE,
+    MESSAGE_ID_RE,
     MESSAGE_TYPES,
     Headers,
     Message,
     MessageType,
-    Outgoing,
-    PlainRun,
-    check_agent_id,
     decode_stored,
-    encode_json,
-    encode_json_value,
-    escape_strings,
     escape_text,
     iso_ms,
     listed_message,
-    prepare,
-    prepare_plain_batch,
 )
 from .state import StateStore, StateWrite, check_key
 from .wakeup import ANY, RUNG, Wakeup, agent_tag, mark, mark_quiet, reset_marks, take_marks
@@ -1156,7 +1158,7 @@ def _dead_letter_ref(ref: object) -> tuple[int | None, str | None] | None:
     if type(ref) is int:  # not bool
         return (ref, None) if -(2**63) <= ref < 2**63 else None
     if type(ref) is str:
-        return (None, ref) if _ID_RE.fullmatch(ref) else None
+        return (None, ref) if MESSAGE_ID_RE.fullmatch(ref) else None
     raise TypeError(
         f"ref must be a dead-letter number (int) or a message id (str), got {type_of(ref).__name__}"
     )
@@ -2128,7 +2130,7 @@ class _BufferedState:
         subscribers: list[str] | None = None, include_value: bool = False,
     ) -> None:
         """Buffer a write of ``key``; the version check happens at the ack."""
-        from .messages import encode_json_value
+        from .encoding import encode_json_value
 
         d = self._delivery
         d._check_open()

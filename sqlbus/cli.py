@@ -25,8 +25,9 @@ from click.core import ParameterSource
 
 from . import __version__
 from .bus import Agent, AgentInfo, Bus, connect
+from .encoding import check_agent_id
 from .errors import DatabaseError, SqlbusError, ValidationError
-from .messages import Message, MessageType, check_agent_id
+from .messages import Message, MessageType
 from .metrics import to_openmetrics, to_prometheus
 from .storage import check_file
 from .worker import MAX_CONCURRENCY

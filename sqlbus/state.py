@@ -20,8 +20,9 @@ import apsw
 import msgspec
 
 from . import storage
+from .encoding import check_agent_id, check_text, encode_json_value
 from .errors import ValidationError, VersionConflictError
-from .messages import check_agent_id, check_text, encode_json_value, iso_ms
+from .messages import iso_ms
 
 if TYPE_CHECKING:
     from .bus import Bus

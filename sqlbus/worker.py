@@ -68,6 +68,7 @@ import msgspec
 
 from . import storage
 from .bus import LATE_RESPONSES, _check_limit, _error_text, _seconds, count_late_responses
+from .encoding import check_agent_id
 from .errors import (
     DatabaseError,
     Discard,
@@ -78,7 +79,7 @@ from .errors import (
     ValidationError,
     VersionConflictError,
 )
-from .messages import MESSAGE_TYPES, Message, check_agent_id, decode_message, iso_ms
+from .messages import MESSAGE_TYPES, Message, decode_message, iso_ms
 from .wakeup import RUNG, agent_tag, mark_quiet
 
 if TYPE_CHECKING:

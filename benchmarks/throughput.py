@@ -24,7 +24,7 @@ import apsw
 import sqlbus
 
 PAYLOAD = {"task": "resize", "image": "s3://bucket/" + "x" * 120, "width": 640, "height": 480}
-PAYLOAD_BYTES = sqlbus.messages.encode_json(PAYLOAD)
+PAYLOAD_BYTES = sqlbus.encoding.encode_json(PAYLOAD)
 
 
 def median_rate(run: Callable[[], int], repeats: int) -> float:

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 from . import storage
 from .arguments import MAX_SECONDS, check_limit, check_types, seconds
 from .delivery import Delivery, ack_in, ack_notices, mark_settled, settling, unsettled
+from .encoding import encode_json
 from .engine import Looked
 from .inbox import Inbox
-from .messages import Message, encode_json, iso_ms
+from .messages import Message, iso_ms
 from .records import Subscription
 from .request import request, respond
 from .state import StateStore

@@ -51,10 +51,10 @@ from .arguments import STORED, Stored, seconds
 from .bus import Bus
 from .bus import connect as _connect
 from .delivery import Delivery, current, current_delivery, give_back
-from .engine import open_block
+from .encoding import encode_json_value
+from .engine import Looked, open_block
 from .errors import DatabaseError, VersionConflictError
-from .messages import Message, encode_json_value
-from .sqlite.wakeup import ANY, FALLBACK, agent_tag
+from .messages import Message
 from .state import StateEntry, StateStore, Watch, check_key, check_poll, check_prefix
 from .transaction import Transaction, begin_block, end_block
 from .worker import check_concurrency
@@ -225,19 +225,16 @@ class AsyncAgent:
         (seconds) waits for one without blocking the event loop."""
         wait = seconds(wait, "wait")
         types = [types] if isinstance(types, str) else (None if types is None else list(types))
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        wakeup = self.bus.sync.engine.wakeup
-        tag = agent_tag(self.id)
-        while True:
-            token = wakeup.token(tag) if wait > 0 else None  # before the look: nothing is lost
-            deliveries, until_due = await self._look(limit, lease, types, wait > 0)
-            if deliveries or token is None:
-                return [AsyncDelivery(self, d) for d in deliveries]
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return []
-            await wakeup.wait_async(token, min(remaining, until_due, FALLBACK), tag)
+        if wait <= 0:
+            deliveries, _ = await self._look(limit, lease, types, False)
+            return [AsyncDelivery(self, d) for d in deliveries]
+
+        async def look() -> Looked:
+            deliveries, until_due = await self._look(limit, lease, types, True)
+            return Looked(deliveries, 0, until_due)
+
+        found = await self.bus.sync.engine.wait_until_async(look, wait, self.id)
+        return [AsyncDelivery(self, d) for d in found]
 
     async def _look(
         self, limit: int, lease: float | None, types: list[str] | None, waiting: bool
@@ -339,30 +336,23 @@ class AsyncAgent:
         :class:`sqlbus.RequestTimeoutError` (after ``timeout`` seconds)."""
         timeout = seconds(timeout, "timeout", allow_zero=False)
         agent = self.sync
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        wakeup = agent.bus.engine.wakeup
-        tag = agent_tag(self.id)
-        correlation_id = requests.new_correlation_id()
         engine = agent.bus.engine
-        # Both before the request exists: its response is ours, and its commit rings us.
-        requests.await_response(engine, agent.id, correlation_id)
+        correlation_id = requests.new_correlation_id()
+        requests.await_response(engine, agent.id, correlation_id)  # before the request exists
         try:
-            token = wakeup.token(tag)
             await _call(self._pool, requests.send_request, agent, engine, to, payload, timeout,
                         priority, ttl, correlation_id)
-            while True:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                await wakeup.wait_async(token, min(remaining, FALLBACK), tag)
-                token = wakeup.token(tag)  # before the look, as in receive
+
+            async def look() -> Looked:
                 _, message = await _call(self._pool, requests.take_response, agent, engine,
                                          correlation_id)
-                if message is not None:
-                    return requests.result_of(message)
+                return Looked(message, 0)
+
+            message = await engine.wait_until_async(look, timeout, agent.id)
+            if message is not None:
+                return requests.result_of(message)
             return await _call(self._pool, requests.end_request, agent, engine, to, correlation_id,
-                                 timeout)
+                               timeout)
         finally:
             requests.stop_awaiting(engine, agent.id, correlation_id)
 
@@ -581,18 +571,17 @@ class AsyncStateStore:
 
 
 async def _watch(bus: AsyncBus, prefix: str, poll: float) -> AsyncIterator[StateEntry]:
-    watch = Watch(bus.sync.engine, prefix)
-    wakeup = bus.sync.engine.wakeup
+    engine = bus.sync.engine
+    watch = Watch(engine, prefix)
     for entry in await _call(bus._pool, watch.snapshot):
         yield entry
+
+    async def look() -> Looked:
+        return Looked(await _call(bus._pool, watch.changes), 0, poll)
+
     while True:
-        token = wakeup.token(ANY)  # before the look: a commit after it wakes the wait
-        changes = await _call(bus._pool, watch.changes)
-        if changes:
-            for entry in changes:
-                yield entry
-            continue
-        await wakeup.wait_async(token, poll, ANY)
+        for entry in await engine.wait_until_async(look, poll):
+            yield entry
 
 
 class AsyncTransaction:

@@ -27,9 +27,10 @@ from . import ops, storage
 from .agent import Agent
 from .arguments import STORED, Stored, check_limit, check_types, seconds
 from .delivery import Delivery
+from .encoding import check_agent_id
 from .engine import Engine, check_clock
 from .errors import AuthenticationError, NotFoundError, ValidationError
-from .messages import ENVELOPE_ALLOWANCE, check_agent_id, iso_ms, listed_message
+from .messages import ENVELOPE_ALLOWANCE, iso_ms, listed_message
 from .metrics import AgentStats, Metrics, compute_metrics, compute_stats, snapshot
 from .ops import RetentionUpkeep, retention_changes, retention_from_row, store_retention
 from .records import (

@@ -20,8 +20,9 @@ import apsw
 
 from . import storage
 from .arguments import ceil_ms, seconds
+from .encoding import encode_json_value, escape_strings
 from .errors import Discard, LeaseLostError, Retry, ValidationError
-from .messages import Message, encode_json_value, escape_strings, escape_text, iso_ms
+from .messages import Message, escape_text, iso_ms
 from .responses import prepare_response
 from .sqlite.wakeup import mark, mark_quiet
 from .state import StateWrite, check_key

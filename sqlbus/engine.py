@@ -14,13 +14,14 @@ concerns are woken, in this process and others (:mod:`sqlbus.sqlite.wakeup`).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import fcntl
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import apsw
@@ -31,7 +32,7 @@ from .errors import DatabaseError
 from .sqlite import checkpoint
 from .sqlite.checkpoint import Checkpointer
 from .sqlite.files import check_paths, create_file, database_error
-from .sqlite.wakeup import ANY, RUNG, Wakeup, agent_tag, reset_marks, take_marks
+from .sqlite.wakeup import ANY, FALLBACK, RUNG, Wakeup, agent_tag, reset_marks, take_marks
 
 if TYPE_CHECKING:
     from .delivery import Transaction
@@ -452,3 +453,23 @@ class Engine:
                 return looked.found
             woken = self.wait_for_change(looked.token, min(remaining, looked.wait_at_most), agent)
             rung = woken == RUNG
+
+    async def wait_until_async(
+        self, look: Callable[[], Awaitable[Looked]], timeout: float, agent: str | None = None
+    ) -> Any:
+        """The asyncio twin of :meth:`wait_until`: ``await look()`` (which runs its reads off
+        the event loop) and, while nothing is found, wait for a ring naming ``agent`` (or any
+        ring) without blocking the loop; the change token is the wake-up's own, taken before
+        each look, so a commit after the look is never missed (``looked.token`` is unused)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        tag = ANY if agent is None else agent_tag(agent)
+        while True:
+            token = self.wakeup.token(tag)  # before the look: a commit after it rings
+            looked = await look()
+            if looked.found:
+                return looked.found
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return looked.found
+            await self.wakeup.wait_async(token, min(remaining, looked.wait_at_most, FALLBACK), tag)

@@ -11,8 +11,9 @@ import apsw
 
 from . import storage
 from .delivery import Delivery, ack_in, ack_notices, mark_settled, settling
+from .encoding import encode_json
 from .engine import Engine
-from .messages import ENVELOPE_ALLOWANCE, Message, decode_stored, encode_json
+from .messages import ENVELOPE_ALLOWANCE, Message, decode_stored
 from .sqlite.wakeup import mark_quiet
 
 if TYPE_CHECKING:

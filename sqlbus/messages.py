@@ -1,13 +1,14 @@
-"""Messages: the msgspec structs, their validation and their JSON form.
+"""Messages: the msgspec structs, message ids and timestamps, and the decoding of stored bodies.
 
-A message is validated and encoded once, here, before anything touches the database; storage
-only ever sees the encoded bytes. Encoders and decoders are built once at import.
+A message is validated and encoded once, by :mod:`sqlbus.encoding`, before anything touches
+the database; storage only ever sees the encoded bytes, and this module turns them back into
+a :class:`Message`. Decoders are built once at import.
 
->>> out = prepare("alice", "bob", "notification", {"text": "hi"}, now_ms=1_700_000_000_000)
->>> out.recipients
-['bob']
->>> decode_message(out.body).sender
-'alice'
+>>> message = decode_message(b'{"id":"msg-1700000000000-abcdefghi","from":"alice","to":"bob",'
+...                          b'"type":"notification","timestamp":"2023-11-14T22:13:20.000Z",'
+...                          b'"payload":{"text":"hi"}}')
+>>> message.sender, message.headers.priority
+('alice', 3)
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Sequence
-from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-from .errors import PayloadTooLargeError, ValidationError
+from .errors import ValidationError
 
 __all__ = [
     "MESSAGE_TYPES",
@@ -40,18 +40,19 @@ __all__ = [
     "Health",
     "StatusUpdate",
     "TYPED_PAYLOADS",
-    "Outgoing",
-    "prepare",
+    "MESSAGE_ID_RE",
     "new_message_id",
+    "new_message_ids",
     "iso_ms",
+    "ENVELOPE_ALLOWANCE",
+    "fits",
     "decode_message",
     "decode_stored",
     "listed_message",
     "corrupt_message",
     "decode_payload",
-    "check_agent_id",
-    "encode_payload",
-    "encode_json_value",
+    "payload_error",
+    "escape_text",
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -199,13 +200,10 @@ TYPED_PAYLOADS: dict[str, type[Struct]] = {
     "task_result": TaskResult,
     "status_update": StatusUpdate,
 }
-_UNTYPED = MESSAGE_TYPES - TYPED_PAYLOADS.keys()
 
 # ---------------------------------------------------------------------------------------------
-# Encoding, ids, time
+# Ids and time
 
-_encode = msgspec.json.Encoder().encode
-_decode_any = msgspec.json.Decoder().decode
 _message_decoder = msgspec.json.Decoder(Message)
 _iso_second_cache: dict[int, str] = {}
 
@@ -220,10 +218,10 @@ _ID_ALPHABET = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[b % 32] for b in range(
 _last_id_prefix = (-1, "")  # (epoch ms, "msg-<13 digits>-"): ids made in the same ms share it
 
 
-def _random_id_parts(count: int) -> list[str]:
-    """``count`` random parts of ids (one ``secrets`` call for all of them)."""
+def _random_id_parts(count: int, prefix: str = "") -> list[str]:
+    """``count`` random parts of ids, each after ``prefix`` (one ``secrets`` call for all)."""
     text = secrets.token_bytes(9 * count).translate(_ID_ALPHABET).decode()
-    return [text[i : i + 9] for i in range(0, 9 * count, 9)]
+    return [prefix + text[i : i + 9] for i in range(0, 9 * count, 9)]
 
 
 def _random_part() -> str:
@@ -242,6 +240,12 @@ def new_message_id(now_ms: int) -> str:
     return _id_prefix(now_ms) + _random_part()
 
 
+def new_message_ids(now_ms: int, count: int) -> list[str]:
+    """``count`` ids as :func:`new_message_id` makes them, for a batch that shares ``now_ms``
+    (one ``secrets`` call for all of them)."""
+    return _random_id_parts(count, _id_prefix(now_ms))
+
+
 def _id_prefix(now_ms: int) -> str:
     """``msg-<13-digit epoch ms>-``, made once per ms."""
     global _last_id_prefix
@@ -250,6 +254,11 @@ def _id_prefix(now_ms: int) -> str:
         prefix = f"msg-{now_ms:013d}-"
         _last_id_prefix = (now_ms, prefix)
     return prefix
+
+
+# An id as the schema has it (MessageId). Used with fullmatch: ``$`` also matches before a
+# final newline, and a caller's id goes into a body's JSON as it is, so it must be exactly this.
+MESSAGE_ID_RE = re.compile(r"msg-[0-9]{13}-[a-z0-9]{9}")
 
 
 _last_iso = (-1, "")  # (epoch ms, its ISO text): the messages of a batch share a timestamp
@@ -274,6 +283,10 @@ def iso_ms(epoch_ms: int) -> str:
     return text
 
 
+# ---------------------------------------------------------------------------------------------
+# Decoding: a stored body as a Message (or, for a damaged row, as what a listing shows)
+
+
 def decode_message(body: bytes) -> Message:
     """Decode a stored message body into a :class:`Message`."""
     return _message_decoder.decode(body)
@@ -292,6 +305,7 @@ _ID_IN_BODY = re.compile(rb'\{"id":"(msg-[0-9]{13}-[a-z0-9]{9})')
 
 
 _DAMAGE = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+type_of = type  # `type` is shadowed by the parameter of the same name in listed_message()
 
 
 def fits(body_length: int, max_payload_bytes: int) -> bool:
@@ -347,52 +361,10 @@ def decode_payload(message: Message, struct_type: type[Struct]) -> Any:
     try:
         return msgspec.convert(message.payload, struct_type)
     except msgspec.ValidationError as exc:
-        raise _msgspec_error(exc, "payload", struct_type) from exc
+        raise payload_error(exc, "payload", struct_type) from exc
 
 
-# ---------------------------------------------------------------------------------------------
-# Validation: before anything is written, with errors that name the field and the rule.
-
-_PATTERN_CHARS = re.compile(r"[*?\[]")
-# ttl bound (~31,700 years): expires_at = now + ttl must fit the 64-bit integer column.
-MAX_TTL_MS = 10**15
-_known_agent_ids: set[str] = set()
-
-
-def check_agent_id(value: object, field_name: str = "agent id") -> str:
-    """Return ``value`` if it is a valid agent id, else raise :class:`ValidationError`."""
-    # type() first: a str subclass equal to a known id must not slip past the type check.
-    if type(value) is str and value in _known_agent_ids:
-        return value
-    if type(value) is not str:
-        raise ValidationError(f"{field_name}: expected str, got {type(value).__name__}",
-                              field=field_name)
-    if not 1 <= len(value) <= 200:
-        raise ValidationError(f"{field_name}: expected 1..200 characters, got {len(value)}",
-                              field=field_name)
-    if not value.isprintable():
-        raise ValidationError(f"{field_name}: expected printable text, got {value!r}",
-                              field=field_name)
-    if _PATTERN_CHARS.search(value):
-        raise ValidationError(
-            f"{field_name}: {value!r} contains a pattern character (* ? [); "
-            "publish takes agent ids, use broadcast(pattern=...) to match many", field=field_name,
-        )
-    if len(_known_agent_ids) < 10_000:
-        _known_agent_ids.add(value)
-    return value
-
-
-def _check_int(value: object, name: str, low: int, high: int | None) -> int:
-    if type(value) is not int:
-        raise ValidationError(f"{name}: expected int, got {type(value).__name__}", field=name)
-    if value < low or (high is not None and value > high):
-        rule = f">= {low}" if high is None else f">= {low} and <= {high}"
-        raise ValidationError(f"{name}: expected int {rule}, got {value}", field=name)
-    return value
-
-
-def _msgspec_error(
+def payload_error(
     exc: msgspec.ValidationError, root: str, struct_type: type[Struct]
 ) -> ValidationError:
     """msgspec's error about a value converted to ``struct_type``, in our words: the path from
@@ -439,481 +411,8 @@ def _unwrapped(kind: Any) -> Any:
     return kind
 
 
-def _find_non_json(value: Any, path: str) -> ValidationError | None:
-    """Walk a payload and name the first value that is not plain JSON (slow path, errors only)."""
-    kind = type(value)
-    if kind is str:
-        return _bad_text(value, path)
-    if value is None or kind is bool or kind is int:
-        return None
-    if kind is float:
-        return None if value == value and value not in (float("inf"), float("-inf")) else (
-            ValidationError(f"{path}: {value!r} is not JSON (NaN and infinity are not allowed)",
-                            field=path)
-        )
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                return ValidationError(
-                    f"{path}: key {key!r} is not a string (JSON object keys are strings)",
-                    field=path)
-            found = _bad_text(key, path, "key ")
-            if found:
-                return found
-            found = _find_non_json(item, _member_path(path, key))
-            if found:
-                return found
-        return None
-    if kind is list:
-        for index, item in enumerate(value):
-            found = _find_non_json(item, f"{path}[{index}]")
-            if found:
-                return found
-        return None
-    return ValidationError(
-        f"{path}: {kind.__name__} is not JSON (use dict, list, str, int, float, bool, None)",
-        field=path)
-
-
-def encode_json_value(value: Any, max_bytes: int, name: str) -> bytes:
-    """Encode any JSON value, refusing what would not come back the same (NaN, bytes, tuples,
-    objects, non-string keys), strings with NUL or a lone surrogate, nesting deeper than
-    :data:`MAX_DEPTH` and anything larger than ``max_bytes`` encoded."""
-    try:
-        encoded = _encode(value)
-    # UnicodeEncodeError: a lone surrogate ("\ud800") has no UTF-8 form, so no JSON form either.
-    # RecursionError: nested far deeper than MAX_DEPTH.
-    except (TypeError, OverflowError, UnicodeEncodeError, RecursionError,
-            msgspec.EncodeError) as exc:
-        found = _too_deep_path(value, name) or _find_non_json(value, name)
-        raise (found or ValidationError(f"{name}: {exc}", field=name)) from exc
-    if len(encoded) > max_bytes:
-        raise PayloadTooLargeError(
-            f"{name}: encoded size {len(encoded)} bytes exceeds max_payload_bytes={max_bytes}",
-            field=name,
-        )
-    # Depth is checked before anything walks the value recursively (the NUL check below).
-    try:
-        decoded = _decode_any(encoded)
-    except RecursionError as exc:
-        raise (_too_deep_path(value, name) or _too_deep(name)) from exc
-    # _may_nest_too_deep and _may_hold_nul inlined (a call costs more than their tests)
-    if len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH and (
-        _nests_too_deep(encoded)
-    ):
-        raise _too_deep_path(value, name) or _too_deep(name)
-    if 92 in encoded and encoded.find(b"\\u0000") >= 0:
-        found = _find_non_json(value, name)
-        if found:
-            raise found
-    # msgspec quietly writes NaN as null and bytes as base64; a round trip catches both.
-    if decoded != value:
-        raise _find_non_json(value, name) or ValidationError(
-            f"{name}: does not survive a JSON round trip", field=name)
-    return encoded
-
-
-# JSON values the bus stores nest at most this many levels of objects and arrays (the outermost
-# is 1): far below the depth at which encoding, decoding or comparing one recurses too deep,
-# also in a receiver whose handler already runs some frames down.
-MAX_DEPTH = 64
-_TOO_DEEP = "{}: nested deeper than " + f"{MAX_DEPTH} levels of objects and arrays"
-
-
-def _too_deep(path: str) -> ValidationError:
-    return ValidationError(_TOO_DEEP.format(path), field=path)
-
-
-def _may_nest_too_deep(encoded: bytes) -> bool:
-    """False when the JSON text ``encoded`` surely nests at most MAX_DEPTH levels: it has no
-    more opening brackets than that (counted in strings too, an upper bound), so almost every
-    value is cleared without a walk. The length first: a small payload needs no count (91
-    and 123 are "[" and "{")."""
-    return len(encoded) > 2 * MAX_DEPTH and encoded.count(91) + encoded.count(123) > MAX_DEPTH
-
-
-def _nests_too_deep(encoded: bytes) -> bool:
-    """Whether the JSON text ``encoded`` nests more than MAX_DEPTH levels. Formatted with an
-    indent of one space, every member of a container is on a line of its own, indented by how
-    many containers hold it (a string holds no raw newline), so an object or array nested
-    deeper than the limit starts a line indented MAX_DEPTH spaces, after its key, if any. In C
-    loops: measured, half the time of a Python walk of the decoded value."""
-    return _TOO_DEEP_LINE.search(msgspec.json.format(encoded, indent=1)) is not None
-
-
-_TOO_DEEP_LINE = re.compile(rb'\n {%d}(?:"(?:[^"\\]|\\.)*": )?[\[{]' % MAX_DEPTH)
-
-
-def _may_hold_nul(encoded: bytes) -> bool:
-    """Whether JSON text ``encoded`` may hold a NUL (``\\u0000``; or a string with a backslash
-    before "u0000", which the caller's walk tells apart). A search for the byte 92 (a
-    backslash) first, which is a memchr, and most payloads have none; ``in`` with a bytes
-    needle tries it as an int first and pays for the TypeError (measured: 5x the cost)."""
-    return 92 in encoded and encoded.find(b"\\u0000") >= 0
-
-
-def _member_path(path: str, key: object) -> str:
-    """The path of an object member for an error: ``payload.key``, or ``payload['a\\nb']``
-    for a key that is not printable (an error is one line)."""
-    return f"{path}.{key}" if type_of(key) is str and key.isprintable() else f"{path}[{key!r}]"
-
-
-def _too_deep_path(value: Any, name: str) -> ValidationError | None:
-    """The error naming the first object or array nested deeper than MAX_DEPTH, or None.
-    Iterative: the value may be nested deeper than Python can recurse."""
-    stack = [(value, name, 1)]
-    while stack:
-        item, path, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            return _too_deep(path)
-        if isinstance(item, dict):
-            stack.extend((v, _member_path(path, k), depth + 1) for k, v in reversed(item.items())
-                         if isinstance(v, (dict, list, tuple)))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in reversed(list(enumerate(item)))
-                         if isinstance(v, (dict, list, tuple)))
-    return None
-
-
-def encode_payload(payload: Any, type_: str, max_bytes: int, name: str = "payload") -> bytes:
-    """Validate a payload and return its JSON bytes.
-
-    It must be a JSON object that round-trips exactly (no NaN, bytes, tuples or objects), no
-    larger than ``max_bytes`` encoded, and match the typed struct for the typed kinds.
-    """
-    if isinstance(payload, Struct):
-        payload = msgspec.to_builtins(payload)
-    if type(payload) is not dict:
-        raise ValidationError(
-            f"{name}: expected a JSON object (dict), got {type(payload).__name__}", field=name)
-    encoded = encode_json_value(payload, max_bytes, name)
-    struct_type = TYPED_PAYLOADS.get(type_)
-    if struct_type is not None:
-        try:
-            msgspec.convert(payload, struct_type)
-        except msgspec.ValidationError as exc:
-            raise _msgspec_error(exc, name, struct_type) from exc
-    return encoded
-
-
-class Outgoing(Struct, frozen=True):
-    """A validated message ready to be written: its id, routing columns and encoded body."""
-
-    id: str
-    sender: str
-    recipients: list[str]
-    type: str
-    priority: int
-    ttl: int
-    requires_ack: bool
-    correlation_id: str | None
-    body: bytes
-    caller_id: bool = False  # the caller chose the id: check it for idempotency
-    delivered: bool = False  # a direct reply: archived as delivered, never in an inbox
-
-
-def prepare(
-    sender: str,
-    to: str | list[str],
-    type: str,
-    payload: Any,
-    *,
-    now_ms: int,
-    priority: int = 3,
-    ttl: int = 30_000,
-    requires_ack: bool = False,
-    correlation_id: str | None = None,
-    id: str | None = None,
-    broadcast_pattern: str | None = None,
-    direct_reply: bool = False,
-    delivered: bool = False,
-    max_payload_bytes: int = 1_048_576,
-    prefix: str = "",
-    matched: bool = False,
-) -> Outgoing:
-    """Validate one message and encode it. ``prefix`` (e.g. ``"[3]."``) goes before field names.
-
-    A list ``to`` is deduplicated, keeping order. ``broadcast_pattern`` marks a broadcast, whose
-    ``to`` was expanded by the caller and may be empty; so may a ``matched`` one (the agents
-    with a matching interest, SPEC 5). ``direct_reply`` marks a request whose
-    response the requester reads itself; ``delivered`` writes such a response as delivered.
-    """
-    if type not in MESSAGE_TYPES:
-        raise ValidationError(
-            f"{prefix}type: expected one of {', '.join(get_args(MessageType))}, got {type!r}",
-            field=f"{prefix}type",
-        )
-    # Fast paths first: the names for an error message are built only when one is raised.
-    if type_of(priority) is not int or not 1 <= priority <= 5:
-        _check_int(priority, f"{prefix}headers.priority", 1, 5)
-    if type_of(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS:
-        _check_int(ttl, f"{prefix}headers.ttl", 0, MAX_TTL_MS)
-    if requires_ack is not True and requires_ack is not False:
-        raise ValidationError(
-            f"{prefix}headers.requires_ack: expected bool, got {builtin_type(requires_ack)}",
-            field=f"{prefix}headers.requires_ack",
-        )
-    if correlation_id is not None and (
-        type_of(correlation_id) is not str or _bad_text(correlation_id, "")
-    ):
-        got = builtin_type(correlation_id) if type_of(correlation_id) is not str else (
-            "a str with NUL or a lone surrogate")
-        raise ValidationError(f"{prefix}headers.correlation_id: expected str, got {got}",
-                              field=f"{prefix}headers.correlation_id")
-    if type_of(to) is str and to in _known_agent_ids:
-        recipients = [to]
-    elif isinstance(to, str):
-        recipients = [check_agent_id(to, f"{prefix}to")]
-    elif isinstance(to, (list, tuple)):
-        recipients = []
-        seen: set[str] = set()  # a set: the list's `in` would cost the square of its length
-        for index, agent in enumerate(to):
-            check_agent_id(agent, f"{prefix}to[{index}]")
-            if agent not in seen:
-                seen.add(agent)
-                recipients.append(agent)
-        if not recipients and broadcast_pattern is None and not matched:
-            raise ValidationError(f"{prefix}to: expected at least one agent id, got an empty list",
-                                  field=f"{prefix}to")
-    else:
-        raise ValidationError(f"{prefix}to: expected str or list of str, got {builtin_type(to)}",
-                              field=f"{prefix}to")
-    caller_id = id is not None
-    if id is None:
-        id = new_message_id(now_ms)
-    elif type_of(id) is not str or not _ID_RE.fullmatch(id):
-        raise ValidationError(
-            f"{prefix}id: expected msg-<13 digits>-<9 chars of [a-z0-9]>, got {id!r}",
-            field=f"{prefix}id",
-        )
-    if payload is None:
-        payload = {}
-    encoded_payload = encode_payload(payload, type, max_payload_bytes, f"{prefix}payload")
-    if broadcast_pattern is None and correlation_id is None and not direct_reply and (
-        type_of(to) is str
-    ):
-        body = _plain_body(sender, to, type, priority, ttl, requires_ack, id, now_ms,
-                           encoded_payload)
-    else:
-        body = _encode(Message(
-            id=id,
-            sender=sender,
-            to=recipients if broadcast_pattern is not None or not isinstance(to, str) else to,
-            type=type,  # type: ignore[arg-type]
-            timestamp=iso_ms(now_ms),
-            payload=msgspec.Raw(encoded_payload),  # type: ignore[arg-type]
-            headers=Headers(
-                priority=priority,
-                ttl=ttl,
-                requires_ack=requires_ack,
-                correlation_id=UNSET if correlation_id is None else correlation_id,
-                broadcast_pattern=UNSET if broadcast_pattern is None else broadcast_pattern,
-                direct_reply=True if direct_reply else UNSET,
-            ),
-        ))
-    if not fits(len(body), max_payload_bytes):  # a receiver with this limit would refuse it
-        raise PayloadTooLargeError(
-            f"{prefix}to: the message with its {len(recipients)} recipient(s) and headers is "
-            f"{len(body)} bytes, more than max_payload_bytes={max_payload_bytes} plus "
-            f"{ENVELOPE_ALLOWANCE} bytes for the envelope", field=f"{prefix}to",
-        )
-    return Outgoing(
-        id=id,
-        sender=sender,
-        recipients=recipients,
-        type=type,
-        priority=priority,
-        ttl=ttl,
-        requires_ack=requires_ack,
-        correlation_id=correlation_id,
-        body=body,
-        caller_id=caller_id,
-        delivered=delivered,
-    )
-
-
-# Used with fullmatch: ``$`` also matches before a final newline, and a caller's id goes into
-# the body's JSON as it is (_plain_body), so it must be exactly this.
-_ID_RE = re.compile(r"msg-[0-9]{13}-[a-z0-9]{9}")
-# (sender, to, type, priority, ttl, requires_ack) -> the message's JSON around its id,
-# timestamp and payload: a body is three joins instead of two structs and an encode (measured
-# 0.24 us against 0.68).
-_ENVELOPES: dict[tuple[str, str, str, int, int, bool], tuple[bytes, bytes]] = {}
-
-
-def _plain_body(
-    sender: str, to: str, type: str, priority: int, ttl: int, requires_ack: bool, id: str,
-    now_ms: int, encoded_payload: bytes,
-) -> bytes:
-    """The body of a message to one agent without correlation id, broadcast pattern or direct
-    reply: its envelope (all but id, timestamp and payload) is made once."""
-    middle, tail = _cached_envelope(sender, to, type, priority, ttl, requires_ack)
-    return b"".join((b'{"id":"', id.encode(), middle, iso_ms(now_ms).encode(),
-                     b'","payload":', encoded_payload, tail))
-
-
-# The keys of a publish_many item that prepare_plain_batch handles; any other key (id, delay,
-# correlation_id, or a wrong one) sends the whole batch to prepare().
-_PLAIN_KEYS = frozenset(("to", "type", "payload", "priority", "ttl", "requires_ack"))
-
-
-_NOTHING: Any = object()  # no item checked yet: the first item's headers are never it
-
-
-class PlainRun(NamedTuple):
-    """Consecutive messages of a plain batch to one agent with the same type, priority and
-    ttl: what storage.publish_plain writes, binding the values they share once."""
-
-    to: str
-    type: str
-    priority: int
-    ttl: int
-    ids: list[str]
-    bodies: list[bytes]
-
-
-def prepare_plain_batch(
-    sender: str, items: Sequence[Any], now_ms: int, max_payload_bytes: int
-) -> list[PlainRun] | None:
-    """:func:`prepare` for a ``publish_many`` batch of the commonest messages (measured with
-    callgrind: 15,500 instructions per message, against 26,600 for one prepare() and one
-    Outgoing each): each item a dict of :data:`_PLAIN_KEYS` to one known agent id, of a type without a typed
-    payload, with a dict payload. None when any item is anything else or anything wrong: the
-    caller then prepares each item with prepare(), which accepts it or says what is wrong.
-
-    The batch shares one timestamp, so its ids share their ``msg-<ms>-`` prefix and its
-    bodies their ISO timestamp."""
-    prefix = _id_prefix(now_ms)
-    stamp = iso_ms(now_ms).encode()
-    is_plain, known, untyped = _PLAIN_KEYS.issuperset, _known_agent_ids, _UNTYPED
-    runs: list[PlainRun] = []
-    ids: list[str] = []
-    bodies: list[bytes] = []
-    head = tail = b""
-    # The headers of the item before, once checked: items that share them (the same objects,
-    # as a batch built in a loop has) skip the checks. Identity, not equality: 1 == True.
-    last_to = last_type = last_priority = last_ttl = last_ack = _NOTHING
-    for item, part in zip(items, _random_id_parts(len(items)), strict=True):
-        if type_of(item) is not dict or not is_plain(item):
-            return None
-        if len(item) == 3 and "payload" in item:  # the common item: no headers given
-            to, type, payload = item.get("to"), item.get("type"), item["payload"]
-            priority, ttl, requires_ack = 3, 30_000, False
-        else:
-            get = item.get
-            to, type, payload = get("to"), get("type"), get("payload")
-            priority, ttl, requires_ack = get("priority", 3), get("ttl", 30_000), get("requires_ack", False)
-        if not (to is last_to and type is last_type and priority is last_priority
-                and ttl is last_ttl and requires_ack is last_ack):
-            if type_of(to) is not str or to not in known or type not in untyped:
-                return None
-            if type_of(priority) is not int or not 1 <= priority <= 5 or (
-                type_of(ttl) is not int or not 0 <= ttl <= MAX_TTL_MS
-            ) or (requires_ack is not True and requires_ack is not False):
-                return None
-            middle, tail = _cached_envelope(sender, to, type, priority, ttl, requires_ack)
-            head = middle + stamp + b'","payload":'
-            # requires_ack is in the body only: a change of it alone keeps the run
-            if not runs or runs[-1][:4] != (to, type, priority, ttl):
-                ids, bodies = [], []
-                runs.append(PlainRun(to, type, priority, ttl, ids, bodies))
-            last_to, last_type, last_priority, last_ttl, last_ack = to, type, priority, ttl, requires_ack
-        if payload is None:
-            payload = {}
-        elif type_of(payload) is not dict:
-            return None
-        try:
-            encoded = _encode(payload)
-        except (TypeError, OverflowError, UnicodeEncodeError, RecursionError,
-                msgspec.EncodeError):
-            return None
-        # The round trip rejects what JSON would change (tuples, non-str keys, NaN, ...).
-        if len(encoded) > max_payload_bytes or _may_hold_nul(encoded):
-            return None
-        try:
-            decoded = _decode_any(encoded)
-        except RecursionError:
-            return None
-        if _may_nest_too_deep(encoded) and _nests_too_deep(encoded) or decoded != payload:
-            return None
-        id = prefix + part
-        ids.append(id)
-        bodies.append(b"".join((b'{"id":"', id.encode(), head, encoded, tail)))
-    return runs
-
-
-def _cached_envelope(
-    sender: str, to: str, type: str, priority: int, ttl: int, requires_ack: bool
-) -> tuple[bytes, bytes]:
-    """:func:`_envelope`, made once per (sender, to, type, priority, ttl, requires_ack)."""
-    key = (sender, to, type, priority, ttl, requires_ack)
-    envelope = _ENVELOPES.get(key)
-    if envelope is None:
-        envelope = _envelope(*key)
-        if len(_ENVELOPES) < 10_000:
-            _ENVELOPES[key] = envelope
-    return envelope
-
-
-def _envelope(
-    sender: str, to: str, type: str, priority: int, ttl: int, requires_ack: bool
-) -> tuple[bytes, bytes]:
-    """The JSON msgspec writes for such a Message, cut around its id, timestamp and payload:
-    (from the id's closing quote to the timestamp's opening one, after the payload). Agent
-    ids are JSON strings in it, so the cuts' unescaped quotes can only be the real ones."""
-    whole = _encode(Message(
-        id="I", sender=sender, to=to, type=type, timestamp="T",  # type: ignore[arg-type]
-        payload=msgspec.Raw(b"0"), headers=Headers(  # type: ignore[arg-type]
-            priority=priority, ttl=ttl, requires_ack=requires_ack),
-    ))
-    start = whole.index(b'","from":')
-    stamp = whole.index(b'","timestamp":"') + len(b'","timestamp":"')
-    tail = whole.index(b'","payload":0') + len(b'","payload":0')
-    assert whole.startswith(b'{"id":"I') and whole[stamp : stamp + 1] == b"T"
-    return whole[start:stamp], whole[tail:]
-
-
-type_of = type  # `type` is shadowed by the parameter of the same name in prepare()
-
-
-def _is_utf8(text: str) -> bool:
-    """False for a str with a lone surrogate, which has no UTF-8 (so no JSON, no SQLite) form."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _bad_text(text: str, path: str, what: str = "") -> ValidationError | None:
-    """The error for a caller's string (``what``: ``"key "`` for an object's key) at ``path``
-    that holds NUL or a lone surrogate (SPEC 1.1), or None."""
-    if "\x00" in text:
-        return ValidationError(
-            f"{path}: {what}{text[:50]!r} holds NUL (\\x00), which sqlbus refuses in any string",
-            field=path)
-    if not _is_utf8(text):
-        return ValidationError(
-            f"{path}: {what}{text[:50]!r} is not valid Unicode (a lone surrogate has no UTF-8 form)",
-            field=path)
-    return None
-
-
-def check_text(value: object, field_name: str, max_length: int, *, empty: bool = False) -> str:
-    """Return ``value`` if it is a str of 1..``max_length`` characters (0.. with ``empty``)
-    without NUL or a lone surrogate, else raise :class:`ValidationError`."""
-    if type(value) is not str:
-        raise ValidationError(f"{field_name}: expected str, got {builtin_type(value)}",
-                              field=field_name)
-    if not (0 if empty else 1) <= len(value) <= max_length:
-        raise ValidationError(
-            f"{field_name}: expected {0 if empty else 1}..{max_length} characters, got {len(value)}",
-            field=field_name,
-        )
-    found = _bad_text(value, field_name)
-    if found:
-        raise found
-    return value
+# ---------------------------------------------------------------------------------------------
+# Text the bus records
 
 
 def escape_text(text: str) -> str:
@@ -925,34 +424,3 @@ def escape_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace").decode()
     return text
-
-
-def escape_strings(value: Any, depth: int = 1) -> Any:
-    """A copy of a JSON-like value with :func:`escape_text` applied to every string (keys
-    included); ``value`` itself when nothing changed. Beyond :data:`MAX_DEPTH` it stops,
-    leaving the value for the depth check to refuse."""
-    kind = type_of(value)
-    if kind is str:
-        return escape_text(value)
-    if depth > MAX_DEPTH:
-        return value
-    if kind is dict:
-        copy = {escape_text(k) if type_of(k) is str else k: escape_strings(v, depth + 1)
-                for k, v in value.items()}
-        same = len(copy) == len(value) and all(
-            a is b and copy[a] is value[b] for a, b in zip(copy, value, strict=True))
-        return value if same else copy
-    if kind is list:
-        items = [escape_strings(v, depth + 1) for v in value]
-        return value if all(a is b for a, b in zip(items, value, strict=True)) else items
-    return value
-
-
-def builtin_type(value: object) -> str:
-    """The name of ``value``'s type, for error messages."""
-    return type_of(value).__name__
-
-
-def encode_json(value: Any) -> bytes:
-    """Encode a plain JSON value the library built itself (no validation)."""
-    return _encode(value)

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from .messages import _ID_RE as ID_PATTERN  # reach: the id pattern the messages module owns
+from .messages import MESSAGE_ID_RE as ID_PATTERN
 from .messages import Headers, Message, iso_ms, listed_message
 
 

@@ -20,9 +20,10 @@ import apsw
 from . import storage
 from .arguments import seconds
 from .delivery import current, settled
+from .encoding import check_agent_id
 from .engine import Engine, Looked
 from .errors import RemoteError, RequestTimeoutError
-from .messages import Message, check_agent_id, decode_message
+from .messages import Message, decode_message
 from .responses import count_late_responses, prepare_response
 from .sqlite.wakeup import mark_quiet
 from .writes import prepare_publish

@@ -8,7 +8,8 @@ from typing import Any
 import apsw
 
 from . import storage
-from .messages import Message, escape_text, prepare
+from .encoding import prepare
+from .messages import Message, escape_text
 from .writes import Publish
 
 type_of = type

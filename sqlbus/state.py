@@ -20,9 +20,10 @@ import apsw
 import msgspec
 
 from . import storage
+from .encoding import check_agent_id, check_text, encode_json_value
 from .engine import Looked
 from .errors import ValidationError, VersionConflictError
-from .messages import check_agent_id, check_text, encode_json_value, iso_ms
+from .messages import iso_ms
 from .writes import publish_in
 
 if TYPE_CHECKING:

@@ -19,8 +19,8 @@ import apsw
 
 from . import storage
 from .arguments import ceil_ms, seconds
+from .encoding import Outgoing, PlainRun, prepare, prepare_plain_batch
 from .errors import ValidationError
-from .messages import Outgoing, PlainRun, prepare, prepare_plain_batch
 from .sqlite.wakeup import mark
 
 type_of = type  # the name `type` is a parameter of many functions below

@@ -328,7 +328,8 @@ _ODD_IDS = ["bob", 'qu"ote', "back\\slash", "ünïcödé", "a space", "日本語
 @pytest.mark.parametrize("sender", ["alice", *_ODD_IDS])
 @pytest.mark.parametrize("headers", [(3, 30_000, False), (5, 0, True), (1, 123, False)])
 def test_a_plain_body_is_the_json_msgspec_writes_for_its_message(sender, headers):
-    from sqlbus.messages import Headers, Message, check_agent_id, prepare, prepare_plain_batch
+    from sqlbus.encoding import check_agent_id, prepare, prepare_plain_batch
+    from sqlbus.messages import Headers, Message
 
     priority, ttl, requires_ack = headers
     for to in _ODD_IDS:
@@ -353,7 +354,7 @@ def test_a_plain_body_is_the_json_msgspec_writes_for_its_message(sender, headers
 
 
 def test_a_plain_batch_leaves_to_prepare_what_it_does_not_check():
-    from sqlbus.messages import check_agent_id, prepare_plain_batch
+    from sqlbus.encoding import check_agent_id, prepare_plain_batch
 
     check_agent_id("alice"), check_agent_id("bob")
     now = 1_800_000_000_000
@@ -391,7 +392,8 @@ def test_a_plain_batch_leaves_to_prepare_what_it_does_not_check():
 
 
 def test_the_ids_of_a_plain_batch_are_unique_and_well_formed():
-    from sqlbus.messages import _ID_RE, check_agent_id, prepare_plain_batch
+    from sqlbus.encoding import check_agent_id, prepare_plain_batch
+    from sqlbus.messages import MESSAGE_ID_RE
 
     check_agent_id("alice"), check_agent_id("bob")
     batch = prepare_plain_batch(
@@ -401,7 +403,7 @@ def test_the_ids_of_a_plain_batch_are_unique_and_well_formed():
     [run] = batch
     ids = run.ids
     assert len(set(ids)) == 500 and len(run.bodies) == 500
-    assert all(_ID_RE.match(id) for id in ids)
+    assert all(MESSAGE_ID_RE.match(id) for id in ids)
 
 
 def test_publish_many_mixes_plain_and_other_messages_in_order(bus):

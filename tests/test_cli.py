@@ -16,9 +16,9 @@ import click
 import pytest
 from click.testing import CliRunner
 from conftest import file_sha256, query
+from probes import SCHEMA_VERSION
 
 import sqlbus
-from sqlbus import storage
 from sqlbus.cli import cli, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_durations_read_like_people_write_them():
 def test_init_creates_a_sqlbus_database_and_is_harmless_twice(tmp_path):
     db = tmp_path / "new.db"
     assert "created" in ok(db, "init")
-    assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
+    assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert "already" in ok(db, "init")
 
 
@@ -237,21 +237,18 @@ def test_prune_deletes_only_what_is_older_than_asked(populated):
     assert populated.metrics().messages_received == 1
 
 
-def test_check_passes_on_a_healthy_file_and_fails_when_a_reader_pins_the_wal(populated, db_path):
+def test_check_passes_on_a_healthy_file_and_fails_when_a_reader_pins_the_wal(
+    populated, db_path, probe
+):
     report = json.loads(ok(db_path, "check", "--json"))
-    assert report["ok"] and report["integrity"] == ["ok"] and report["schema_version"] == storage.SCHEMA_VERSION
+    assert report["ok"] and report["integrity"] == ["ok"] and report["schema_version"] == SCHEMA_VERSION
     assert ok(db_path, "check").splitlines()[-1] == "ok"
-    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM message").fetchall()
+    with probe.snapshot_held():
         for _ in range(10):
             populated.agent("alice").publish("bob", "notification", {})
         result = run(db_path, "check")
         assert result.exit_code == 1
         assert "PINNED" in result.stdout and result.stdout.splitlines()[-1] == "NOT OK"
-    finally:
-        reader.close()
 
 
 def test_backup_and_vacuum(populated, tmp_path):

@@ -17,9 +17,9 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 from conftest import query
+from probes import wal_check_every, wal_limit
 
 import sqlbus
-from sqlbus import metrics as ops
 from sqlbus.cli import cli
 
 INBOX = 200
@@ -226,19 +226,14 @@ def test_vacuum_gives_up_on_a_reader_that_pins_the_wal_and_never_locks_writers_o
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 
-def test_the_vacuum_command_exits_1_with_the_reason_when_a_reader_pins_the_wal(db_path):
+def test_the_vacuum_command_exits_1_with_the_reason_when_a_reader_pins_the_wal(db_path, probe):
     _pruned_archive(db_path, messages=500)
     with sqlbus.connect(db_path) as bus:
         bus.agent("alice").publish("bob", "notification", {})
-    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM message").fetchall()
+    with probe.snapshot_held():
         with sqlbus.connect(db_path) as bus:
             bus.agent("alice").publish("bob", "notification", {})  # past the reader's snapshot
         result = CliRunner().invoke(cli, ["--db", str(db_path), "vacuum"])
-    finally:
-        reader.close()
     assert result.exit_code == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("sqlbus: error: vacuum could not shrink") and "reader" in line
@@ -298,11 +293,11 @@ def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_chec
         deadline = time.monotonic() + 60
         # The checkpointer copies it back and restarts it; a commit then writes at its start
         # and journal_size_limit trims the file to WAL_LIMIT, where it stays.
-        while _wal_frames(db_path)[0] > 100 or os.path.getsize(wal) > ops.WAL_LIMIT:
+        while _wal_frames(db_path)[0] > 100 or os.path.getsize(wal) > wal_limit():
             assert time.monotonic() < deadline, (_wal_frames(db_path), os.path.getsize(wal))
             alice.publish("bob", "notification", {})
             time.sleep(0.02)
-        assert os.path.getsize(wal) == ops.WAL_LIMIT
+        assert os.path.getsize(wal) == wal_limit()
 
         caller = threading.get_ident()
         seen: list[str] = []
@@ -321,7 +316,7 @@ def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_chec
         try:
             for _ in range(15):
                 alice.publish("bob", "notification", {})
-                time.sleep(ops.WAL_CHECK_EVERY * 1.2)  # so every publish finds upkeep due
+                time.sleep(wal_check_every() * 1.2)  # so every publish finds upkeep due
         finally:
             apsw.connection_hooks.remove(hook)
     assert seen == []
@@ -380,7 +375,7 @@ def test_the_wal_starts_over_under_steady_load_from_several_processes(db_path, t
     # A restart is tried once the WAL holds WAL_LIMIT bytes of frames; commits go on while it
     # waits, and readers that hold it up for longer than WAL_WAIT make a process wait a while
     # before trying again: the WAL may pass the limit, but not run away.
-    assert largest <= 8 * ops.WAL_LIMIT, largest
+    assert largest <= 8 * wal_limit(), largest
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from probes import SQLiteProbe
 
 import sqlbus
 import sqlbus.aio
@@ -38,7 +39,7 @@ def _settled(count: Callable[[], int], at_most: int) -> int:
     return value
 
 
-def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path) -> None:
+def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path, probe: SQLiteProbe) -> None:
     with sqlbus.connect(tmp_path / "bus.db") as bus:
         alice = bus.agent("alice")
         bus.agent("bob")
@@ -57,7 +58,7 @@ def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path) -> None:
             thread.join()
         assert _settled(_fds, fds + ONCE_FDS) <= fds + ONCE_FDS
         assert _settled(threading.active_count, threads + ONCE_THREADS) <= threads + ONCE_THREADS
-        assert len(bus._connections) <= 2  # this thread's and the checkpointer's at most
+        assert probe.open_connections(bus) <= 2  # this thread's and the checkpointer's at most
         assert len(bus.agent("bob").receive(limit=1000)) == 420
 
 
@@ -142,16 +143,16 @@ def test_a_run_whose_lease_keeper_extended_leases_leaves_nothing_behind(tmp_path
         assert _settled(threading.active_count, threads + ONCE_THREADS) <= threads + ONCE_THREADS
 
 
-def _wait_until_waiting(bus: sqlbus.Bus) -> None:
+def _wait_until_waiting(bus: sqlbus.Bus, probe: SQLiteProbe) -> None:
     for _ in range(1000):
-        if bus._wakeup._waiters or bus._wakeup._async:
+        if probe.waiters(bus) or probe.async_waiters(bus):
             return
         time.sleep(0.002)
     raise AssertionError("the receive never started waiting")
 
 
 def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
-    tmp_path: Path,
+    tmp_path: Path, probe: SQLiteProbe
 ) -> None:
     path = tmp_path / "bus.db"
     sqlbus.connect(path).close()
@@ -169,7 +170,7 @@ def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        _wait_until_waiting(bus)
+        _wait_until_waiting(bus, probe)
         bus.close()
         waiter.join(10)
         assert not waiter.is_alive()
@@ -183,7 +184,7 @@ def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
 
 
 def test_closing_an_async_bus_while_a_receive_waits_raises_database_error_and_leaks_nothing(
-    tmp_path: Path,
+    tmp_path: Path, probe: SQLiteProbe
 ) -> None:
     path = tmp_path / "bus.db"
     sqlbus.connect(path).close()
@@ -196,7 +197,7 @@ def test_closing_an_async_bus_while_a_receive_waits_raises_database_error_and_le
             bob = await bus.agent("bob")
             waiting = asyncio.ensure_future(bob.receive(wait=60))
             for _ in range(1000):
-                if bus.sync._wakeup._async:
+                if probe.async_waiters(bus.sync):
                     break
                 await asyncio.sleep(0.002)
             await bus.close()

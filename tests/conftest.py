@@ -34,6 +34,16 @@ class FakeClock:
         return int(self.now * 1000)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Escape lone surrogates in a test's captured output (tests feed them to the library on
+    purpose, and it logs them): pytest-xdist sends reports between processes as UTF-8."""
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, text in report.sections
+    ]
+
+
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()

@@ -85,6 +85,7 @@ async def _count_threads(samples: list[int], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(db_path: Path) -> None:
     async def main():
         async with await sqlbus.aio.connect(db_path) as bus:
@@ -110,6 +111,7 @@ def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(db_
     assert most - before <= 10, (before, most)
 
 
+@pytest.mark.slow
 def test_many_concurrent_requests_to_a_responder_all_get_their_answers(db_path: Path) -> None:
     async def main():
         async with await sqlbus.aio.connect(db_path) as bus:

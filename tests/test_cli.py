@@ -370,6 +370,7 @@ def _sub(db: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=60, cwd=ROOT, **kwargs)
 
 
+@pytest.mark.slow
 def test_every_command_runs_as_a_real_process(tmp_path):
     db = tmp_path / "p.db"
     backup = tmp_path / "p-copy.db"
@@ -410,6 +411,7 @@ def test_every_command_runs_as_a_real_process(tmp_path):
         assert proc.returncode == 0 and json.loads(proc.stdout)[0]["agent"] == "bob"
 
 
+@pytest.mark.slow
 def test_errors_in_a_real_process_are_one_line_without_a_traceback(tmp_path):
     proc = _sub(tmp_path / "none.db", "stats")
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
@@ -419,6 +421,7 @@ def test_errors_in_a_real_process_are_one_line_without_a_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_tail_prints_a_message_published_by_another_process(tmp_path):
     db = tmp_path / "t.db"
     sqlbus.connect(db).close()

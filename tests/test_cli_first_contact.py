@@ -162,6 +162,7 @@ def test_a_destructive_command_with_yes_acts(populated, db_path, args):
         assert populated.dead_letters() == []
 
 
+@pytest.mark.slow
 def test_a_refusal_typed_at_the_terminal_changes_nothing(populated, db_path):
     script = ("import sys; sys.stdin.isatty = lambda: True; sys.argv[0] = 'sqlbus'; "
               "from sqlbus.cli import main; main()")
@@ -276,6 +277,7 @@ def _wait_for(predicate, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_worker_runs_a_function_from_a_module_in_the_current_directory_until_sigterm(
     tmp_path, db_path
 ):
@@ -303,6 +305,7 @@ def test_worker_runs_a_function_from_a_module_in_the_current_directory_until_sig
         assert bus.peek("w", 10) == []
 
 
+@pytest.mark.slow
 def test_worker_handles_only_its_types_with_concurrency_and_stops_on_sigint(tmp_path, db_path):
     with sqlbus.connect(db_path) as bus:
         bus.agent("w")
@@ -353,6 +356,7 @@ def test_run_with_concurrency_has_that_many_messages_in_handlers_at_once_and_no_
     assert bus.metrics().messages_received == 12 and bus.metrics().messages_failed == 0
 
 
+@pytest.mark.slow
 def test_each_concurrent_handler_keeps_its_own_lease(make_bus):
     bus = make_bus(clock=time.time)
     bob = bus.agent("bob")

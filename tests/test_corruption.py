@@ -92,6 +92,7 @@ def test_a_damaged_message_page_gives_a_database_error_naming_the_corruption(
     assert db_path.read_bytes()[start:start + size] == damaged_page
 
 
+@pytest.mark.slow
 def test_random_bit_flips_surface_only_as_sqlbus_errors_when_receiving(tmp_path: Path) -> None:
     # SQLite keeps no page checksums, so a flipped bit inside a stored body is not noticed by
     # SQLite itself. Whatever it hits, receiving and acking must fail with sqlbus's own errors

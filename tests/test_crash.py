@@ -18,12 +18,16 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
 from probes import ACKED, SQLiteProbe
 
 import sqlbus
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = str(Path(__file__).resolve().parent)
+
+# Child processes SIGKILLed inside a timed call, four times each: out of make test-fast.
+pytestmark = pytest.mark.slow
 
 # Shared prelude of every child: ``timed(fn)`` runs the operation, bracketed by the signals.
 PRELUDE = textwrap.dedent(

@@ -175,6 +175,7 @@ def publish_arguments(data: st.DataObject) -> tuple[str | None, dict[str, Any]]:
     return bad, args
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_publish_accepts_good_input_exactly_and_rejects_bad_input_without_writing(
@@ -248,6 +249,7 @@ bad_items = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(items=st.lists(good_items, max_size=6), bad=st.one_of(st.none(), bad_items),
        where=st.integers(0, 6))
@@ -301,6 +303,7 @@ BAD_RECEIVE = {
 }
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data(), bad=st.sampled_from([None, None, None, *sorted(BAD_RECEIVE)]))
 def test_receive_rejects_bad_arguments_without_claiming(
@@ -352,6 +355,7 @@ def test_agent_ids_are_validated_and_come_back_exactly(fuzz_bus: Any, agent_id: 
     assert [d.message.payload["who"] for d in got if d.message.type == "notification"] == [agent_id]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(pattern=st.one_of(st.text(max_size=8), st.sampled_from(["*", "b*", "?ob", "[a-c]*", "[", "]", "[!b]*"]),
                          st.integers(), st.none()),
@@ -392,6 +396,7 @@ BAD_STATE = {
 }
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data(), bad=st.sampled_from([None, None, None, *sorted(BAD_STATE)]))
 def test_state_writes_come_back_exactly_or_write_nothing(
@@ -479,6 +484,7 @@ def cli_command_lines(draw: Any) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CLI, reason="sqlbus/cli.py does not exist yet")
 @FUZZ
 @given(argv=st.one_of(

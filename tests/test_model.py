@@ -17,6 +17,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import sqlbus
 
+# Hypothesis runs 50 programs of 50 steps: out of make test-fast.
+pytestmark = pytest.mark.slow
+
 MAX_ATTEMPTS = 3
 LEASE_MS = 10_000
 BACKOFF_BASE_MS = 1_000

@@ -73,6 +73,7 @@ def _fill_inbox(db_path: Path) -> list[str]:
         )
 
 
+@pytest.mark.slow
 def test_stats_counts_every_message_once_while_another_process_churns_the_inbox(db_path, tmp_path):
     _fill_inbox(db_path)
     proc, stop = _start_churn(db_path, tmp_path)
@@ -91,6 +92,7 @@ def test_stats_counts_every_message_once_while_another_process_churns_the_inbox(
     assert wrong == [], f"{len(wrong)} of 3000 samples did not count {INBOX}: {sorted(set(wrong))}"
 
 
+@pytest.mark.slow
 def test_peek_lists_every_message_once_while_another_process_churns_the_inbox(db_path, tmp_path):
     ids = set(_fill_inbox(db_path))
     proc, stop = _start_churn(db_path, tmp_path)
@@ -203,6 +205,7 @@ def _pruned_archive(db_path: Path, messages: int = 3000, pad: int = 1000) -> Non
         assert bus.prune(sent_older_than=0, dead_older_than=None).acked == messages
 
 
+@pytest.mark.slow
 def test_vacuum_gives_up_on_a_reader_that_pins_the_wal_and_never_locks_writers_out(db_path, tmp_path):
     _pruned_archive(db_path)
     reader = _start(_READER, db_path, tmp_path / "reader")
@@ -253,6 +256,7 @@ _VACUUM_RSS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_vacuum_builds_its_copy_on_disk_so_memory_does_not_grow_with_the_file(db_path):
     with sqlbus.connect(db_path, archive_retention=None, dead_retention=None) as bus:
         alice = bus.agent("alice")
@@ -282,6 +286,7 @@ def _wal_frames(db_path: Path) -> tuple[int, int]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_checkpoint(db_path):
     wal = str(db_path) + "-wal"
     with sqlbus.connect(db_path, archive_retention=None, dead_retention=None) as bus:
@@ -348,6 +353,7 @@ def _wal_restarts(wal: str) -> int:
         return int.from_bytes(f.read(16)[12:16], "big")
 
 
+@pytest.mark.slow
 def test_the_wal_starts_over_under_steady_load_from_several_processes(db_path, tmp_path):
     with sqlbus.connect(db_path) as bus:
         bus.agent("consumer")

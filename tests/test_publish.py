@@ -30,7 +30,8 @@ def recipients(probe, message_id):
 
 
 class Opaque:
-    pass
+    def __repr__(self) -> str:  # the same test id in every process (pytest-xdist)
+        return "Opaque()"
 
 
 BAD_PUBLISH = [

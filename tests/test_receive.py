@@ -420,6 +420,7 @@ def test_a_delivery_listed_twice_in_a_batch_ack_is_acked_once(bus, pair, probe):
     assert len(alice.receive(limit=10)) == 1  # one acknowledgment, not two
 
 
+@pytest.mark.slow
 def test_waiting_for_one_type_does_not_spin_while_another_type_is_ready(tmp_path, monkeypatch):
     claims = SQLiteProbe.count_claims(monkeypatch)
     with sqlbus.connect(tmp_path / "real.db") as bus:

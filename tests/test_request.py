@@ -113,6 +113,7 @@ def test_a_request_nobody_answers_times_out_with_request_timeout_error(alice):
     assert time.monotonic() - started >= 0.2
 
 
+@pytest.mark.slow
 def test_a_late_response_is_discarded_and_counted_never_handed_to_a_handler(responder, alice, probe):
     responder(delay=0.6)
     with pytest.raises(sqlbus.RequestTimeoutError):
@@ -133,6 +134,7 @@ def test_a_late_response_is_discarded_and_counted_never_handed_to_a_handler(resp
     assert probe.request_timeout_count() == 0
 
 
+@pytest.mark.slow
 def test_a_requester_without_a_loop_sweeps_late_responses_on_its_next_request(responder, alice, probe):
     responder(delay=0.4)
     with pytest.raises(sqlbus.RequestTimeoutError):
@@ -147,6 +149,7 @@ def test_a_requester_without_a_loop_sweeps_late_responses_on_its_next_request(re
     assert {row.state for row in probe.inbox_rows(type="response")} <= {ACKED}
 
 
+@pytest.mark.slow
 def test_a_requester_works_while_its_own_run_loop_runs_in_another_thread(responder, alice, probe):
     responder()
     seen = []

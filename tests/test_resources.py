@@ -62,6 +62,7 @@ def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path, probe: S
         assert len(bus.agent("bob").receive(limit=1000)) == 420
 
 
+@pytest.mark.slow
 def test_threads_that_end_while_others_run_leave_nothing_behind(tmp_path: Path) -> None:
     with sqlbus.connect(tmp_path / "bus.db") as bus:
         alice = bus.agent("alice")
@@ -86,6 +87,7 @@ def test_threads_that_end_while_others_run_leave_nothing_behind(tmp_path: Path) 
         assert _settled(_fds, fds + ONCE_FDS) <= fds + ONCE_FDS
 
 
+@pytest.mark.slow
 def test_async_transactions_and_runs_leave_nothing_behind(tmp_path: Path) -> None:
     async def main() -> tuple[int, int, int, int]:
         bus = await sqlbus.aio.connect(tmp_path / "bus.db")
@@ -117,6 +119,7 @@ def test_async_transactions_and_runs_leave_nothing_behind(tmp_path: Path) -> Non
     assert after_threads <= threads + ONCE_THREADS
 
 
+@pytest.mark.slow
 def test_a_run_whose_lease_keeper_extended_leases_leaves_nothing_behind(tmp_path: Path) -> None:
     with sqlbus.connect(tmp_path / "bus.db", lease=0.06) as bus:
         alice, bob = bus.agent("alice"), bus.agent("bob")
@@ -151,6 +154,7 @@ def _wait_until_waiting(bus: sqlbus.Bus, probe: SQLiteProbe) -> None:
     raise AssertionError("the receive never started waiting")
 
 
+@pytest.mark.slow
 def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
     tmp_path: Path, probe: SQLiteProbe
 ) -> None:
@@ -183,6 +187,7 @@ def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
     assert not odd, odd[:3]
 
 
+@pytest.mark.slow
 def test_closing_an_async_bus_while_a_receive_waits_raises_database_error_and_leaks_nothing(
     tmp_path: Path, probe: SQLiteProbe
 ) -> None:

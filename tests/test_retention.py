@@ -195,6 +195,7 @@ with sqlbus.connect(sys.argv[1]) as bus:
 """
 
 
+@pytest.mark.slow
 def test_a_backup_taken_while_two_processes_publish_holds_everything_committed_before_it(tmp_path):
     db_path = tmp_path / "live.db"
     sqlbus.connect(db_path).close()

@@ -42,6 +42,7 @@ SETTLED_AS = {"ack": "acked", "batch_ack": "acked", "fail": "retrying", "dead_le
               "release": "released", "retry": "retrying"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second", ["ack", "batch_ack", "fail", "dead_letter", "release", "retry"])
 def test_of_two_threads_settling_one_delivery_one_wins_and_the_other_gets_already_settled(
     bus, probe, second
@@ -239,6 +240,7 @@ def test_a_late_response_swept_by_the_next_request_is_counted_as_late_only(bus, 
 # Positions: tail starts when called; a delay is never early
 
 
+@pytest.mark.slow
 def test_tail_takes_its_position_when_called_not_at_the_first_next(bus):
     alice = bus.agent("alice")
     alice.publish("alice", "notification", {"n": 0})

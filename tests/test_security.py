@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import sqlbus
 
 PACKAGE = Path(sqlbus.__file__).resolve().parent
@@ -181,6 +183,7 @@ def _mode(path: str | Path) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
 
 
+@pytest.mark.slow
 def test_the_database_wal_shm_and_doorbells_are_private_to_the_owner(tmp_path: Path) -> None:
     old_umask = os.umask(0o022)  # a common, permissive umask: the library must not rely on it
     try:

@@ -143,6 +143,7 @@ def test_a_symlinked_doorbell_directory_is_not_used_and_nothing_is_made_where_it
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("owner, mode", [(NOBODY, 0o700), (0, 0o755), (0, 0o777)])
 def test_a_doorbell_directory_not_ours_alone_is_left_empty_and_waiters_still_wake(
     db: Path, caplog: pytest.LogCaptureFixture, owner: int, mode: int

@@ -80,6 +80,7 @@ def test_a_waiting_receiver_wakes_for_a_message_published_by_another_process(
         assert child.exitcode == 0
 
 
+@pytest.mark.slow
 def test_a_waiting_receiver_still_gets_the_message_when_its_doorbell_was_deleted(
     db_path: Path,
 ) -> None:
@@ -92,6 +93,7 @@ def test_a_waiting_receiver_still_gets_the_message_when_its_doorbell_was_deleted
         assert child.exitcode == 0
 
 
+@pytest.mark.slow
 def test_a_deleted_doorbell_is_made_again_by_the_next_wait(db_path: Path) -> None:
     with sqlbus.connect(db_path) as bus:
         bob = bus.agent("bob")
@@ -412,6 +414,7 @@ def test_commits_that_grow_the_wal_are_checkpointed_by_a_thread_of_their_own(
         assert set(calls) == {"sqlbus-checkpoint"}
 
 
+@pytest.mark.slow
 def test_a_reader_that_pins_the_wal_does_not_make_the_checkpointer_hold_writers_back(
     db_path: Path, probe: probes.SQLiteProbe, monkeypatch: pytest.MonkeyPatch
 ) -> None:

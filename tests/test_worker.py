@@ -246,6 +246,7 @@ def test_no_write_transaction_is_open_while_a_handler_runs(pair, probe):
     assert outcome == ["write lock was free"]
 
 
+@pytest.mark.slow
 def test_a_long_handler_keeps_its_lease_and_no_one_else_gets_the_message(make_bus, db_path, probe):
     bus = make_bus(clock=None, lease=0.3)
     alice, bob = bus.agent("alice"), bus.agent("bob")
@@ -345,6 +346,7 @@ def _sigterm_worker(path: str, log_path: str, ready) -> None:
     os._exit(0)  # exited normally: run() returned after the signal
 
 
+@pytest.mark.slow
 def test_a_sigtermed_run_in_a_child_process_loses_nothing(make_bus, tmp_path, probe):
     bus = make_bus(clock=None)
     alice = bus.agent("alice")

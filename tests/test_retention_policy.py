@@ -346,7 +346,7 @@ def test_a_schema_2_file_is_upgraded_keeps_every_message_and_gets_the_default_po
         ready.dead_letter("again")
         assert bus.dead_letters()[0].id == 3
         newest = bus.agent("alice").publish("bob", "notification", {})
-        assert query(db, "SELECT seq FROM message WHERE message_id = ?", (newest,)) == [(7,)]
+        assert [row.position for row in SQLiteProbe(db).inbox_rows(newest)] == [7]
         changes = bus.state.watch("plan")
         assert next(changes).value == {"step": 2}
     assert query(db, "PRAGMA integrity_check") == [("ok",)]

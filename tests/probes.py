@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import apsw
 import pytest
@@ -87,7 +87,8 @@ def _filters(
     message_id: str | None, agent: str | None, type: str | None, state: str | None
 ) -> tuple[str, tuple]:
     """The WHERE clause (and its parameters) that picks the message rows asked for."""
-    where, params = [], []
+    where: list[str] = []
+    params: list[object] = []
     if message_id is not None:
         where.append("message_id = ?")
         params.append(message_id)
@@ -141,7 +142,8 @@ class SQLiteProbe:
                     " AND name NOT LIKE 'sqlite_%'"
                 )
             ]
-            return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0] for t in tables}
+            count = 'SELECT count(*) FROM "{}"'
+            return {t: cast(int, conn.execute(count.format(t)).fetchall()[0][0]) for t in tables}
         finally:
             conn.close()
 
@@ -159,7 +161,7 @@ class SQLiteProbe:
         where, params = _filters(message_id, agent, type, state)
         rows = self.sql(f"SELECT {_ROW_COLUMNS} FROM message{where} ORDER BY seq", params)
         return [
-            InboxRow(*row[:7], _STATE_NAMES[row[7]], *row[8:])  # type: ignore[arg-type]
+            InboxRow(*row[:7], _STATE_NAMES[row[7]], *row[8:])  # type: ignore[arg-type, call-arg]
             for row in rows
         ]
 
@@ -458,7 +460,7 @@ def record_wal_folds(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     threads: list[str] = []
     fold = metrics.fold_wal
 
-    def recording(conn: object, **kwargs: Any) -> Any:
+    def recording(conn: Any, **kwargs: Any) -> Any:
         threads.append(threading.current_thread().name)
         return fold(conn, **kwargs)
 

@@ -1,5 +1,5 @@
-"""Shared fixtures: a fake clock, a bus on a real SQLite file in tmp_path, and helpers that look
-at the file from outside the library (row counts, file hashes)."""
+"""Shared fixtures: a fake clock, a bus on a real SQLite file in tmp_path, the probe that looks at
+what the bus stored (tests/probes.py), and helpers for the tests about the file itself."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import apsw
 import pytest
+from probes import SQLiteProbe
 
 import sqlbus
 
@@ -32,6 +32,16 @@ class FakeClock:
     @property
     def ms(self) -> int:
         return int(self.now * 1000)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Escape lone surrogates in a test's captured output (tests feed them to the library on
+    purpose, and it logs them): pytest-xdist sends reports between processes as UTF-8."""
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8"))
+        for title, text in report.sections
+    ]
 
 
 @pytest.fixture
@@ -65,42 +75,24 @@ def bus(make_bus: Callable[..., sqlbus.Bus]) -> sqlbus.Bus:
     return make_bus()
 
 
+@pytest.fixture
+def probe(db_path: Path) -> SQLiteProbe:
+    """Named looks at what the test's bus stored (``probe.message_states(id)``, ...)."""
+    return SQLiteProbe(db_path)
+
+
+# For the tests about the file itself, on any path (a copy, a file another process made).
+
+
 def table_counts(path: Path | str) -> dict[str, int]:
     """Row count of every table in the file, read through a connection of our own."""
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        tables = [
-            row[0]
-            for row in conn.execute(
-                "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
-            )
-        ]
-        return {t: conn.execute(f'SELECT count(*) FROM "{t}"').fetchall()[0][0] for t in tables}
-    finally:
-        conn.close()
+    return SQLiteProbe(path).row_counts()
 
 
 def query(path: Path | str, sql: str, params: tuple = ()) -> list[tuple]:
     """Run a read-only query on the file through a connection of our own."""
-    conn = apsw.Connection(str(path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return conn.execute(sql, params).fetchall()
-    finally:
-        conn.close()
+    return SQLiteProbe(path).sql(sql, params)
 
 
 def file_sha256(path: Path | str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def counts(db_path: Path) -> Callable[[], dict[str, int]]:
-    """``counts()``: row counts of every table of the test's database file."""
-    return lambda: table_counts(db_path)
-
-
-@pytest.fixture
-def sql(db_path: Path) -> Callable[..., list[tuple]]:
-    """``sql(query, params)``: read the test's database file from outside the library."""
-    return lambda q, params=(): query(db_path, q, params)
-

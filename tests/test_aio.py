@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from probes import set_fallback_poll
 
 import sqlbus
 import sqlbus.aio
-import sqlbus.sqlite.wakeup as wakeup
 
 
 def run(coro):
@@ -93,12 +93,12 @@ def test_a_waiting_receive_does_not_block_the_event_loop(db_path: Path) -> None:
 
 PUBLISH_WHEN_WAITING = """
 import sys, time
-from pathlib import Path
-import sqlbus, sqlbus.sqlite.wakeup as wakeup
+sys.path.insert(0, sys.argv[2])
+import sqlbus
+from probes import doorbells
 db = sys.argv[1]
-directory = Path(wakeup.doorbell_dir(db))
 end = time.monotonic() + 20
-while time.monotonic() < end and not list(directory.glob("*.sock")):
+while time.monotonic() < end and not doorbells(db):
     time.sleep(0.005)
 time.sleep(0.05)
 with sqlbus.connect(db) as bus:
@@ -109,13 +109,14 @@ with sqlbus.connect(db) as bus:
 def test_an_async_receiver_wakes_for_a_message_from_another_process(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(wakeup, "FALLBACK", 120.0)  # only the doorbell can wake it in time
+    set_fallback_poll(120.0, monkeypatch)  # only the doorbell can wake it in time
 
     async def main():
         async with await sqlbus.aio.connect(db_path) as bus:
             bob = await bus.agent("bob")
             # a fresh interpreter, not a fork: this process has threads (the bus's pool)
-            child = subprocess.Popen([sys.executable, "-c", PUBLISH_WHEN_WAITING, str(db_path)])
+            child = subprocess.Popen([sys.executable, "-c", PUBLISH_WHEN_WAITING, str(db_path),
+                                      str(Path(__file__).parent)])
             got = await bob.receive(wait=60.0)
             assert child.wait(30) == 0
             return [d.message.payload for d in got]

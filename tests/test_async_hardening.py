@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from probes import QUEUED
 
 import sqlbus
 import sqlbus.aio
@@ -18,7 +19,7 @@ def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-def test_cancelling_a_receive_while_its_claim_runs_counts_no_attempt(db_path: Path, sql) -> None:
+def test_cancelling_a_receive_while_its_claim_runs_counts_no_attempt(db_path: Path, probe) -> None:
     async def main():
         async with await sqlbus.aio.connect(db_path, max_attempts=3) as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
@@ -32,13 +33,12 @@ def test_cancelling_a_receive_while_its_claim_runs_counts_no_attempt(db_path: Pa
                     await waiting
                 deadline = time.monotonic() + 10
                 while True:  # the claim finishes on its thread, then gives the message back
-                    ((state, claims),) = sql(
-                        "SELECT state, claims FROM message WHERE message_id = ?", (message_id,)
-                    )
-                    if (state, claims) == (0, round_ + 1) or time.monotonic() > deadline:
+                    (row,) = probe.inbox_rows(message_id)
+                    state, claims = row.state, row.claims
+                    if (state, claims) == (QUEUED, round_ + 1) or time.monotonic() > deadline:
                         break
                     await asyncio.sleep(0.005)
-                assert (state, claims) == (0, round_ + 1)  # claimed once more, and back
+                assert (state, claims) == (QUEUED, round_ + 1)  # claimed once more, and back
                 claimed_and_given_back = claims
             (d,) = await bob.receive()
             return claimed_and_given_back, d.attempts, await bus.dead_letters()
@@ -85,6 +85,7 @@ async def _count_threads(samples: list[int], stop: asyncio.Event) -> None:
         await asyncio.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(db_path: Path) -> None:
     async def main():
         async with await sqlbus.aio.connect(db_path) as bus:
@@ -110,6 +111,7 @@ def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(db_
     assert most - before <= 10, (before, most)
 
 
+@pytest.mark.slow
 def test_many_concurrent_requests_to_a_responder_all_get_their_answers(db_path: Path) -> None:
     async def main():
         async with await sqlbus.aio.connect(db_path) as bus:

@@ -1,31 +1,19 @@
 """Rows a reader cannot (or must not) read: a claim dead-letters them (reason ``corrupt`` or
 ``too_large``) instead of stranding its batch, failing the inbox or stopping a loop, and
-listings show them instead of failing (SPEC 4, 4.2). Damage is written into a real file with
-apsw, as a disk, a crashed writer or an older version would leave it."""
+listings show them instead of failing (SPEC 4, 4.2). The probe writes the damage into the real
+file, as a disk, a crashed writer or an older version would leave it."""
 
 from __future__ import annotations
 
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 
-import apsw
 import pytest
+from probes import SQLiteProbe, tail_from_start
 
 import sqlbus
-from sqlbus import ops
 
 TRAILING_NEWLINE_ID = "msg-1796000000000-abcdefghi\n"
-
-
-def damage(db_path: Path, message_id: str, body: bytes) -> None:
-    """Replace a message's stored body, from a connection of our own."""
-    conn = apsw.Connection(str(db_path))
-    try:
-        conn.execute("UPDATE message SET body = ? WHERE message_id = ?", (body, message_id))
-        assert conn.changes() >= 1
-    finally:
-        conn.close()
 
 
 def spliced_body(message_id: str) -> bytes:
@@ -47,16 +35,16 @@ def leased(bus: sqlbus.Bus, agent: str) -> int:
 
 
 def test_a_caller_id_with_a_trailing_newline_is_refused_and_nothing_is_written(
-    bus: sqlbus.Bus, counts: Callable[[], dict[str, int]]
+    bus: sqlbus.Bus, probe: SQLiteProbe
 ) -> None:
     alice = bus.agent("alice")
     bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError, match="id: expected msg-"):
         alice.publish("bob", "notification", {}, id=TRAILING_NEWLINE_ID)
     with pytest.raises(sqlbus.ValidationError, match=r"\[0\]\.id"):
         alice.publish_many([{"to": "bob", "type": "notification", "id": TRAILING_NEWLINE_ID}])
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,13 +52,13 @@ def test_a_caller_id_with_a_trailing_newline_is_refused_and_nothing_is_written(
 
 
 @pytest.fixture
-def poisoned(bus: sqlbus.Bus, db_path: Path) -> tuple[sqlbus.Bus, str, str]:
+def poisoned(bus: sqlbus.Bus, probe: SQLiteProbe) -> tuple[sqlbus.Bus, str, str]:
     """bob's inbox: a message whose body cannot be decoded, then a good one."""
     alice = bus.agent("alice")
     bus.agent("bob")
     bad = alice.publish("bob", "notification", {"n": 0})
     good = alice.publish("bob", "notification", {"n": 1})
-    damage(db_path, bad, spliced_body(bad)[:-1].replace(bad.encode(), bad.encode() + b"\n"))
+    probe.replace_body(bad, spliced_body(bad)[:-1].replace(bad.encode(), bad.encode() + b"\n"))
     return bus, bad, good
 
 
@@ -84,7 +72,7 @@ def test_listings_show_an_undecodable_row_as_an_error_message_from_sqlbus(
     assert second.message.id == good
     sent = {record.message.id: record for record in bus.sent()}
     assert sent[bad].message.type == "error" and sent[bad].recipients == ["bob"]
-    tailed = list(ops.tail(bus.engine, None, None, timeout=0, from_seq=0))
+    tailed = list(tail_from_start(bus))
     assert [r.message.type for r in tailed] == ["error", "notification"]
 
 
@@ -116,13 +104,13 @@ def test_a_run_loop_goes_past_an_undecodable_row(poisoned: tuple[sqlbus.Bus, str
 
 
 def test_a_body_nested_too_deep_to_decode_is_dead_lettered_without_stranding_the_batch(
-    bus: sqlbus.Bus, db_path: Path
+    bus: sqlbus.Bus, probe: SQLiteProbe
 ) -> None:
     alice, bob = bus.agent("alice"), bus.agent("bob")
     ids = [alice.publish("bob", "notification", {"n": n}) for n in range(3)]
     deep = b'{"a":' * 5000 + b"1" + b"}" * 5000
     body = spliced_body(ids[1]).replace(b'"payload":{}', b'"payload":' + deep)
-    damage(db_path, ids[1], body)
+    probe.replace_body(ids[1], body)
     got = bob.receive(limit=3)
     assert [d.message.id for d in got] == [ids[0], ids[2]]
     assert [d.reason for d in bus.dead_letters()] == ["corrupt"]
@@ -130,12 +118,12 @@ def test_a_body_nested_too_deep_to_decode_is_dead_lettered_without_stranding_the
 
 
 def test_a_listing_shows_at_most_1000_escaped_characters_of_a_garbage_body(
-    bus: sqlbus.Bus, db_path: Path
+    bus: sqlbus.Bus, probe: SQLiteProbe
 ) -> None:
     alice = bus.agent("alice")
     bus.agent("bob")
     mid = alice.publish("bob", "notification", {})
-    damage(db_path, mid, b"\xff\xfe garbage " * 1000)
+    probe.replace_body(mid, b"\xff\xfe garbage " * 1000)
     [entry] = bus.peek("bob")
     text = entry.message.payload["corrupt"]
     assert len(text) == 1000 and text.startswith("\\xff\\xfe garbage")
@@ -201,12 +189,10 @@ def test_listings_never_fetch_a_body_above_the_readers_limit(
     oversized: tuple[sqlbus.Bus, sqlbus.Bus, str, str],
 ) -> None:
     sender, receiver, big, small = oversized
-    from sqlbus import ops
-
     listings = {
         "peek": lambda: receiver.peek("bob"),
         "sent": lambda: receiver.sent(),
-        "tail": lambda: list(ops.tail(receiver.engine, None, None, timeout=0.0, from_seq=0)),
+        "tail": lambda: list(tail_from_start(receiver)),
     }
     for name, listing in listings.items():
         assert _peak_bytes(listing) < 300_000, name  # the 600 KB body stayed on disk
@@ -216,7 +202,7 @@ def test_listings_never_fetch_a_body_above_the_readers_limit(
     assert entry.payload_bytes > 600_000
     record = {r.message.id: r for r in receiver.sent()}[big]
     assert record.payload_bytes == entry.payload_bytes and record.recipients == ["bob"]
-    [tailed] = [r for r in ops.tail(receiver.engine, None, None, timeout=0.0, from_seq=0)
+    [tailed] = [r for r in tail_from_start(receiver)
                 if r.message.id == big]
     assert tailed.message.payload == {} and tailed.payload_bytes == entry.payload_bytes
     bob = receiver.agent("bob")

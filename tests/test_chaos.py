@@ -19,8 +19,10 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CHAOS = ROOT / "tools" / "chaos.py"
 
+# Processes killed at random for a minute, and a run of the checker: both out of make test-fast.
+pytestmark = pytest.mark.slow
 
-@pytest.mark.slow
+
 def test_nothing_committed_is_lost_while_processes_are_killed_at_random(tmp_path: Path) -> None:
     seconds = float(os.environ.get("SQLBUS_CHAOS_SECONDS", "60"))
     out = tmp_path / "result.json"

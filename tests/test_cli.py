@@ -16,9 +16,9 @@ import click
 import pytest
 from click.testing import CliRunner
 from conftest import file_sha256, query
+from probes import SCHEMA_VERSION, SQLiteProbe
 
 import sqlbus
-from sqlbus import storage
 from sqlbus.cli import cli, parse_duration
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def test_durations_read_like_people_write_them():
 def test_init_creates_a_sqlbus_database_and_is_harmless_twice(tmp_path):
     db = tmp_path / "new.db"
     assert "created" in ok(db, "init")
-    assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
+    assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert "already" in ok(db, "init")
 
 
@@ -237,29 +237,25 @@ def test_prune_deletes_only_what_is_older_than_asked(populated):
     assert populated.metrics().messages_received == 1
 
 
-def test_check_passes_on_a_healthy_file_and_fails_when_a_reader_pins_the_wal(populated, db_path):
+def test_check_passes_on_a_healthy_file_and_fails_when_a_reader_pins_the_wal(
+    populated, db_path, probe
+):
     report = json.loads(ok(db_path, "check", "--json"))
-    assert report["ok"] and report["integrity"] == ["ok"] and report["schema_version"] == storage.SCHEMA_VERSION
+    assert report["ok"] and report["integrity"] == ["ok"] and report["schema_version"] == SCHEMA_VERSION
     assert ok(db_path, "check").splitlines()[-1] == "ok"
-    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM message").fetchall()
+    with probe.snapshot_held():
         for _ in range(10):
             populated.agent("alice").publish("bob", "notification", {})
         result = run(db_path, "check")
         assert result.exit_code == 1
         assert "PINNED" in result.stdout and result.stdout.splitlines()[-1] == "NOT OK"
-    finally:
-        reader.close()
 
 
 def test_backup_and_vacuum(populated, tmp_path):
     dest = tmp_path / "copy.db"
     out = json.loads(ok(populated.path, "backup", str(dest), "--json"))
     assert out["dest"] == str(dest) and out["bytes"] == dest.stat().st_size
-    assert query(dest, "SELECT count(*) FROM message") == query(populated.path,
-                                                               "SELECT count(*) FROM message")
+    assert SQLiteProbe(dest).inbox_count() == SQLiteProbe(populated.path).inbox_count()
     sha = file_sha256(dest)
     line = one_line_error(run(populated.path, "backup", str(dest)), 1)
     assert "exists" in line and file_sha256(dest) == sha
@@ -373,6 +369,7 @@ def _sub(db: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
                           timeout=60, cwd=ROOT, **kwargs)
 
 
+@pytest.mark.slow
 def test_every_command_runs_as_a_real_process(tmp_path):
     db = tmp_path / "p.db"
     backup = tmp_path / "p-copy.db"
@@ -413,6 +410,7 @@ def test_every_command_runs_as_a_real_process(tmp_path):
         assert proc.returncode == 0 and json.loads(proc.stdout)[0]["agent"] == "bob"
 
 
+@pytest.mark.slow
 def test_errors_in_a_real_process_are_one_line_without_a_traceback(tmp_path):
     proc = _sub(tmp_path / "none.db", "stats")
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
@@ -422,6 +420,7 @@ def test_errors_in_a_real_process_are_one_line_without_a_traceback(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_tail_prints_a_message_published_by_another_process(tmp_path):
     db = tmp_path / "t.db"
     sqlbus.connect(db).close()

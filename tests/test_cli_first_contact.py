@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
-from conftest import file_sha256, table_counts
+from conftest import file_sha256
 
 import sqlbus
 import sqlbus.aio
@@ -136,13 +136,15 @@ DESTRUCTIVE = [
 
 
 @pytest.mark.parametrize("args", DESTRUCTIVE, ids=" ".join)
-def test_a_destructive_command_without_yes_and_without_a_terminal_refuses(populated, db_path, args):
+def test_a_destructive_command_without_yes_and_without_a_terminal_refuses(
+    populated, db_path, probe, args
+):
     time.sleep(0.01)  # "older than 0s" covers everything there is
     populated.close()
-    counts, digest = table_counts(db_path), file_sha256(db_path)
+    counts, digest = probe.row_counts(), file_sha256(db_path)
     line = one_line_error(invoke("--db", str(db_path), *args), 1)
     assert "--yes" in line
-    assert table_counts(db_path) == counts and file_sha256(db_path) == digest
+    assert probe.row_counts() == counts and file_sha256(db_path) == digest
 
 
 @pytest.mark.parametrize("args", DESTRUCTIVE, ids=" ".join)
@@ -160,6 +162,7 @@ def test_a_destructive_command_with_yes_acts(populated, db_path, args):
         assert populated.dead_letters() == []
 
 
+@pytest.mark.slow
 def test_a_refusal_typed_at_the_terminal_changes_nothing(populated, db_path):
     script = ("import sys; sys.stdin.isatty = lambda: True; sys.argv[0] = 'sqlbus'; "
               "from sqlbus.cli import main; main()")
@@ -205,12 +208,12 @@ def test_state_delete_of_an_absent_key_exits_1(populated, db_path):
     ["send", "--from", "alice", "--to", "b", "--type", "task_assignment", "--payload", "{}"],
 ], ids=lambda a: " ".join(a)[:60])
 def test_every_bad_argument_value_is_one_line_and_exit_2_and_changes_nothing(
-    populated, db_path, args
+    populated, db_path, probe, args
 ):
     populated.close()
-    counts = table_counts(db_path)
+    counts = probe.row_counts()
     one_line_error(invoke("--db", str(db_path), *args), 2)
-    assert table_counts(db_path) == counts
+    assert probe.row_counts() == counts
 
 
 def test_type_choices_follow_the_spec_order_everywhere():
@@ -274,6 +277,7 @@ def _wait_for(predicate, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_worker_runs_a_function_from_a_module_in_the_current_directory_until_sigterm(
     tmp_path, db_path
 ):
@@ -301,6 +305,7 @@ def test_worker_runs_a_function_from_a_module_in_the_current_directory_until_sig
         assert bus.peek("w", 10) == []
 
 
+@pytest.mark.slow
 def test_worker_handles_only_its_types_with_concurrency_and_stops_on_sigint(tmp_path, db_path):
     with sqlbus.connect(db_path) as bus:
         bus.agent("w")
@@ -351,6 +356,7 @@ def test_run_with_concurrency_has_that_many_messages_in_handlers_at_once_and_no_
     assert bus.metrics().messages_received == 12 and bus.metrics().messages_failed == 0
 
 
+@pytest.mark.slow
 def test_each_concurrent_handler_keeps_its_own_lease(make_bus):
     bus = make_bus(clock=time.time)
     bob = bus.agent("bob")

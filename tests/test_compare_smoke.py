@@ -42,6 +42,7 @@ def test_the_delivery_check_counts_lost_duplicated_and_unknown_messages():
     assert compare.verify(range(3), [2, 0, 1]) == {"lost": 0, "duplicates": 0, "unknown": 0}
 
 
+@pytest.mark.slow
 def test_a_small_run_of_sqlbus_raw_apsw_and_the_seed_design_loses_and_duplicates_nothing(tmp_path):
     options = tiny_options(tmp_path)
     quiet = lambda *args, **kwargs: None  # noqa: E731
@@ -94,6 +95,7 @@ class LossyPeer(RawApswPeer):
         return LossyClient(store)
 
 
+@pytest.mark.slow
 def test_the_two_by_two_run_reports_a_system_that_loses_and_duplicates(tmp_path):
     run = compare.w_procs(LossyPeer(), tiny_options(tmp_path, procs_n=60))
     assert run.values["lost"] == 1

@@ -10,9 +10,9 @@ import threading
 import apsw
 import pytest
 from conftest import file_sha256, query, table_counts
+from probes import SCHEMA_VERSION, connection
 
 import sqlbus
-from sqlbus import storage
 
 
 def make_sqlbus_file(path, messages: int = 0) -> None:
@@ -47,7 +47,7 @@ def test_connect_creates_a_wal_database_marked_as_sqlbus(db_path):
         bus.agent("alice")
     assert query(db_path, "PRAGMA journal_mode") == [("wal",)]
     assert query(db_path, "PRAGMA application_id")[0][0] != 0
-    assert query(db_path, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
+    assert query(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
 
 
 def test_connect_is_idempotent_and_keeps_the_data(db_path):
@@ -215,7 +215,7 @@ def test_a_database_of_schema_version_1_is_upgraded_and_keeps_every_message(db_p
     conn.close()
 
     with sqlbus.connect(db_path, clock=clock, backoff_base=10.0) as bus:
-        assert query(db_path, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
+        assert query(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
         bob = bus.agent("bob")
         (ready,) = bob.receive(limit=10)  # the lease and the retry are not due yet
         assert ready.message.id == ids[4]
@@ -275,7 +275,7 @@ def test_durability_sets_synchronous_on_every_connection(db_path, durability, le
         levels = []
 
         def look() -> None:
-            levels.append(bus.engine.connection().execute("PRAGMA synchronous").fetchall()[0][0])
+            levels.append(connection(bus).execute("PRAGMA synchronous").fetchall()[0][0])
 
         look()
         thread = threading.Thread(target=look)

@@ -92,6 +92,7 @@ def test_a_damaged_message_page_gives_a_database_error_naming_the_corruption(
     assert db_path.read_bytes()[start:start + size] == damaged_page
 
 
+@pytest.mark.slow
 def test_random_bit_flips_surface_only_as_sqlbus_errors_when_receiving(tmp_path: Path) -> None:
     # SQLite keeps no page checksums, so a flipped bit inside a stored body is not noticed by
     # SQLite itself. Whatever it hits, receiving and acking must fail with sqlbus's own errors
@@ -160,21 +161,22 @@ def test_a_deleted_wal_loses_only_uncheckpointed_commits_and_leaves_a_consistent
     code = textwrap.dedent(
         """
         import os, signal, sys
+        sys.path.insert(0, sys.argv[2])
         import sqlbus
-        from sqlbus import storage
+        from probes import checkpoint, connection
         bus = sqlbus.connect(sys.argv[1])
-        conn = bus.engine.connection()
-        conn.execute("PRAGMA wal_autocheckpoint=0")
+        connection(bus).execute("PRAGMA wal_autocheckpoint=0")
         alice = bus.agent("alice"); bus.agent("bob")
         alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": n}, "ttl": 0}
                             for n in range(100)])
-        storage.checkpoint(conn, "TRUNCATE")
+        checkpoint(bus, "TRUNCATE")
         for n in range(100, 150):
             alice.publish("bob", "notification", {"n": n}, ttl=0)
         os.kill(os.getpid(), signal.SIGKILL)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(db_path)], capture_output=True)
+    proc = subprocess.run([sys.executable, "-c", code, str(db_path), str(Path(__file__).parent)],
+                          capture_output=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert os.path.getsize(f"{db_path}-wal") > 0  # the last 50 commits are only there
     os.remove(f"{db_path}-wal")

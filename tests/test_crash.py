@@ -8,6 +8,7 @@ scratch file first), repeats a few times, and then looks at the file from outsid
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -17,16 +18,22 @@ import textwrap
 import time
 from pathlib import Path
 
-from conftest import query
+import pytest
+from probes import ACKED, SQLiteProbe
 
 import sqlbus
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = str(Path(__file__).resolve().parent)
+
+# Child processes SIGKILLed inside a timed call, four times each: out of make test-fast.
+pytestmark = pytest.mark.slow
 
 # Shared prelude of every child: ``timed(fn)`` runs the operation, bracketed by the signals.
 PRELUDE = textwrap.dedent(
     """
     import os, sys, time
+    sys.path.insert(0, TESTS)  # the probe of tests/probes.py
     import sqlbus
 
     def say(word):
@@ -51,7 +58,7 @@ def run_and_kill(code: str, db: Path, rng: random.Random, spread: tuple[float, f
     """Run ``code`` in a child, SIGKILL it inside the timed call; True if the kill came before
     the call returned (the child never said ``done``)."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", PRELUDE + textwrap.dedent(code), str(db)],
+        [sys.executable, "-c", f"TESTS = {TESTS!r}\n" + PRELUDE + textwrap.dedent(code), str(db)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
     )
     try:
@@ -93,7 +100,7 @@ def test_a_kill_during_publish_many_of_10000_messages_leaves_all_or_none(tmp_pat
     for attempt in range(4):
         db = tmp_path / f"bus{attempt}.db"
         interrupted = run_and_kill(code, db, rng, (0.2, 0.95))
-        count = query(db, "SELECT count(*) FROM message WHERE agent = 'bob'")[0][0]
+        count = SQLiteProbe(db).inbox_count(agent="bob")
         outcomes.append((interrupted, count))
         assert count in (0, 10_000), f"a killed publish_many left {count} of 10,000 messages"
         with sqlbus.connect(db) as bus:  # the file opens and works after the kill
@@ -125,11 +132,12 @@ def test_a_kill_during_an_ack_with_buffered_effects_leaves_all_or_none(tmp_path:
     for attempt in range(4):
         db = tmp_path / f"bus{attempt}.db"
         interrupted = run_and_kill(code, db, rng, (0.2, 0.95))
-        acked = query(db, "SELECT count(*) FROM message WHERE agent = 'bob' AND state = 2")[0][0]
-        replies = query(db, "SELECT count(*) FROM message WHERE agent = 'alice' AND type = 'response'")[0][0]
-        notices = query(db, "SELECT count(*) FROM message WHERE agent = 'alice' AND type = 'notification'")[0][0]
-        to_carol = query(db, "SELECT count(*) FROM message WHERE agent = 'carol'")[0][0]
-        states = query(db, "SELECT count(*) FROM state WHERE key LIKE 'done/%'")[0][0]
+        probe = SQLiteProbe(db)
+        acked = probe.inbox_count(agent="bob", state=ACKED)
+        replies = probe.inbox_count(agent="alice", type="response")
+        notices = probe.inbox_count(agent="alice", type="notification")
+        to_carol = probe.inbox_count(agent="carol")
+        states = probe.state_key_count("done/")
         seen = (acked, replies, notices, to_carol, states)
         outcomes.append((interrupted, acked))
         assert seen in ((0, 0, 0, 0, 0), (2000,) * 5), f"a killed ack left {seen}"
@@ -166,9 +174,10 @@ def test_a_kill_inside_an_outbox_transaction_leaves_all_or_none(tmp_path: Path) 
     for attempt in range(4):
         db = tmp_path / f"bus{attempt}.db"
         interrupted = run_and_kill(code, db, rng, (0.2, 0.95))
-        orders = query(db, "SELECT count(*) FROM orders")[0][0]
-        messages = query(db, "SELECT count(*) FROM message WHERE agent = 'bob'")[0][0]
-        states = query(db, "SELECT count(*) FROM state WHERE key LIKE 'order/%'")[0][0]
+        probe = SQLiteProbe(db)
+        orders = probe.sql("SELECT count(*) FROM orders")[0][0]  # the application's own table
+        messages = probe.inbox_count(agent="bob")
+        states = probe.state_key_count("order/")
         outcomes.append((interrupted, orders))
         assert (orders, messages, states) in ((0, 0, 0), (3000, 3000, 3000)), (
             f"a killed outbox left orders={orders} messages={messages} states={states}"
@@ -181,21 +190,20 @@ def test_a_kill_during_a_checkpoint_loses_no_committed_message(tmp_path: Path) -
     # The WAL holds ~5,000 committed messages; the child checkpoints it into the main file
     # (TRUNCATE: copy every frame, then reset the WAL) and is killed on the way.
     code = """
-        from sqlbus import storage
+        from probes import checkpoint, connection
 
         def setup(path):
             bus = sqlbus.connect(path)
-            conn = bus.engine.connection()
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # keep it all in the WAL until we ask
+            connection(bus).execute("PRAGMA wal_autocheckpoint=0")  # all in the WAL until we ask
             alice = bus.agent("alice")
             bus.agent("bob")
             for start in range(0, 5000, 500):
                 alice.publish_many([{"to": "bob", "type": "notification",
                                      "payload": {"n": n, "pad": "y" * 1000}, "ttl": 0}
                                     for n in range(start, start + 500)])
-            return (conn,)
+            return (bus,)
 
-        timed(setup, lambda conn: storage.checkpoint(conn, "TRUNCATE"))
+        timed(setup, lambda bus: checkpoint(bus, "TRUNCATE"))
     """
     rng = random.Random(4)
     outcomes = []
@@ -205,10 +213,10 @@ def test_a_kill_during_a_checkpoint_loses_no_committed_message(tmp_path: Path) -
         wal = os.path.getsize(f"{db}-wal") if os.path.exists(f"{db}-wal") else 0
         outcomes.append((interrupted, wal))
         with sqlbus.connect(db) as bus:
-            assert query(db, "PRAGMA integrity_check") == [("ok",)]
-            rows = query(db, "SELECT payload_n FROM (SELECT json_extract(body, '$.payload.n')"
-                             " AS payload_n FROM message WHERE agent = 'bob') ORDER BY payload_n")
-            assert [r[0] for r in rows] == list(range(5000))
+            probe = SQLiteProbe(db)
+            assert probe.integrity() == ["ok"]
+            rows = probe.inbox_rows(agent="bob")
+            assert sorted(json.loads(row.body)["payload"]["n"] for row in rows) == list(range(5000))
             got = bus.agent("bob").receive(limit=3)
             assert [d.message.payload["n"] for d in got] == [0, 1, 2]
     assert any(interrupted for interrupted, _ in outcomes), outcomes

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import msgspec
 import pytest
+from probes import LEASED, SCHEDULED
 
 import sqlbus
-from sqlbus import storage
 
 
 def receive_at(agent, clock, at):
@@ -94,12 +94,12 @@ def test_a_retry_comes_back_at_its_original_priority(bus, pair, clock):
     assert [x.message.id for x in bob.receive(limit=2)] == [urgent, normal]
 
 
-def test_fail_records_the_last_error_on_the_message(bus, pair, sql):
+def test_fail_records_the_last_error_on_the_message(bus, pair, probe):
     alice, bob = pair
     message_id = alice.publish("bob", "notification", {})
     (d,) = bob.receive()
     d.fail(KeyError("missing"))
-    assert sql("SELECT last_error, attempts FROM message WHERE message_id = ?", (message_id,)) == [
+    assert [(row.last_error, row.attempts) for row in probe.inbox_rows(message_id)] == [
         ("KeyError: 'missing'", 1)]
 
 
@@ -181,7 +181,7 @@ def test_fail_with_retryable_false_dead_letters_at_once(bus, pair):
 
 
 def test_retry_with_a_delay_inside_with_is_handled_and_redelivers_after_that_delay(
-    bus, pair, clock, sql
+    bus, pair, clock, probe
 ):
     alice, bob = pair
     alice.publish("bob", "notification", {})
@@ -190,7 +190,7 @@ def test_retry_with_a_delay_inside_with_is_handled_and_redelivers_after_that_del
         raise sqlbus.Retry(delay=3.0)
     d = receive_at(bob, clock, 3.0)
     assert d.attempts == 2
-    assert sql("SELECT count(*) FROM error_counts") == [(0,)]  # a Retry is not a failure
+    assert probe.error_counts() == {}  # a Retry is not a failure
 
 
 def test_retry_without_a_delay_uses_the_backoff(bus, pair, clock):
@@ -232,15 +232,15 @@ def test_discard_inside_with_dead_letters_now_with_its_reason(bus, pair):
     assert reasons == {1: "malformed order", 2: "discarded"}
 
 
-def test_with_reraises_the_handlers_exception_after_recording_the_failure(bus, pair, sql):
+def test_with_reraises_the_handlers_exception_after_recording_the_failure(bus, pair, probe):
     alice, bob = pair
     message_id = alice.publish("bob", "notification", {})
     (d,) = bob.receive()
     with pytest.raises(ZeroDivisionError):
         with d:
             1 / 0  # noqa: B018
-    assert sql("SELECT state, last_error FROM message WHERE message_id = ?", (message_id,)) == [
-        (storage.SCHEDULED, "ZeroDivisionError: division by zero")]
+    assert [(row.state, row.last_error) for row in probe.inbox_rows(message_id)] == [
+        (SCHEDULED, "ZeroDivisionError: division by zero")]
 
 
 def test_retry_refuses_a_negative_delay():
@@ -295,13 +295,13 @@ def test_dead_letter_with_the_callers_reason_and_context(bus, pair):
         "operator said no", {"ticket": "OPS-1"}, None, 1)
 
 
-def test_dead_letter_refuses_an_empty_reason(bus, pair, sql):
+def test_dead_letter_refuses_an_empty_reason(bus, pair, probe):
     alice, bob = pair
     message_id = alice.publish("bob", "notification", {})
     (d,) = bob.receive()
     with pytest.raises(ValueError, match="reason"):
         d.dead_letter("")
-    assert sql("SELECT state FROM message WHERE message_id = ?", (message_id,)) == [(storage.LEASED,)]
+    assert probe.message_states(message_id) == [LEASED]
     d.ack()  # the lease is still held
 
 
@@ -367,7 +367,7 @@ def test_a_message_that_expires_while_waiting_for_a_retry_is_dead_lettered_as_ex
 
 
 def test_requeue_puts_a_dead_letter_back_with_attempts_reset_and_a_fresh_ttl(
-    bus, pair, clock, sql
+    bus, pair, clock, probe
 ):
     alice, bob = pair
     message_id = alice.publish("bob", "notification", {"n": 1}, ttl=1_000)
@@ -390,11 +390,11 @@ def test_requeue_puts_a_dead_letter_back_with_attempts_reset_and_a_fresh_ttl(
     assert third.attempts == 2
 
 
-def test_requeue_of_an_unknown_dead_letter_raises_key_error(bus, counts):
-    before = counts()
+def test_requeue_of_an_unknown_dead_letter_raises_key_error(bus, probe):
+    before = probe.row_counts()
     with pytest.raises(KeyError):
         bus.requeue(12345)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_purge_dead_letters_removes_only_those_older_than_the_cutoff(bus, pair, clock):

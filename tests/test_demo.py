@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo.py"
+
+# The demo's agents run as processes for seconds: out of make test-fast.
+pytestmark = pytest.mark.slow
 
 
 def test_the_demo_runs_to_the_end_and_tells_what_happened(tmp_path):

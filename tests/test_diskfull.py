@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import query
+from probes import ACKED, SQLiteProbe
 
 import sqlbus
 
@@ -57,7 +57,8 @@ def test_a_full_disk_raises_a_clear_error_keeps_what_was_committed_and_recovers(
     print(f"disk full after {len(confirmed)} messages: {text}")
 
     # Everything confirmed is there, readable while the disk is still full.
-    assert query(db, "SELECT count(*) FROM message WHERE agent = 'bob'")[0][0] == len(confirmed)
+    probe = SQLiteProbe(db)
+    assert probe.inbox_count(agent="bob") == len(confirmed)
     # A state write fails the same clear way and writes nothing.
     with pytest.raises(sqlbus.DatabaseError, match="disk full"):
         bus.state.set("big", {"pad": "q" * 200_000})
@@ -80,7 +81,5 @@ def test_a_full_disk_raises_a_clear_error_keeps_what_was_committed_and_recovers(
     # And after closing and reopening, the file is healthy.
     with sqlbus.connect(db) as again:
         assert again.state.get("big") is not None
-        assert query(db, "PRAGMA integrity_check") == [("ok",)]
-        assert query(db, "SELECT count(*) FROM message WHERE state = 2 AND agent = 'bob' AND type = 'notification'")[0][0] == (
-            len(confirmed) + 1
-        )
+        assert probe.integrity() == ["ok"]
+        assert probe.inbox_count(agent="bob", type="notification", state=ACKED) == len(confirmed) + 1

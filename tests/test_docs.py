@@ -77,7 +77,11 @@ def test_each_readme_python_block_runs_as_written_in_a_new_directory(heading, tm
     assert_ran(run_python(README_BLOCKS[heading], tmp_path))
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in EXAMPLES.glob("*.py")))
+# demo.py runs its agents as processes for seconds: slow; the others take a fraction of one.
+@pytest.mark.parametrize("script", [
+    pytest.param(name, marks=pytest.mark.slow) if name == "demo.py" else name
+    for name in sorted(p.name for p in EXAMPLES.glob("*.py"))
+])
 def test_every_example_script_runs_to_the_end(script, tmp_path):
     # demo.py takes its database path; the others make theirs in the working directory
     args = [str(tmp_path / "demo.db")] if script == "demo.py" else []
@@ -165,6 +169,7 @@ def run_demo(tmp_path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_the_demo_reuses_one_database_path_says_where_it_is_and_how_to_look_inside(tmp_path):
     path = tmp_path / f"sqlbus-demo-{os.getuid()}" / "team.db"
     first = run_demo(tmp_path)

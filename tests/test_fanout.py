@@ -3,17 +3,12 @@ reads, settles, lists or deletes a recipient's row sees the whole message."""
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
-import apsw
 import pytest
-from conftest import query
+from probes import MAX_TAGS, SCHEMA_VERSION, SQLiteProbe, marks_of, tail_from_start
 
 import sqlbus
-from sqlbus import ops, storage
-from sqlbus.sqlite import wakeup
 
 MiB = 1024 * 1024
 
@@ -22,40 +17,24 @@ def agent_ids(n: int) -> list[str]:
     return [f"agent-{i:014d}" for i in range(n)]  # 20 characters
 
 
-def checkpointed_size(path: Path) -> int:
-    """The database file's size once the WAL is copied into it and truncated."""
-    conn = apsw.Connection(str(path))
-    try:
-        conn.set_busy_timeout(10_000)
-        while conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0][0]:
-            time.sleep(0.01)  # the bus's own checkpointer holds the checkpoint lock
-    finally:
-        conn.close()
-    return os.path.getsize(path)
-
-
-def files_size(path: Path) -> int:
-    return sum(os.path.getsize(p) for p in (str(path), f"{path}-wal") if os.path.exists(p))
-
-
 @pytest.mark.parametrize("how", ["broadcast", "publish"])
-def test_one_message_to_1000_agents_grows_the_file_by_less_than_1_mib(make_bus, db_path, how):
+def test_one_message_to_1000_agents_grows_the_file_by_less_than_1_mib(make_bus, probe, how):
     bus = make_bus()
     ids = agent_ids(1000)
     for agent_id in ids:
         bus.agent(agent_id)
     sender = bus.agent("sender")
-    before = checkpointed_size(db_path)
+    before = probe.checkpointed_size()
     if how == "broadcast":
         sender.broadcast("notification", {"n": 123456}, pattern="agent-*")
     else:
         sender.publish(ids, "notification", {"n": 123456})
-    grown_with_wal = files_size(db_path) - before
-    grown = checkpointed_size(db_path) - before
+    grown_with_wal = probe.size_with_log() - before
+    grown = probe.checkpointed_size() - before
     # Each row's own copy of the body (its 1,000-id `to` list, ~23 KB) made this 22.5 MiB.
     assert grown < 1 * MiB and grown_with_wal < 2 * MiB, (grown, grown_with_wal)
-    assert query(db_path, "SELECT count(*) FROM message_body") == [(1,)]
-    assert query(db_path, "SELECT count(*), max(length(body)) FROM message") == [(1000, 0)]
+    assert probe.shared_body_count() == 1
+    assert [row.storage for row in probe.inbox_rows()] == ["shared"] * 1000
 
 
 def test_every_recipient_receives_the_whole_message_with_every_recipient_in_to(make_bus):
@@ -80,15 +59,15 @@ def test_every_recipient_receives_the_whole_message_with_every_recipient_in_to(m
     assert [r.message.id for r in bus.sent(agent=ids[7])] == [broadcast, listed]
 
 
-def test_a_message_to_one_recipient_keeps_its_body_in_its_row(make_bus, sql):
+def test_a_message_to_one_recipient_keeps_its_body_in_its_row(make_bus, probe):
     bus = make_bus()
     alice = bus.agent("alice")
     bus.agent("bob")
     alice.publish("bob", "notification", {"n": 1})
     alice.publish(["bob"], "notification", {"n": 2})
     alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": 3}}] * 3)
-    assert sql("SELECT count(*) FROM message_body") == [(0,)]
-    assert sql("SELECT count(*) FROM message WHERE body_id IS NULL AND length(body) > 0") == [(5,)]
+    assert probe.shared_body_count() == 0
+    assert [row.storage for row in probe.inbox_rows()] == ["inline"] * 5
 
 
 def test_a_batch_mixing_single_and_fanout_messages_keeps_publish_order(make_bus):
@@ -159,7 +138,7 @@ def test_a_dead_letter_fanout_requeued_for_every_recipient_shares_one_body(make_
         assert (d.message.id, d.message.to) == (message_id, ids)
 
 
-def test_pruning_deletes_the_shared_body_only_with_its_last_row(make_bus, clock, sql):
+def test_pruning_deletes_the_shared_body_only_with_its_last_row(make_bus, clock, probe):
     bus = make_bus()
     alice = bus.agent("alice")
     bob, carol, dave = bus.agent("bob"), bus.agent("carol"), bus.agent("dave")
@@ -167,8 +146,8 @@ def test_pruning_deletes_the_shared_body_only_with_its_last_row(make_bus, clock,
     bob.receive()[0].ack()
     clock.advance(10)
     assert bus.prune(sent_older_than=5).acked == 1
-    assert sql("SELECT agent FROM message ORDER BY seq") == [("carol",), ("dave",)]
-    assert sql("SELECT count(*) FROM message_body") == [(1,)]
+    assert [row.agent for row in probe.inbox_rows()] == ["carol", "dave"]
+    assert probe.shared_body_count() == 1
 
     (c,) = carol.receive()
     assert (c.message.id, c.message.to) == (message_id, ["bob", "carol", "dave"])
@@ -177,12 +156,12 @@ def test_pruning_deletes_the_shared_body_only_with_its_last_row(make_bus, clock,
     d.dead_letter("no")
     clock.advance(10)
     assert bus.prune(sent_older_than=5, dead_older_than=None).acked == 1
-    assert sql("SELECT count(*) FROM message_body") == [(1,)]  # dave's dead letter keeps it
+    assert probe.shared_body_count() == 1  # dave's dead letter keeps it
     (dead,) = bus.dead_letters()
     assert dead.message.to == ["bob", "carol", "dave"]
     assert bus.purge_dead_letters() == 1
-    assert sql("SELECT count(*) FROM message") == [(0,)]
-    assert sql("SELECT count(*) FROM message_body") == [(0,)]
+    assert probe.inbox_rows() == []
+    assert probe.shared_body_count() == 0
     metrics = bus.metrics()
     assert (metrics.messages_sent, metrics.messages_received, metrics.messages_dead_lettered) == (
         1, 2, 1)
@@ -196,21 +175,19 @@ def test_tail_yields_a_fanout_once_with_all_its_recipients(make_bus):
         bus.agent(agent_id)
     message_id = alice.broadcast("notification", {"n": 1}, pattern="agent-*")
     single = alice.publish(ids[0], "notification", {"n": 2})
-    records = ops.tail(bus.engine, None, None, timeout=0.0, from_seq=0)
+    records = tail_from_start(bus)
     seen = [(r.message.id, r.message.to) for r in records]
     assert seen[-1] == (single, ids[0])
     assert {m for m, _ in seen[:-1]} == {message_id}
     assert all(to == ids for _, to in seen[:-1])
 
 
-def test_a_row_whose_shared_body_is_gone_is_reported_as_corrupt(make_bus, db_path):
+def test_a_row_whose_shared_body_is_gone_is_reported_as_corrupt(make_bus, probe):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
     bus.agent("carol")
     alice.publish(["bob", "carol"], "notification", {"x": 1})
-    conn = apsw.Connection(str(db_path))
-    conn.execute("DELETE FROM message_body")
-    conn.close()
+    probe.lose_shared_bodies()
     report = bus.check()
     assert not report.ok
     assert any("2 message rows have lost their shared body" in p for p in report.problems)
@@ -220,10 +197,8 @@ def test_a_row_whose_shared_body_is_gone_is_reported_as_corrupt(make_bus, db_pat
 
 
 def test_marking_more_agents_than_a_ring_names_keeps_only_enough_tags_to_ring_everyone():
-    wakeup.take_marks()
-    wakeup.mark(agent_ids(10_000))
-    tags = wakeup.take_marks()
-    assert tags is not None and len(tags) == wakeup.MAX_TAGS + 1
+    tags = marks_of(agent_ids(10_000))
+    assert tags is not None and len(tags) == MAX_TAGS + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,34 +207,36 @@ def test_marking_more_agents_than_a_ring_names_keeps_only_enough_tags_to_ring_ev
 
 def downgrade_to_schema_3(path: Path) -> None:
     """Rewrite the file as schema 3 kept it: every row with its own body, no message_body."""
-    conn = apsw.Connection(str(path))
-    conn.execute("BEGIN")
-    conn.execute("UPDATE message SET body = (SELECT b.body FROM message_body AS b"
-                 " WHERE b.id = body_id) WHERE body_id IS NOT NULL")
-    conn.execute("DROP TRIGGER message_body_release")
-    conn.execute("DROP INDEX message_body_id")
-    conn.execute("ALTER TABLE message DROP COLUMN body_id")
-    conn.execute("DROP TABLE message_body")
-    conn.execute("PRAGMA user_version = 3")
-    conn.execute("COMMIT")
-    conn.close()
+    SQLiteProbe(path).write(
+        "BEGIN",
+        "UPDATE message SET body = (SELECT b.body FROM message_body AS b"
+        " WHERE b.id = body_id) WHERE body_id IS NOT NULL",
+        "DROP TRIGGER message_body_release",
+        "DROP INDEX message_body_id",
+        "ALTER TABLE message DROP COLUMN body_id",
+        "DROP TABLE message_body",
+        "PRAGMA user_version = 3",
+        "COMMIT",
+    )
 
 
 def schema_of(path: Path) -> list[tuple]:
-    return query(path, "SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY name")
+    return SQLiteProbe(path).sql("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY name")
 
 
-def test_a_schema_3_file_is_upgraded_and_its_fanout_rows_stay_deliverable(make_bus, db_path, tmp_path, clock):
+def test_a_schema_3_file_is_upgraded_and_its_fanout_rows_stay_deliverable(
+    make_bus, db_path, probe, tmp_path, clock
+):
     with sqlbus.connect(db_path, clock=clock) as bus:
         alice, bob, carol = bus.agent("alice"), bus.agent("bob"), bus.agent("carol")
         old_single = alice.publish("bob", "notification", {"n": 0}, ttl=0)
         old_fanout = alice.publish(["bob", "carol"], "notification", {"n": 1}, ttl=0)
         bob.receive()[0].ack()
     downgrade_to_schema_3(db_path)
-    assert query(db_path, "SELECT count(*) FROM message WHERE length(body) = 0") == [(0,)]
+    assert probe.sql("SELECT count(*) FROM message WHERE length(body) = 0") == [(0,)]
 
     bus = make_bus()
-    assert query(db_path, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)]
+    assert probe.schema_version() == SCHEMA_VERSION
     fresh = tmp_path / "fresh.db"
     make_bus(fresh)
     assert schema_of(db_path) == schema_of(fresh)
@@ -273,6 +250,6 @@ def test_a_schema_3_file_is_upgraded_and_its_fanout_rows_stay_deliverable(make_b
     assert [r.message.id for r in bus.sent()] == [new_fanout, old_fanout, old_single]
     clock.advance(10)
     assert bus.prune(sent_older_than=5).acked == 5
-    assert query(db_path, "SELECT count(*) FROM message_body") == [(0,)]
+    assert probe.shared_body_count() == 0
     assert bus.metrics().messages_sent == 3
-    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+    assert probe.integrity() == ["ok"]

@@ -12,11 +12,10 @@ import threading
 
 import pytest
 from click.testing import CliRunner
-from conftest import query
+from probes import SQLiteProbe, run_upkeep
 
 import sqlbus
 import sqlbus.aio
-from sqlbus import ops
 from sqlbus.cli import cli
 
 
@@ -67,7 +66,7 @@ def test_background_upkeep_moves_expired_messages_of_an_inbox_nobody_reads(make_
     assert report.expired_messages == 0 and report.ok
 
 
-def test_upkeep_moves_an_expired_retrying_message_and_leaves_a_running_lease(make_bus, clock):
+def test_upkeep_moves_an_expired_retrying_message_and_leaves_a_running_lease(make_bus, clock, probe):
     bus = make_bus(backoff_base=100.0, backoff_cap=100.0)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     alice.publish("bob", "notification", {"n": 1}, ttl=10_000)
@@ -77,12 +76,12 @@ def test_upkeep_moves_an_expired_retrying_message_and_leaves_a_running_lease(mak
     first.fail(RuntimeError("boom"))  # retrying for 100 s, expires meanwhile
     clock.advance(20)
     assert bus.check().expired_messages == 1  # the lease held is not expired: its holder may ack
-    assert ops.upkeep(bus.engine) == 1
+    assert run_upkeep(bus) == 1
     (dead,) = bus.dead_letters()
     assert (dead.message.payload, dead.reason, dead.attempts) == ({"n": 1}, "expired", 1)
     assert dead.failed_at == iso(expires_at)
     second.ack()
-    assert query(bus.path, "SELECT count(*) FROM dead_letter")[0][0] == 1
+    assert probe.dead_letter_count() == 1
 
 
 def test_check_reports_expired_messages_as_information_not_a_problem(make_bus, clock):
@@ -252,7 +251,7 @@ def test_aio_connect_passes_every_keyword_on(tmp_path, clock):
         try:
             assert (bus.sync.lease, bus.sync.max_attempts) == (7.0, 2)
             assert bus.sync.retention().dead_retention is None
-            assert bus.sync.engine.now_ms() == clock.ms
+            assert SQLiteProbe.now_ms(bus.sync) == clock.ms
         finally:
             await bus.close()
 

@@ -9,6 +9,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import sqlbus
 
 CHILD_DEADLINE = 30.0  # seconds a child may take before the test calls it hung
@@ -121,6 +123,7 @@ def test_a_child_forked_while_a_parent_thread_holds_a_transaction_open_writes_be
     bus.close()
 
 
+@pytest.mark.slow
 def test_children_forked_while_a_thread_publishes_in_a_loop_all_work_and_none_hangs(
     tmp_path: Path,
 ) -> None:

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import FakeClock, query, table_counts
+from conftest import FakeClock
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from probes import SQLiteProbe
 
 import sqlbus
 
@@ -106,11 +107,13 @@ def strictly_equal(a: Any, b: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def fuzz_bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[sqlbus.Bus, FakeClock, Path]]:
+def fuzz_bus(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[sqlbus.Bus, FakeClock, SQLiteProbe]]:
     path = tmp_path_factory.mktemp("fuzz") / "bus.db"
     clock = FakeClock()
     bus = sqlbus.connect(path, clock=clock, max_payload_bytes=4096)
-    yield bus, clock, path
+    yield bus, clock, SQLiteProbe(path)
     bus.close()
     print(f"\nfuzz: {sum(CASES.values())} cases run: {dict(CASES)}; outcomes {dict(OUTCOMES)}")
 
@@ -172,12 +175,13 @@ def publish_arguments(data: st.DataObject) -> tuple[str | None, dict[str, Any]]:
     return bad, args
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data())
 def test_publish_accepts_good_input_exactly_and_rejects_bad_input_without_writing(
     fuzz_bus: Any, data: st.DataObject,
 ) -> None:
-    bus, clock, path = fuzz_bus
+    bus, clock, probe = fuzz_bus
     CASES["publish"] += 1
     alice = bus.agent("alice")
     bad, args = publish_arguments(data)
@@ -185,14 +189,13 @@ def test_publish_accepts_good_input_exactly_and_rejects_bad_input_without_writin
     if args.get("id") is not None and bad != "id":
         args["id"] = args["id"][:-9] + data.draw(
             st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789", min_size=9, max_size=9))
-    before = table_counts(path)
-    existed = isinstance(args.get("id"), str) and bool(
-        query(path, "SELECT 1 FROM message WHERE message_id = ?", (args["id"],)))
+    before = probe.row_counts()
+    existed = isinstance(args.get("id"), str) and bool(probe.inbox_rows(args["id"]))
     try:
         mid = alice.publish(to, type_, payload, **args)
     except Exception as exc:
         rejected("publish", exc)
-        assert table_counts(path) == before, "a rejected publish wrote something"
+        assert probe.row_counts() == before, "a rejected publish wrote something"
         # a wrong (but known) type is reported against the payload it does not fit
         named = ("type", "payload") if bad == "type" else (bad,)
         assert bad is not None and any(n in str(exc) for n in named), (
@@ -202,7 +205,7 @@ def test_publish_accepts_good_input_exactly_and_rejects_bad_input_without_writin
     if args.get("id") is not None:
         assert mid == args["id"]
     if existed:  # an id drawn twice: the idempotent publish wrote nothing the second time
-        assert table_counts(path) == before
+        assert probe.row_counts() == before
         return
     recipients = [to] if isinstance(to, str) else list(dict.fromkeys(to))
     clock.advance(float(args.get("delay") or 0) + 0.001)
@@ -246,24 +249,25 @@ bad_items = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(items=st.lists(good_items, max_size=6), bad=st.one_of(st.none(), bad_items),
        where=st.integers(0, 6))
 def test_publish_many_writes_the_whole_batch_or_nothing(
     fuzz_bus: Any, items: list[Any], bad: Any, where: int,
 ) -> None:
-    bus, clock, path = fuzz_bus
+    bus, clock, probe = fuzz_bus
     CASES["publish_many"] += 1
     alice = bus.agent("alice")
     if bad is not None:
         where = min(where, len(items))
         items.insert(where, bad)
-    before = table_counts(path)
+    before = probe.row_counts()
     try:
         ids = alice.publish_many(items)
     except Exception as exc:
         rejected("publish_many", exc)
-        assert table_counts(path) == before, "a rejected publish_many wrote something"
+        assert probe.row_counts() == before, "a rejected publish_many wrote something"
         if isinstance(exc, sqlbus.ValidationError):
             assert str(exc).startswith("["), f"the error does not name the element: {exc}"
         return
@@ -299,24 +303,25 @@ BAD_RECEIVE = {
 }
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data(), bad=st.sampled_from([None, None, None, *sorted(BAD_RECEIVE)]))
 def test_receive_rejects_bad_arguments_without_claiming(
     fuzz_bus: Any, data: st.DataObject, bad: str | None,
 ) -> None:
-    bus, clock, path = fuzz_bus
+    bus, clock, probe = fuzz_bus
     CASES["receive"] += 1
     args = {name: data.draw(GOOD_RECEIVE[name], label=name) for name in GOOD_RECEIVE}
     if bad is not None:
         args[bad] = data.draw(BAD_RECEIVE[bad], label=f"bad {bad}")
     alice, carol = bus.agent("alice"), bus.agent(f"carol-{CASES['receive']}")
     alice.publish(carol.id, "notification", {"n": 1})
-    before = table_counts(path)
+    before = probe.row_counts()
     try:
         got = carol.receive(**args)
     except Exception as exc:
         rejected("receive", exc)
-        assert table_counts(path) == before
+        assert probe.row_counts() == before
         assert bad is not None and bad in str(exc), f"the error does not name {bad}: {exc}"
         assert len(drain(carol)) >= 1  # the message is still there for a good call
         return
@@ -333,14 +338,14 @@ def test_receive_rejects_bad_arguments_without_claiming(
 @FUZZ
 @given(agent_id=st.one_of(valid_ids, agent_ids))
 def test_agent_ids_are_validated_and_come_back_exactly(fuzz_bus: Any, agent_id: Any) -> None:
-    bus, clock, path = fuzz_bus
+    bus, clock, probe = fuzz_bus
     CASES["agent"] += 1
-    before = table_counts(path)
+    before = probe.row_counts()
     try:
         agent = bus.agent(agent_id)
     except Exception as exc:
         rejected("agent", exc)
-        assert table_counts(path) == before
+        assert probe.row_counts() == before
         return
     OUTCOMES["agent: accepted"] += 1
     assert agent.id == agent_id
@@ -350,6 +355,7 @@ def test_agent_ids_are_validated_and_come_back_exactly(fuzz_bus: Any, agent_id: 
     assert [d.message.payload["who"] for d in got if d.message.type == "notification"] == [agent_id]
 
 
+@pytest.mark.slow
 @FUZZ
 @given(pattern=st.one_of(st.text(max_size=8), st.sampled_from(["*", "b*", "?ob", "[a-c]*", "[", "]", "[!b]*"]),
                          st.integers(), st.none()),
@@ -357,15 +363,15 @@ def test_agent_ids_are_validated_and_come_back_exactly(fuzz_bus: Any, agent_id: 
 def test_broadcast_patterns_match_registered_agents_like_fnmatch(
     fuzz_bus: Any, pattern: Any, type_: Any,
 ) -> None:
-    bus, clock, path = fuzz_bus
+    bus, clock, probe = fuzz_bus
     CASES["broadcast"] += 1
     alice = bus.agent("alice")
-    before = table_counts(path)
+    before = probe.row_counts()
     try:
         mid = alice.broadcast(type_, {"p": str(pattern)}, pattern=pattern)
     except Exception as exc:
         rejected("broadcast", exc)
-        assert table_counts(path) == before
+        assert probe.row_counts() == before
         return
     OUTCOMES["broadcast: accepted"] += 1
     registered = [info.id for info in bus.agents()]
@@ -390,23 +396,24 @@ BAD_STATE = {
 }
 
 
+@pytest.mark.slow
 @FUZZ
 @given(data=st.data(), bad=st.sampled_from([None, None, None, *sorted(BAD_STATE)]))
 def test_state_writes_come_back_exactly_or_write_nothing(
     fuzz_bus: Any, data: st.DataObject, bad: str | None,
 ) -> None:
-    bus, clock, path = fuzz_bus
+    bus, clock, probe = fuzz_bus
     CASES["state.set"] += 1
     args = {name: data.draw(GOOD_STATE[name], label=name) for name in GOOD_STATE}
     if bad is not None:
         args[bad] = data.draw(BAD_STATE[bad], label=f"bad {bad}")
-    before = table_counts(path)
+    before = probe.row_counts()
     try:
         version = bus.state.set(args["key"], args["value"],
                                 expected_version=args["expected_version"], notify=False)
     except Exception as exc:
         rejected("state.set", exc)
-        assert table_counts(path) == before
+        assert probe.row_counts() == before
         return
     OUTCOMES["state.set: accepted" + (f" (spoiled {bad})" if bad else "")] += 1
     entry = bus.state.get(args["key"])
@@ -477,6 +484,7 @@ def cli_command_lines(draw: Any) -> list[str]:
     return argv
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_CLI, reason="sqlbus/cli.py does not exist yet")
 @FUZZ
 @given(argv=st.one_of(
@@ -490,18 +498,18 @@ def test_the_cli_never_prints_a_traceback_and_rejected_commands_write_nothing(
 
     from sqlbus.cli import cli
 
-    bus, clock, path = fuzz_bus
+    bus, clock, probe = fuzz_bus
     if "tail" in argv or "--follow" in argv:  # follows forever by design
         argv = [a for a in argv if a not in ("tail", "--follow")]
     argv = [a.replace("\x00", "") for a in argv]
     CASES["cli"] += 1
-    before = table_counts(path)
+    before = probe.row_counts()
     runner = CliRunner()
     cwd = os.getcwd()
     with tempfile.TemporaryDirectory() as scratch:  # a DEST or stray path lands here
         os.chdir(scratch)
         try:
-            result = runner.invoke(cli, argv, env={"SQLBUS_DB": str(path)}, catch_exceptions=True)
+            result = runner.invoke(cli, argv, env={"SQLBUS_DB": str(probe.path)}, catch_exceptions=True)
         finally:
             os.chdir(cwd)
     output = result.output + (result.stderr if result.stderr_bytes is not None else "")
@@ -511,5 +519,5 @@ def test_the_cli_never_prints_a_traceback_and_rejected_commands_write_nothing(
     assert "error: unexpected " not in output, (argv, output)  # the CLI's catch-all for bugs
     OUTCOMES[f"cli: exit {result.exit_code}"] += 1
     if result.exit_code != 0:
-        after = table_counts(path)
+        after = probe.row_counts()
         assert after == before, (argv, output, before, after)

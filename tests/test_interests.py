@@ -12,27 +12,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-import apsw
 import pytest
 from click.testing import CliRunner
 from conftest import query
+from probes import SCHEMA_VERSION, SQLiteProbe
 
 import sqlbus
 import sqlbus.aio
-from sqlbus import storage
 from sqlbus.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def inbox(sql, agent: str) -> list[tuple]:
+def inbox(probe, agent: str) -> list[tuple]:
     """(type, payload name or key) of every row addressed to ``agent``, in order."""
     return [
-        (type_, json.loads(body)["payload"].get("name") or json.loads(body)["payload"].get("key"))
-        for type_, body in sql(
-            "SELECT type, CAST(CASE WHEN length(body) THEN body ELSE"
-            " (SELECT b.body FROM message_body AS b WHERE b.id = body_id) END AS TEXT)"
-            " FROM message WHERE agent = ? ORDER BY seq", (agent,))
+        (row.type, json.loads(row.body)["payload"].get("name")
+         or json.loads(row.body)["payload"].get("key"))
+        for row in probe.inbox_rows(agent=agent)
     ]
 
 
@@ -56,17 +53,17 @@ def test_the_readme_quick_start_runs_twice_in_a_row_on_the_same_file(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                               text=True, timeout=120, env=env)
         assert proc.returncode == 0, proc.stderr
-    assert query(tmp_path / "team.db", "SELECT count(*) FROM state") == [(1,)]
+    team = SQLiteProbe(tmp_path / "team.db")
+    assert team.state_key_count() == 1
     # the state changes interested nobody: no inbox holds one, nothing will expire
-    assert query(tmp_path / "team.db", "SELECT count(*) FROM message WHERE type = 'state_change'"
-                 ) == [(0,)]
+    assert team.inbox_count(type="state_change") == 0
 
 
 # ---------------------------------------------------------------------------------------------
 # State changes
 
 
-def test_a_state_change_goes_only_to_agents_interested_in_state_change_or_everything(bus, sql):
+def test_a_state_change_goes_only_to_agents_interested_in_state_change_or_everything(bus, probe):
     alice, bob, carol, dave = (bus.agent(a) for a in ("alice", "bob", "carol", "dave"))
     alice.subscribe("state_change")
     bob.subscribe("*")
@@ -75,39 +72,39 @@ def test_a_state_change_goes_only_to_agents_interested_in_state_change_or_everyt
     alice.state.set("plan", {"v": 1})
     bus.state.set("plan", {"v": 2})
 
-    assert inbox(sql, "alice") == [("state_change", "plan")]  # its own write did not come back
-    assert inbox(sql, "bob") == [("state_change", "plan"), ("state_change", "plan")]
-    assert inbox(sql, "carol") == inbox(sql, "dave") == []
+    assert inbox(probe, "alice") == [("state_change", "plan")]  # its own write did not come back
+    assert inbox(probe, "bob") == [("state_change", "plan"), ("state_change", "plan")]
+    assert inbox(probe, "carol") == inbox(probe, "dave") == []
     [second, first] = bus.sent(limit=2)
     assert (first.message.to, first.recipients) == (["bob"], ["bob"])
     assert second.recipients == ["alice", "bob"]
     assert second.message.headers.broadcast_pattern is sqlbus.messages.UNSET
 
 
-def test_a_state_change_nobody_is_interested_in_writes_no_message_and_no_dead_letter(bus, clock, sql):
+def test_a_state_change_nobody_is_interested_in_writes_no_message_and_no_dead_letter(bus, clock, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     for n in range(20):
         alice.state.set("counter", n)
         bus.state.update("other", lambda old: (old or 0) + 1)
     clock.advance(3600)  # far past any TTL
     assert bob.receive(limit=100) == [] and alice.receive(limit=100) == []
-    assert sql("SELECT count(*) FROM message") == [(0,)]
+    assert probe.inbox_rows() == []
     assert bus.dead_letters() == []
     assert bus.state.get("counter").version == 20
-    assert sql("SELECT count(*) FROM state_log") == [(40,)]  # the log has every change
+    assert len(probe.state_log()) == 40  # the log has every change
 
 
-def test_explicit_subscribers_get_the_state_change_without_any_interest(bus, sql):
+def test_explicit_subscribers_get_the_state_change_without_any_interest(bus, probe):
     alice = bus.agent("alice")
     bus.agent("bob")
     bus.agent("carol").subscribe("state_change")
     alice.state.set("plan", 1, subscribers=["bob"])
     alice.state.set("plan", 2, subscribers=[])
-    assert inbox(sql, "bob") == [("state_change", "plan")]
-    assert inbox(sql, "carol") == []
+    assert inbox(probe, "bob") == [("state_change", "plan")]
+    assert inbox(probe, "carol") == []
 
 
-def test_state_changes_written_in_a_transaction_or_with_an_ack_reach_the_interested(bus, sql):
+def test_state_changes_written_in_a_transaction_or_with_an_ack_reach_the_interested(bus, probe):
     alice, bob, carol = bus.agent("alice"), bus.agent("bob"), bus.agent("carol")
     carol.subscribe("state_change")
     with alice.transaction() as tx:
@@ -115,15 +112,15 @@ def test_state_changes_written_in_a_transaction_or_with_an_ack_reach_the_interes
     alice.publish("bob", "notification", {})
     with bob.receive()[0] as d:
         d.state.set("done", True)
-    assert inbox(sql, "carol") == [("state_change", "plan"), ("state_change", "done")]
-    assert [t for t, _ in inbox(sql, "alice")] == []
+    assert inbox(probe, "carol") == [("state_change", "plan"), ("state_change", "done")]
+    assert [t for t, _ in inbox(probe, "alice")] == []
 
 
 # ---------------------------------------------------------------------------------------------
 # Events
 
 
-def test_an_event_goes_to_the_agents_whose_interests_match_its_name(bus, sql):
+def test_an_event_goes_to_the_agents_whose_interests_match_its_name(bus, probe):
     names = ("alice", "builder", "deployer", "logger", "auditor", "bystander", "picky")
     alice, builder, deployer, logger, auditor, bystander, picky = (bus.agent(a) for a in names)
     alice.events.on("*")  # the emitter: never gets its own event
@@ -140,16 +137,16 @@ def test_an_event_goes_to_the_agents_whose_interests_match_its_name(bus, sql):
     recipients = {r.message.id: r.recipients for r in bus.sent()}
     assert recipients[first] == ["auditor", "builder", "logger"]
     assert recipients[second] == ["auditor", "builder", "logger", "picky"]
-    assert inbox(sql, "deployer") == inbox(sql, "bystander") == inbox(sql, "alice") == []
+    assert inbox(probe, "deployer") == inbox(probe, "bystander") == inbox(probe, "alice") == []
 
 
-def test_an_event_that_matches_nobody_is_archived_with_no_recipient(bus, sql):
+def test_an_event_that_matches_nobody_is_archived_with_no_recipient(bus, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     bob.events.on("deploy")
     message_id = alice.events.emit("build.done")
     [record] = bus.sent()
     assert (record.message.id, record.recipients, record.message.type) == (message_id, [], "event")
-    assert sql("SELECT count(*) FROM message WHERE agent IS NOT NULL") == [(0,)]
+    assert [row.agent for row in probe.inbox_rows()] == [None]
 
 
 def test_explicit_event_targets_work_without_any_interest(bus):
@@ -182,17 +179,17 @@ def test_a_pattern_handler_in_the_run_loop_receives_the_events_it_matches(bus):
 
 
 @pytest.mark.parametrize("name", ["build.*", "build?", "build[1]"])
-def test_an_event_name_with_pattern_characters_is_refused_and_writes_nothing(bus, counts, name):
+def test_an_event_name_with_pattern_characters_is_refused_and_writes_nothing(bus, probe, name):
     alice = bus.agent("alice")
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError, match="event name"):
         alice.events.emit(name)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
-def test_bad_types_and_patterns_are_refused_before_anything_is_recorded(bus, counts):
+def test_bad_types_and_patterns_are_refused_before_anything_is_recorded(bus, probe):
     bob = bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError, match="type"):
         bob.subscribe("nonsense")
     with pytest.raises(sqlbus.ValidationError, match="event pattern"):
@@ -201,14 +198,14 @@ def test_bad_types_and_patterns_are_refused_before_anything_is_recorded(bus, cou
         bob.events.on("bad\x00")
     with pytest.raises(TypeError, match="callable"):
         bob.subscribe("notification", "not a function")
-    assert counts() == before and bob.subscriptions() == []
+    assert probe.row_counts() == before and bob.subscriptions() == []
 
 
 # ---------------------------------------------------------------------------------------------
 # Recording, listing, dropping
 
 
-def test_subscriptions_are_recorded_once_listed_and_outlive_the_process(make_bus, db_path, clock):
+def test_subscriptions_are_recorded_once_listed_and_outlive_the_process(make_bus, probe, clock):
     bus = make_bus()
     bob = bus.agent("bob")
     bus.agent("alice")
@@ -227,7 +224,7 @@ def test_subscriptions_are_recorded_once_listed_and_outlive_the_process(make_bus
     again = make_bus()
     assert again.agent("bob").subscriptions() == expected
     assert {a.id: a.subscriptions for a in again.agents()} == {"alice": [], "bob": expected}
-    assert query(db_path, "SELECT count(*) FROM interest") == [(2,)]
+    assert probe.interest_count() == 2
 
 
 def test_unsubscribing_the_last_handler_drops_the_interest(bus):
@@ -263,7 +260,7 @@ def test_unsubscribe_without_a_handler_drops_the_interest_and_its_handlers(bus):
     assert bob.subscriptions() == []
 
 
-def test_events_off_drops_the_pattern_like_unsubscribe(bus, sql):
+def test_events_off_drops_the_pattern_like_unsubscribe(bus, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
 
     def handler(event):
@@ -276,15 +273,13 @@ def test_events_off_drops_the_pattern_like_unsubscribe(bus, sql):
     assert bob.subscriptions() == []
     alice.events.emit("build.done")
     alice.events.emit("deploy")
-    assert inbox(sql, "bob") == []
+    assert inbox(probe, "bob") == []
 
 
-def test_a_publish_with_explicit_recipients_reads_no_interests(bus, db_path):
+def test_a_publish_with_explicit_recipients_reads_no_interests(bus, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     bob.subscribe("state_change")
-    conn = apsw.Connection(str(db_path))  # take the table away: any read of it would fail
-    conn.execute("DROP TABLE interest")
-    conn.close()
+    probe.lose_interests()  # any read of them would now fail
 
     alice.publish("bob", "notification", {"n": 1})
     alice.publish(["bob", "alice"], "notification", {"n": 2}, correlation_id="c")
@@ -310,12 +305,10 @@ def test_a_schema_4_file_is_upgraded_with_an_empty_interest_table(make_bus, db_p
     alice, bob = bus.agent("alice"), bus.agent("bob")
     kept = alice.publish("bob", "notification", {"n": 1})
     bus.close()
-    conn = apsw.Connection(str(db_path))
-    conn.execute("DROP TABLE interest; PRAGMA user_version = 4")
-    conn.close()
+    SQLiteProbe(db_path).write("DROP TABLE interest", "PRAGMA user_version = 4")
 
     bus = make_bus()
-    assert query(db_path, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)] == [(5,)]
+    assert query(db_path, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(5,)]
     make_bus(tmp_path / "fresh.db")
     schema = "SELECT type, name, sql FROM sqlite_schema ORDER BY name"
     assert query(db_path, schema) == query(tmp_path / "fresh.db", schema)

@@ -11,7 +11,6 @@ import msgspec
 import pytest
 
 import sqlbus
-from sqlbus import storage
 from sqlbus.messages import iso_ms, new_message_id
 
 # The seed's base message schema (seed/000_4d7715b093882ae7.txt), copied verbatim except for the
@@ -83,9 +82,8 @@ def assert_valid(document: dict) -> None:
     assert not errors, f"{document} does not match the seed schema: {errors[0].message}"
 
 
-def stored_bodies(sql) -> list[dict]:
-    # a message to many recipients stores its body once, shared by its rows (schema 4)
-    return [json.loads(body) for (body,) in sql(f"SELECT {storage._BODY} FROM message ORDER BY seq")]
+def stored_bodies(probe) -> list[dict]:
+    return [json.loads(row.body) for row in probe.inbox_rows()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +94,7 @@ def test_the_seed_schema_itself_is_valid_draft_07():
     jsonschema.Draft7Validator.check_schema(SEED_BASE_SCHEMA)
 
 
-def test_every_message_the_library_writes_validates_against_the_seed_schema(bus, sql, clock):
+def test_every_message_the_library_writes_validates_against_the_seed_schema(bus, probe, clock):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     bus.agent("carol").subscribe("state_change")
     alice.publish("bob", "task_assignment", {"task": {"id": "t1", "type": "build"}},
@@ -125,7 +123,7 @@ def test_every_message_the_library_writes_validates_against_the_seed_schema(bus,
     assert_valid(msgspec.to_builtins(d.message))  # retry_count set on delivery
     d.ack()
 
-    bodies = stored_bodies(sql)
+    bodies = stored_bodies(probe)
     types = {b["type"] for b in bodies}
     assert types >= {"task_assignment", "notification", "status_update", "heartbeat", "event",
                      "state_sync_request", "broadcast", "shutdown", "state_change", "response",
@@ -195,14 +193,14 @@ def test_publish_has_no_way_to_set_the_sender(bus):
         alice.publish("bob", "notification", {}, **{"from": "mallory"})
 
 
-def test_publish_many_rejects_a_from_or_sender_key_and_writes_nothing(bus, counts):
+def test_publish_many_rejects_a_from_or_sender_key_and_writes_nothing(bus, probe):
     alice = bus.agent("alice")
     bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     for key in ("from", "sender"):
         with pytest.raises(sqlbus.ValidationError, match=rf"\[0\].*{key}"):
             alice.publish_many([{"to": "bob", "type": "notification", key: "mallory"}])
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_the_receiver_sees_the_publishing_agent_as_from_whatever_the_payload_says(bus):
@@ -250,15 +248,15 @@ def test_typed_payloads_may_be_given_as_a_dict_or_as_the_struct(bus):
     ],
 )
 def test_a_typed_payload_that_does_not_match_its_struct_is_rejected_naming_the_field(
-    bus, counts, type_, payload, field
+    bus, probe, type_, payload, field
 ):
     alice = bus.agent("alice")
     bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError) as info:
         alice.publish("bob", type_, payload)
     assert str(info.value).startswith(field), str(info.value)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_untyped_kinds_accept_any_json_object(bus):

@@ -9,13 +9,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import apsw
+import probes
 import pytest
 from hypothesis import event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import sqlbus
+
+# Hypothesis runs 50 programs of 50 steps: out of make test-fast.
+pytestmark = pytest.mark.slow
 
 MAX_ATTEMPTS = 3
 LEASE_MS = 10_000
@@ -169,15 +172,12 @@ class QueueMachine(RuleBasedStateMachine):
 
     @invariant()
     def every_row_has_the_models_state_and_attempts(self) -> None:
-        # the model's "queued" is the row's queued (0) or leased (1): a lease is a queued row
-        # whose visible_at lies ahead
-        states = {0: QUEUED, 1: QUEUED, 2: ACKED, 3: DEAD, 4: SCHEDULED}
-        conn = apsw.Connection(str(Path(self.dir) / "model.db"), flags=apsw.SQLITE_OPEN_READONLY)
-        try:
-            got = {mid: (states[state], attempts) for mid, state, attempts in conn.execute(
-                "SELECT message_id, state, attempts FROM message WHERE agent = 'bob'")}
-        finally:
-            conn.close()
+        # the model's "queued" is the row's queued or leased: a lease is a queued row whose
+        # visible_at lies ahead
+        states = {probes.QUEUED: QUEUED, probes.LEASED: QUEUED, probes.ACKED: ACKED,
+                  probes.DEAD: DEAD, probes.SCHEDULED: SCHEDULED}
+        rows = probes.SQLiteProbe(Path(self.dir) / "model.db").inbox_rows(agent="bob")
+        got = {row.message_id: (states[row.state], row.attempts) for row in rows}
         assert got == {mid: (row.state, row.attempts) for mid, row in self.rows.items()}
 
 QueueMachine.TestCase.settings = settings(

@@ -17,11 +17,10 @@ import msgspec
 import pytest
 from click.testing import CliRunner
 from conftest import query
+from probes import wal_check_every, wal_limit
 
 import sqlbus
 from sqlbus.cli import cli
-from sqlbus.engine import UPKEEP_CHECK_EVERY
-from sqlbus.sqlite import checkpoint as checkpoints
 
 INBOX = 200
 
@@ -74,6 +73,7 @@ def _fill_inbox(db_path: Path) -> list[str]:
         )
 
 
+@pytest.mark.slow
 def test_stats_counts_every_message_once_while_another_process_churns_the_inbox(db_path, tmp_path):
     _fill_inbox(db_path)
     proc, stop = _start_churn(db_path, tmp_path)
@@ -92,6 +92,7 @@ def test_stats_counts_every_message_once_while_another_process_churns_the_inbox(
     assert wrong == [], f"{len(wrong)} of 3000 samples did not count {INBOX}: {sorted(set(wrong))}"
 
 
+@pytest.mark.slow
 def test_peek_lists_every_message_once_while_another_process_churns_the_inbox(db_path, tmp_path):
     ids = set(_fill_inbox(db_path))
     proc, stop = _start_churn(db_path, tmp_path)
@@ -204,6 +205,7 @@ def _pruned_archive(db_path: Path, messages: int = 3000, pad: int = 1000) -> Non
         assert bus.prune(sent_older_than=0, dead_older_than=None).acked == messages
 
 
+@pytest.mark.slow
 def test_vacuum_gives_up_on_a_reader_that_pins_the_wal_and_never_locks_writers_out(db_path, tmp_path):
     _pruned_archive(db_path)
     reader = _start(_READER, db_path, tmp_path / "reader")
@@ -227,19 +229,14 @@ def test_vacuum_gives_up_on_a_reader_that_pins_the_wal_and_never_locks_writers_o
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 
-def test_the_vacuum_command_exits_1_with_the_reason_when_a_reader_pins_the_wal(db_path):
+def test_the_vacuum_command_exits_1_with_the_reason_when_a_reader_pins_the_wal(db_path, probe):
     _pruned_archive(db_path, messages=500)
     with sqlbus.connect(db_path) as bus:
         bus.agent("alice").publish("bob", "notification", {})
-    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM message").fetchall()
+    with probe.snapshot_held():
         with sqlbus.connect(db_path) as bus:
             bus.agent("alice").publish("bob", "notification", {})  # past the reader's snapshot
         result = CliRunner().invoke(cli, ["--db", str(db_path), "vacuum"])
-    finally:
-        reader.close()
     assert result.exit_code == 1
     (line,) = result.stderr.splitlines()
     assert line.startswith("sqlbus: error: vacuum could not shrink") and "reader" in line
@@ -259,6 +256,7 @@ _VACUUM_RSS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_vacuum_builds_its_copy_on_disk_so_memory_does_not_grow_with_the_file(db_path):
     with sqlbus.connect(db_path, archive_retention=None, dead_retention=None) as bus:
         alice = bus.agent("alice")
@@ -288,6 +286,7 @@ def _wal_frames(db_path: Path) -> tuple[int, int]:
         conn.close()
 
 
+@pytest.mark.slow
 def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_checkpoint(db_path):
     wal = str(db_path) + "-wal"
     with sqlbus.connect(db_path, archive_retention=None, dead_retention=None) as bus:
@@ -299,11 +298,11 @@ def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_chec
         deadline = time.monotonic() + 60
         # The checkpointer copies it back and restarts it; a commit then writes at its start
         # and journal_size_limit trims the file to WAL_LIMIT, where it stays.
-        while _wal_frames(db_path)[0] > 100 or os.path.getsize(wal) > checkpoints.WAL_LIMIT:
+        while _wal_frames(db_path)[0] > 100 or os.path.getsize(wal) > wal_limit():
             assert time.monotonic() < deadline, (_wal_frames(db_path), os.path.getsize(wal))
             alice.publish("bob", "notification", {})
             time.sleep(0.02)
-        assert os.path.getsize(wal) == checkpoints.WAL_LIMIT
+        assert os.path.getsize(wal) == wal_limit()
 
         caller = threading.get_ident()
         seen: list[str] = []
@@ -322,7 +321,7 @@ def test_a_long_but_checkpointed_wal_file_costs_the_caller_no_connection_or_chec
         try:
             for _ in range(15):
                 alice.publish("bob", "notification", {})
-                time.sleep(UPKEEP_CHECK_EVERY * 1.2)  # so every publish finds upkeep due
+                time.sleep(wal_check_every() * 1.2)  # so every publish finds upkeep due
         finally:
             apsw.connection_hooks.remove(hook)
     assert seen == []
@@ -354,6 +353,7 @@ def _wal_restarts(wal: str) -> int:
         return int.from_bytes(f.read(16)[12:16], "big")
 
 
+@pytest.mark.slow
 def test_the_wal_starts_over_under_steady_load_from_several_processes(db_path, tmp_path):
     with sqlbus.connect(db_path) as bus:
         bus.agent("consumer")
@@ -381,7 +381,7 @@ def test_the_wal_starts_over_under_steady_load_from_several_processes(db_path, t
     # A restart is tried once the WAL holds WAL_LIMIT bytes of frames; commits go on while it
     # waits, and readers that hold it up for longer than WAL_WAIT make a process wait a while
     # before trying again: the WAL may pass the limit, but not run away.
-    assert largest <= 8 * checkpoints.WAL_LIMIT, largest
+    assert largest <= 8 * wal_limit(), largest
     assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
 
 

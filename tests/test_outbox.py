@@ -18,7 +18,7 @@ def shop(bus):
     return bus, alice
 
 
-def test_own_sql_messages_and_state_commit_together(shop, sql):
+def test_own_sql_messages_and_state_commit_together(shop, probe):
     bus, alice = shop
     with alice.transaction() as tx:
         tx.execute("INSERT INTO orders (item) VALUES (?)", ("book",))
@@ -27,7 +27,7 @@ def test_own_sql_messages_and_state_commit_together(shop, sql):
                                 {"task": {"id": f"order-{rows[0][0]}", "type": "ship"}})
         ids = tx.publish_many([{"to": "bob", "type": "notification", "payload": {"n": 1}}])
         version = tx.state.set("orders/count", 1)
-    assert sql("SELECT item FROM orders") == [("book",)]
+    assert probe.sql("SELECT item FROM orders") == [("book",)]
     assert version == 1
     entry = bus.state.get("orders/count")
     assert (entry.value, entry.updated_by) == (1, "alice")
@@ -36,9 +36,9 @@ def test_own_sql_messages_and_state_commit_together(shop, sql):
     assert got == [message_id, *ids]
 
 
-def test_an_exception_in_the_block_rolls_everything_back(shop, counts, sql):
+def test_an_exception_in_the_block_rolls_everything_back(shop, probe):
     bus, alice = shop
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(RuntimeError, match="payment failed"):
         with alice.transaction() as tx:
             tx.execute("INSERT INTO orders (item) VALUES (?)", ("book",))
@@ -46,41 +46,41 @@ def test_an_exception_in_the_block_rolls_everything_back(shop, counts, sql):
             tx.broadcast("broadcast", {"order": "book"})
             tx.state.set("orders/count", 1)
             raise RuntimeError("payment failed")
-    assert counts() == before
-    assert sql("SELECT count(*) FROM orders") == [(0,)]
+    assert probe.row_counts() == before
+    assert probe.sql("SELECT count(*) FROM orders") == [(0,)]
     assert bus.state.get("orders/count") is None
     assert bus.agent("bob").receive(limit=10) == []
 
 
-def test_a_bad_message_inside_the_block_rolls_back_the_own_sql_too(shop, counts):
+def test_a_bad_message_inside_the_block_rolls_back_the_own_sql_too(shop, probe):
     _, alice = shop
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError, match="headers.priority"):
         with alice.transaction() as tx:
             tx.execute("INSERT INTO orders (item) VALUES (?)", ("book",))
             tx.publish("bob", "notification", {}, priority=9)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
-def test_a_failing_statement_becomes_a_database_error_and_rolls_back(shop, counts):
+def test_a_failing_statement_becomes_a_database_error_and_rolls_back(shop, probe):
     _, alice = shop
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.DatabaseError):
         with alice.transaction() as tx:
             tx.publish("bob", "notification", {})
             tx.execute("INSERT INTO orders (item) VALUES (NULL)")  # NOT NULL
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
-def test_a_version_conflict_inside_the_block_rolls_back_everything(shop, counts):
+def test_a_version_conflict_inside_the_block_rolls_back_everything(shop, probe):
     bus, alice = shop
     bus.state.set("k", 1, notify=False)
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.VersionConflictError):
         with alice.transaction() as tx:
             tx.publish("bob", "notification", {})
             tx.state.set("k", 2, expected_version=0)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_the_transaction_cannot_be_used_outside_its_block(shop):

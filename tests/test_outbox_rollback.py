@@ -8,8 +8,8 @@ import contextvars
 import threading
 from pathlib import Path
 
-import apsw
 import pytest
+from probes import SQLiteProbe
 
 import sqlbus
 import sqlbus.aio
@@ -19,22 +19,16 @@ from sqlbus import DatabaseError
 def _with_app_table(path: Path) -> None:
     """The application's own table, with a trigger that makes SQLite roll back the whole
     transaction when a negative amount is inserted."""
-    conn = apsw.Connection(str(path))
-    conn.execute(
+    SQLiteProbe(path).write(
         "CREATE TABLE orders(id INTEGER PRIMARY KEY, amount INTEGER);"
         "CREATE TRIGGER no_negative BEFORE INSERT ON orders WHEN NEW.amount < 0 "
         "BEGIN SELECT RAISE(ROLLBACK, 'negative amount'); END;"
     )
-    conn.close()
 
 
 def _rows(path: Path) -> tuple[int, int, int]:
     """(orders, messages sent, state keys) as another connection sees them."""
-    conn = apsw.Connection(str(path))
-    try:
-        orders = conn.execute("SELECT count(*) FROM orders").fetchall()[0][0]
-    finally:
-        conn.close()
+    orders = SQLiteProbe(path).sql("SELECT count(*) FROM orders")[0][0]
     with sqlbus.connect(path) as bus:
         return orders, len(bus.sent(limit=1000)), len(bus.state.keys())
 

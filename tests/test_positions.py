@@ -8,15 +8,14 @@ import threading
 import time
 
 import pytest
-from conftest import query
 
 import sqlbus
 
 DAY = 86400.0
 
 
-def _position(db_path, message_id: str) -> int:
-    return query(db_path, "SELECT seq FROM message WHERE message_id = ?", (message_id,))[0][0]
+def _position(probe, message_id: str) -> int:
+    return probe.inbox_rows(message_id)[0].position
 
 
 def _stale_lease(bus):
@@ -68,7 +67,7 @@ def test_a_batch_ack_with_a_stale_and_a_current_lease_of_one_message_acks_nothin
     current.ack()
 
 
-def test_a_tail_sees_messages_published_after_the_newest_rows_were_purged(make_bus):
+def test_a_tail_sees_messages_published_after_the_newest_rows_were_purged(make_bus, probe):
     bus = make_bus(max_attempts=1)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     seen: list[str] = []
@@ -91,7 +90,7 @@ def test_a_tail_sees_messages_published_after_the_newest_rows_were_purged(make_b
     for delivery in bob.receive(limit=1000):
         delivery.dead_letter("marker")
     bus.purge_dead_letters()  # the newest rows, where the tail stands, are gone
-    assert query(bus.path, "SELECT count(*) FROM message") == [(0,)]
+    assert probe.inbox_rows() == []
     last = alice.publish("bob", "notification", {"last": True}, ttl=0)
     follower.join(15)
     assert seen[-1] == last
@@ -113,44 +112,43 @@ def test_a_watch_sees_changes_after_retention_emptied_the_state_log(make_bus, cl
     assert [(e.key, e.value, e.version) for e in got] == [("job/1", "running", 2)]
 
 
-def test_the_state_log_keeps_only_its_newest_entry_when_all_are_past_retention(make_bus, clock):
+def test_the_state_log_keeps_only_its_newest_entry_when_all_are_past_retention(make_bus, clock, probe):
     bus = make_bus(archive_retention=None)
     for value in range(3):
         bus.state.set("k", value, notify=False)
     clock.advance(8 * DAY)
     bus.prune(sent_older_than=7 * DAY, dead_older_than=None)
-    assert query(bus.path, "SELECT version FROM state_log") == [(3,)]
+    assert [version for _, _, version in probe.state_log()] == [3]
     bus.state.set("k", 99, notify=False)
-    assert [row[0] for row in query(bus.path, "SELECT seq FROM state_log")] == [3, 4]
+    assert [position for position, _, _ in probe.state_log()] == [3, 4]
 
 
-def test_positions_continue_after_the_whole_archive_was_pruned(make_bus, clock, db_path):
+def test_positions_continue_after_the_whole_archive_was_pruned(make_bus, clock, probe):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
     ids = alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(3)])
     bob.ack(bob.receive(limit=3))
-    assert [_position(db_path, i) for i in ids] == [1, 2, 3]
+    assert [_position(probe, i) for i in ids] == [1, 2, 3]
     clock.advance(8 * DAY)
     assert bus.prune().acked == 3
-    assert query(db_path, "SELECT count(*) FROM message") == [(0,)]
+    assert probe.inbox_rows() == []
     one = alice.publish("bob", "notification", {})  # one row
     many = alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(2)])
     mixed = alice.publish_many([{"to": "bob", "type": "notification", "priority": p}
                                 for p in (1, 5)])  # a plain batch of two runs
     fanned = alice.publish(["bob", "carol"], "notification", {})  # two rows, one message
-    assert [_position(db_path, i) for i in [one, *many, *mixed]] == [4, 5, 6, 7, 8]
-    assert [row[0] for row in query(db_path, "SELECT seq FROM message WHERE message_id = ?",
-                                    (fanned,))] == [9, 10]
+    assert [_position(probe, i) for i in [one, *many, *mixed]] == [4, 5, 6, 7, 8]
+    assert [row.position for row in probe.inbox_rows(fanned)] == [9, 10]
 
 
 def test_positions_survive_the_newest_rows_being_purged_twice_and_the_file_reopened(
-    make_bus, db_path
+    make_bus, probe
 ):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
     for expected in (1, 2, 3):
         mid = alice.publish("bob", "notification", {}, ttl=0)
-        assert _position(db_path, mid) == expected
+        assert _position(probe, mid) == expected
         bob.receive()[0].dead_letter("gone")
         bus.purge_dead_letters()
         bus.close()
@@ -158,7 +156,7 @@ def test_positions_survive_the_newest_rows_being_purged_twice_and_the_file_reope
         alice, bob = bus.agent("alice"), bus.agent("bob")
 
 
-def test_requeue_and_purge_never_give_a_dead_letter_number_or_a_position_twice(bus, db_path):
+def test_requeue_and_purge_never_give_a_dead_letter_number_or_a_position_twice(bus, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     first = alice.publish("bob", "notification", {"n": 1}, ttl=0)
     second = alice.publish("bob", "notification", {"n": 2}, ttl=0)
@@ -169,12 +167,12 @@ def test_requeue_and_purge_never_give_a_dead_letter_number_or_a_position_twice(b
     assert bus.requeue(newest.id) == second  # the newest record goes
     assert bus.dead_letter(newest.id) is None
     (again,) = bob.receive()
-    assert (again.message.id, _position(db_path, second)) == (second, 2)  # keeps its position
+    assert (again.message.id, _position(probe, second)) == (second, 2)  # keeps its position
     again.dead_letter("still poison")
     assert [(d.id, d.message.id) for d in bus.dead_letters()] == [(3, second), (1, first)]
     assert bus.purge_dead_letters() == 2
     third = alice.publish("bob", "notification", {"n": 3}, ttl=0)
-    assert _position(db_path, third) == 3
+    assert _position(probe, third) == 3
     bob.receive()[0].dead_letter("poison")
     assert [(d.id, d.message.id) for d in bus.dead_letters()] == [(4, third)]
     with pytest.raises(KeyError):  # sqlbus.NotFoundError is a KeyError
@@ -199,7 +197,7 @@ def test_a_lease_lost_before_a_requeue_stays_lost_after_it(make_bus):
     fresh.ack()
 
 
-def test_positions_stay_unique_while_threads_publish_and_purge(make_bus, db_path):
+def test_positions_stay_unique_while_threads_publish_and_purge(make_bus, probe):
     bus = make_bus(max_attempts=1)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     published: list[str] = []
@@ -223,7 +221,7 @@ def test_positions_stay_unique_while_threads_publish_and_purge(make_bus, db_path
     for delivery in bob.receive(limit=1000):
         delivery.dead_letter("churn")
     bus.purge_dead_letters()
-    assert query(db_path, "SELECT count(*) FROM message") == [(0,)]
+    assert probe.inbox_rows() == []
     # every publish took a new position, whatever the purges deleted meanwhile
     last = alice.publish("bob", "notification", {}, ttl=0)
-    assert _position(db_path, last) == len(published) + 1
+    assert _position(probe, last) == len(published) + 1

@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 import sqlbus
 
 # spawn: every child is a fresh interpreter with its own connections, as separate programs are.
@@ -103,6 +105,7 @@ def _join_all(processes, timeout: float = 120) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_producers_and_two_consumers_move_5000_messages_with_none_lost_or_duplicated(
     tmp_path,
 ):
@@ -137,6 +140,7 @@ def test_two_producers_and_two_consumers_move_5000_messages_with_none_lost_or_du
         assert bus.dead_letters() == []
 
 
+@pytest.mark.slow
 def test_a_consumer_killed_while_holding_leases_loses_nothing(tmp_path):
     path = str(tmp_path / "kill.db")
     with sqlbus.connect(path) as bus:
@@ -182,6 +186,7 @@ def test_a_consumer_killed_while_holding_leases_loses_nothing(tmp_path):
     assert {survivor_got[key] for key in killed_leases} == {2}
 
 
+@pytest.mark.slow
 def test_four_processes_writing_at_durability_full_never_see_database_is_locked(tmp_path):
     path = str(tmp_path / "full.db")
     with sqlbus.connect(path) as bus:

@@ -6,9 +6,9 @@ import json
 import math
 import random
 
-import apsw
 import msgspec
 import pytest
+from probes import QUEUED
 
 import sqlbus
 
@@ -20,8 +20,9 @@ def alice(bus):
     return bus.agent("alice")
 
 
-def rows_for(sql, message_id):
-    return sql("SELECT agent, state FROM message WHERE message_id = ? ORDER BY seq", (message_id,))
+def recipients(probe, message_id):
+    """The recipient of each row of a message, in publish order."""
+    return [row.agent for row in probe.inbox_rows(message_id)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -29,7 +30,8 @@ def rows_for(sql, message_id):
 
 
 class Opaque:
-    pass
+    def __repr__(self) -> str:  # the same test id in every process (pytest-xdist)
+        return "Opaque()"
 
 
 BAD_PUBLISH = [
@@ -83,36 +85,36 @@ BAD_PUBLISH = [
 @pytest.mark.parametrize(("kwargs", "error", "text"), BAD_PUBLISH,
                          ids=[repr(case[0])[:60] for case in BAD_PUBLISH])
 def test_bad_publish_raises_the_typed_error_naming_the_field_and_writes_nothing(
-    alice, counts, kwargs, error, text
+    alice, probe, kwargs, error, text
 ):
     call = dict(to="bob", type="notification", payload={"ok": 1})
     call.update(kwargs)
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(error) as info:
         alice.publish(call.pop("to"), call.pop("type"), call.pop("payload"), **call)
     assert str(info.value).startswith(text), str(info.value)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_a_payload_over_max_payload_bytes_raises_payload_too_large_and_writes_nothing(
-    make_bus, counts
+    make_bus, probe
 ):
     bus = make_bus(max_payload_bytes=1000)
     alice = bus.agent("alice")
     bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.PayloadTooLargeError, match=r"payload: .*1000"):
         alice.publish("bob", "notification", {"blob": "x" * 1000})
     assert isinstance(sqlbus.PayloadTooLargeError("x"), sqlbus.ValidationError)
-    assert counts() == before
+    assert probe.row_counts() == before
     alice.publish("bob", "notification", {"blob": "x" * 900})  # just under the limit is fine
 
 
-def test_the_default_payload_limit_is_one_mebibyte(alice, counts):
-    before = counts()
+def test_the_default_payload_limit_is_one_mebibyte(alice, probe):
+    before = probe.row_counts()
     with pytest.raises(sqlbus.PayloadTooLargeError):
         alice.publish("bob", "notification", {"blob": "x" * 1_048_576})
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 @pytest.mark.parametrize(
@@ -122,12 +124,12 @@ def test_the_default_payload_limit_is_one_mebibyte(alice, counts):
      ("w*", "agent id: 'w*' contains a pattern character"), ("w?", "agent id:"),
      ("w[1]", "agent id:"), (None, "agent id: expected str"), (7, "agent id: expected str")],
 )
-def test_bad_agent_ids_are_refused_at_registration_and_write_nothing(bus, counts, agent_id, text):
-    before = counts()
+def test_bad_agent_ids_are_refused_at_registration_and_write_nothing(bus, probe, agent_id, text):
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError) as info:
         bus.agent(agent_id)
     assert str(info.value).startswith(text), str(info.value)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_an_agent_id_of_exactly_200_printable_characters_is_accepted(bus):
@@ -141,7 +143,7 @@ def test_an_agent_id_of_exactly_200_printable_characters_is_accepted(bus):
     ["x'); DROP TABLE message; --", "bob' OR '1'='1", 'a"; DELETE FROM agents; --',
      "Robert'); DROP TABLE students;--"],
 )
-def test_ids_with_sql_in_them_are_stored_and_delivered_verbatim(bus, sql, evil):
+def test_ids_with_sql_in_them_are_stored_and_delivered_verbatim(bus, probe, evil):
     sender = bus.agent(evil)
     receiver = bus.agent(evil + " 2")
     message_id = sender.publish(evil + " 2", "notification", {"text": evil},
@@ -152,14 +154,13 @@ def test_ids_with_sql_in_them_are_stored_and_delivered_verbatim(bus, sql, evil):
     assert d.message.headers.correlation_id == evil
     d.ack()
     assert sorted(a.id for a in bus.agents()) == sorted([evil, evil + " 2"])
-    assert sql("SELECT sender, agent FROM message WHERE message_id = ?", (message_id,)) == [
+    assert [(row.sender, row.agent) for row in probe.inbox_rows(message_id)] == [
         (evil, evil + " 2")]
-    tables = {row[0] for row in sql("SELECT name FROM sqlite_schema WHERE type = 'table'")}
-    assert {"message", "agents"} <= tables
+    assert {"message", "agents"} <= set(probe.row_counts())  # no table was dropped
 
 
-def test_publish_many_with_one_bad_element_names_it_and_writes_nothing(alice, counts):
-    before = counts()
+def test_publish_many_with_one_bad_element_names_it_and_writes_nothing(alice, probe):
+    before = probe.row_counts()
     items = [{"to": "bob", "type": "notification", "payload": {"i": i}} for i in range(5)]
     items[3]["priority"] = 9
     with pytest.raises(sqlbus.ValidationError, match=r"^\[3\]\.headers\.priority: "):
@@ -179,16 +180,16 @@ def test_publish_many_with_one_bad_element_names_it_and_writes_nothing(alice, co
     items[3] = "not a dict"
     with pytest.raises(sqlbus.ValidationError, match=r"^\[3\]"):
         alice.publish_many(items)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
-def test_publish_many_of_nothing_writes_nothing_and_returns_an_empty_list(alice, counts):
-    before = counts()
+def test_publish_many_of_nothing_writes_nothing_and_returns_an_empty_list(alice, probe):
+    before = probe.row_counts()
     assert alice.publish_many([]) == []
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
-def test_publish_many_writes_every_message_in_order_and_returns_their_ids(bus, alice, sql):
+def test_publish_many_writes_every_message_in_order_and_returns_their_ids(bus, alice, probe):
     ids = alice.publish_many(
         [{"to": "bob", "type": "notification", "payload": {"i": i}} for i in range(50)]
         + [{"to": ["bob", "carol"], "type": "request", "payload": {}, "priority": 4}]
@@ -196,10 +197,10 @@ def test_publish_many_writes_every_message_in_order_and_returns_their_ids(bus, a
     assert len(ids) == len(set(ids)) == 51
     got = bus.agent("bob").receive(limit=100)
     assert [d.message.id for d in got] == [ids[50]] + ids[:50]
-    assert len(rows_for(sql, ids[50])) == 2
+    assert len(probe.inbox_rows(ids[50])) == 2
 
 
-def test_a_plain_batch_writes_the_rows_single_publishes_write(bus, alice, sql):
+def test_a_plain_batch_writes_the_rows_single_publishes_write(bus, alice, probe):
     # publish_many's fast path binds the values consecutive messages share once per statement:
     # runs of 1, 70 (more than one statement), 3 and 4, with every shared value changing.
     bus.agent("carol")
@@ -216,18 +217,19 @@ def test_a_plain_batch_writes_the_rows_single_publishes_write(bus, alice, sql):
     single_ids = [alice.publish(item["to"], item["type"], item["payload"],
                                 **{k: v for k, v in item.items() if k not in ("to", "type", "payload")})
                   for item in items]
-    columns = ("sender, agent, type, correlation_id, priority, state, visible_at - sent_at,"
-               " expires_at - sent_at, attempts, claims, done_at, last_error")
 
     def rows(ids):
-        return [sql(f"SELECT {columns} FROM message WHERE message_id = ?", (id,)) for id in ids]
+        return [[(r.sender, r.agent, r.type, r.correlation_id, r.priority, r.state,
+                  r.visible_at - r.sent_at, None if r.expires_at is None else r.expires_at - r.sent_at,
+                  r.attempts, r.claims, r.done_at, r.last_error) for r in probe.inbox_rows(id)]
+                for id in ids]
 
     assert rows(batch_ids) == rows(single_ids)
-    assert rows(batch_ids)[1] == [("alice", "carol", "event", None, 5, 0, 0, None, 0, 0,
+    assert rows(batch_ids)[1] == [("alice", "carol", "event", None, 5, QUEUED, 0, None, 0, 0,
                                    None, None)]
-    bodies = sql("SELECT body FROM message ORDER BY seq")
-    batch_messages = [msgspec.json.decode(body) for (body,) in bodies[: len(items)]]
-    single_messages = [msgspec.json.decode(body) for (body,) in bodies[len(items):]]
+    bodies = [row.body for row in probe.inbox_rows()]
+    batch_messages = [msgspec.json.decode(body) for body in bodies[: len(items)]]
+    single_messages = [msgspec.json.decode(body) for body in bodies[len(items):]]
     for batch, single in zip(batch_messages, single_messages, strict=True):
         assert batch.pop("id") != single.pop("id")
         batch.pop("timestamp"), single.pop("timestamp")
@@ -239,44 +241,34 @@ def test_a_plain_batch_writes_the_rows_single_publishes_write(bus, alice, sql):
 # Fan-out and atomicity
 
 
-def test_one_message_to_n_recipients_is_n_inbox_rows_of_the_same_message(bus, alice, sql):
+def test_one_message_to_n_recipients_is_n_inbox_rows_of_the_same_message(bus, alice, probe):
     names = [f"worker-{i}" for i in range(8)]
     for name in names:
         bus.agent(name)
     message_id = alice.publish(names + [names[0]], "notification", {"x": 1})  # duplicate kept once
-    assert [agent for agent, _ in rows_for(sql, message_id)] == names
+    assert recipients(probe, message_id) == names
     for name in names:
         (d,) = bus.agent(name).receive()
         assert d.message.id == message_id and d.message.to == names
 
 
-def _fail_inserts_for(db_path, agent):
-    """Install a trigger (through our own connection) that makes inserts for ``agent`` fail."""
-    conn = apsw.Connection(str(db_path))
-    conn.execute(
-        f"CREATE TRIGGER refuse BEFORE INSERT ON message WHEN NEW.agent = '{agent}' "
-        "BEGIN SELECT RAISE(ABORT, 'refused for the test'); END"
-    )
-    conn.close()
-
-
-def test_fan_out_is_all_or_nothing_when_one_recipient_row_fails(bus, alice, db_path, counts):
+def test_fan_out_is_all_or_nothing_when_one_recipient_row_fails(bus, alice, probe):
     bus.agent("dave")
-    _fail_inserts_for(db_path, "carol")
-    before = counts()
+    probe.refuse_inserts_for("carol")
+    before = probe.row_counts()
     with pytest.raises(sqlbus.DatabaseError, match="refused for the test"):
         alice.publish(["bob", "carol", "dave"], "notification", {})
-    assert counts() == before
+    assert probe.row_counts() == before
     assert bus.agent("bob").receive() == []
 
 
-def test_publish_many_is_all_or_nothing_when_one_row_fails(alice, db_path, counts):
-    _fail_inserts_for(db_path, "carol")
-    before = counts()
+def test_publish_many_is_all_or_nothing_when_one_row_fails(alice, probe):
+    probe.refuse_inserts_for("carol")
+    before = probe.row_counts()
     with pytest.raises(sqlbus.DatabaseError):
         alice.publish_many([{"to": "bob", "type": "notification"},
                             {"to": "carol", "type": "notification"}])
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,44 +316,44 @@ def test_a_higher_priority_message_published_later_is_delivered_first(bus, alice
 # Idempotent publish
 
 
-def test_publishing_a_caller_chosen_id_twice_delivers_it_once(bus, alice, sql):
+def test_publishing_a_caller_chosen_id_twice_delivers_it_once(bus, alice, probe):
     chosen = "msg-1800000000000-abcdefghi"
     assert alice.publish(["bob", "carol"], "notification", {"n": 1}, id=chosen) == chosen
     assert alice.publish(["bob", "carol"], "notification", {"n": 2}, id=chosen) == chosen
-    assert len(rows_for(sql, chosen)) == 2
+    assert len(probe.inbox_rows(chosen)) == 2
     (d,) = bus.agent("bob").receive(limit=5)
     assert d.message.payload == {"n": 1}
 
 
-def test_republishing_an_id_the_library_returned_delivers_nothing_new(bus, alice, sql):
+def test_republishing_an_id_the_library_returned_delivers_nothing_new(bus, alice, probe):
     bob = bus.agent("bob")
     first = alice.publish("bob", "notification", {"n": 1})
     (d,) = bob.receive()
     d.ack()
     assert alice.publish("bob", "notification", {"n": 1}, id=first) == first
     assert bob.receive() == []
-    assert len(rows_for(sql, first)) == 1
+    assert len(probe.inbox_rows(first)) == 1
 
 
-def test_publish_many_with_an_existing_id_skips_only_that_message(bus, alice, sql):
+def test_publish_many_with_an_existing_id_skips_only_that_message(bus, alice, probe):
     existing = alice.publish("bob", "notification", {"n": 0})
     ids = alice.publish_many([
         {"to": "bob", "type": "notification", "payload": {"n": 1}, "id": existing},
         {"to": "bob", "type": "notification", "payload": {"n": 2}},
     ])
     assert ids[0] == existing
-    assert len(rows_for(sql, existing)) == 1
+    assert len(probe.inbox_rows(existing)) == 1
     assert [d.message.payload["n"] for d in bus.agent("bob").receive(limit=5)] == [0, 2]
 
 
-def test_the_same_caller_chosen_id_twice_in_one_publish_many_is_written_once(bus, alice, sql):
+def test_the_same_caller_chosen_id_twice_in_one_publish_many_is_written_once(bus, alice, probe):
     chosen = "msg-1800000000000-zzzzzzzzz"
     ids = alice.publish_many([
         {"to": "bob", "type": "notification", "payload": {"n": 1}, "id": chosen},
         {"to": "bob", "type": "notification", "payload": {"n": 2}, "id": chosen},
     ])
     assert ids == [chosen, chosen]
-    assert len(rows_for(sql, chosen)) == 1
+    assert len(probe.inbox_rows(chosen)) == 1
     assert [d.message.payload for d in bus.agent("bob").receive(limit=5)] == [{"n": 1}]
 
 
@@ -407,12 +399,12 @@ def test_a_delay_longer_than_the_ttl_does_not_expire_the_message_before_it_is_vi
 # Broadcast
 
 
-def test_broadcast_reaches_every_matching_agent_but_the_sender(bus, sql):
+def test_broadcast_reaches_every_matching_agent_but_the_sender(bus, probe):
     for name in ("worker-1", "worker-2", "worker-10", "boss"):
         bus.agent(name)
     sender = bus.agent("worker-0")
     message_id = sender.broadcast("event", {"name": "go"}, pattern="worker-*", priority=4)
-    assert sorted(a for a, _ in rows_for(sql, message_id)) == ["worker-1", "worker-10", "worker-2"]
+    assert sorted(recipients(probe, message_id)) == ["worker-1", "worker-10", "worker-2"]
     (d,) = bus.agent("worker-1").receive()
     assert d.message.type == "event"
     assert d.message.headers.broadcast_pattern == "worker-*"
@@ -422,19 +414,19 @@ def test_broadcast_reaches_every_matching_agent_but_the_sender(bus, sql):
     assert sender.receive() == []
 
 
-def test_broadcast_supports_question_mark_and_bracket_patterns(bus, sql):
+def test_broadcast_supports_question_mark_and_bracket_patterns(bus, probe):
     for name in ("w1", "w2", "w3", "w10"):
         bus.agent(name)
     sender = bus.agent("boss")
     one_char = sender.broadcast("broadcast", {}, pattern="w?")
     bracket = sender.broadcast("broadcast", {}, pattern="w[13]")
-    assert sorted(a for a, _ in rows_for(sql, one_char)) == ["w1", "w2", "w3"]
-    assert sorted(a for a, _ in rows_for(sql, bracket)) == ["w1", "w3"]
+    assert sorted(recipients(probe, one_char)) == ["w1", "w2", "w3"]
+    assert sorted(recipients(probe, bracket)) == ["w1", "w3"]
 
 
-def test_the_default_broadcast_pattern_reaches_every_other_agent(bus, alice, sql):
+def test_the_default_broadcast_pattern_reaches_every_other_agent(bus, alice, probe):
     message_id = alice.broadcast("broadcast", {"text": "all"})
-    assert sorted(a for a, _ in rows_for(sql, message_id)) == ["bob", "carol"]
+    assert sorted(recipients(probe, message_id)) == ["bob", "carol"]
 
 
 def test_a_broadcast_that_matches_nobody_returns_an_id_and_archives_zero_recipients(
@@ -450,13 +442,13 @@ def test_a_broadcast_that_matches_nobody_returns_an_id_and_archives_zero_recipie
     assert bob.receive() == []
 
 
-def test_a_broadcast_with_an_unknown_header_is_a_type_error_and_writes_nothing(alice, counts):
-    before = counts()
+def test_a_broadcast_with_an_unknown_header_is_a_type_error_and_writes_nothing(alice, probe):
+    before = probe.row_counts()
     with pytest.raises(TypeError, match="colour"):
         alice.broadcast("broadcast", {}, colour="red")
     with pytest.raises(sqlbus.ValidationError, match="pattern"):
         alice.broadcast("broadcast", {}, pattern="")
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 # ---------------------------------------------------------------------------------------------

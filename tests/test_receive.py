@@ -8,18 +8,14 @@ import threading
 import time
 
 import pytest
+from probes import ACKED, LEASED, SCHEDULED, SQLiteProbe
 
 import sqlbus
-from sqlbus import storage
 
 
 @pytest.fixture
 def pair(bus):
     return bus.agent("alice"), bus.agent("bob")
-
-
-def states(sql, message_id):
-    return [row[0] for row in sql("SELECT state FROM message WHERE message_id = ?", (message_id,))]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,7 +46,7 @@ def test_a_lease_that_runs_out_redelivers_the_message_with_attempts_plus_one(bus
 
 
 def test_a_late_ack_after_the_message_was_claimed_again_raises_and_changes_nothing(
-    bus, pair, clock, counts, sql
+    bus, pair, clock, probe
 ):
     alice, bob = pair
     message_id = alice.publish("bob", "notification", {}, requires_ack=True)
@@ -58,30 +54,30 @@ def test_a_late_ack_after_the_message_was_claimed_again_raises_and_changes_nothi
     late.reply({"from": "the late one"})
     clock.advance(2)
     (current,) = bob.receive(lease=30.0)
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.LeaseLostError, match=message_id):
         late.ack()
-    assert counts() == before
-    assert states(sql, message_id) == [storage.LEASED]  # still current's
+    assert probe.row_counts() == before
+    assert probe.message_states(message_id) == [LEASED]  # still current's
     assert alice.receive(limit=10) == []  # neither the reply nor the ack notice went out
     current.ack()
-    assert states(sql, message_id) == [2]
+    assert probe.message_states(message_id) == [ACKED]
 
 
-def test_a_lost_lease_cannot_be_failed_extended_or_dead_lettered(bus, pair, clock, counts):
+def test_a_lost_lease_cannot_be_failed_extended_or_dead_lettered(bus, pair, clock, probe):
     alice, bob = pair
     alice.publish("bob", "notification", {})
     (late,) = bob.receive(lease=1.0)
     clock.advance(2)
     (current,) = bob.receive(lease=30.0)
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.LeaseLostError):
         late.extend(10.0)
     with pytest.raises(sqlbus.LeaseLostError):
         late.fail(RuntimeError("late"))
     with pytest.raises(sqlbus.LeaseLostError):
         late.dead_letter("late")
-    assert counts() == before
+    assert probe.row_counts() == before
     current.ack()
 
 
@@ -134,14 +130,14 @@ def test_a_settled_delivery_cannot_be_settled_again(bus, pair):
 # Batch ack
 
 
-def test_batch_ack_acks_every_delivery_in_one_go(bus, pair, sql):
+def test_batch_ack_acks_every_delivery_in_one_go(bus, pair, probe):
     alice, bob = pair
     ids = [alice.publish("bob", "notification", {"i": i}) for i in range(5)]
     bob.ack(bob.receive(limit=5))
-    assert [states(sql, i) for i in ids] == [[2]] * 5
+    assert [probe.message_states(i) for i in ids] == [[ACKED]] * 5
 
 
-def test_batch_ack_with_one_lost_lease_acks_nothing(bus, pair, clock, sql, counts):
+def test_batch_ack_with_one_lost_lease_acks_nothing(bus, pair, clock, probe):
     alice, bob = pair
     short_id = alice.publish("bob", "notification", {"i": 0})
     (short,) = bob.receive(lease=1.0)
@@ -152,43 +148,43 @@ def test_batch_ack_with_one_lost_lease_acks_nothing(bus, pair, clock, sql, count
     clock.advance(2)
     (reclaimed,) = bob.receive(lease=60.0)
     assert reclaimed.message.id == short_id
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.LeaseLostError):
         bob.ack(longer + [short])
-    assert counts() == before
-    assert [states(sql, i) for i in ids] == [[storage.LEASED], [storage.LEASED]]
+    assert probe.row_counts() == before
+    assert [probe.message_states(i) for i in ids] == [[LEASED], [LEASED]]
     assert alice.receive(limit=10) == []
     bob.ack(longer)  # the deliveries whose leases still hold can still be acked
-    assert [states(sql, i) for i in ids] == [[2], [2]]
+    assert [probe.message_states(i) for i in ids] == [[ACKED], [ACKED]]
     assert len(alice.receive(limit=10)) == 2
 
 
-def test_batch_ack_refuses_another_agents_delivery_with_value_error(bus, pair, counts):
+def test_batch_ack_refuses_another_agents_delivery_with_value_error(bus, pair, probe):
     alice, bob = pair
     carol = bus.agent("carol")
     alice.publish(["bob", "carol"], "notification", {})
     (mine,) = bob.receive()
     (theirs,) = carol.receive()
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(ValueError, match="bob"):
         bob.ack([mine, theirs])
     with pytest.raises(ValueError):
         bob.ack(["not a delivery"])  # type: ignore[list-item]
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
-def test_batch_ack_of_an_empty_list_does_nothing(bus, pair, counts):
+def test_batch_ack_of_an_empty_list_does_nothing(bus, pair, probe):
     _, bob = pair
-    before = counts()
+    before = probe.row_counts()
     bob.ack([])
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 # ---------------------------------------------------------------------------------------------
 # Buffered effects and ack notices
 
 
-def test_buffered_reply_publish_and_state_commit_with_the_ack(bus, pair, sql):
+def test_buffered_reply_publish_and_state_commit_with_the_ack(bus, pair, probe):
     alice, bob = pair
     carol = bus.agent("carol")
     request_id = alice.publish("bob", "request", {"q": 1}, correlation_id="corr-1")
@@ -208,10 +204,10 @@ def test_buffered_reply_publish_and_state_commit_with_the_ack(bus, pair, sql):
     assert [m.message.payload for m in carol.receive(types=["notification"])] == [{"done": True}]
     entry = bus.state.get("progress")
     assert entry.value == {"done": 1} and entry.updated_by == "bob"
-    assert states(sql, request_id) == [2]
+    assert probe.message_states(request_id) == [ACKED]
 
 
-def test_buffered_effects_are_discarded_when_the_handler_raises(bus, pair, counts, sql):
+def test_buffered_effects_are_discarded_when_the_handler_raises(bus, pair, probe):
     alice, bob = pair
     bus.agent("carol")
     request_id = alice.publish("bob", "request", {"q": 1}, requires_ack=True)
@@ -225,11 +221,11 @@ def test_buffered_effects_are_discarded_when_the_handler_raises(bus, pair, count
     assert alice.receive(limit=10) == []
     assert bus.agent("carol").receive(limit=10) == []
     assert bus.state.get("progress") is None
-    assert sql("SELECT count(*) FROM message WHERE message_id != ?", (request_id,)) == [(0,)]
-    assert states(sql, request_id) == [storage.SCHEDULED]  # scheduled for retry
+    assert [row.message_id for row in probe.inbox_rows()] == [request_id]
+    assert probe.message_states(request_id) == [SCHEDULED]  # scheduled for retry
 
 
-def test_a_buffered_state_write_with_a_stale_version_makes_the_whole_ack_fail(bus, pair, sql):
+def test_a_buffered_state_write_with_a_stale_version_makes_the_whole_ack_fail(bus, pair, probe):
     alice, bob = pair
     bus.state.set("k", 1)
     message_id = alice.publish("bob", "notification", {})
@@ -238,7 +234,7 @@ def test_a_buffered_state_write_with_a_stale_version_makes_the_whole_ack_fail(bu
     d.reply({"x": 1})
     with pytest.raises(sqlbus.VersionConflictError):
         d.ack()
-    assert states(sql, message_id) == [1]  # still leased: the ack committed nothing
+    assert probe.message_states(message_id) == [LEASED]  # still leased: the ack committed nothing
     assert bus.state.get("k").value == 1
     assert alice.receive(types=["response"]) == []
 
@@ -415,26 +411,18 @@ def test_a_forked_child_can_use_the_parents_bus(bus, tmp_path):
     assert [m.message.payload for m in bob.receive()] == [{"n": 2}]
 
 
-def test_a_delivery_listed_twice_in_a_batch_ack_is_acked_once(bus, pair, sql):
+def test_a_delivery_listed_twice_in_a_batch_ack_is_acked_once(bus, pair, probe):
     alice, bob = pair
     message_id = alice.publish("bob", "notification", {}, requires_ack=True)
     (d,) = bob.receive()
     bob.ack([d, d])
-    assert states(sql, message_id) == [2]
+    assert probe.message_states(message_id) == [ACKED]
     assert len(alice.receive(limit=10)) == 1  # one acknowledgment, not two
 
 
+@pytest.mark.slow
 def test_waiting_for_one_type_does_not_spin_while_another_type_is_ready(tmp_path, monkeypatch):
-    from sqlbus import storage
-
-    claims = []
-    real_claim = storage.claim
-
-    def counting_claim(*args, **kwargs):
-        claims.append(1)
-        return real_claim(*args, **kwargs)
-
-    monkeypatch.setattr(storage, "claim", counting_claim)
+    claims = SQLiteProbe.count_claims(monkeypatch)
     with sqlbus.connect(tmp_path / "real.db") as bus:
         alice, bob = bus.agent("alice"), bus.agent("bob")
         alice.publish("bob", "notification", {}, ttl=0)  # ready, but not what bob waits for

@@ -10,18 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from probes import ACKED
 
 import sqlbus
-from sqlbus import storage
 
 # spawn, not fork: a child forked from a process with an open SQLite connection shares that
 # process's SQLite lock bookkeeping without holding its locks (see the report on fork).
 ctx = multiprocessing.get_context("spawn")
-
-
-def counter(sql, name, agent):
-    rows = sql("SELECT value FROM counters WHERE name = ? AND agent = ?", (name, agent))
-    return rows[0][0] if rows else 0
 
 
 def _responder(path: str, ready, delay: float) -> None:
@@ -75,13 +70,14 @@ def alice(make_bus):
     return make_bus(clock=None).agent("alice")
 
 
-def test_a_request_returns_the_data_of_the_handler_in_another_process(responder, alice, sql):
+def test_a_request_returns_the_data_of_the_handler_in_another_process(responder, alice, probe):
     responder()
 
     assert alice.request("bob", {"q": 21}, timeout=10) == {"doubled": 42}
     assert [alice.request("bob", {"q": n}, timeout=10)["doubled"] for n in range(5)] == [0, 2, 4, 6, 8]
     # The request and its response are both acked: nothing is left in any inbox.
-    assert sql("SELECT type, state FROM message WHERE type IN ('request', 'response') AND state != 2") == []
+    assert [(row.type, row.state) for row in probe.inbox_rows()
+            if row.type in ("request", "response") and row.state != ACKED] == []
 
 
 def test_the_response_carries_success_data_request_id_and_the_correlation_id(responder, alice, bus):
@@ -96,15 +92,15 @@ def test_the_response_carries_success_data_request_id_and_the_correlation_id(res
 
 
 def test_a_handler_exception_comes_back_as_a_remote_error_and_the_request_is_not_retried(
-    responder, alice, sql
+    responder, alice, probe
 ):
     responder()
 
     with pytest.raises(sqlbus.RemoteError, match="bob cannot do 'fail'"):
         alice.request("bob", {"q": "fail"}, timeout=10)
 
-    assert sql("SELECT state, attempts FROM message WHERE type = 'request'") == [(2, 1)]
-    assert dict(sql("SELECT name, count FROM error_counts")) == {"ValueError": 1}
+    assert [(row.state, row.attempts) for row in probe.inbox_rows(type="request")] == [(ACKED, 1)]
+    assert probe.error_counts() == {"ValueError": 1}
     assert alice.request("bob", {"q": 2}, timeout=10) == {"doubled": 4}  # bob keeps serving
 
 
@@ -117,7 +113,8 @@ def test_a_request_nobody_answers_times_out_with_request_timeout_error(alice):
     assert time.monotonic() - started >= 0.2
 
 
-def test_a_late_response_is_discarded_and_counted_never_handed_to_a_handler(responder, alice, sql):
+@pytest.mark.slow
+def test_a_late_response_is_discarded_and_counted_never_handed_to_a_handler(responder, alice, probe):
     responder(delay=0.6)
     with pytest.raises(sqlbus.RequestTimeoutError):
         alice.request("bob", {"q": 1}, timeout=0.1, ttl=30_000)
@@ -126,32 +123,34 @@ def test_a_late_response_is_discarded_and_counted_never_handed_to_a_handler(resp
     alice.subscribe("*", lambda m: handled.append(m))
 
     deadline = time.monotonic() + 10
-    while not sql("SELECT 1 FROM message WHERE type = 'response'") and time.monotonic() < deadline:
+    while not probe.inbox_rows(type="response") and time.monotonic() < deadline:
         time.sleep(0.02)
     alice.run(until_idle=True)
 
     assert handled == []
-    assert counter(sql, "late_responses", "alice") == 1
+    assert probe.counter("late_responses", "alice") == 1
     assert alice.bus.metrics().late_responses == 1
-    assert sql("SELECT state FROM message WHERE type = 'response'") == [(2,)]
-    assert sql("SELECT count(*) FROM request_timeout")[0][0] == 0
+    assert [row.state for row in probe.inbox_rows(type="response")] == [ACKED]
+    assert probe.request_timeout_count() == 0
 
 
-def test_a_requester_without_a_loop_sweeps_late_responses_on_its_next_request(responder, alice, sql):
+@pytest.mark.slow
+def test_a_requester_without_a_loop_sweeps_late_responses_on_its_next_request(responder, alice, probe):
     responder(delay=0.4)
     with pytest.raises(sqlbus.RequestTimeoutError):
         alice.request("bob", {"q": 1}, timeout=0.05, ttl=30_000)
     deadline = time.monotonic() + 10
-    while not sql("SELECT 1 FROM message WHERE type = 'response'") and time.monotonic() < deadline:
+    while not probe.inbox_rows(type="response") and time.monotonic() < deadline:
         time.sleep(0.02)
 
     assert alice.request("bob", {"q": 2}, timeout=10) == {"doubled": 4}
 
-    assert counter(sql, "late_responses", "alice") == 1
-    assert sql("SELECT count(*) FROM message WHERE type = 'response' AND state != 2")[0][0] == 0
+    assert probe.counter("late_responses", "alice") == 1
+    assert {row.state for row in probe.inbox_rows(type="response")} <= {ACKED}
 
 
-def test_a_requester_works_while_its_own_run_loop_runs_in_another_thread(responder, alice, sql):
+@pytest.mark.slow
+def test_a_requester_works_while_its_own_run_loop_runs_in_another_thread(responder, alice, probe):
     responder()
     seen = []
     alice.subscribe("*", lambda m: seen.append(m.type))
@@ -169,7 +168,7 @@ def test_a_requester_works_while_its_own_run_loop_runs_in_another_thread(respond
 
     assert results == [{"doubled": 2 * n} for n in range(20)]
     assert seen == ["notification"]  # the loop never took a response meant for the requester
-    assert counter(sql, "unhandled", "alice") == 0
+    assert probe.counter("unhandled", "alice") == 0
 
 
 def test_concurrent_requests_from_threads_each_get_their_own_response(responder, alice):
@@ -188,7 +187,7 @@ def test_concurrent_requests_from_threads_each_get_their_own_response(responder,
     assert results == {n: {"doubled": 2 * n} for n in range(6)}
 
 
-def test_the_response_to_a_request_never_waits_in_the_requesters_inbox(make_bus, sql):
+def test_the_response_to_a_request_never_waits_in_the_requesters_inbox(make_bus, probe):
     bus = make_bus(clock=None)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     bob.subscribe("request", lambda m: {"got": m.payload["q"]})
@@ -203,18 +202,18 @@ def test_the_response_to_a_request_never_waits_in_the_requesters_inbox(make_bus,
     assert alice.receive(limit=10) == []
     [record] = [r for r in bus.sent(agent="alice") if r.message.type == "response"]
     assert record.recipients == ["alice"] and record.message.payload["data"] == {"got": 7}
-    assert sql("SELECT state FROM message WHERE type = 'response'") == [(storage.ACKED,)]
+    assert [row.state for row in probe.inbox_rows(type="response")] == [ACKED]
     assert [s.ready for s in bus.stats() if s.agent == "alice"] == [0]
 
 
-def test_respond_inside_a_request_handler_commits_with_the_ack(make_bus, sql):
+def test_respond_inside_a_request_handler_commits_with_the_ack(make_bus, probe):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
     request_id = alice.publish("bob", "request", {"q": 1}, correlation_id="c-1")
 
     def handler(message):
         bob.respond(message, {"explicit": True})
-        assert sql("SELECT count(*) FROM message WHERE type = 'response'")[0][0] == 0
+        assert probe.inbox_rows(type="response") == []
         return {"ignored": True}  # a response was given already
 
     bob.subscribe("request", handler)
@@ -293,7 +292,7 @@ def test_a_request_nobody_took_before_its_timeout_expires_instead_of_being_answe
     assert [d.reason for d in bus.dead_letters(agent="bob")] == ["expired"]
 
 
-def test_a_response_to_a_request_sent_by_plain_publish_goes_to_the_response_handler(make_bus, sql):
+def test_a_response_to_a_request_sent_by_plain_publish_goes_to_the_response_handler(make_bus, probe):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
     alice.publish("bob", "request", {"q": 1}, correlation_id="mine")
@@ -305,4 +304,4 @@ def test_a_response_to_a_request_sent_by_plain_publish_goes_to_the_response_hand
     alice.run(until_idle=True)
 
     assert got == [("mine", "ok")]
-    assert sql("SELECT count(*) FROM counters WHERE name = 'late_responses'")[0][0] == 0
+    assert probe.counters("late_responses") == {}

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from probes import SQLiteProbe
 
 import sqlbus
 import sqlbus.aio
@@ -38,7 +39,7 @@ def _settled(count: Callable[[], int], at_most: int) -> int:
     return value
 
 
-def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path) -> None:
+def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path, probe: SQLiteProbe) -> None:
     with sqlbus.connect(tmp_path / "bus.db") as bus:
         alice = bus.agent("alice")
         bus.agent("bob")
@@ -57,10 +58,11 @@ def test_a_thread_that_ends_leaves_no_connection_behind(tmp_path: Path) -> None:
             thread.join()
         assert _settled(_fds, fds + ONCE_FDS) <= fds + ONCE_FDS
         assert _settled(threading.active_count, threads + ONCE_THREADS) <= threads + ONCE_THREADS
-        assert len(bus.engine._connections) <= 2  # this thread's and the checkpointer's at most
+        assert probe.open_connections(bus) <= 2  # this thread's and the checkpointer's at most
         assert len(bus.agent("bob").receive(limit=1000)) == 420
 
 
+@pytest.mark.slow
 def test_threads_that_end_while_others_run_leave_nothing_behind(tmp_path: Path) -> None:
     with sqlbus.connect(tmp_path / "bus.db") as bus:
         alice = bus.agent("alice")
@@ -85,6 +87,7 @@ def test_threads_that_end_while_others_run_leave_nothing_behind(tmp_path: Path) 
         assert _settled(_fds, fds + ONCE_FDS) <= fds + ONCE_FDS
 
 
+@pytest.mark.slow
 def test_async_transactions_and_runs_leave_nothing_behind(tmp_path: Path) -> None:
     async def main() -> tuple[int, int, int, int]:
         bus = await sqlbus.aio.connect(tmp_path / "bus.db")
@@ -116,6 +119,7 @@ def test_async_transactions_and_runs_leave_nothing_behind(tmp_path: Path) -> Non
     assert after_threads <= threads + ONCE_THREADS
 
 
+@pytest.mark.slow
 def test_a_run_whose_lease_keeper_extended_leases_leaves_nothing_behind(tmp_path: Path) -> None:
     with sqlbus.connect(tmp_path / "bus.db", lease=0.06) as bus:
         alice, bob = bus.agent("alice"), bus.agent("bob")
@@ -142,16 +146,17 @@ def test_a_run_whose_lease_keeper_extended_leases_leaves_nothing_behind(tmp_path
         assert _settled(threading.active_count, threads + ONCE_THREADS) <= threads + ONCE_THREADS
 
 
-def _wait_until_waiting(bus: sqlbus.Bus) -> None:
+def _wait_until_waiting(bus: sqlbus.Bus, probe: SQLiteProbe) -> None:
     for _ in range(1000):
-        if bus.engine.wakeup._waiters or bus.engine.wakeup._async:
+        if probe.waiters(bus) or probe.async_waiters(bus):
             return
         time.sleep(0.002)
     raise AssertionError("the receive never started waiting")
 
 
+@pytest.mark.slow
 def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
-    tmp_path: Path,
+    tmp_path: Path, probe: SQLiteProbe
 ) -> None:
     path = tmp_path / "bus.db"
     sqlbus.connect(path).close()
@@ -169,7 +174,7 @@ def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        _wait_until_waiting(bus)
+        _wait_until_waiting(bus, probe)
         bus.close()
         waiter.join(10)
         assert not waiter.is_alive()
@@ -182,8 +187,9 @@ def test_close_wakes_a_waiting_thread_with_database_error_and_leaks_nothing(
     assert not odd, odd[:3]
 
 
+@pytest.mark.slow
 def test_closing_an_async_bus_while_a_receive_waits_raises_database_error_and_leaks_nothing(
-    tmp_path: Path,
+    tmp_path: Path, probe: SQLiteProbe
 ) -> None:
     path = tmp_path / "bus.db"
     sqlbus.connect(path).close()
@@ -196,7 +202,7 @@ def test_closing_an_async_bus_while_a_receive_waits_raises_database_error_and_le
             bob = await bus.agent("bob")
             waiting = asyncio.ensure_future(bob.receive(wait=60))
             for _ in range(1000):
-                if bus.sync.engine.wakeup._async:
+                if probe.async_waiters(bus.sync):
                     break
                 await asyncio.sleep(0.002)
             await bus.close()

@@ -12,10 +12,9 @@ import apsw
 import msgspec
 import pytest
 from conftest import query
+from probes import SCHEMA_VERSION, UPKEEP_BATCH, prune_in_batches, tune_checkpointer, wal_limit
 
 import sqlbus
-from sqlbus import ops, storage
-from sqlbus.sqlite import checkpoint as checkpoints
 
 DAY = 86400.0
 
@@ -50,13 +49,12 @@ def _populate(bus, clock):
     return keep
 
 
-def test_prune_deletes_old_acked_messages_and_old_dead_letters_and_nothing_else(make_bus, clock, db_path):
+def test_prune_deletes_old_acked_messages_and_old_dead_letters_and_nothing_else(make_bus, clock, probe):
     bus = make_bus(archive_retention=None, dead_retention=None)
     keep = _populate(bus, clock)
     result = bus.prune(sent_older_than=7 * DAY, dead_older_than=30 * DAY)
     assert (result.acked, result.dead_letters) == (1, 1)
-    left = {row[0] for row in query(db_path, "SELECT message_id FROM message")}
-    assert left == keep
+    assert set(probe.message_ids()) == keep
     assert [d.reason for d in bus.dead_letters()] == ["poison"]
     assert bus.prune(7 * DAY, 30 * DAY) == sqlbus.PruneResult(acked=0, dead_letters=0)
 
@@ -105,43 +103,45 @@ def test_prune_reports_progress_up_to_the_total(make_bus, clock):
     bob.ack(bob.receive(limit=30))
     clock.advance(8 * DAY)
     seen = []
-    result = ops.prune(bus.engine, 7 * DAY, None, batch=7, progress=lambda done, total: seen.append((done, total)))
+    result = prune_in_batches(bus, 7 * DAY, None, batch=7,
+                              progress=lambda done, total: seen.append((done, total)))
     assert result.acked == 30
     assert seen[0] == (0, 30) and seen[-1] == (30, 30)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
-def test_a_write_runs_the_background_retention_pass(make_bus, clock, db_path):
+def test_a_write_runs_the_background_retention_pass(make_bus, clock, probe):
     bus = make_bus(archive_retention=7 * DAY, dead_retention=30 * DAY)
     keep = _populate(bus, clock)
     # A new bus (as a new process would) runs its first pass after its first write.
     other = make_bus(archive_retention=7 * DAY, dead_retention=30 * DAY)
     other.agent("zed")
-    left = {row[0] for row in query(db_path, "SELECT message_id FROM message")}
-    assert left == keep
+    assert set(probe.message_ids()) == keep
 
 
-def test_retention_none_keeps_the_archive_for_ever(make_bus, clock, db_path):
+def test_retention_none_keeps_the_archive_for_ever(make_bus, clock, probe):
     bus = make_bus(archive_retention=None, dead_retention=None)
     _populate(bus, clock)
     clock.advance(365 * DAY)
     make_bus(archive_retention=None, dead_retention=None).agent("zed")
-    assert query(db_path, "SELECT count(*) FROM message")[0][0] == 6
+    assert probe.inbox_count() == 6
 
 
-def test_the_background_pass_deletes_a_small_batch_at_a_time(make_bus, clock, db_path):
+def test_the_background_pass_deletes_a_small_batch_at_a_time(make_bus, clock, probe):
     bus = make_bus(archive_retention=None, dead_retention=None)
     alice, bob = bus.agent("alice"), bus.agent("bob")
-    n = ops.UPKEEP_BATCH + 300
+    n = UPKEEP_BATCH + 300
     alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(n)])
     bob.ack(bob.receive(limit=n))
     clock.advance(8 * DAY)
     make_bus(archive_retention=7 * DAY).agent("zed")
-    assert query(db_path, "SELECT count(*) FROM message")[0][0] == 300
+    assert probe.inbox_count() == 300
     assert bus.metrics().messages_received == n
 
 
-def test_vacuum_shrinks_the_file_after_a_prune_and_keeps_every_live_message(make_bus, clock, db_path):
+def test_vacuum_shrinks_the_file_after_a_prune_and_keeps_every_live_message(
+    make_bus, clock, db_path, probe
+):
     bus = make_bus(archive_retention=None, dead_retention=None)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     blob = "x" * 2000
@@ -156,7 +156,7 @@ def test_vacuum_shrinks_the_file_after_a_prune_and_keeps_every_live_message(make
     assert os.path.getsize(str(db_path) + "-wal") == 0
     assert [e.message.id for e in bus.peek("bob", limit=1000)] == live
     assert len(live) == 100
-    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+    assert probe.integrity() == ["ok"]
 
 
 def test_check_passes_on_a_healthy_file_and_counts_expired_leases(bus, clock):
@@ -166,27 +166,21 @@ def test_check_passes_on_a_healthy_file_and_counts_expired_leases(bus, clock):
     clock.advance(2)
     report = bus.check()
     assert report.ok and report.problems == []
-    assert report.integrity == ["ok"] and report.schema_version == storage.SCHEMA_VERSION
+    assert report.integrity == ["ok"] and report.schema_version == SCHEMA_VERSION
     assert report.expired_leases == 1
     assert not report.wal_pinned
 
 
-def test_check_reports_a_reader_that_pins_the_wal(bus, db_path):
+def test_check_reports_a_reader_that_pins_the_wal(bus, probe):
     alice = bus.agent("alice")
     bus.agent("bob")
-    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM message").fetchall()  # holds this snapshot
+    with probe.snapshot_held():
         for _ in range(20):
             alice.publish("bob", "notification", {})
         report = bus.check()
         assert report.wal_pinned and not report.ok
         assert any("WAL pinned" in p for p in report.problems)
-        reader.execute("COMMIT")
-        assert not bus.check().wal_pinned
-    finally:
-        reader.close()
+    assert not bus.check().wal_pinned
 
 
 _PUBLISHER = """
@@ -201,6 +195,7 @@ with sqlbus.connect(sys.argv[1]) as bus:
 """
 
 
+@pytest.mark.slow
 def test_a_backup_taken_while_two_processes_publish_holds_everything_committed_before_it(tmp_path):
     db_path = tmp_path / "live.db"
     sqlbus.connect(db_path).close()
@@ -253,26 +248,17 @@ def _wal_frames(db_path) -> int:
         conn.close()
 
 
-def test_the_checkpointer_restarts_a_wal_that_grew_past_the_limit(make_bus, db_path, monkeypatch):
-    monkeypatch.setattr(checkpoints, "WAL_LIMIT", 256 * 1024)
-    monkeypatch.setattr(checkpoints, "CHECKPOINT_FRAMES", 64)
-    monkeypatch.setattr(checkpoints, "WAL_BACKOFF", 0.0)
+def test_the_checkpointer_restarts_a_wal_that_grew_past_the_limit(make_bus, db_path, probe, monkeypatch):
+    tune_checkpointer(monkeypatch, frames=64, wal_limit=256 * 1024, backoff=0.0)
     bus = make_bus(archive_retention=None, dead_retention=None)
     alice = bus.agent("alice")
     bus.agent("bob")
-    reader = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        # While a reader pins the WAL it grows; each restart gives up after WAL_WAIT.
-        reader.execute("BEGIN")
-        reader.execute("SELECT count(*) FROM message").fetchall()
+    with probe.snapshot_held():  # while a reader pins the WAL it grows; each restart gives up
         for _ in range(10):
             alice.publish_many([{"to": "bob", "type": "notification", "payload": {"p": "x" * 1000}}
                                 for _ in range(50)])
         grown = _wal_frames(db_path)
-        assert grown * 4096 > checkpoints.WAL_LIMIT
-        reader.execute("COMMIT")
-    finally:
-        reader.close()
+        assert grown * 4096 > wal_limit()
     # The reader is gone: the checkpointer thread's next pass restarts the WAL, and a commit
     # after that writes at its start.
     deadline = time.monotonic() + 30
@@ -285,7 +271,7 @@ def test_the_checkpointer_restarts_a_wal_that_grew_past_the_limit(make_bus, db_p
 
 
 def test_the_state_change_log_ages_with_the_archive_but_the_latest_values_stay(
-    make_bus, clock, db_path
+    make_bus, clock, probe
 ):
     bus = make_bus(archive_retention=None, dead_retention=None)
     for value in range(5):
@@ -294,6 +280,6 @@ def test_the_state_change_log_ages_with_the_archive_but_the_latest_values_stay(
     clock.advance(8 * DAY)
     bus.state.set("plan", 99, notify=False)
     bus.prune(sent_older_than=7 * DAY, dead_older_than=None)
-    logged = [row[0] for row in query(db_path, "SELECT version FROM state_log WHERE key = 'plan'")]
+    logged = [version for _, _, version in probe.state_log("plan")]
     assert logged == [6]  # the five old changes are gone, the recent one stays
     assert bus.state.get("plan").value == 99 and bus.state.get("other").value == "x"

@@ -17,10 +17,10 @@ import apsw
 import pytest
 from click.testing import CliRunner
 from conftest import file_sha256, query
+from probes import ACKED, APPLICATION_ID, SCHEMA_VERSION, UPKEEP_BATCH, SQLiteProbe
 
 import sqlbus
 import sqlbus.aio
-from sqlbus import storage
 from sqlbus.bus import STORED
 from sqlbus.cli import cli
 
@@ -34,11 +34,9 @@ def _cli(db: Path, *args: str):
     return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
 
 
-def _counts(db: Path) -> tuple[int, int, int]:
+def _counts(probe: SQLiteProbe) -> tuple[int, int, int]:
     """(acked rows, dead letters, all message rows)."""
-    return (query(db, "SELECT count(*) FROM message WHERE state = 2")[0][0],
-            query(db, "SELECT count(*) FROM dead_letter")[0][0],
-            query(db, "SELECT count(*) FROM message")[0][0])
+    return probe.inbox_count(state=ACKED), probe.dead_letter_count(), probe.inbox_count()
 
 
 def test_a_new_file_starts_with_the_default_policy(bus):
@@ -55,7 +53,7 @@ def test_the_retention_keywords_default_to_the_stored_policy():
 
 
 def test_a_bus_connected_with_none_retention_keeps_its_archive_when_others_use_defaults(
-    make_bus, clock, db_path
+    make_bus, clock, db_path, probe
 ):
     clock.now = time.time() - 40 * DAY  # acked and failed 40 days before the real clock's now
     bus = make_bus(archive_retention=None, dead_retention=None)
@@ -66,11 +64,11 @@ def test_a_bus_connected_with_none_retention_keeps_its_archive_when_others_use_d
     bob.ack(deliveries[:105])
     for delivery in deliveries[105:]:
         delivery.dead_letter("kept")
-    assert _counts(db_path) == (105, 5, 110)
+    assert _counts(probe) == (105, 5, 110)
     # Another process with the default keywords (and the real clock) writes: its retention
     # pass runs under the stored policy, which keeps everything.
     make_bus(clock=time.time).agent("zed")
-    assert _counts(db_path) == (105, 5, 110)
+    assert _counts(probe) == (105, 5, 110)
     proc = subprocess.run(
         [sys.executable, "-m", "sqlbus.cli", "--db", str(db_path), "send", "--from", "ops",
          "--to", "bob", "--type", "notification"],
@@ -80,7 +78,7 @@ def test_a_bus_connected_with_none_retention_keeps_its_archive_when_others_use_d
     for args in (["state", "set", "k", "1", "--no-notify"],
                  ["dead-letters", "requeue", "--all", "--reason", "nope"]):
         assert _cli(db_path, *args).exit_code == 0
-    assert _counts(db_path) == (105, 5, 111)
+    assert _counts(probe) == (105, 5, 111)
     assert bus.retention().archive_retention is None
 
 
@@ -106,7 +104,7 @@ def test_set_retention_changes_the_policy_for_another_process(bus, db_path):
         "archive_retention": 86400.0, "dead_retention": None, "archive_max_messages": 1000000}
 
 
-def test_another_process_prunes_by_a_policy_set_after_it_connected(make_bus, clock, db_path):
+def test_another_process_prunes_by_a_policy_set_after_it_connected(make_bus, clock, probe):
     bus = make_bus()
     other = make_bus()  # connected before the change, as a long-running process would be
     alice, bob = bus.agent("alice"), bus.agent("bob")
@@ -114,9 +112,9 @@ def test_another_process_prunes_by_a_policy_set_after_it_connected(make_bus, clo
     bob.ack(bob.receive(limit=3))
     bus.set_retention(archive_retention=DAY)
     clock.advance(2 * DAY)
-    other._retention_upkeep.due = 0.0  # its next write runs a retention pass (as a minute later)
+    probe.make_retention_due(other)  # its next write runs a retention pass (as a minute later)
     other.agent("zed")
-    assert _counts(db_path) == (0, 0, 0)
+    assert _counts(probe) == (0, 0, 0)
     assert other.metrics().messages_received == 3
 
 
@@ -142,7 +140,7 @@ def test_bad_retention_values_raise_at_once_and_change_nothing(bus, db_path):
     assert not missing.exists()
 
 
-def test_archive_max_messages_prunes_the_oldest_acked_messages_first(make_bus, clock, db_path):
+def test_archive_max_messages_prunes_the_oldest_acked_messages_first(make_bus, clock, probe):
     bus = make_bus(archive_max_messages=4)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     ids = alice.publish_many([{"to": "bob", "type": "notification", "payload": {"i": i},
@@ -152,32 +150,28 @@ def test_archive_max_messages_prunes_the_oldest_acked_messages_first(make_bus, c
     deliveries[10].dead_letter("kept")  # not acked: neither counted nor pruned by the bound
     # deliveries[11] stays leased
     make_bus().agent("zed")  # another process's write runs its retention pass
-    acked = [row[0] for row in query(db_path, "SELECT message_id FROM message WHERE state = 2"
-                                              " ORDER BY seq")]
+    acked = probe.message_ids(state=ACKED)
     assert acked == ids[6:10]
-    assert _counts(db_path) == (4, 1, 6)
+    assert _counts(probe) == (4, 1, 6)
     assert bus.metrics().messages_received == 10  # the totals keep counting them
     bus.set_retention(archive_max_messages=1)
     assert bus.prune().acked == 3  # prune applies the bound too
-    assert [row[0] for row in query(db_path, "SELECT message_id FROM message WHERE state = 2")] \
-        == [ids[9]]
+    assert probe.message_ids(state=ACKED) == [ids[9]]
     bus.set_retention(archive_max_messages=None)
     assert bus.prune().acked == 0
 
 
-def test_the_background_pass_bounds_the_archive_a_small_batch_at_a_time(make_bus, db_path):
-    from sqlbus import ops
-
+def test_the_background_pass_bounds_the_archive_a_small_batch_at_a_time(make_bus, probe):
     bus = make_bus(archive_max_messages=None)
     alice, bob = bus.agent("alice"), bus.agent("bob")
-    n = ops.UPKEEP_BATCH + 500
+    n = UPKEEP_BATCH + 500
     alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(n)])
     bob.ack(bob.receive(limit=n))
     make_bus(archive_max_messages=100).agent("zed")
-    assert _counts(db_path)[0] == n - ops.UPKEEP_BATCH
+    assert _counts(probe)[0] == n - UPKEEP_BATCH
     later = make_bus()
     later.agent("zed")
-    assert _counts(db_path)[0] == 100
+    assert _counts(probe)[0] == 100
 
 
 def test_prune_without_arguments_applies_the_stored_policy(make_bus, clock, db_path):
@@ -311,7 +305,7 @@ def _as_schema_2(source: Path, dest: Path) -> None:
     for table in TABLES_2:  # the columns schema 2 has (later schemas add some)
         columns = ", ".join(row[1] for row in conn.execute(f"PRAGMA main.table_info({table})"))
         conn.execute(f"INSERT INTO main.{table} SELECT {columns} FROM source.{table}")
-    conn.execute(f"PRAGMA main.application_id = {storage.APPLICATION_ID}")
+    conn.execute(f"PRAGMA main.application_id = {APPLICATION_ID}")
     conn.execute("PRAGMA main.user_version = 2")
     conn.execute("COMMIT")
     conn.execute("DETACH source")
@@ -335,7 +329,7 @@ def test_a_schema_2_file_is_upgraded_keeps_every_message_and_gets_the_default_po
         bus.state.set("plan", {"step": 2}, notify=False)
     _as_schema_2(source, db)
     with sqlbus.connect(db, clock=clock, backoff_base=10.0) as bus:
-        assert query(db, "PRAGMA user_version") == [(storage.SCHEMA_VERSION,)] == [(5,)]
+        assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)] == [(5,)]
         assert bus.retention() == DEFAULT
         assert [r.message.id for r in bus.sent(limit=10)] == ids[::-1]
         assert {e.message.id: e.status for e in bus.peek("bob")} == {
@@ -352,7 +346,7 @@ def test_a_schema_2_file_is_upgraded_keeps_every_message_and_gets_the_default_po
         ready.dead_letter("again")
         assert bus.dead_letters()[0].id == 3
         newest = bus.agent("alice").publish("bob", "notification", {})
-        assert query(db, "SELECT seq FROM message WHERE message_id = ?", (newest,)) == [(7,)]
+        assert [row.position for row in SQLiteProbe(db).inbox_rows(newest)] == [7]
         changes = bus.state.watch("plan")
         assert next(changes).value == {"step": 2}
     assert query(db, "PRAGMA integrity_check") == [("ok",)]

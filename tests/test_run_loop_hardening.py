@@ -9,13 +9,9 @@ import logging
 import threading
 
 import pytest
+from probes import ACKED, DEAD, LEASED, SCHEDULED
 
 import sqlbus
-
-
-def states(sql, message_id):
-    return [row[0] for row in sql("SELECT state FROM message WHERE message_id = ?", (message_id,))]
-
 
 # ---------------------------------------------------------------------------------------------
 # Settled once, from any thread (SPEC 4)
@@ -46,9 +42,10 @@ SETTLED_AS = {"ack": "acked", "batch_ack": "acked", "fail": "retrying", "dead_le
               "release": "released", "retry": "retrying"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("second", ["ack", "batch_ack", "fail", "dead_letter", "release", "retry"])
 def test_of_two_threads_settling_one_delivery_one_wins_and_the_other_gets_already_settled(
-    bus, sql, second
+    bus, probe, second
 ):
     # The clock stands still: an ack that lost the race once found its own ack's row and
     # raised a raw StopIteration.
@@ -72,9 +69,9 @@ def test_of_two_threads_settling_one_delivery_one_wins_and_the_other_gets_alread
         (error,) = errors
         assert type(error) is ValueError and "already settled" in str(error), repr(error)
         won = "acked" if outcomes[0] is None else SETTLED_AS[second]
-        assert d._settled == won and f"already settled ({won})" in str(error)
-        assert (states(sql, message_id) == [2]) == (won == "acked")
-        assert 1 not in states(sql, message_id)  # settled: not left leased
+        assert probe.settled_as(d) == won and f"already settled ({won})" in str(error)
+        assert (probe.message_states(message_id) == [ACKED]) == (won == "acked")
+        assert LEASED not in probe.message_states(message_id)  # settled: not left leased
         for again in bob.receive(limit=10):  # released or retried (backoff 0 s: not yet) back
             again.ack()
 
@@ -106,15 +103,15 @@ def _settle_then_raise(settle, raised):
 @pytest.mark.parametrize(
     "settle, raised, state",
     [
-        ("ack", RuntimeError("after the ack"), 2),
-        ("ack", sqlbus.Discard("too late"), 2),
-        ("ack", sqlbus.Retry(0.0), 2),
-        ("dead_letter", RuntimeError("after the dead letter"), 3),
-        ("retry", sqlbus.Discard("too late"), 4),
+        ("ack", RuntimeError("after the ack"), ACKED),
+        ("ack", sqlbus.Discard("too late"), ACKED),
+        ("ack", sqlbus.Retry(0.0), ACKED),
+        ("dead_letter", RuntimeError("after the dead letter"), DEAD),
+        ("retry", sqlbus.Discard("too late"), SCHEDULED),
     ],
 )
 def test_a_handler_that_settles_its_delivery_and_then_raises_leaves_the_outcome_and_the_loop_goes_on(
-    bus, sql, caplog, type_, settle, raised, state
+    bus, probe, caplog, type_, settle, raised, state
 ):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     first = alice.publish("bob", type_, {"n": 1}, correlation_id="c-1")
@@ -132,8 +129,8 @@ def test_a_handler_that_settles_its_delivery_and_then_raises_leaves_the_outcome_
         assert bob.run(until_idle=True) == 2
 
     assert seen == [1, 2]
-    assert states(sql, first) == [state]
-    assert states(sql, second) == [2]
+    assert probe.message_states(first) == [state]
+    assert probe.message_states(second) == [ACKED]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and first in r.getMessage()]
     assert warnings and type(raised).__name__ in warnings[0].getMessage()
     # Only the second request was answered; nothing answered the settled one afterwards.
@@ -161,7 +158,7 @@ def test_an_event_whose_payload_forges_the_receiver_as_emitter_is_still_handled(
     assert [(e.name, e.emitted_by) for e in got] == [("build.done", "alice")]
 
 
-def test_an_agent_never_handles_its_own_event_whatever_its_payload_claims(bus, sql):
+def test_an_agent_never_handles_its_own_event_whatever_its_payload_claims(bus, probe):
     bob = bus.agent("bob")
     got = []
     bob.events.on("*", got.append)
@@ -171,7 +168,7 @@ def test_an_agent_never_handles_its_own_event_whatever_its_payload_claims(bus, s
     bob.run(until_idle=True)
 
     assert got == []
-    assert states(sql, message_id) == [2]
+    assert probe.message_states(message_id) == [ACKED]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +200,7 @@ def test_a_late_direct_reply_is_counted_as_late_only_not_as_received(bus, clock)
     assert _received(bus) == (1, 200.0, 1, 0, 1)
 
 
-def test_a_late_response_in_the_inbox_discarded_by_the_run_loop_is_counted_as_late_only(bus, clock, sql):
+def test_a_late_response_in_the_inbox_discarded_by_the_run_loop_is_counted_as_late_only(bus, clock, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     _time_out_a_request(alice, clock)
     (request,) = bob.receive()
@@ -243,6 +240,7 @@ def test_a_late_response_swept_by_the_next_request_is_counted_as_late_only(bus, 
 # Positions: tail starts when called; a delay is never early
 
 
+@pytest.mark.slow
 def test_tail_takes_its_position_when_called_not_at_the_first_next(bus):
     alice = bus.agent("alice")
     alice.publish("alice", "notification", {"n": 0})
@@ -252,25 +250,25 @@ def test_tail_takes_its_position_when_called_not_at_the_first_next(bus):
     assert [r.message.id for r in records] == [message_id]
 
 
-def test_a_delay_is_rounded_up_to_the_millisecond_never_early(bus, clock, sql):
+def test_a_delay_is_rounded_up_to_the_millisecond_never_early(bus, clock, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     delays = {0.0015: 2, 0.0001: 1, 0.9999: 1000, 0.003: 3, 2: 2000}  # 0.003 s: 3.0000000000000004 ms
     ids = {alice.publish("bob", "notification", {}, delay=delay): ms for delay, ms in delays.items()}
-    rows = sql("SELECT message_id, visible_at - sent_at FROM message")
-    assert {message_id: after for message_id, after in rows} == ids
+    rows = probe.inbox_rows()
+    assert {row.message_id: row.visible_at - row.sent_at for row in rows} == ids
 
     clock.advance(0.0015)  # 1.5 ms later: the 2 ms delay is not due, the 1 ms one is
     assert clock.ms - int(clock.start * 1000) == 1
     assert [d.message.id for d in bob.receive(limit=10)] == [m for m, ms in ids.items() if ms == 1]
 
 
-def test_a_retry_delay_is_rounded_up_to_the_millisecond_never_early(bus, clock, sql):
+def test_a_retry_delay_is_rounded_up_to_the_millisecond_never_early(bus, clock, probe):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     alice.publish("bob", "notification", {})
     [d] = bob.receive()
     d.retry(0.0015)  # 1.5 ms: due 2 ms later, not 1
-    [(due_in,)] = sql("SELECT visible_at - ? FROM message", (clock.ms,))
-    assert due_in == 2
+    [row] = probe.inbox_rows()
+    assert row.visible_at - clock.ms == 2
     clock.advance(0.0015)
     assert bob.receive() == []  # 1.5 ms later it is not due yet
     clock.advance(0.001)

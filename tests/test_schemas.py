@@ -49,6 +49,7 @@ def test_the_tool_writes_the_four_draft_07_schema_files(tmp_path):
         jsonschema.Draft7Validator.check_schema(schema)
 
 
+@pytest.mark.slow
 def test_check_exits_non_zero_and_names_the_file_when_a_schema_is_stale(tmp_path):
     subprocess.run([sys.executable, str(TOOL), "--dir", str(tmp_path)], check=True,
                    capture_output=True)

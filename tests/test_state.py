@@ -32,14 +32,14 @@ def test_an_agents_state_writes_record_the_agent_as_updated_by(bus):
     assert bus.state.get("owner").updated_by == "alice"
 
 
-def test_compare_and_set_writes_only_at_the_expected_version(bus, counts):
+def test_compare_and_set_writes_only_at_the_expected_version(bus, probe):
     assert bus.state.set("lock", "a", expected_version=0) == 1
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.VersionConflictError, match="expected version 0, found 1"):
         bus.state.set("lock", "b", expected_version=0)
     with pytest.raises(sqlbus.VersionConflictError, match="expected version 5, found 1"):
         bus.state.set("lock", "b", expected_version=5)
-    assert counts() == before
+    assert probe.row_counts() == before
     assert bus.state.set("lock", "b", expected_version=1) == 2
     assert bus.state.get("lock").value == "b"
 
@@ -112,11 +112,11 @@ def test_a_state_change_message_goes_to_other_agents_in_the_same_transaction(bus
 
 
 @pytest.mark.parametrize("value", [math.nan, b"bytes", {1, 2}, object(), {"s": "\udc80"}])
-def test_a_value_that_is_not_json_is_refused_and_writes_nothing(bus, counts, value):
-    before = counts()
+def test_a_value_that_is_not_json_is_refused_and_writes_nothing(bus, probe, value):
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError, match="value"):
         bus.state.set("k", value)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 @pytest.mark.parametrize("key", ["", 42, None, "k" * 513, "lone \ud800 surrogate"])

@@ -21,12 +21,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import probes
 import pytest
 from conftest import file_sha256
 from test_foreign_files import NOBODY, one_line_error, run_as, run_cli, shared_dir, snapshot
 
 import sqlbus
-from sqlbus.sqlite import doorbell
 
 __all__ = ["shared_dir"]  # a fixture, imported for the tests that run as another user
 
@@ -34,7 +34,7 @@ NOTIFY = ["send", "--from", "alice", "--to", "bob", "--type", "notification"]
 
 
 def doorbell_dir(db: Path) -> Path:
-    return Path(doorbell.doorbell_dir(str(db)))
+    return probes.doorbell_dir(db)
 
 
 def plant_doorbells(db: Path, *, owner: int = NOBODY, mode: int = 0o777) -> Path:
@@ -122,7 +122,7 @@ def test_a_generation_symlink_in_the_doorbell_directory_is_never_written_through
     secret.write_bytes(b"root's own file, mode 0600")
     secret.chmod(0o600)
     directory = make_doorbells(db, kind)
-    (directory / doorbell.GENERATION).symlink_to(secret)
+    (directory / probes.GENERATION).symlink_to(secret)
     with sqlbus.connect(db) as bus:
         alice, bob = bus.agent("alice"), bus.agent("bob")
         assert bob.receive(wait=0.1) == []  # a waiter binds a doorbell and leaves
@@ -143,6 +143,7 @@ def test_a_symlinked_doorbell_directory_is_not_used_and_nothing_is_made_where_it
     assert list(elsewhere.iterdir()) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("owner, mode", [(NOBODY, 0o700), (0, 0o755), (0, 0o777)])
 def test_a_doorbell_directory_not_ours_alone_is_left_empty_and_waiters_still_wake(
     db: Path, caplog: pytest.LogCaptureFixture, owner: int, mode: int
@@ -175,7 +176,7 @@ def test_a_truncated_generation_file_of_another_user_does_not_kill_the_publisher
     db: Path,
 ) -> None:
     directory = plant_doorbells(db)
-    generation = directory / doorbell.GENERATION
+    generation = directory / probes.GENERATION
     generation.write_bytes(bytes(8))
     generation.chmod(0o666)
     os.chown(generation, NOBODY, NOBODY)
@@ -187,7 +188,7 @@ def test_a_truncated_awake_flag_of_another_user_does_not_kill_the_publisher(db: 
     directory = make_doorbells(db, "ours")
     stem = f"{os.getpid()}-{'a' * 12}"  # a live pid: the doorbell is not removed as stale
     listener = bound_socket(directory / f"{stem}.any.sock")
-    flag = directory / f"{stem}{doorbell.WAKE}"
+    flag = directory / f"{stem}{probes.WAKE}"
     flag.write_bytes(b"\x01")
     os.chown(flag, NOBODY, NOBODY)
     try:
@@ -201,7 +202,7 @@ def test_a_truncated_awake_flag_of_another_user_does_not_kill_the_publisher(db: 
 def test_a_fifo_named_like_an_awake_flag_does_not_block_a_publisher(db: Path, kind: str) -> None:
     directory = make_doorbells(db, kind)
     stem = "1-aaaaaaaaaaaa"  # pid 1 is alive: the doorbell is never removed as stale
-    os.mkfifo(directory / f"{stem}{doorbell.WAKE}")
+    os.mkfifo(directory / f"{stem}{probes.WAKE}")
     listener = None
     if kind == "planted":
         (directory / f"{stem}.any.sock").touch()
@@ -345,6 +346,6 @@ def test_what_the_bus_creates_is_0600_and_its_directories_0700_under_any_umask(
     names = {p.name for p in modes}
     assert {"team.db", "team.db-wal", "team.db-shm", "team.db.doorbells", "generation",
             "copy.db"} <= names, names
-    assert any(name.endswith(doorbell.WAKE) for name in names), names
+    assert any(name.endswith(probes.WAKE) for name in names), names
     for path, (is_dir, mode) in modes.items():
         assert mode == (0o700 if is_dir else 0o600), f"{path} is {oct(mode)}"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import START, FakeClock
+from probes import SQLiteProbe
 
 import sqlbus
 from sqlbus.cli import cli
@@ -134,15 +135,15 @@ def test_dead_letter_reason_and_fail_context_with_surrogates_are_recorded_escape
     ],
 )
 def test_nul_and_lone_surrogates_in_names_keys_patterns_and_payloads_are_validation_errors(
-    bus: sqlbus.Bus, counts: Callable[[], dict[str, int]], call: Callable[..., object]
+    bus: sqlbus.Bus, probe: SQLiteProbe, call: Callable[..., object]
 ) -> None:
     alice = bus.agent("alice")
     bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError) as caught:
         call(bus, alice)
     assert "\n" not in str(caught.value)
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_a_payload_string_holding_an_escaped_backslash_u0000_is_not_taken_for_nul(
@@ -159,18 +160,18 @@ def test_a_payload_string_holding_an_escaped_backslash_u0000_is_not_taken_for_nu
 
 @pytest.mark.parametrize("depth", [65, 980, 1000, 100_000])
 def test_a_payload_nested_deeper_than_64_levels_is_refused_naming_the_path(
-    bus: sqlbus.Bus, counts: Callable[[], dict[str, int]], depth: int
+    bus: sqlbus.Bus, probe: SQLiteProbe, depth: int
 ) -> None:
     alice = bus.agent("alice")
     bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     with pytest.raises(sqlbus.ValidationError, match=r"^payload(\.a){64}: nested deeper than 64"):
         alice.publish("bob", "notification", nested(depth))
     with pytest.raises(sqlbus.ValidationError, match=r"^\[0\]\.payload(\.a){64}: nested"):
         alice.publish_many([{"to": "bob", "type": "notification", "payload": nested(depth)}])
     with pytest.raises(sqlbus.ValidationError, match=r"^value(\.a){64}: nested"):
         bus.state.set("deep", {"a": nested(depth)}["a"])
-    assert counts() == before
+    assert probe.row_counts() == before
 
 
 def test_a_payload_nested_exactly_64_levels_and_lists_are_accepted_and_received(
@@ -362,16 +363,16 @@ def test_a_clock_outside_the_id_range_is_refused_at_connect_and_nothing_is_creat
 
 
 def test_a_clock_that_leaves_the_range_later_is_refused_at_first_use_writing_nothing(
-    make_bus: Callable[..., sqlbus.Bus], clock: FakeClock, counts: Callable[[], dict[str, int]]
+    make_bus: Callable[..., sqlbus.Bus], clock: FakeClock, probe: SQLiteProbe
 ) -> None:
     bus = make_bus()
     alice = bus.agent("alice")
     bus.agent("bob")
-    before = counts()
+    before = probe.row_counts()
     clock.now = 10_000_000_000.0  # 2286-11-20T17:46:40Z: the first moment past 13 digits
     with pytest.raises(ValueError, match="2286-11-20T17:46:39.999Z"):
         alice.publish("bob", "notification", {})
-    assert counts() == before
+    assert probe.row_counts() == before
     clock.now = 9_999_999_999.999  # the last moment that fits: works
     alice.publish("bob", "notification", {})
     assert bus.agent("bob").receive()[0].message.id.startswith("msg-9999999999999-")
@@ -427,13 +428,13 @@ def test_a_with_block_interrupted_by_keyboard_interrupt_keeps_that_as_the_error(
 
 
 def test_state_set_with_an_empty_subscriber_list_notifies_nobody(
-    bus: sqlbus.Bus, sql: Callable[..., list[tuple]]
+    bus: sqlbus.Bus, probe: SQLiteProbe
 ) -> None:
     bus.agent("bob")
     bob = bus.agent("bob")
     assert bus.state.set("plan", {"steps": 1}, subscribers=[]) == 1
     assert bus.state.delete("plan", subscribers=[]) == 2
-    assert sql("SELECT count(*) FROM message WHERE type = 'state_change'") == [(0,)]
+    assert probe.inbox_count(type="state_change") == 0
     assert bob.receive() == []
     with pytest.raises(sqlbus.ValidationError, match=r"subscribers\[0\]"):
         bus.state.set("plan", 1, subscribers=["bad*"])

@@ -9,20 +9,10 @@ import signal
 import threading
 import time
 
-import apsw
 import pytest
+from probes import ACKED, QUEUED, SCHEDULED, SQLiteProbe
 
 import sqlbus
-from sqlbus import storage
-
-
-def counter(sql, name, agent):
-    rows = sql("SELECT value FROM counters WHERE name = ? AND agent = ?", (name, agent))
-    return rows[0][0] if rows else 0
-
-
-def states(sql, agent):
-    return dict(sql("SELECT state, count(*) FROM message WHERE agent = ? GROUP BY state", (agent,)))
 
 
 @pytest.fixture
@@ -34,7 +24,7 @@ def pair(bus):
 # Dispatch
 
 
-def test_run_until_idle_hands_every_ready_message_to_its_handler_and_acks_it(pair, sql):
+def test_run_until_idle_hands_every_ready_message_to_its_handler_and_acks_it(pair, probe):
     alice, bob = pair
     seen = []
     bob.subscribe("notification", lambda m: seen.append(m.payload["n"]))
@@ -44,7 +34,7 @@ def test_run_until_idle_hands_every_ready_message_to_its_handler_and_acks_it(pai
     assert bob.run(until_idle=True) == 5
 
     assert seen == [0, 1, 2, 3, 4]
-    assert states(sql, "bob") == {2: 5}
+    assert probe.states_of("bob") == {ACKED: 5}
 
 
 def test_a_message_goes_to_every_handler_of_its_type_and_to_the_wildcard_handlers(pair):
@@ -89,7 +79,7 @@ def test_subscribe_rejects_an_unknown_type_and_a_non_callable(pair):
         bob.subscribe("notification", "not a function")
 
 
-def test_a_message_without_handler_is_acked_and_counted_as_unhandled(pair, bus, sql):
+def test_a_message_without_handler_is_acked_and_counted_as_unhandled(pair, bus, probe):
     alice, bob = pair
     bob.subscribe("task_result", lambda m: None)
     alice.publish("bob", "notification", {"text": "nobody listens"})
@@ -97,13 +87,13 @@ def test_a_message_without_handler_is_acked_and_counted_as_unhandled(pair, bus, 
 
     assert bob.run(until_idle=True) == 2
 
-    assert states(sql, "bob") == {2: 2}
-    assert counter(sql, "unhandled", "bob") == 2
+    assert probe.states_of("bob") == {ACKED: 2}
+    assert probe.counter("unhandled", "bob") == 2
     assert bus.metrics().messages_unhandled == 2
     assert bob.receive(wait=0) == []
 
 
-def test_run_until_idle_does_not_wait_for_retries_that_are_due_later(make_bus, sql, clock):
+def test_run_until_idle_does_not_wait_for_retries_that_are_due_later(make_bus, probe, clock):
     bus = make_bus(backoff_base=5.0)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     attempts = []
@@ -118,15 +108,15 @@ def test_run_until_idle_does_not_wait_for_retries_that_are_due_later(make_bus, s
 
     bob.run(until_idle=True)
     assert attempts == [0]  # the retry is due in 5 s: not ready now
-    assert states(sql, "bob") == {storage.SCHEDULED: 1}
+    assert probe.states_of("bob") == {SCHEDULED: 1}
 
     clock.advance(5.0)
     bob.run(until_idle=True)
     assert attempts == [0, 1]
-    assert states(sql, "bob") == {2: 1}
+    assert probe.states_of("bob") == {ACKED: 1}
 
 
-def test_a_failing_handler_is_retried_with_backoff_then_dead_lettered(make_bus, clock, sql):
+def test_a_failing_handler_is_retried_with_backoff_then_dead_lettered(make_bus, clock, probe):
     bus = make_bus(backoff_base=1.0, max_attempts=3)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     tries = []
@@ -147,7 +137,7 @@ def test_a_failing_handler_is_retried_with_backoff_then_dead_lettered(make_bus, 
     assert [(d.reason, d.error_name, d.error_message, d.attempts) for d in dead] == [
         ("max_attempts", "RuntimeError", "broken on try 3", 3)
     ]
-    assert dict(sql("SELECT name, count FROM error_counts")) == {"RuntimeError": 3}
+    assert probe.error_counts() == {"RuntimeError": 3}
 
 
 def test_a_non_retryable_handler_error_dead_letters_at_once(pair, bus):
@@ -163,7 +153,7 @@ def test_a_non_retryable_handler_error_dead_letters_at_once(pair, bus):
     assert [d.reason for d in bus.dead_letters()] == ["non_retryable"]
 
 
-def test_retry_from_a_handler_redelivers_after_its_delay_without_counting_an_error(pair, clock, sql):
+def test_retry_from_a_handler_redelivers_after_its_delay_without_counting_an_error(pair, clock, probe):
     alice, bob = pair
     tries = []
 
@@ -182,8 +172,8 @@ def test_retry_from_a_handler_redelivers_after_its_delay_without_counting_an_err
     bob.run(until_idle=True)
 
     assert tries == [0, 1]
-    assert states(sql, "bob") == {2: 1}
-    assert sql("SELECT count(*) FROM error_counts")[0][0] == 0
+    assert probe.states_of("bob") == {ACKED: 1}
+    assert probe.error_counts() == {}
 
 
 def test_discard_from_a_handler_dead_letters_with_its_reason(pair, bus):
@@ -203,7 +193,7 @@ def test_discard_from_a_handler_dead_letters_with_its_reason(pair, bus):
 # Buffered effects and transactions
 
 
-def test_effects_buffered_on_the_current_delivery_commit_with_the_ack(pair, bus, sql):
+def test_effects_buffered_on_the_current_delivery_commit_with_the_ack(pair, bus, probe):
     alice, bob = pair
     bus.agent("carol")
 
@@ -242,21 +232,12 @@ def test_effects_buffered_by_a_failing_handler_are_dropped(pair, bus):
     assert bus.state.get("job/2") is None
 
 
-def test_no_write_transaction_is_open_while_a_handler_runs(pair, db_path):
+def test_no_write_transaction_is_open_while_a_handler_runs(pair, probe):
     alice, bob = pair
     outcome = []
 
     def handle(message):
-        other = apsw.Connection(str(db_path))
-        other.set_busy_timeout(0)  # BUSY at once if anyone held the write lock
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            outcome.append("write lock was free")
-        except apsw.BusyError:
-            outcome.append("write lock was held")
-        finally:
-            other.close()
+        outcome.append("write lock was free" if probe.write_lock_is_free() else "write lock was held")
 
     bob.subscribe("notification", handle)
     alice.publish("bob", "notification", {})
@@ -265,7 +246,8 @@ def test_no_write_transaction_is_open_while_a_handler_runs(pair, db_path):
     assert outcome == ["write lock was free"]
 
 
-def test_a_long_handler_keeps_its_lease_and_no_one_else_gets_the_message(make_bus, db_path, sql):
+@pytest.mark.slow
+def test_a_long_handler_keeps_its_lease_and_no_one_else_gets_the_message(make_bus, db_path, probe):
     bus = make_bus(clock=None, lease=0.3)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     stolen = []
@@ -284,7 +266,7 @@ def test_a_long_handler_keeps_its_lease_and_no_one_else_gets_the_message(make_bu
     bob.run(until_idle=True)
 
     assert stolen == []
-    assert sql("SELECT state, attempts FROM message WHERE agent = 'bob'") == [(2, 1)]
+    assert [(row.state, row.attempts) for row in probe.inbox_rows(agent="bob")] == [(ACKED, 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,9 +295,7 @@ def test_a_run_loop_acks_a_message_and_claims_the_next_in_one_transaction(
                         for n in range(5)])
     seen = []
     bob.subscribe("notification", lambda m: seen.append(m.payload["n"]))
-    writes = []
-    original = storage.begin
-    monkeypatch.setattr(storage, "begin", lambda conn: (writes.append(1), original(conn))[1])
+    writes = SQLiteProbe.count_write_transactions(monkeypatch)
 
     assert bob.run(until_idle=True) == 5
 
@@ -323,7 +303,7 @@ def test_a_run_loop_acks_a_message_and_claims_the_next_in_one_transaction(
     assert len(writes) == 6  # the first claim, then five acks each claiming the next
 
 
-def test_a_run_loop_that_stops_gives_back_the_messages_no_handler_saw(pair, sql):
+def test_a_run_loop_that_stops_gives_back_the_messages_no_handler_saw(pair, probe):
     alice, bob = pair
     ids = alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": n}}
                               for n in range(3)])
@@ -331,7 +311,7 @@ def test_a_run_loop_that_stops_gives_back_the_messages_no_handler_saw(pair, sql)
 
     assert bob.run(limit=3) == 1
 
-    assert states(sql, "bob") == {storage.ACKED: 1, storage.QUEUED: 2}
+    assert probe.states_of("bob") == {ACKED: 1, QUEUED: 2}
     again = bob.receive(limit=10)
     assert [(d.message.id, d.attempts) for d in again] == [(ids[1], 1), (ids[2], 1)]
 
@@ -366,7 +346,8 @@ def _sigterm_worker(path: str, log_path: str, ready) -> None:
     os._exit(0)  # exited normally: run() returned after the signal
 
 
-def test_a_sigtermed_run_in_a_child_process_loses_nothing(make_bus, tmp_path, sql):
+@pytest.mark.slow
+def test_a_sigtermed_run_in_a_child_process_loses_nothing(make_bus, tmp_path, probe):
     bus = make_bus(clock=None)
     alice = bus.agent("alice")
     bus.agent("bob")
@@ -386,13 +367,13 @@ def test_a_sigtermed_run_in_a_child_process_loses_nothing(make_bus, tmp_path, sq
     assert child.exitcode == 0
 
     handled = log_path.read_text().split()
-    acked = [row[0] for row in sql("SELECT message_id FROM message WHERE agent = 'bob' AND state = 2")]
+    acked = probe.message_ids(agent="bob", state=ACKED)
     assert 20 <= len(handled) < 200
     assert sorted(handled) == sorted(acked)  # every handled message was acked, exactly once
     # The rest were released: ready now, for the next receiver, with nothing lost.
     now_ms = int(time.time() * 1000) + 1
-    waiting = sql("SELECT count(*) FROM message WHERE agent = 'bob' AND state = 0 AND visible_at <= ?",
-                  (now_ms,))[0][0]
+    waiting = len([row for row in probe.inbox_rows(agent="bob", state=QUEUED)
+                   if row.visible_at <= now_ms])
     assert waiting == 200 - len(handled)
 
     bob = bus.agent("bob")

@@ -46,9 +46,9 @@ def touch_agent(conn: Connection, agent: str, now: int, status: str | None = Non
 
 def list_agents(conn: apsw.Connection) -> list[AgentRow]:
     """(id, registered_at, last_seen, status) of every agent, by id."""
-    return list(map(AgentRow._make, conn.execute(
+    return [AgentRow(*row) for row in conn.execute(
         "SELECT id, registered_at, last_seen, status FROM agents ORDER BY id"
-    )))
+    )]
 
 
 def agent_ids(conn: apsw.Connection) -> list[str]:
@@ -79,11 +79,11 @@ def drop_interest(conn: apsw.Connection, agent: str, kind: str, pattern: str) ->
 def list_interests(conn: apsw.Connection, agent: str | None = None) -> list[InterestRow]:
     """(agent, kind, pattern, subscribed_at) of ``agent``'s interests, or of every agent's
     (None), by agent, kind and pattern."""
-    return list(map(InterestRow._make, conn.execute(
+    return [InterestRow(*row) for row in conn.execute(
         "SELECT agent, kind, pattern, subscribed_at FROM interest"
         " WHERE ?1 IS NULL OR agent = ?1 ORDER BY agent, kind, pattern",
         (agent,),
-    )))
+    )]
 
 
 def interested_in_type(conn: Connection, type: str, sender: str) -> list[str]:
@@ -127,10 +127,10 @@ def list_dead_letters(
     conn: apsw.Connection, agent: str | None, limit: int, max_body: int = 1 << 62
 ) -> list[DeadLetterRow]:
     """Dead letters, newest first, the body None when longer than ``max_body``."""
-    return list(map(DeadLetterRow._make, conn.execute(
+    return [DeadLetterRow(*row) for row in conn.execute(
         f"{_DEAD} WHERE ?1 IS NULL OR m.agent = ?1 ORDER BY d.id DESC LIMIT ?2",
         (agent, limit, max_body),
-    )))
+    )]
 
 
 def get_dead_letter(
@@ -145,7 +145,7 @@ def get_dead_letter(
         f"{_DEAD} WHERE m.message_id = ?2 ORDER BY d.id DESC LIMIT 1",
         (dead_letter_id, message_id, max_body),
     ).fetchall()
-    return DeadLetterRow._make(rows[0]) if rows else None
+    return DeadLetterRow(*rows[0]) if rows else None
 
 
 # A message's ttl, read in SQL so that requeueing never loads a body (which may be large or
@@ -270,7 +270,7 @@ def list_sent(
             )
         recipients = [row[0] for row in rows if row[0] is not None]
         listed = conn.execute(f"SELECT {LISTED} FROM message WHERE seq = ?1", (rows[0][2], max_body))
-        result.append(SentRow._make((recipients, *listed.fetchall()[0])))
+        result.append(SentRow(recipients, *listed.fetchall()[0]))
     return result
 
 
@@ -317,7 +317,7 @@ def peek_rows(
         listed = conn.execute(
             f"SELECT visible_at, attempts, {LISTED} FROM message WHERE seq = ?1", (seq, max_body)
         ).fetchall()[0]
-        rows.append(PeekRow._make((status, *listed)))
+        rows.append(PeekRow(status, *listed))
     return rows
 
 
@@ -339,8 +339,10 @@ def rows_after(
     result: list[TailRow] = []
     for seq, agent, message_id in rows:
         if result and result[-1].message_id == message_id:
-            result.append(result[-1]._replace(seq=seq, agent=agent))
-            continue
-        listed = conn.execute(f"SELECT {LISTED} FROM message WHERE seq = ?1", (seq, max_body))
-        result.append(TailRow._make((seq, agent, *listed.fetchall()[0])))
+            listed = result[-1][2:]  # the columns of the message's first row
+        else:
+            listed = conn.execute(
+                f"SELECT {LISTED} FROM message WHERE seq = ?1", (seq, max_body)
+            ).fetchall()[0]
+        result.append(TailRow(seq, agent, *listed))
     return result

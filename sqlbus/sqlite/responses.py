@@ -32,7 +32,7 @@ def find_response(conn: Connection, agent: str, correlation_id: str) -> Response
         f" EXISTS (SELECT 1 FROM message WHERE {_RESPONSE_WHERE})",
         (agent, correlation_id),
     ).fetchall()
-    return ResponseLook._make(rows[0])
+    return ResponseLook(*rows[0])
 
 
 def take_response(

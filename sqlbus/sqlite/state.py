@@ -15,7 +15,7 @@ def get_state(conn: apsw.Connection, key: str) -> StateRow | None:
         "SELECT key, value, version, deleted, updated_by, updated_at FROM state WHERE key = ?",
         (key,),
     ).fetchall()
-    return StateRow._make(rows[0]) if rows else None
+    return StateRow(*rows[0]) if rows else None
 
 
 def put_state(
@@ -58,11 +58,11 @@ def state_keys(conn: apsw.Connection, prefix: str) -> list[str]:
 def state_entries(conn: apsw.Connection, prefix: str) -> list[StateRow]:
     """Live entries under a key prefix, by key: (key, value, version, deleted, updated_by,
     updated_at)."""
-    return list(map(StateRow._make, conn.execute(
+    return [StateRow(*row) for row in conn.execute(
         "SELECT key, value, version, deleted, updated_by, updated_at FROM state"
         f" WHERE deleted = 0 AND {_PREFIX} ORDER BY key",
         (prefix,),
-    )))
+    )]
 
 
 def state_log_after(
@@ -70,11 +70,11 @@ def state_log_after(
 ) -> list[StateChange]:
     """Changes logged after ``after_seq``: (seq, key, value, version, deleted, updated_by,
     updated_at), in commit order."""
-    return list(map(StateChange._make, conn.execute(
+    return [StateChange(*row) for row in conn.execute(
         "SELECT seq, key, value, version, deleted, updated_by, updated_at FROM state_log"
         f" WHERE seq > ?2 AND {_PREFIX} ORDER BY seq LIMIT ?3",
         (prefix, after_seq, limit),
-    )))
+    )]
 
 
 def state_log_head(conn: apsw.Connection) -> int:

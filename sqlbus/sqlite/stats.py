@@ -48,12 +48,12 @@ def acked_rows(conn: apsw.Connection, now: int) -> list[AckedRow]:
     """Per recipient: (agent, acked, sum of done_at - sent_at in ms, acked in the last
     second, acked in the last minute). A scan of the whole table: the price of keeping the
     ack path free of counter updates."""
-    return list(map(AckedRow._make, conn.execute(
+    return [AckedRow(*row) for row in conn.execute(
         "SELECT agent, count(*), sum(done_at - sent_at), sum(done_at > ?1 - 1000),"
         " sum(done_at > ?1 - 60000) FROM message WHERE state = 2 AND agent IS NOT NULL"
         " GROUP BY agent",
         (now,),
-    )))
+    )]
 
 
 def sent_rows(conn: apsw.Connection) -> list[tuple[str, int]]:
@@ -75,9 +75,9 @@ def error_count_rows(conn: apsw.Connection) -> list[tuple[str, int]]:
 
 def read_counters(conn: apsw.Connection) -> list[CounterRow]:
     """Every counter: (name, agent, value)."""
-    return list(map(CounterRow._make, conn.execute(
+    return [CounterRow(*row) for row in conn.execute(
         "SELECT name, agent, value FROM counters ORDER BY name, agent"
-    )))
+    )]
 
 
 def expired_leases(conn: apsw.Connection, now: int) -> int:

@@ -139,7 +139,7 @@ def get_dead_letter(
 ) -> DeadLetterRow | None:
     """A dead letter by number, or the newest of message ``message_id``'s (as
     :func:`list_dead_letters`), or None."""
-    rows = conn.execute(
+    rows: list[Any] = conn.execute(
         f"{_DEAD} WHERE d.id = ?1 AND ?2 IS NULL"
         if dead_letter_id is not None else
         f"{_DEAD} WHERE m.message_id = ?2 ORDER BY d.id DESC LIMIT 1",
@@ -259,7 +259,7 @@ def list_sent(
             ids.append(message_id)
     result = []
     for message_id in ids:
-        rows = conn.execute(
+        rows: list[Any] = conn.execute(
             "SELECT agent, sent_at, seq FROM message WHERE message_id = ? ORDER BY seq",
             (message_id,),
         ).fetchall()
@@ -269,8 +269,10 @@ def list_sent(
                 "run 'sqlbus check' and restore from a 'sqlbus backup'"
             )
         recipients = [row[0] for row in rows if row[0] is not None]
-        listed = conn.execute(f"SELECT {LISTED} FROM message WHERE seq = ?1", (rows[0][2], max_body))
-        result.append(SentRow(recipients, *listed.fetchall()[0]))
+        listed: Any = conn.execute(
+            f"SELECT {LISTED} FROM message WHERE seq = ?1", (rows[0][2], max_body)
+        ).fetchall()[0]
+        result.append(SentRow(recipients, *listed))
     return result
 
 
@@ -314,7 +316,7 @@ def peek_rows(
         chosen += [(seq, status) for _key, seq, status in group[:room]]
     rows = []
     for seq, status in chosen:
-        listed = conn.execute(
+        listed: Any = conn.execute(
             f"SELECT visible_at, attempts, {LISTED} FROM message WHERE seq = ?1", (seq, max_body)
         ).fetchall()[0]
         rows.append(PeekRow(status, *listed))
@@ -332,11 +334,12 @@ def rows_after(
     """Rows published after ``after_seq``, in publish order: (seq, agent, and
     :data:`LISTED`'s columns with the body None when longer than ``max_body``). A message's
     rows come together; its columns and body are read once, for the first of them."""
-    rows = conn.execute(
+    rows: list[Any] = conn.execute(
         "SELECT seq, agent, message_id FROM message WHERE seq > ? ORDER BY seq LIMIT ?",
         (after_seq, limit),
     ).fetchall()
     result: list[TailRow] = []
+    listed: Any
     for seq, agent, message_id in rows:
         if result and result[-1].message_id == message_id:
             listed = result[-1][2:]  # the columns of the message's first row

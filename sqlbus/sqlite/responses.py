@@ -6,6 +6,8 @@ a handler."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import apsw
 
 from ..backend import ResponseLook
@@ -25,7 +27,7 @@ def find_response(conn: Connection, agent: str, correlation_id: str) -> Response
     and is taken with :func:`take_response`. ``data_version`` comes from the same snapshot,
     so a reply committed after this look changes it.
     """
-    rows = conn.cur.execute(
+    rows: list[Any] = conn.cur.execute(
         "SELECT (SELECT data_version FROM pragma_data_version()),"
         f" (SELECT {BODY} FROM message WHERE {_RESPONSE_OF} AND state = 2 AND claims = 0"
         " ORDER BY seq LIMIT 1),"

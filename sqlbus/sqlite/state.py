@@ -3,6 +3,8 @@ which ``watch`` replays from a snapshot's position on."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import apsw
 
 from ..backend import StateChange, StateRow
@@ -11,7 +13,7 @@ from .connection import begin_read, end_read
 
 def get_state(conn: apsw.Connection, key: str) -> StateRow | None:
     """(key, value, version, deleted, updated_by, updated_at) or None."""
-    rows = conn.execute(
+    rows: list[Any] = conn.execute(
         "SELECT key, value, version, deleted, updated_by, updated_at FROM state WHERE key = ?",
         (key,),
     ).fetchall()

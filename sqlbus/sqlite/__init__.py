@@ -6,7 +6,8 @@ storage``), split by concern over ``schema`` (tables, upgrades, the check of a f
 ``connection`` (opening, transactions, pragmas), ``queue`` (publish, claim, settle),
 ``responses`` (request/response), ``admin`` (registry, interests, dead letters, archive, peek,
 tail), ``retention`` (policy, pruning, expiry, counters), ``stats`` (figures and checks) and
-``state`` (shared state)."""
+``state`` (shared state). Beside them: ``files`` (the file on disk), ``checkpoint`` (the WAL
+checkpointer) and ``wakeup``, ``doorbell``, ``ringer`` (cross-process wake-up)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import storage
 from .arguments import MAX_SECONDS, check_limit, check_types, seconds
 from .delivery import Delivery, ack_in, ack_notices, mark_settled, settling, unsettled
 from .encoding import encode_json
@@ -21,6 +20,7 @@ from .inbox import Inbox
 from .messages import Message, iso_ms
 from .records import Subscription
 from .request import request, respond
+from .sqlite import storage
 from .state import StateStore
 from .transaction import Transaction
 from .worker import Dispatcher, Events

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import msgspec
 
-from . import ops, storage
+from . import ops
 from .agent import Agent
 from .arguments import STORED, Stored, check_limit, check_types, seconds
 from .delivery import Delivery
@@ -43,6 +43,7 @@ from .records import (
     ref_text,
     stored_ttl,
 )
+from .sqlite import storage
 from .state import StateStore
 from .transaction import Transaction
 
@@ -250,9 +251,10 @@ class Bus:
         with self.engine.reading() as conn:
             rows = storage.list_sent(conn, agent, limit, self.engine.max_body)
         return [  # a row that cannot be decoded shows as an error message (SPEC 4.2)
-            SentRecord(message=listed_message(recipients, *columns, body),
-                       recipients=recipients, sent_at=iso_ms(columns[-1]), payload_bytes=length)
-            for recipients, *columns, length, body in rows
+            SentRecord(message=listed_message(r.recipients, r.message_id, r.sender, r.type,
+                                              r.priority, r.sent_at, r.body),
+                       recipients=r.recipients, sent_at=iso_ms(r.sent_at), payload_bytes=r.length)
+            for r in rows
         ]
 
     def dead_letters(self, agent: str | None = None, limit: int = 100) -> list[DeadLetter]:
@@ -288,7 +290,7 @@ class Bus:
                 raise NotFoundError(f"no dead letter {ref_text(ref)}")
             for dead_letter_id, _message_id, ttl in targets:
                 storage.requeue(conn, dead_letter_id, now, stored_ttl(ttl))
-        return targets[0][1]
+        return targets[0].message_id
 
     def purge_dead_letters(self, older_than: float | None = None) -> int:
         """Delete dead letters older than ``older_than`` seconds (None = all); returns how many."""

@@ -16,7 +16,7 @@ import msgspec
 from click.core import ParameterSource
 
 from .bus import Bus, connect
-from .storage import check_file
+from .sqlite.schema import check_file
 
 __all__ = [
     # argument types

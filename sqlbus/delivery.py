@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import apsw
 
-from . import storage
 from .arguments import ceil_ms, seconds
 from .encoding import encode_json_value, escape_strings
 from .errors import Discard, LeaseLostError, Retry, ValidationError
 from .messages import Message, escape_text, iso_ms
 from .responses import prepare_response
+from .sqlite import storage
 from .sqlite.wakeup import mark, mark_quiet
 from .state import StateWrite, check_key
 from .writes import Publish, prepare_publish

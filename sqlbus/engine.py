@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 import apsw
 import msgspec
 
-from . import connections, storage
+from . import connections
 from .errors import DatabaseError
-from .sqlite import checkpoint
+from .sqlite import checkpoint, storage
 from .sqlite.checkpoint import Checkpointer
 from .sqlite.files import check_paths, create_file, database_error
 from .sqlite.wakeup import ANY, FALLBACK, RUNG, Wakeup, agent_tag, reset_marks, take_marks

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import apsw
 
-from . import storage
 from .delivery import Delivery, ack_in, ack_notices, mark_settled, settling
 from .encoding import encode_json
 from .engine import Engine
 from .messages import ENVELOPE_ALLOWANCE, Message, decode_stored
+from .sqlite import storage
 from .sqlite.wakeup import mark_quiet
 
 if TYPE_CHECKING:

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import apsw
 import msgspec
 
-from . import storage
 from .messages import iso_ms
+from .sqlite import storage
 
 __all__ = [
     "Metrics",

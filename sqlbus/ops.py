@@ -14,18 +14,19 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
 import apsw
 import msgspec
 
-from . import connections, storage
+from . import connections
 from .arguments import STORED, Stored, seconds
+from .backend import TailRow
 from .engine import Engine
 from .errors import DatabaseError
 from .messages import Message, iso_ms, listed_message
 from .metrics import file_sizes, snapshot
 from .records import SentRecord
+from .sqlite import storage
 from .sqlite.checkpoint import WAL_WAIT, truncate_wal
 from .sqlite.wakeup import mark_quiet
 
@@ -259,10 +260,10 @@ def upkeep(engine: Engine) -> int:
         if expired:
             deleted += storage.dead_letter_expired(conn, expired, now)
         if archive_ms is not None:
-            acked = storage.prune_acked(conn, now - archive_ms, UPKEEP_BATCH, bound=bound)[0]
+            acked = storage.prune_acked(conn, now - archive_ms, UPKEEP_BATCH, bound=bound).deleted
             deleted += storage.prune_state_log(conn, now - archive_ms, UPKEEP_BATCH)
         if excess > acked:  # the rows just pruned by age count against the excess
-            acked += storage.prune_oldest_acked(conn, min(excess - acked, UPKEEP_BATCH))[0]
+            acked += storage.prune_oldest_acked(conn, min(excess - acked, UPKEEP_BATCH)).deleted
         if dead_ms is not None:
             deleted += storage.prune_dead(conn, now - dead_ms, UPKEEP_BATCH)
     return deleted + acked
@@ -483,12 +484,13 @@ def peek(engine: Engine, agent: str, limit: int) -> list[InboxEntry]:
     with engine.reading() as conn, snapshot(conn):
         rows = storage.peek_rows(conn, agent, now, limit, engine.max_body)
     entries = []
-    for status, visible_at, attempts, *columns, length, body in rows:
+    for r in rows:
         entries.append(
             # a row that cannot be decoded shows as an error message (SPEC 4.2)
-            InboxEntry(message=listed_message(agent, *columns, body),
-                       status=status, attempts=attempts, visible_at=iso_ms(visible_at),
-                       payload_bytes=length)
+            InboxEntry(message=listed_message(agent, r.message_id, r.sender, r.type, r.priority,
+                                              r.sent_at, r.body),
+                       status=r.status, attempts=r.attempts, visible_at=iso_ms(r.visible_at),
+                       payload_bytes=r.length)
         )
     return entries
 
@@ -521,27 +523,28 @@ def _follow(
             rows = storage.rows_after(conn, cursor, 500, engine.max_body)
         if len(rows) == 500:
             # Rows of one message are written together; keep the last message whole.
-            last_id = rows[-1][2]
-            trimmed = [row for row in rows if row[2] != last_id]
+            last_id = rows[-1].message_id
+            trimmed = [row for row in rows if row.message_id != last_id]
             if trimmed:
                 rows = trimmed
-        groups: list[list[tuple[Any, ...]]] = []
+        groups: list[list[TailRow]] = []
         for row in rows:
-            if groups and groups[-1][0][2] == row[2]:
+            if groups and groups[-1][0].message_id == row.message_id:
                 groups[-1].append(row)
             else:
                 groups.append([row])
         for group in groups:
-            cursor = group[-1][0]
-            recipients = [row[1] for row in group if row[1] is not None]
-            _seq, _agent, *columns, length, body = group[0]
-            message = listed_message(recipients, *columns, body)
+            cursor = group[-1].seq
+            recipients = [row.agent for row in group if row.agent is not None]
+            first = group[0]
+            message = listed_message(recipients, first.message_id, first.sender, first.type,
+                                     first.priority, first.sent_at, first.body)
             if wanted is not None and message.type not in wanted:
                 continue
             if agent is not None and message.sender != agent and agent not in recipients:
                 continue
             yield SentRecord(message=message, recipients=recipients,
-                             sent_at=iso_ms(columns[-1]), payload_bytes=length)
+                             sent_at=iso_ms(first.sent_at), payload_bytes=first.length)
         if rows:
             continue
         remaining = None if deadline is None else deadline - time.monotonic()

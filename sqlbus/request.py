@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from . import storage
 from .arguments import seconds
 from .delivery import current, settled
 from .encoding import check_agent_id
@@ -25,6 +24,7 @@ from .engine import Engine, Looked
 from .errors import RemoteError, RequestTimeoutError
 from .messages import Message, decode_message
 from .responses import count_late_responses, prepare_response
+from .sqlite import storage
 from .sqlite.wakeup import mark_quiet
 from .writes import prepare_publish
 
@@ -134,7 +134,7 @@ def end_request(agent: Agent, engine: Engine, to: str, correlation_id: str, time
         mark_quiet()
         taken = storage.take_response(conn, agent.id, correlation_id, now)
         if taken is None:  # a direct reply?
-            direct = storage.find_response(conn, agent.id, correlation_id)[1]
+            direct = storage.find_response(conn, agent.id, correlation_id).body
             taken = None if direct is None else (0, direct)
         if taken is None:
             storage.record_request_timeout(

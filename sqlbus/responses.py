@@ -7,9 +7,9 @@ from typing import Any
 
 import apsw
 
-from . import storage
 from .encoding import prepare
 from .messages import Message, escape_text
+from .sqlite import storage
 from .writes import Publish
 
 type_of = type

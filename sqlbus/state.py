@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import apsw
 import msgspec
 
-from . import storage
 from .encoding import check_agent_id, check_text, encode_json_value
 from .engine import Looked
 from .errors import ValidationError, VersionConflictError
 from .messages import iso_ms
+from .sqlite import storage
 from .writes import publish_in
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def write_version(
     """Write the next version of ``key`` (``value_json=None`` deletes) inside the caller's
     transaction, checking ``expected_version`` (0 = must be absent); returns the new version."""
     row = storage.get_state(conn, key)
-    current = 0 if row is None or row[3] else row[2]
+    current = 0 if row is None or row.deleted else row.version
     if expected_version is not None and expected_version != current:
         raise VersionConflictError(
             f"state {key!r}: expected version {expected_version}, found {current}"
@@ -108,7 +108,7 @@ def write_version(
         )
     if value_json is None and current == 0:
         return 0  # deleting an absent key changes nothing
-    version = (row[2] if row is not None else 0) + 1
+    version = (row.version if row is not None else 0) + 1
     storage.put_state(conn, key, value_json or b"null", version, value_json is None, updated_by, now)
     return version
 
@@ -145,7 +145,7 @@ class StateStore:
         """The latest version of ``key``, or None when it is absent (or deleted)."""
         check_key(key)
         row = self._read(storage.get_state, key)
-        return None if row is None or row[3] else entry_from_row(row)
+        return None if row is None or row.deleted else entry_from_row(row)
 
     def keys(self, prefix: str = "") -> list[str]:
         """Live keys that start with ``prefix``, sorted."""
@@ -353,7 +353,7 @@ class Watch:
         with self.engine.reading() as conn:
             rows = storage.state_log_after(conn, self.prefix, self.after, _BATCH)
         if rows:
-            self.after = rows[-1][0]
+            self.after = rows[-1].seq
         return [entry_from_row(row[1:]) for row in rows]
 
 

@@ -60,7 +60,6 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from . import storage
 from .arguments import check_limit, seconds
 from .delivery import (
     Delivery,
@@ -88,6 +87,7 @@ from .inbox import Inbox
 from .messages import MESSAGE_TYPES, Message
 from .request import respond
 from .responses import count_late_responses
+from .sqlite import storage
 from .sqlite.wakeup import RUNG, agent_tag, mark_quiet
 
 if TYPE_CHECKING:

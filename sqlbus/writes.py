@@ -17,10 +17,10 @@ from typing import Any, cast
 
 import apsw
 
-from . import storage
 from .arguments import ceil_ms, seconds
 from .encoding import Outgoing, PlainRun, prepare, prepare_plain_batch
 from .errors import ValidationError
+from .sqlite import storage
 from .sqlite.wakeup import mark
 
 type_of = type  # the name `type` is a parameter of many functions below

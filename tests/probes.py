@@ -29,12 +29,12 @@ import apsw
 import pytest
 
 import sqlbus
-from sqlbus import ops, storage
+from sqlbus import ops
 from sqlbus.agent import inbox_of
 from sqlbus.delivery import settled
 from sqlbus.engine import UPKEEP_CHECK_EVERY
 from sqlbus.sqlite import checkpoint as checkpoints
-from sqlbus.sqlite import doorbell, wakeup
+from sqlbus.sqlite import doorbell, storage, wakeup
 
 # The message states, by the names the tests use (SPEC's lifecycle: ready, leased, acked, dead,
 # and scheduled for a later try or a delayed publish).

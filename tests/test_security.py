@@ -20,17 +20,17 @@ PACKAGE = Path(sqlbus.__file__).resolve().parent
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
 # f-strings, `%`, `.format()` and `+` that build SQL may splice in only:
-# 1. a *fixed fragment*: a module-level name of the same module bound once to a string built
-#    from literals and other fixed fragments only (found and checked by `_fixed_fragments`,
-#    e.g. storage._DEAD, storage._PREFIX, storage.APPLICATION_ID), or
+# 1. a *fixed fragment*: a module-level name bound once to a string built from literals and
+#    other fixed fragments only, in the same module or in a sibling it is imported from
+#    (found and checked by `_fixed_fragments`, e.g. admin._DEAD, schema.BODY,
+#    schema.APPLICATION_ID), or
 # 2. one of these expressions, each a value the library itself checked (never user data).
 #    Key: (module's path in the package, the expression as ast.unparse prints it) -> why it
 #    is safe.
 ALLOWED_SQL_INTERPOLATIONS: dict[tuple[str, str], str] = {
-    ("storage.py", "synchronous"): "open_connection asserts it is NORMAL or FULL",
-    ("storage.py", "mode"): "checkpoint asserts it is one of four keywords",
-    ("storage.py", "int(max_errors)"): "an int",
-    ("storage.py", "', '.join([_ONE_ROW] * size)"): "the fixed row of placeholders, repeated",
+    ("sqlite/connection.py", "synchronous"): "open_connection asserts it is NORMAL or FULL",
+    ("sqlite/connection.py", "mode"): "checkpoint asserts it is one of four keywords",
+    ("sqlite/connection.py", "int(max_errors)"): "an int",
 }
 SQL_WORDS = re.compile(
     r"\b(SELECT|INSERT|UPDATE|DELETE|PRAGMA|CREATE|DROP|ALTER|WHERE|VALUES|VACUUM|ATTACH)\b"
@@ -69,9 +69,10 @@ def _interpolated(node: ast.AST) -> list[ast.AST]:
     return []
 
 
-def _fixed_fragments(tree: ast.Module) -> set[str]:
+def _fixed_fragments(tree: ast.Module, imported: set[str] | None = None) -> set[str]:
     """Module-level names bound exactly once to an int or a string made of literals and other
-    fixed fragments (so no user data can be in them)."""
+    fixed fragments (so no user data can be in them); ``imported``: names imported from a
+    sibling module where they are fixed fragments."""
     values: dict[str, list[ast.AST]] = {}
     for node in tree.body:
         targets = node.targets if isinstance(node, ast.Assign) else (
@@ -79,7 +80,7 @@ def _fixed_fragments(tree: ast.Module) -> set[str]:
         for target in targets:
             if isinstance(target, ast.Name):
                 values.setdefault(target.id, []).append(node.value)  # type: ignore[arg-type]
-    fixed: set[str] = set()
+    fixed: set[str] = set(imported or ())
     changed = True
     while changed:
         changed = False
@@ -99,12 +100,32 @@ def _fixed_fragments(tree: ast.Module) -> set[str]:
     return fixed
 
 
+def _package_fixed_fragments() -> dict[Path, tuple[ast.Module, set[str]]]:
+    """Each module's tree and fixed fragments, counting those imported from a sibling module
+    (``from .schema import BODY``) where they are fixed."""
+    trees = {path: ast.parse(path.read_text(), filename=str(path)) for path in SOURCES}
+    fixed = {path: _fixed_fragments(tree) for path, tree in trees.items()}
+    changed = True
+    while changed:
+        changed = False
+        for path, tree in trees.items():
+            imported = {
+                alias.asname or alias.name
+                for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module
+                for alias in node.names
+                if alias.name in fixed.get(path.parent / f"{node.module}.py", set())
+            }
+            found = _fixed_fragments(tree, imported)
+            if found != fixed[path]:
+                fixed[path], changed = found, True
+    return {path: (trees[path], fixed[path]) for path in SOURCES}
+
+
 def _built_sql_strings() -> list[tuple[str, int, ast.AST, set[str]]]:
     """Every string *built* (not literal) in the package whose literal text looks like SQL."""
     found = []
-    for path in SOURCES:
-        tree = ast.parse(path.read_text(), filename=str(path))
-        fixed = _fixed_fragments(tree)
+    for path, (tree, fixed) in _package_fixed_fragments().items():
         for node in ast.walk(tree):
             built = isinstance(node, ast.JoinedStr) or (
                 isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mod))
@@ -143,7 +164,7 @@ def test_the_sql_scanner_catches_user_data_spliced_into_a_query() -> None:
     node = ast.parse('conn.execute(f"SELECT * FROM message WHERE agent = \'{agent}\'")')
     call = node.body[0].value  # type: ignore[attr-defined]
     assert [ast.unparse(e) for e in _interpolated(call.args[0])] == ["agent"]
-    assert ("storage.py", "agent") not in ALLOWED_SQL_INTERPOLATIONS
+    assert ("sqlite/queue.py", "agent") not in ALLOWED_SQL_INTERPOLATIONS
     # and a module-level name that is not made of literals only is not a fixed fragment
     module = ast.parse('A = "x"\nB = f"{A} WHERE y"\nC = f"{A} {user}"\nD = "1"\nD = "2"')
     assert _fixed_fragments(module) == {"A", "B"}

@@ -109,7 +109,7 @@ class SqlbusPeer(Peer):
         finally:
             conn.close()
         return (f"journal_mode={journal}, synchronous=NORMAL, cache_size=-16000, "
-                "wal_autocheckpoint=4000, temp_store=MEMORY (sqlbus.storage.open_connection); "
+                "wal_autocheckpoint=4000, temp_store=MEMORY (sqlbus.sqlite.connection.open_connection); "
                 f"apsw {_apsw_version()}")
 
     def setup(self, workdir: str, queues: tuple[str, ...]) -> str:

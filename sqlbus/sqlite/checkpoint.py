@@ -11,8 +11,9 @@ from collections.abc import Callable
 
 import apsw
 
-from .. import connections, storage
+from .. import connections
 from ..errors import DatabaseError
+from . import storage
 
 log = logging.getLogger("sqlbus")
 

@@ -45,6 +45,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make `benchmarks.peers` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import peers  # noqa: E402
 from benchmarks.peers import NAMES, Peer, Unavailable, get_peer  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -599,6 +600,7 @@ def describe_machine() -> dict[str, str]:
                   f"{sqlite3.sqlite_version} (stdlib sqlite3, used by persist-queue, "
                   "litequeue, huey)",
         "load average at start": load,
+        "payload": f"{peers.SHAPE}, about {peers.PAYLOAD_BYTES} bytes of JSON",
         "filesystem": tempfile.gettempdir(),
     }
 
@@ -631,7 +633,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[list[str], list[str], Opt
     parser.add_argument("--out", default=os.path.join(HERE, "results"),
                         help="directory for compare-<date>.md")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--payload", choices=("flat", "nested"), default="flat",
+                        help="the ~200-byte body: flat fields, or objects and lists 3 deep")
     args = parser.parse_args(argv)
+    peers.SHAPE = args.payload  # before any worker process forks
 
     opts = Options()
     if args.quick:

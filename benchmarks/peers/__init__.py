@@ -35,8 +35,21 @@ encode = msgspec.json.encode
 decode = msgspec.json.decode
 
 
+#: The shape of the payload: "flat" (one level of short fields and a filler string) or
+#: "nested" (objects and lists three levels deep, as an agent's task tends to be). compare.py
+#: sets it from --payload before any worker process starts.
+SHAPE = "flat"
+
+
+def _nested(i: int, text: str) -> dict[str, Any]:
+    return {"i": i, "task": {"kind": "bench", "agent": "worker-7", "tags": ["resize", "s3"],
+                             "params": {"width": 640, "height": 480, "steps": [1, 2, 3],
+                                        "source": {"bucket": "b", "key": text}}}}
+
+
 def payload(i: int) -> dict[str, Any]:
-    """The benchmark's message body: a JSON object of about 200 bytes with the id ``i``.
+    """The benchmark's message body: a JSON object of about 200 bytes with the id ``i``, flat
+    or nested (:data:`SHAPE`).
 
     Cheap to build (the filler is cached per id width), so the benchmark's own cost stays
     out of the figures as far as it can.
@@ -44,9 +57,12 @@ def payload(i: int) -> dict[str, Any]:
     width = len(str(i))
     text = _TEXT.get(width)
     if text is None:
-        base = {"i": i, "kind": "bench", "agent": "worker-7", "text": ""}
+        base = (_nested(i, "") if SHAPE == "nested"
+                else {"i": i, "kind": "bench", "agent": "worker-7", "text": ""})
         size = len(json.dumps(base, separators=(",", ":")))
         text = _TEXT[width] = _FILLER[: max(0, PAYLOAD_BYTES - size)]
+    if SHAPE == "nested":
+        return _nested(i, text)
     return {"i": i, "kind": "bench", "agent": "worker-7", "text": text}
 
 

@@ -5,24 +5,28 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench compare schemas clean
+.PHONY: demo test test-fast postgres lint bench compare schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP)
+# The PostgreSQL tests use the server on 127.0.0.1:5432 (database test), started here when down.
+postgres:
+	pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect 15 main start || true
+
+test: $(STAMP) postgres
 	$(BIN)/python -m pytest -q
 
 # The inner loop, under 30 s on two cores: every test file but the tests marked slow (multi-process
 # runs, SIGKILL crashes, soaks, Hypothesis runs, long real-time waits), on two workers, stopping at
 # the first failure. `make test` runs them all.
-test-fast: $(STAMP)
+test-fast: $(STAMP) postgres
 	$(BIN)/python -m pytest -q -x -m "not slow" -n 2
 
 lint: $(STAMP)

@@ -197,7 +197,7 @@ def _found_version(conn: psycopg.Connection, schema: str) -> int | None:
             f"PostgreSQL schema {schema!r} holds other tables and is not a sqlbus bus; "
             "choose another schema (schema=...); nothing was changed"
         )
-    rows = dict(conn.execute(
+    rows: dict[str, str] = dict(conn.execute(
         sql.SQL("SELECT key, value FROM {}.sqlbus_meta").format(sql.Identifier(schema))
     ).fetchall())
     if rows.get("application") != APPLICATION or not str(rows.get("schema_version", "")).isdigit():

@@ -1,0 +1,164 @@
+"""The queue verbs of the PostgreSQL backend on the real server (issue 15, in progress): the
+same states and (seq, claims) fencing as SQLite, and claims that never wait on each other."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from postgres_server import connect, pg_schema
+
+from sqlbus.encoding import prepare
+from sqlbus.postgres import queue
+from sqlbus.postgres.schema import ensure_schema
+
+__all__ = ["pg_schema"]  # a fixture
+
+NOW = 1_800_000_000_000
+LEASE = 30_000
+
+
+@pytest.fixture
+def bus(pg_schema: str) -> Iterator[tuple[psycopg.Connection, str]]:
+    conn = connect()
+    ensure_schema(conn, pg_schema)
+    yield conn, pg_schema
+    conn.close()
+
+
+def send(conn, schema, to, n=1, *, priority=3, **headers):  # type: ignore[no-untyped-def]
+    out = [prepare("alice", to, "notification", {"n": i}, now_ms=NOW, priority=priority,
+                   **headers) for i in range(n)]
+    with conn.transaction():
+        written = queue.publish(conn, schema, out, [NOW] * n, NOW)
+    return [o.id for o, ok in zip(out, written, strict=True) if ok]
+
+
+def claim(conn, schema, agent="bob", limit=10, now=NOW, **kw):  # type: ignore[no-untyped-def]
+    with conn.transaction():
+        rows, _more = queue.claim(conn, schema, agent, now, now + LEASE, limit, **kw)
+    return rows
+
+
+def state_of(conn, schema, seq):  # type: ignore[no-untyped-def]
+    return conn.execute(f'SELECT state, attempts, claims FROM "{schema}".message WHERE seq = %s',
+                        (seq,)).fetchone()
+
+
+def test_a_claim_takes_the_highest_priority_first_then_publish_order_and_leases_it(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob", 2, priority=3)
+    send(conn, schema, "bob", 1, priority=5)
+    rows = claim(conn, schema)
+    assert [row[3] for row in rows] == [5, 3, 3]
+    assert rows[1][0] < rows[2][0]
+    assert [(row[1], row[2]) for row in rows] == [(1, 1)] * 3  # claims, attempts
+    assert state_of(conn, schema, rows[0][0]) == (1, 1, 1)
+    assert claim(conn, schema) == []  # all leased
+
+
+def test_two_receivers_of_one_inbox_never_wait_on_each_other(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob", 4)
+    other = connect()
+    try:
+        other.execute("SET lock_timeout = '1s'")  # a wait for a lock would fail the test
+        with conn.transaction():
+            mine, _ = queue.claim(conn, schema, "bob", NOW, NOW + LEASE, 2)
+            with other.transaction():  # while the first claim's locks are held
+                theirs, _ = queue.claim(other, schema, "bob", NOW, NOW + LEASE, 10)
+        assert len(mine) == 2 and len(theirs) == 2
+        assert {row[0] for row in mine}.isdisjoint(row[0] for row in theirs)
+    finally:
+        other.close()
+
+
+def test_an_ack_is_fenced_by_its_claim(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob")
+    [row] = claim(conn, schema)
+    seq, claims = row[0], row[1]
+    later = NOW + LEASE + 1  # the lease ran out: the next claim takes it again
+    [again] = claim(conn, schema, now=later)
+    assert again[0] == seq and again[1] == claims + 1 and again[2] == 2
+    with conn.transaction():
+        assert not queue.ack(conn, schema, [(seq, claims)], later)  # the stale lease
+        assert queue.ack(conn, schema, [(seq, again[1])], later)
+        assert queue.acked_now(conn, schema, seq, again[1], later)
+    assert state_of(conn, schema, seq)[0] == queue.ACKED
+
+
+def test_a_batch_ack_with_one_lost_lease_reports_it(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob", 2)
+    rows = claim(conn, schema)
+    with pytest.raises(RuntimeError), conn.transaction():
+        if not queue.ack(conn, schema, [(rows[0][0], rows[0][1]), (rows[1][0], 99)], NOW):
+            raise RuntimeError("lease lost: roll back")
+    assert [state_of(conn, schema, row[0])[0] for row in rows] == [queue.LEASED] * 2
+
+
+def test_a_message_to_many_keeps_its_body_once_and_each_recipient_reads_it(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, ["bob", "carol", "dave"])
+    assert conn.execute(f'SELECT count(*) FROM "{schema}".message_body').fetchone() == (1,)
+    bodies = [claim(conn, schema, agent)[0][6] for agent in ("bob", "carol", "dave")]
+    assert len(set(bodies)) == 1 and b'"n":0' in bodies[0]
+
+
+def test_a_body_above_the_readers_limit_is_not_loaded(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob")
+    [row] = claim(conn, schema, max_body=10)
+    assert row[6] is None
+
+
+def test_a_caller_chosen_id_publishes_once(bus) -> None:
+    conn, schema = bus
+    assert len(send(conn, schema, "bob", id="msg-1800000000000-abcdefghi")) == 1
+    assert send(conn, schema, "bob", id="msg-1800000000000-abcdefghi") == []
+    assert len(claim(conn, schema)) == 1
+
+
+def test_release_retry_and_dead_letter_settle_a_held_lease(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob", 3)
+    a, b, c = claim(conn, schema)
+    with conn.transaction():
+        assert queue.release(conn, schema, a[0], a[1], NOW, attempted=False)
+        assert queue.retry(conn, schema, b[0], b[1], NOW + 5_000, "ValueError: no")
+        assert queue.dead_letter(conn, schema, c[0], c[1], NOW, "discarded")
+        assert not queue.dead_letter(conn, schema, c[0], c[1], NOW, "again")  # settled
+        queue.count_error(conn, schema, "ValueError")
+        queue.count_error(conn, schema, "ValueError")
+    assert state_of(conn, schema, a[0]) == (queue.QUEUED, 0, 1)  # the attempt taken back
+    assert state_of(conn, schema, b[0])[0] == queue.SCHEDULED
+    assert state_of(conn, schema, c[0])[0] == queue.DEAD
+    assert queue.next_due(conn, schema, "bob") == NOW + 5_000
+    assert [row[0] for row in claim(conn, schema)] == [a[0]]  # the retry is not due yet
+    assert [row[0] for row in claim(conn, schema, now=NOW + 5_000)] == [b[0]]
+    reason = conn.execute(f'SELECT reason FROM "{schema}".dead_letter WHERE seq = %s', (c[0],))
+    assert reason.fetchone() == ("discarded",)
+    assert conn.execute(f'SELECT count FROM "{schema}".error_counts').fetchone() == (2,)
+
+
+def test_extend_moves_only_a_held_lease(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob")
+    [row] = claim(conn, schema)
+    with conn.transaction():
+        assert queue.extend(conn, schema, row[0], row[1], NOW + 99_000)
+        assert not queue.extend(conn, schema, row[0], row[1] + 1, NOW + 99_000)
+    assert queue.next_due(conn, schema, "bob") == NOW + 99_000
+
+
+def test_claims_filter_by_type_and_leave_awaited_responses_alone(bus) -> None:
+    conn, schema = bus
+    send(conn, schema, "bob")
+    response = prepare("carol", "bob", "response", {"success": True, "data": 1, "request_id": "r"},
+                       now_ms=NOW, correlation_id="req-1")
+    with conn.transaction():
+        queue.publish(conn, schema, [response], [NOW], NOW)
+    assert [row[0] for row in claim(conn, schema, types=["response"], skip=["req-1"])] == []
+    assert len(claim(conn, schema, types=["response"])) == 1

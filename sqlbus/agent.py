@@ -20,7 +20,6 @@ from .inbox import Inbox
 from .messages import Message, iso_ms
 from .records import Subscription
 from .request import request, respond
-from .sqlite import storage
 from .state import StateStore
 from .transaction import Transaction
 from .worker import Dispatcher, Events
@@ -71,8 +70,8 @@ class Agent:
             self.bus.max_payload_bytes, self.id, to, type, payload, priority=priority, ttl=ttl, requires_ack=requires_ack,
             correlation_id=correlation_id, delay=delay, id=id, now=now,
         )
-        with self._engine.write() as conn:
-            op.write(conn, now)
+        with self._engine.write() as tx:
+            op.write(tx, now)
         return op.outgoing.id
 
     def publish_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
@@ -85,8 +84,8 @@ class Agent:
         ops = prepare_many(self.bus.max_payload_bytes, self.id, items, now)
         if not ops:
             return []
-        with self._engine.write() as conn:
-            return write_all(conn, self.id, ops, now)
+        with self._engine.write() as tx:
+            return write_all(tx, self.id, ops, now)
 
     def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:
         """Send one message to every registered agent matching ``pattern`` (``*``, ``?``,
@@ -96,8 +95,8 @@ class Agent:
         now = self._engine.now_ms()
         op = prepare_broadcast(self.bus.max_payload_bytes, self.id, type, payload, pattern,
                                dict(headers), now)
-        with self._engine.write() as conn:
-            return op.write(conn, now)
+        with self._engine.write() as tx:
+            return op.write(tx, now)
 
     def transaction(self) -> Transaction:
         """``with alice.transaction() as tx:`` publish, write state and run your own SQL
@@ -156,8 +155,8 @@ class Agent:
         with settling(pending):
             now = self._engine.now_ms()
             notices = ack_notices(pending, now)
-            with self._engine.write() as conn:
-                ack_in(conn, self.id, pending, notices, now)
+            with self._engine.write() as tx:
+                ack_in(tx, self.id, pending, notices, now)
             mark_settled(pending, "acked")
 
     # -- handlers, the run loop, request/response, events (sqlbus.worker, sqlbus.request) ----
@@ -184,7 +183,7 @@ class Agent:
     def subscriptions(self) -> list[Subscription]:
         """This agent's recorded interests, by kind and pattern."""
         with self._engine.reading() as conn:
-            rows = storage.list_interests(conn, self.id)
+            rows = self._engine.storage.list_interests(conn, self.id)
         return [Subscription(kind, pattern, iso_ms(at)) for _, kind, pattern, at in rows]
 
     def run(

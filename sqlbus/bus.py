@@ -43,7 +43,6 @@ from .records import (
     ref_text,
     stored_ttl,
 )
-from .sqlite import storage
 from .state import StateStore
 from .transaction import Transaction
 
@@ -210,14 +209,15 @@ class Bus:
         """Register (or re-register) ``agent_id`` and return its handle; records last_seen."""
         check_agent_id(agent_id)
         now = self.engine.now_ms()
-        with self.engine.write() as conn:
-            storage.register_agent(conn, agent_id, now)
+        with self.engine.write() as tx:
+            tx.storage.register_agent(tx.conn, agent_id, now)
         return Agent(self, agent_id)
 
     def agents(self) -> list[AgentInfo]:
         """The registry: every agent with its registration time, last_seen, status, alive
         and subscriptions."""
         now = self.engine.now_ms()
+        storage = self.engine.storage
         with self.engine.reading() as conn:
             storage.begin_read(conn)  # agents and interests of the same commit
             try:
@@ -249,7 +249,7 @@ class Bus:
             check_agent_id(agent, "agent")
         check_limit(limit)
         with self.engine.reading() as conn:
-            rows = storage.list_sent(conn, agent, limit, self.engine.max_body)
+            rows = self.engine.storage.list_sent(conn, agent, limit, self.engine.max_body)
         return [  # a row that cannot be decoded shows as an error message (SPEC 4.2)
             SentRecord(message=listed_message(r.recipients, r.message_id, r.sender, r.type,
                                               r.priority, r.sent_at, r.body),
@@ -263,7 +263,7 @@ class Bus:
             check_agent_id(agent, "agent")
         check_limit(limit)
         with self.engine.reading() as conn:
-            rows = storage.list_dead_letters(conn, agent, limit, self.engine.max_body)
+            rows = self.engine.storage.list_dead_letters(conn, agent, limit, self.engine.max_body)
         return [dead_letter_from_row(row) for row in rows]
 
     def dead_letter(self, ref: int | str) -> DeadLetter | None:
@@ -274,7 +274,7 @@ class Bus:
         if names is None:
             return None
         with self.engine.reading() as conn:
-            row = storage.get_dead_letter(conn, *names, max_body=self.engine.max_body)
+            row = self.engine.storage.get_dead_letter(conn, *names, max_body=self.engine.max_body)
         return None if row is None else dead_letter_from_row(row)
 
     def requeue(self, ref: int | str) -> str:
@@ -284,12 +284,12 @@ class Bus:
         :class:`sqlbus.NotFoundError` when ``ref`` names none."""
         names = dead_letter_ref(ref)
         now = self.engine.now_ms()
-        with self.engine.write() as conn:
-            targets = [] if names is None else storage.requeue_targets(conn, *names)
+        with self.engine.write() as tx:
+            targets = [] if names is None else tx.storage.requeue_targets(tx.conn, *names)
             if not targets:
                 raise NotFoundError(f"no dead letter {ref_text(ref)}")
             for dead_letter_id, _message_id, ttl in targets:
-                storage.requeue(conn, dead_letter_id, now, stored_ttl(ttl))
+                tx.storage.requeue(tx.conn, dead_letter_id, now, stored_ttl(ttl))
         return targets[0].message_id
 
     def purge_dead_letters(self, older_than: float | None = None) -> int:
@@ -297,8 +297,8 @@ class Bus:
         cutoff = None
         if older_than is not None:
             cutoff = self.engine.now_ms() - int(seconds(older_than, "older_than") * 1000)
-        with self.engine.write() as conn:
-            return storage.purge_dead_letters(conn, cutoff)
+        with self.engine.write() as tx:
+            return tx.storage.purge_dead_letters(tx.conn, cutoff)
 
     def requeue_dead_letters(self, agent: str | None = None, reason: str | None = None) -> list[str]:
         """Requeue every dead letter of ``agent`` with ``reason`` (None: any), in one
@@ -307,9 +307,9 @@ class Bus:
             check_agent_id(agent, "agent")
         now = self.engine.now_ms()
         ids = []
-        with self.engine.write() as conn:
-            for dead_letter_id, message_id, ttl in storage.dead_letter_ids(conn, agent, reason):
-                storage.requeue(conn, dead_letter_id, now, stored_ttl(ttl))
+        with self.engine.write() as tx:
+            for dead_letter_id, message_id, ttl in tx.storage.dead_letter_ids(tx.conn, agent, reason):
+                tx.storage.requeue(tx.conn, dead_letter_id, now, stored_ttl(ttl))
                 ids.append(message_id)
         return ids
 
@@ -321,15 +321,16 @@ class Bus:
         >>> m = bus.metrics(); m.messages_sent, m.queue_depths["bob"].ready   # doctest: +SKIP
         """
         with self.engine.reading() as conn:
-            return compute_metrics(conn, self.engine.now_ms(), self.path)
+            return compute_metrics(self.engine.storage, conn, self.engine.now_ms(), self.path)
 
     def stats(self) -> list[AgentStats]:
         """Per-agent inbox depths (ready, leased, retrying, scheduled, expired, dead, oldest
         ready age in ms) of every registered agent and every recipient, read in one snapshot;
         cheap at any archive size."""
         now = self.engine.now_ms()
-        with self.engine.reading() as conn, snapshot(conn):
-            return compute_stats(conn, now, storage.agent_ids(conn))
+        storage = self.engine.storage
+        with self.engine.reading() as conn, snapshot(storage, conn):
+            return compute_stats(storage, conn, now, storage.agent_ids(conn))
 
     def peek(self, agent: str, limit: int = 10) -> list[ops.InboxEntry]:
         """Look at ``agent``'s inbox without claiming anything, in one snapshot: ready
@@ -367,7 +368,7 @@ class Bus:
         Retention(archive_retention=604800.0, dead_retention=2592000.0, archive_max_messages=1000000)
         """
         with self.engine.reading() as conn:
-            return retention_from_row(storage.get_retention(conn))
+            return retention_from_row(self.engine.storage.get_retention(conn))
 
     def set_retention(
         self,

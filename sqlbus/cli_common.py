@@ -16,7 +16,7 @@ import msgspec
 from click.core import ParameterSource
 
 from .bus import Bus, connect
-from .sqlite.schema import check_file
+from .sqlite.schema import check_file  # the CLI checks a file by path before opening a bus
 
 __all__ = [
     # argument types

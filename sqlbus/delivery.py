@@ -16,20 +16,17 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
-import apsw
-
 from .arguments import ceil_ms, seconds
 from .encoding import encode_json_value, escape_strings
 from .errors import Discard, LeaseLostError, Retry, ValidationError
 from .messages import Message, escape_text, iso_ms
 from .responses import prepare_response
-from .sqlite import storage
-from .sqlite.wakeup import mark, mark_quiet
 from .state import StateWrite, check_key
 from .writes import Publish, prepare_publish
 
 if TYPE_CHECKING:
     from .agent import Agent
+    from .engine import Tx
 
 type_of = type  # the name `type` is a parameter of some methods below
 
@@ -55,7 +52,7 @@ def current_delivery() -> Delivery | None:
 class Effect(Protocol):
     """A write buffered on a delivery and made in the transaction of its ack."""
 
-    def write(self, conn: apsw.Connection, now: int) -> Any: ...
+    def write(self, tx: Tx, now: int) -> Any: ...
 
 
 class Delivery:
@@ -149,8 +146,8 @@ class Delivery:
         with self._lock:
             self._check_open()
             now = bus.engine.now_ms()
-            with bus.engine.write() as conn:
-                if not storage.dead_letter(conn, self._seq, self._claims, now, reason,
+            with bus.engine.write() as tx:
+                if not tx.storage.dead_letter(tx.conn, self._seq, self._claims, now, reason,
                                            context_json=context_json):
                     raise self._lease_lost()
             self._settled = "dead"
@@ -163,9 +160,9 @@ class Delivery:
             self._check_open()
             now = bus.engine.now_ms()
             lease_until = now + int(lease_s * 1000)
-            with bus.engine.write() as conn:
-                mark_quiet()  # a later deadline makes no work for anyone
-                if not storage.extend(conn, self._seq, self._claims, lease_until):
+            with bus.engine.write() as tx:
+                tx.mark_quiet()  # a later deadline makes no work for anyone
+                if not tx.storage.extend(tx.conn, self._seq, self._claims, lease_until):
                     raise self._lease_lost()
             self.lease_until = lease_until / 1000
 
@@ -185,10 +182,10 @@ class Delivery:
         with self._lock:
             if self._settled is not None:
                 return False
-            with bus.engine.write() as conn:
-                storage.release(conn, self._seq, self._claims, bus.engine.now_ms(),
+            with bus.engine.write() as tx:
+                tx.storage.release(tx.conn, self._seq, self._claims, bus.engine.now_ms(),
                                 attempted=attempted, last_error=last_error)
-                mark([self.agent.id])  # ready again: wake the agent's other receivers
+                tx.mark([self.agent.id])  # ready again: wake the agent's other receivers
             self._settled = "released"
         return True
 
@@ -281,20 +278,20 @@ class Delivery:
             backoff = bus.backoff_base * (2 ** (self.attempts - 1))
             delay = min(bus.backoff_cap, backoff)
         last_error = f"{error_name}: {error_message}" if exc is not None else None
-        with bus.engine.write() as conn:
+        with bus.engine.write() as tx:
             if reason is None:
                 due_at = now + ceil_ms(delay)  # never early, like a publish delay
-                ok = storage.retry(conn, self._seq, self._claims, due_at, last_error)
-                mark([self.agent.id])  # its waiters re-read the next due time
+                ok = tx.storage.retry(tx.conn, self._seq, self._claims, due_at, last_error)
+                tx.mark([self.agent.id])  # its waiters re-read the next due time
             else:
-                ok = storage.dead_letter(
-                    conn, self._seq, self._claims, now, reason, error_name, error_message, tb,
+                ok = tx.storage.dead_letter(
+                    tx.conn, self._seq, self._claims, now, reason, error_name, error_message, tb,
                     context_json,
                 )
             if not ok:
                 raise self._lease_lost()
             if counted:  # messages_failed and error_rates both come from these counts
-                storage.count_error(conn, error_name or "UnknownError")
+                tx.storage.count_error(tx.conn, error_name or "UnknownError")
         self._settled = "retrying" if reason is None else "dead"
         self._outcome = f"retry in {delay:g} s" if reason is None else f"dead letter ({reason})"
 
@@ -406,13 +403,14 @@ def unsettled(agent: Agent, deliveries: Sequence[Delivery]) -> list[Delivery]:
 
 
 def ack_in(
-    conn: apsw.Connection, agent_id: str, pending: Sequence[Delivery], notices: Sequence[Publish],
+    tx: Tx, agent_id: str, pending: Sequence[Delivery], notices: Sequence[Publish],
     now: int,
 ) -> None:
     """Inside a write: ack ``pending`` with their buffered effects and ack notices, or raise
     :class:`LeaseLostError` (the caller's transaction then rolls back: all or nothing)."""
     if not any(type(e) is StateWrite for d in pending for e in d._effects):
-        mark_quiet()  # rings only the agents its buffered publishes reach
+        tx.mark_quiet()  # rings only the agents its buffered publishes reach
+    storage, conn = tx.storage, tx.conn
     if not storage.ack(conn, [(d._seq, d._claims) for d in pending], now):
         lost = next(  # always found; the default only keeps StopIteration from the caller
             (d for d in pending if not storage.acked_now(conn, d._seq, d._claims, now)),
@@ -425,9 +423,9 @@ def ack_in(
         )
     for d in pending:
         for effect in d._effects:
-            effect.write(conn, now)
+            effect.write(tx, now)
     for notice in notices:
-        notice.write(conn, now)
+        notice.write(tx, now)
 
 
 # ---------------------------------------------------------------------------------------------

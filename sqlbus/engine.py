@@ -4,12 +4,15 @@ operations) talks to the :class:`Engine`, never to another module's internals.
 
 >>> engine = Engine("/tmp/team.db", synchronous="NORMAL", busy_timeout=5.0,
 ...                 clock=time.time, mode=0o600)                        # doctest: +SKIP
->>> with engine.write() as conn:                                        # doctest: +SKIP
-...     storage.register_agent(conn, "alice", engine.now_ms())
+>>> with engine.write() as tx:                                          # doctest: +SKIP
+...     tx.storage.register_agent(tx.conn, "alice", engine.now_ms())
 
-Each thread has its own connection, closed when the thread ends. Every write is one short
-``BEGIN IMMEDIATE`` transaction (:meth:`Engine.write`); after its commit the waiters it
-concerns are woken, in this process and others (:mod:`sqlbus.sqlite.wakeup`).
+The backend's verbs are ``engine.storage`` (a :class:`sqlbus.backend.Storage`; for SQLite the
+module :mod:`sqlbus.sqlite.storage`): the modules above reach storage and wake-ups only
+through the engine. Each thread has its own connection, closed when the thread ends. Every
+write is one short ``BEGIN IMMEDIATE`` transaction (:meth:`Engine.write`) with a :class:`Tx`
+handle that marks whom it makes work for; after its commit the waiters it marked are woken,
+in this process and others (:mod:`sqlbus.sqlite.wakeup`).
 """
 
 from __future__ import annotations
@@ -21,18 +24,19 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import apsw
 import msgspec
 
 from . import connections
+from .backend import Storage
 from .errors import DatabaseError
 from .sqlite import checkpoint, storage
 from .sqlite.checkpoint import Checkpointer
 from .sqlite.files import check_paths, create_file, database_error
-from .sqlite.wakeup import ANY, FALLBACK, RUNG, Wakeup, agent_tag, reset_marks, take_marks
+from .sqlite.wakeup import ANY, FALLBACK, MAX_TAGS, RUNG, Wakeup, agent_tag
 
 if TYPE_CHECKING:
     from .delivery import Transaction
@@ -91,17 +95,48 @@ class Looked(NamedTuple):
     wait_at_most: float = float("inf")
 
 
-class Write:
-    """``with engine.write() as conn``: one BEGIN IMMEDIATE transaction on this thread's
-    connection; apsw errors become :class:`DatabaseError`; waiters are woken after commit.
-    The thread is inside :data:`sqlbus.connections.inside` from BEGIN to COMMIT."""
+class Tx:
+    """The handle of one write transaction: its connection, the backend's verbs, and whom its
+    commit rings. Writes call ``tx.storage.verb(tx.conn, ...)`` and mark the agents they make
+    work for (``tx.mark``); a write that marks nothing rings "anything may have changed"
+    (always correct, just less targeted), one marked quiet (a claim, a plain ack) rings
+    nobody unless agents get marked too."""
 
-    __slots__ = ("engine", "conn")
+    __slots__ = ("conn", "storage", "tags")
+
+    def __init__(self, conn: Any, storage: Storage[Any]) -> None:
+        self.conn = conn
+        self.storage = storage
+        self.tags: set[bytes] | None = None  # None: ring "anything may have changed"
+
+    def mark(self, agents: Iterable[str]) -> None:
+        """Mark agents that got work (a message, a retry coming due) in this transaction."""
+        tags = self.tags
+        if tags is None:
+            tags = self.tags = set()
+        for agent in agents:
+            if len(tags) > MAX_TAGS:
+                break  # the commit rings "anything may have changed": more tags change nothing
+            tags.add(agent_tag(agent))
+
+    def mark_quiet(self) -> None:
+        """Mark this transaction as making no work for anyone (unless agents get marked)."""
+        if self.tags is None:
+            self.tags = set()
+
+
+class Write:
+    """``with engine.write() as tx``: one BEGIN IMMEDIATE transaction on this thread's
+    connection, with its :class:`Tx` handle; apsw errors become :class:`DatabaseError`; the
+    waiters it marked are woken after commit. The thread is inside
+    :data:`sqlbus.connections.inside` from BEGIN to COMMIT."""
+
+    __slots__ = ("engine", "conn", "tx")
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def __enter__(self) -> apsw.Connection:
+    def __enter__(self) -> Tx:
         block = open_block.get()
         if block is not None and block.holds_lock():
             # Its BEGIN would wait out busy_timeout for the write lock the block holds.
@@ -118,8 +153,8 @@ class Write:
             if isinstance(exc, apsw.Error):
                 raise self.engine.database_error(exc) from exc
             raise
-        reset_marks()  # the commit rings whom this transaction marks (sqlbus.sqlite.wakeup)
-        return conn
+        tx = self.tx = Tx(conn, self.engine.storage)
+        return tx
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         conn = self.conn
@@ -135,7 +170,7 @@ class Write:
         finally:
             connections.inside.__exit__()
         if exc_type is None:
-            self.engine.committed()
+            self.engine.committed(self.tx.tags)
             return
         if isinstance(exc, apsw.Error):
             raise self.engine.database_error(exc) from exc
@@ -152,11 +187,11 @@ class Read:
 
     __slots__ = ("engine", "conn")
 
-    def __init__(self, engine: Engine, conn: apsw.Connection | None) -> None:
+    def __init__(self, engine: Engine, conn: storage.Connection | None) -> None:
         self.engine = engine
         self.conn = conn
 
-    def __enter__(self) -> apsw.Connection:
+    def __enter__(self) -> storage.Connection:
         connections.inside.__enter__()
         try:
             if self.conn is None:
@@ -216,6 +251,7 @@ class Engine:
         self.busy_timeout = busy_timeout
         self.clock = clock
         self.closed = False
+        self.storage: Storage[storage.Connection] = storage  # the backend's verbs
         self.max_body = 0  # the longest stored body reads load (set by the bus; messages.fits)
         self.upkeep: Callable[[], None] = lambda: None
         # Correlation ids that requests of this process await, per agent id (sqlbus.request):
@@ -285,7 +321,7 @@ class Engine:
 
     # -- connections -----------------------------------------------------------------------
 
-    def connection(self) -> apsw.Connection:
+    def connection(self) -> storage.Connection:
         """This thread's connection (each thread has its own; it closes when the thread ends)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
@@ -311,7 +347,7 @@ class Engine:
     def closed_error(self) -> DatabaseError:
         return DatabaseError(f"{self.path}: the bus is closed")
 
-    def open_connection(self, busy_timeout: float) -> apsw.Connection:
+    def open_connection(self, busy_timeout: float) -> storage.Connection:
         """A new connection, closed with the bus (and handled at a fork like the others)."""
         if self.closed:
             raise self.closed_error()
@@ -329,7 +365,7 @@ class Engine:
             self._connections.add(conn)
         return conn
 
-    def open_private_connection(self, busy_timeout: float) -> apsw.Connection:
+    def open_private_connection(self, busy_timeout: float) -> storage.Connection:
         """A connection none of the bus's calls use (backup, vacuum): the caller closes it, and
         holds :data:`sqlbus.connections.inside` while it is open."""
         try:
@@ -395,20 +431,24 @@ class Engine:
         return check_clock(self.clock)
 
     def write(self) -> Write:
-        """``with engine.write() as conn:`` one write transaction (see :class:`Write`)."""
+        """``with engine.write() as tx:`` one write transaction (:class:`Write`, :class:`Tx`)."""
         return Write(self)
 
-    def reading(self, conn: apsw.Connection | None = None) -> Read:
+    def reading(self, conn: storage.Connection | None = None) -> Read:
         """``with engine.reading() as conn:`` reads, errors translated (see :class:`Read`)."""
         return Read(self, conn)
 
-    def committed(self) -> None:
-        """After a commit: ring the waiters the transaction concerns (every process's; see
-        sqlbus.sqlite.wakeup). Called outside a write, it wakes every waiter."""
-        self.wakeup.ring(take_marks())
+    def committed(self, tags: set[bytes] | None = None) -> None:
+        """After a commit: ring the waiters of every process that ``tags`` (a :class:`Tx`'s
+        marks) concern; None wakes every waiter."""
+        self.wakeup.ring(tags)
         if time.monotonic() >= self._upkeep_due:
             self._upkeep_due = time.monotonic() + UPKEEP_CHECK_EVERY
             self.upkeep()
+
+    def ring(self, agents: Iterable[str]) -> None:
+        """Wake the waiters for ``agents`` in every process, without a commit."""
+        self.wakeup.ring({agent_tag(agent) for agent in agents})
 
     def _wal_hook(self, frames: int) -> None:
         self._checkpointer.wal_hook(frames)  # through the engine: a forked child has a new one

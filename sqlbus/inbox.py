@@ -7,14 +7,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import apsw
-
 from .delivery import Delivery, ack_in, ack_notices, mark_settled, settling
 from .encoding import encode_json
-from .engine import Engine
+from .engine import Engine, Tx
 from .messages import ENVELOPE_ALLOWANCE, Message, decode_stored
-from .sqlite import storage
-from .sqlite.wakeup import mark_quiet
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -53,7 +49,9 @@ class Inbox:
     def look(self, types_json: str | None = None) -> tuple[int, bool, int | None]:
         """One read before claiming: (data_version, work waiting, next due time in ms)."""
         with self.engine.reading() as conn:
-            return storage.look(conn, self.id, self.engine.now_ms(), types_json, self.skip_json())
+            return self.engine.storage.look(
+                conn, self.id, self.engine.now_ms(), types_json, self.skip_json()
+            )
 
     def seconds_until(self, due: int | None) -> float:
         """Seconds until ``due`` (ms; None: nothing pending), at least 1 ms."""
@@ -64,7 +62,7 @@ class Inbox:
     def until_due(self) -> float:
         """Seconds until one of this agent's retries, delayed messages or leases comes due."""
         with self.engine.reading() as conn:
-            return self.seconds_until(storage.next_due(conn, self.id))
+            return self.seconds_until(self.engine.storage.next_due(conn, self.id))
 
     def claim(
         self,
@@ -89,34 +87,34 @@ class Inbox:
         lease_until = now + lease_ms
         notices = ack_notices(acking, now)
         claimed: list[tuple[Any, ...]] = []
-        with engine.write() as conn:
+        with engine.write() as tx:
             if acking:
-                ack_in(conn, self.id, acking, notices, now)
+                ack_in(tx, self.id, acking, notices, now)
             else:
-                mark_quiet()  # a claim makes no work for anyone: its commit rings nobody
+                tx.mark_quiet()  # a claim makes no work for anyone: its commit rings nobody
             while True:
-                rows, more = storage.claim(
-                    conn, self.id, now, lease_until, limit - len(claimed), types_json,
+                rows, more = tx.storage.claim(
+                    tx.conn, self.id, now, lease_until, limit - len(claimed), types_json,
                     self.skip_json(), engine.max_body,
                 )
                 for row in rows:
                     seq, claims, attempts, _priority, expires_at, _sent_at, body = row
                     if expires_at is not None and now > expires_at:
-                        storage.dead_letter(conn, seq, None, now, "expired", attempts=attempts - 1,
-                                            failed_at=expires_at)
+                        tx.storage.dead_letter(tx.conn, seq, None, now, "expired",
+                                               attempts=attempts - 1, failed_at=expires_at)
                     elif attempts > self.max_attempts:
-                        self._dead_letter_worn_out(conn, seq, attempts, now)
+                        self._dead_letter_worn_out(tx, seq, attempts, now)
                     else:
-                        message = self._readable(conn, seq, body, now, attempts)
+                        message = self._readable(tx, seq, body, now, attempts)
                         if message is not None:
                             claimed.append((message, seq, claims, attempts))
                 if len(claimed) >= limit or not more:
                     break
             baseline = due = None
             if not claimed:
-                baseline, due = storage.wait_point(conn, self.id)
+                baseline, due = tx.storage.wait_point(tx.conn, self.id)
             if now - self.touched_at >= TOUCH_EVERY_MS:
-                storage.touch_agent(conn, self.id, now)
+                tx.storage.touch_agent(tx.conn, self.id, now)
                 self.touched_at = now
         mark_settled(acking, "acked")
         self.more = more
@@ -127,7 +125,7 @@ class Inbox:
         return Claimed(deliveries, baseline, due)
 
     def _readable(
-        self, conn: apsw.Connection, seq: int, body: bytes | None, now: int, attempts: int
+        self, tx: Tx, seq: int, body: bytes | None, now: int, attempts: int
     ) -> Message | None:
         """The message of a row just claimed, or None when it cannot be delivered: a body
         above this bus's limit (``body`` None: it was not read) or one that cannot be decoded
@@ -141,25 +139,25 @@ class Inbox:
             reason, error_name, error_message = "corrupt", "DecodeError", (
                 f"the stored message cannot be decoded ({message})")
         else:
-            length = storage.body_length(conn, seq)
+            length = tx.storage.body_length(tx.conn, seq)
             reason, error_name, error_message = "too_large", "PayloadTooLargeError", (
                 f"the stored message is {length} bytes, more than this receiver reads "
                 f"(max_payload_bytes={self.max_payload_bytes} plus {ENVELOPE_ALLOWANCE} for "
                 "the envelope); it was not loaded")
-        storage.dead_letter(conn, seq, None, now, reason, error_name, error_message,
-                            attempts=attempts - 1)  # no handler saw it: not an attempt
+        tx.storage.dead_letter(tx.conn, seq, None, now, reason, error_name, error_message,
+                               attempts=attempts - 1)  # no handler saw it: not an attempt
         return None
 
     def _dead_letter_worn_out(
-        self, conn: apsw.Connection, seq: int, attempts: int, now: int
+        self, tx: Tx, seq: int, attempts: int, now: int
     ) -> None:
         """Dead-letter a row claimed once more than ``max_attempts`` allow, with the error of
         its last attempt as it happened: the one recorded when the attempt ended (e.g. a loop
         interrupted in its handler), else its lease ran out."""
-        last_error = storage.last_error(conn, seq)
+        last_error = tx.storage.last_error(tx.conn, seq)
         error_name, _, error_message = (last_error or "").partition(": ")
         if not last_error:
             error_name = "LeaseExpired"
             error_message = f"the lease ran out {attempts - 1} times without an ack"
-        storage.dead_letter(conn, seq, None, now, "max_attempts", error_name=error_name,
-                            error_message=error_message, attempts=attempts - 1)
+        tx.storage.dead_letter(tx.conn, seq, None, now, "max_attempts", error_name=error_name,
+                               error_message=error_message, attempts=attempts - 1)

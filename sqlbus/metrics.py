@@ -16,12 +16,15 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import apsw
 import msgspec
 
 from .messages import iso_ms
-from .sqlite import storage
+
+if TYPE_CHECKING:
+    from .backend import Storage
 
 __all__ = [
     "Metrics",
@@ -124,16 +127,8 @@ def file_sizes(path: str) -> tuple[int, int]:
     return size(path), size(path + "-wal")
 
 
-def _read_snapshot(conn: apsw.Connection) -> None:
-    storage.begin_read(conn)  # one read transaction: every query below sees the same commit
-
-
-def _end_read(conn: apsw.Connection) -> None:
-    storage.end_read(conn)
-
-
 @contextmanager
-def snapshot(conn: apsw.Connection) -> Iterator[None]:
+def snapshot(storage: Storage[Any], conn: apsw.Connection) -> Iterator[None]:
     """One read transaction, so that every query inside sees the same commit (inside a
     caller's open transaction, that one is already a snapshot)."""
     if not conn.get_autocommit():
@@ -146,7 +141,9 @@ def snapshot(conn: apsw.Connection) -> Iterator[None]:
         storage.end_read(conn)
 
 
-def compute_stats(conn: apsw.Connection, now: int, agents: Iterable[str] = ()) -> list[AgentStats]:
+def compute_stats(
+    storage: Storage[Any], conn: apsw.Connection, now: int, agents: Iterable[str] = ()
+) -> list[AgentStats]:
     """Per-agent depths from the partial indexes (cheap whatever the archive size); call it
     inside :func:`snapshot`."""
     by_agent = {
@@ -165,19 +162,19 @@ def compute_stats(conn: apsw.Connection, now: int, agents: Iterable[str] = ()) -
     return [by_agent[agent] for agent in sorted(by_agent)]
 
 
-def compute_metrics(conn: apsw.Connection, now: int, path: str) -> Metrics:
+def compute_metrics(storage: Storage[Any], conn: apsw.Connection, now: int, path: str) -> Metrics:
     """Read :class:`Metrics` from the file in one read transaction."""
-    _read_snapshot(conn)
+    storage.begin_read(conn)  # every query below sees the same commit
     try:
         registered = storage.agent_ids(conn)
-        stats = compute_stats(conn, now, registered)
+        stats = compute_stats(storage, conn, now, registered)
         acked = storage.acked_rows(conn, now)
         sent = storage.sent_rows(conn)
         reasons = dict(storage.dead_reason_rows(conn))
         errors = dict(storage.error_count_rows(conn))
         counters = storage.read_counters(conn)
     finally:
-        _end_read(conn)
+        storage.end_read(conn)
 
     def total(name: str) -> int:
         return sum(value for n, _agent, value in counters if n == name)

@@ -26,16 +26,8 @@ from .errors import DatabaseError
 from .messages import Message, iso_ms, listed_message
 from .metrics import file_sizes, snapshot
 from .records import SentRecord
-from .sqlite import storage
 from .sqlite.checkpoint import WAL_WAIT, truncate_wal
-from .sqlite.wakeup import mark_quiet
 
-# The default retention (s), which a new file stores (SPEC 2.2)
-ARCHIVE_RETENTION = storage.DEFAULT_RETENTION[0] / 1000  # acked rows (the sent archive)
-DEAD_RETENTION = storage.DEFAULT_RETENTION[1] / 1000  # dead letters
-UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
-UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
-UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
 UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
@@ -162,15 +154,15 @@ def store_retention(engine: Engine, changes: dict[int, int | None]) -> Retention
     """Write checked ``changes`` (see retention_changes) into the stored policy; a policy
     that already holds them is not written again (a connect with keywords takes no lock)."""
     with engine.reading() as conn:
-        stored = storage.get_retention(conn)
+        stored = engine.storage.get_retention(conn)
     if all(stored[place] == value for place, value in changes.items()):
         return retention_from_row(stored)
-    with engine.write() as conn:
-        mark_quiet()  # a policy makes no work for anyone
-        policy = list(storage.get_retention(conn))
+    with engine.write() as tx:
+        tx.mark_quiet()  # a policy makes no work for anyone
+        policy = list(tx.storage.get_retention(tx.conn))
         for place, value in changes.items():
             policy[place] = value
-        storage.set_retention(conn, policy[0], policy[1], policy[2])
+        tx.storage.set_retention(tx.conn, policy[0], policy[1], policy[2])
     return retention_from_row((policy[0], policy[1], policy[2]))
 
 
@@ -187,6 +179,7 @@ def prune(
     older than ``dead_older_than`` seconds (None: keep them), then the oldest acked rows above
     ``max_messages`` (None: no bound), in short transactions of ``batch`` rows so writers are
     never held up for long. ``progress(done, total)``."""
+    storage = engine.storage
     now = engine.now_ms()
     acked_cutoff = None if sent_older_than is None else now - int(sent_older_than * 1000)
     dead_cutoff = None if dead_older_than is None else now - int(dead_older_than * 1000)
@@ -204,14 +197,14 @@ def prune(
         if cutoff is None:
             continue
         while True:
-            with engine.write() as conn:
+            with engine.write() as tx:
                 if kind == "acked":
-                    n, after = storage.prune_acked(conn, cutoff, batch, after, bound)
+                    n, after = tx.storage.prune_acked(tx.conn, cutoff, batch, after, bound)
                     result.acked += n
                     # the state change log ages with the archive (watch replays only recent)
-                    n = max(n, storage.prune_state_log(conn, cutoff, batch))
+                    n = max(n, tx.storage.prune_state_log(tx.conn, cutoff, batch))
                 else:
-                    n = storage.prune_dead(conn, cutoff, batch)
+                    n = tx.storage.prune_dead(tx.conn, cutoff, batch)
                     result.dead_letters += n
             if progress is not None:
                 done = result.acked + result.dead_letters
@@ -226,8 +219,8 @@ def prune(
         total += excess
         after = 0
         while excess > 0:
-            with engine.write() as conn:
-                n, after = storage.prune_oldest_acked(conn, min(excess, batch), after)
+            with engine.write() as tx:
+                n, after = tx.storage.prune_oldest_acked(tx.conn, min(excess, batch), after)
             result.acked += n
             excess -= n
             if progress is not None:
@@ -245,6 +238,7 @@ def upkeep(engine: Engine) -> int:
     ``archive_max_messages``, in one short transaction; in the same one it moves up to
     ``UPKEEP_BATCH`` expired messages to dead letters (SPEC 4: not only a claim on their inbox
     does, so an inbox nobody reads does not keep them). Returns rows deleted or moved."""
+    storage = engine.storage
     now = engine.now_ms()
     # Read before the write lock: the archive's bound walks every row older than the cutoff,
     # its excess counts whole indexes, and finding expired rows walks the backlog.
@@ -256,7 +250,8 @@ def upkeep(engine: Engine) -> int:
     if archive_ms is None and dead_ms is None and not excess and not expired:
         return 0
     acked = deleted = 0
-    with engine.write() as conn:
+    with engine.write() as tx:
+        conn = tx.conn
         if expired:
             deleted += storage.dead_letter_expired(conn, expired, now)
         if archive_ms is not None:
@@ -298,6 +293,7 @@ class RetentionUpkeep:
 def check(engine: Engine) -> CheckReport:
     """Integrity, schema version, file sizes, WAL pinning, expired leases and expired messages
     not yet moved to dead letters of the bus's file."""
+    storage = engine.storage
     conn = engine.connection()
     now = engine.now_ms()
     problems: list[str] = []
@@ -377,6 +373,7 @@ def _backup(
     engine: Engine, dest_path: str, pages_per_step: int,
     progress: Callable[[int, int], None] | None, started: float,
 ) -> BackupResult:
+    storage = engine.storage
     source = storage.open_connection(
         engine.path, synchronous=engine.synchronous, busy_timeout=engine.busy_timeout
     )
@@ -440,6 +437,7 @@ def vacuum(engine: Engine) -> VacuumResult:
 
 
 def _vacuum(engine: Engine, before: int, reader: str) -> VacuumResult:
+    storage = engine.storage
     conn = None
     try:
         # a connection of its own: its waits and temp_store differ from the bus's
@@ -481,8 +479,8 @@ def peek(engine: Engine, agent: str, limit: int) -> list[InboxEntry]:
     the order receive takes them, then the others by when they become claimable, expired
     ones last."""
     now = engine.now_ms()
-    with engine.reading() as conn, snapshot(conn):
-        rows = storage.peek_rows(conn, agent, now, limit, engine.max_body)
+    with engine.reading() as conn, snapshot(engine.storage, conn):
+        rows = engine.storage.peek_rows(conn, agent, now, limit, engine.max_body)
     entries = []
     for r in rows:
         entries.append(
@@ -510,7 +508,7 @@ def tail(
     deadline = None if timeout is None else time.monotonic() + timeout
     if from_seq is None:
         with engine.reading() as conn:
-            from_seq = storage.last_seq(conn)
+            from_seq = engine.storage.last_seq(conn)
     return _follow(engine, agent, None if types is None else set(types), deadline, from_seq)
 
 
@@ -520,7 +518,7 @@ def _follow(
     while True:
         baseline = engine.change_token()
         with engine.reading() as conn:
-            rows = storage.rows_after(conn, cursor, 500, engine.max_body)
+            rows = engine.storage.rows_after(conn, cursor, 500, engine.max_body)
         if len(rows) == 500:
             # Rows of one message are written together; keep the last message whole.
             last_id = rows[-1].message_id

@@ -15,17 +15,13 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any
 
-import apsw
-
 from .arguments import seconds
 from .delivery import current, settled
 from .encoding import check_agent_id
-from .engine import Engine, Looked
+from .engine import Engine, Looked, Tx
 from .errors import RemoteError, RequestTimeoutError
 from .messages import Message, decode_message
 from .responses import count_late_responses, prepare_response
-from .sqlite import storage
-from .sqlite.wakeup import mark_quiet
 from .writes import prepare_publish
 
 if TYPE_CHECKING:
@@ -117,30 +113,30 @@ def send_request(
                          direct_reply=True, now=now)
     with _registry_lock:
         sweep = agent.id in _had_timeouts.get(engine, ())
-    with engine.write() as conn:
-        op.write(conn, now)
+    with engine.write() as tx:
+        op.write(tx, now)
         if sweep:
-            sweep_late_responses(conn, agent.id, now)
+            sweep_late_responses(tx, agent.id, now)
         # Read in our own write (whose commit does not move it): a response committed at
         # any time after the request then changes it, so there is no need to look at once.
-        return storage.data_version(conn)
+        return tx.storage.data_version(tx.conn)
 
 
 def end_request(agent: Agent, engine: Engine, to: str, correlation_id: str, timeout: float) -> Any:
     """Out of time: one last look and the record of the timeout, in one transaction, so a
     response is either returned now or recognised as late when it comes."""
     now = engine.now_ms()
-    with engine.write() as conn:
-        mark_quiet()
-        taken = storage.take_response(conn, agent.id, correlation_id, now)
+    with engine.write() as tx:
+        tx.mark_quiet()
+        taken = tx.storage.take_response(tx.conn, agent.id, correlation_id, now)
         if taken is None:  # a direct reply?
-            direct = storage.find_response(conn, agent.id, correlation_id).body
+            direct = tx.storage.find_response(tx.conn, agent.id, correlation_id).body
             taken = None if direct is None else (0, direct)
         if taken is None:
-            storage.record_request_timeout(
-                conn, agent.id, correlation_id, now, REMEMBER_TIMEOUTS_MS
+            tx.storage.record_request_timeout(
+                tx.conn, agent.id, correlation_id, now, REMEMBER_TIMEOUTS_MS
             )
-            sweep_late_responses(conn, agent.id, now)
+            sweep_late_responses(tx, agent.id, now)
     if taken is not None:
         return result_of(decode_message(taken[1]))
     with _registry_lock:
@@ -151,10 +147,10 @@ def end_request(agent: Agent, engine: Engine, to: str, correlation_id: str, time
     )
 
 
-def sweep_late_responses(conn: apsw.Connection, agent_id: str, now: int) -> None:
-    count, delivery_ms = storage.take_late_responses(conn, agent_id, now)
+def sweep_late_responses(tx: Tx, agent_id: str, now: int) -> None:
+    count, delivery_ms = tx.storage.take_late_responses(tx.conn, agent_id, now)
     if count:
-        count_late_responses(conn, agent_id, count, delivery_ms)
+        count_late_responses(tx, agent_id, count, delivery_ms)
 
 
 def take_response(agent: Agent, engine: Engine, correlation_id: str) -> tuple[int, Message | None]:
@@ -162,15 +158,15 @@ def take_response(agent: Agent, engine: Engine, correlation_id: str) -> tuple[in
     inbox (sent without ``direct_reply``) is taken in a write. Returns (``data_version`` of
     the look, to wait on next, the response or None)."""
     with engine.reading() as conn:
-        baseline, body, waiting = storage.find_response(conn, agent.id, correlation_id)
+        baseline, body, waiting = engine.storage.find_response(conn, agent.id, correlation_id)
         if body is not None:
             return baseline, decode_message(body)
     if not waiting:
         return baseline, None
     now = engine.now_ms()
-    with engine.write() as conn:
-        mark_quiet()  # taking a response makes work for nobody: ring no one
-        taken = storage.take_response(conn, agent.id, correlation_id, now)
+    with engine.write() as tx:
+        tx.mark_quiet()  # taking a response makes work for nobody: ring no one
+        taken = tx.storage.take_response(tx.conn, agent.id, correlation_id, now)
     return baseline, None if taken is None else decode_message(taken[1])
 
 
@@ -201,5 +197,5 @@ def respond(
     now = engine.now_ms()
     op = prepare_response(agent.bus.max_payload_bytes, agent.id, message, data, success, error,
                           now, error_type)
-    with engine.write() as conn:
-        return op.write(conn, now)
+    with engine.write() as tx:
+        return op.write(tx, now)

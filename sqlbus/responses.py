@@ -3,14 +3,14 @@ reads from the archive, and the count of late responses to requests that timed o
 
 from __future__ import annotations
 
-from typing import Any
-
-import apsw
+from typing import TYPE_CHECKING, Any
 
 from .encoding import prepare
 from .messages import Message, escape_text
-from .sqlite import storage
 from .writes import Publish
+
+if TYPE_CHECKING:
+    from .engine import Tx
 
 type_of = type
 
@@ -18,11 +18,11 @@ type_of = type
 LATE_RESPONSES = "late_responses"
 
 
-def count_late_responses(conn: apsw.Connection, agent: str, count: int, delivery_ms: int) -> None:
+def count_late_responses(tx: Tx, agent: str, count: int, delivery_ms: int) -> None:
     """Count ``count`` late responses to ``agent`` as discarded. Their rows stay in the archive
     as acked, and received/delivery time totals add acked rows to counters: the counters take
     them off again (pruning the rows later adds them back), so they count as late only."""
-    storage.add_counters(conn, [
+    tx.storage.add_counters(tx.conn, [
         (LATE_RESPONSES, agent, count), ("received", agent, -count),
         ("delivery_ms", agent, -delivery_ms),
     ])
@@ -35,14 +35,14 @@ class DirectReply(Publish):
 
     __slots__ = ()
 
-    def write(self, conn: apsw.Connection, now: int) -> str:
+    def write(self, tx: Tx, now: int) -> str:
         out = self.outgoing
         requester, correlation_id = out.recipients[0], out.correlation_id
         assert correlation_id is not None
-        if storage.request_timed_out(conn, requester, correlation_id):
-            storage.forget_request_timeout(conn, requester, correlation_id)
-            count_late_responses(conn, requester, 1, 0)  # written acked now: 0 ms
-        return super().write(conn, now)
+        if tx.storage.request_timed_out(tx.conn, requester, correlation_id):
+            tx.storage.forget_request_timeout(tx.conn, requester, correlation_id)
+            count_late_responses(tx, requester, 1, 0)  # written acked now: 0 ms
+        return super().write(tx, now)
 
 
 def response_payload(

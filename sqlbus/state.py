@@ -16,19 +16,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-import apsw
 import msgspec
 
 from .encoding import check_agent_id, check_text, encode_json_value
 from .engine import Looked
 from .errors import ValidationError, VersionConflictError
 from .messages import iso_ms
-from .sqlite import storage
 from .writes import publish_in
 
 if TYPE_CHECKING:
     from .bus import Bus
-    from .engine import Engine
+    from .engine import Engine, Tx
 
 T = TypeVar("T")
 
@@ -90,7 +88,7 @@ def check_subscribers(subscribers: object) -> list[str] | None:
 
 
 def write_version(
-    conn: apsw.Connection,
+    tx: Tx,
     key: str,
     value_json: bytes | None,
     expected_version: int | None,
@@ -99,7 +97,7 @@ def write_version(
 ) -> int:
     """Write the next version of ``key`` (``value_json=None`` deletes) inside the caller's
     transaction, checking ``expected_version`` (0 = must be absent); returns the new version."""
-    row = storage.get_state(conn, key)
+    row = tx.storage.get_state(tx.conn, key)
     current = 0 if row is None or row.deleted else row.version
     if expected_version is not None and expected_version != current:
         raise VersionConflictError(
@@ -109,7 +107,7 @@ def write_version(
     if value_json is None and current == 0:
         return 0  # deleting an absent key changes nothing
     version = (row.version if row is not None else 0) + 1
-    storage.put_state(conn, key, value_json or b"null", version, value_json is None, updated_by, now)
+    tx.storage.put_state(tx.conn, key, value_json or b"null", version, value_json is None, updated_by, now)
     return version
 
 
@@ -125,18 +123,18 @@ class StateStore:
         self,
         bus: Bus,
         updated_by: str | None,
-        conn: apsw.Connection | None = None,
         run: Callable[..., Any] | None = None,
     ):
         self._bus = bus
         self._updated_by = updated_by
-        self._conn = conn  # set inside agent.transaction(): use the caller's transaction
-        self._run = run  # ... through Transaction._run, which refuses a transaction that ended
+        # Set inside agent.transaction(): Transaction._run runs a call in the caller's
+        # transaction (fn(tx, ...)) and refuses a transaction that ended.
+        self._run = run
 
     def _read(self, fn: Callable[..., T], *args: Any) -> T:
         if self._run is not None:
-            return cast(T, self._run(fn, *args))
-        with self._bus.engine.reading(self._conn) as conn:
+            return cast(T, self._run(lambda tx, *args: fn(tx.conn, *args), *args))
+        with self._bus.engine.reading() as conn:
             return fn(conn, *args)
 
     # -- reads ---------------------------------------------------------------------------
@@ -144,19 +142,20 @@ class StateStore:
     def get(self, key: str) -> StateEntry | None:
         """The latest version of ``key``, or None when it is absent (or deleted)."""
         check_key(key)
-        row = self._read(storage.get_state, key)
+        row = self._read(self._bus.engine.storage.get_state, key)
         return None if row is None or row.deleted else entry_from_row(row)
 
     def keys(self, prefix: str = "") -> list[str]:
         """Live keys that start with ``prefix``, sorted."""
         check_prefix(prefix)
-        return self._read(storage.state_keys, prefix)
+        return self._read(self._bus.engine.storage.state_keys, prefix)
 
     def items(self, prefix: str = "") -> list[StateEntry]:
         """Live entries whose key starts with ``prefix``, sorted by key."""
         check_prefix(prefix)
+        state_entries = self._bus.engine.storage.state_entries
         return self._read(
-            lambda conn: [entry_from_row(row) for row in storage.state_entries(conn, prefix)]
+            lambda conn: [entry_from_row(row) for row in state_entries(conn, prefix)]
         )
 
     # -- writes --------------------------------------------------------------------------
@@ -234,11 +233,9 @@ class StateStore:
         )
         if self._run is not None:
             return cast(int, self._run(op.write, self._bus.engine.now_ms()))
-        if self._conn is not None:
-            return op.write(self._conn, self._bus.engine.now_ms())
         now = self._bus.engine.now_ms()
-        with self._bus.engine.write() as conn:
-            return op.write(conn, now)
+        with self._bus.engine.write() as tx:
+            return op.write(tx, now)
 
     def watch(self, prefix: str = "", *, poll: float = 1.0) -> Iterator[StateEntry]:
         """Yield the current entries under ``prefix`` (by key), then every later change.
@@ -280,9 +277,9 @@ class StateWrite:
         self.subscribers = check_subscribers(subscribers)
         self.include_value = include_value
 
-    def write(self, conn: apsw.Connection, now: int) -> int:
+    def write(self, tx: Tx, now: int) -> int:
         version = write_version(
-            conn, self.key, self.value_json, self.expected_version, self.updated_by, now
+            tx, self.key, self.value_json, self.expected_version, self.updated_by, now
         )
         if version and self.notify and self.subscribers != []:  # [] = nobody
             payload: dict[str, Any] = {
@@ -298,7 +295,7 @@ class StateWrite:
                     None if self.value_json is None else msgspec.json.decode(self.value_json)
                 )
             sender = self.updated_by or SYSTEM_SENDER
-            publish_in(self.bus.max_payload_bytes, conn, now, sender, self.subscribers, "state_change",
+            publish_in(self.bus.max_payload_bytes, tx, now, sender, self.subscribers, "state_change",
                        payload)
         return version
 
@@ -342,7 +339,7 @@ class Watch:
     def snapshot(self) -> list[StateEntry]:
         """The live entries under the prefix, by key; later changes follow from here."""
         with self.engine.reading() as conn:
-            rows, head = storage.state_snapshot(conn, self.prefix)
+            rows, head = self.engine.storage.state_snapshot(conn, self.prefix)
         self.after = head
         return [entry_from_row(row) for row in rows]
 
@@ -351,7 +348,7 @@ class Watch:
         if self.after is None:
             raise RuntimeError("take the snapshot first")
         with self.engine.reading() as conn:
-            rows = storage.state_log_after(conn, self.prefix, self.after, _BATCH)
+            rows = self.engine.storage.state_log_after(conn, self.prefix, self.after, _BATCH)
         if rows:
             self.after = rows[-1].seq
         return [entry_from_row(row[1:]) for row in rows]

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import apsw
 
 from . import connections
-from .engine import Write, open_block
+from .engine import Tx, Write, open_block
 from .errors import DatabaseError
 from .state import StateStore
 from .writes import prepare_broadcast, prepare_many, prepare_publish, write_all
@@ -40,14 +40,14 @@ class Transaction:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
         self._write: Write | None = None
-        self._conn: apsw.Connection | None = None
+        self._tx: Tx | None = None  # its marks ring at the commit
         self._ended = False  # the database ended the transaction before the block did
         self._token: contextvars.Token[Transaction | None] | None = None
         self.state: StateStore = StateStore(agent.bus, agent.id)
 
     def holds_lock(self) -> bool:
         """Whether the block is open (it holds the write lock)."""
-        return self._conn is not None
+        return self._tx is not None
 
     def __enter__(self) -> Transaction:
         self._begin()
@@ -58,12 +58,12 @@ class Transaction:
         if self._write is not None:
             raise RuntimeError("this transaction is already open")
         write = self.agent.bus.engine.write()
-        self._conn = write.__enter__()
+        self._tx = write.__enter__()
         # Between the block's calls no thread is inside SQLite: a fork or a close may go ahead.
         connections.inside.__exit__()
         self._write = write
         self._ended = False
-        self.state = StateStore(self.agent.bus, self.agent.id, self._conn, self._run)
+        self.state = StateStore(self.agent.bus, self.agent.id, self._run)
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if self._token is not None:
@@ -72,7 +72,7 @@ class Transaction:
         self._end(exc_type, exc, tb)
 
     def _end(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        write, self._write, self._conn = self._write, None, None
+        write, self._write, self._tx = self._write, None, None
         assert write is not None
         bus = self.agent.bus
         try:
@@ -94,22 +94,24 @@ class Transaction:
             "trigger's RAISE(ROLLBACK)); nothing in the block was written: leave it and retry"
         )
 
-    def _connection(self) -> apsw.Connection:
-        conn = self._conn
-        if conn is None:
+    def _connection(self) -> Tx:
+        tx = self._tx
+        if tx is None:
             raise RuntimeError("use the transaction in a with block: with agent.transaction() as tx")
-        self.agent.bus.engine.check_usable(conn)
+        self.agent.bus.engine.check_usable(tx.conn)
         if self._ended:
             raise self._ended_error()
-        return conn
+        return tx
 
     def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(conn, *args)`` in the transaction; a statement that made the database end the
-        transaction leaves the block ended for every later call."""
-        conn = self._connection()
+        """``fn(tx, *args)`` in the transaction (``tx``: its :class:`~sqlbus.engine.Tx`); a
+        statement that made the database end the transaction leaves the block ended for every
+        later call."""
+        tx = self._connection()
+        conn = tx.conn
         with connections.inside:
             try:
-                return fn(conn, *args)
+                return fn(tx, *args)
             except apsw.Error as exc:
                 raise self.agent.bus.engine.database_error(exc) from exc
             finally:
@@ -118,7 +120,7 @@ class Transaction:
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         """Run the application's own SQL in this transaction (bound parameters); returns rows."""
-        return self._run(lambda conn: conn.execute(sql, params).fetchall())
+        return self._run(lambda tx: tx.conn.execute(sql, params).fetchall())
 
     def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
         """Like :meth:`Agent.publish`, committed with the transaction."""

@@ -58,8 +58,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-import apsw
-
 from .arguments import check_limit, seconds
 from .delivery import (
     Delivery,
@@ -72,7 +70,7 @@ from .delivery import (
     row_of,
     settled,
 )
-from .engine import Engine
+from .engine import RUNG, Engine, Tx
 from .errors import (
     DatabaseError,
     Discard,
@@ -87,8 +85,6 @@ from .inbox import Inbox
 from .messages import MESSAGE_TYPES, Message
 from .request import respond
 from .responses import count_late_responses
-from .sqlite import storage
-from .sqlite.wakeup import RUNG, agent_tag, mark_quiet
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -110,7 +106,7 @@ _IDLE_SLICE = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Effects written with an ack (a delivery's buffered effects: anything with write(conn, now))
+# Effects written with an ack (a delivery's buffered effects: anything with write(tx, now))
 
 
 class _Count:
@@ -122,8 +118,8 @@ class _Count:
         self.name = name
         self.agent = agent
 
-    def write(self, conn: apsw.Connection, now: int) -> None:
-        storage.add_counters(conn, [(self.name, self.agent, 1)])
+    def write(self, tx: Tx, now: int) -> None:
+        tx.storage.add_counters(tx.conn, [(self.name, self.agent, 1)])
 
 
 class _DiscardLate:
@@ -136,9 +132,9 @@ class _DiscardLate:
         self.correlation_id = correlation_id
         self.seq = seq
 
-    def write(self, conn: apsw.Connection, now: int) -> None:
-        storage.forget_request_timeout(conn, self.agent, self.correlation_id)
-        count_late_responses(conn, self.agent, 1, storage.delivery_ms(conn, self.seq))
+    def write(self, tx: Tx, now: int) -> None:
+        tx.storage.forget_request_timeout(tx.conn, self.agent, self.correlation_id)
+        count_late_responses(tx, self.agent, 1, tx.storage.delivery_ms(tx.conn, self.seq))
 
 
 class _CountError:
@@ -149,8 +145,8 @@ class _CountError:
     def __init__(self, name: str) -> None:
         self.name = name
 
-    def write(self, conn: apsw.Connection, now: int) -> None:
-        storage.count_error(conn, self.name)
+    def write(self, tx: Tx, now: int) -> None:
+        tx.storage.count_error(tx.conn, self.name)
 
 
 
@@ -219,9 +215,9 @@ class Dispatcher:
 
     def _record(self, kind: str, pattern: str) -> None:
         now = self.engine.now_ms()
-        with self.engine.write() as conn:
-            mark_quiet()  # an interest is no work for anyone
-            storage.add_interest(conn, self.agent.id, kind, pattern, now)
+        with self.engine.write() as tx:
+            tx.mark_quiet()  # an interest is no work for anyone
+            tx.storage.add_interest(tx.conn, self.agent.id, kind, pattern, now)
 
     def _unrecord(
         self, kind: str, table: dict[str, tuple[Any, ...]], pattern: str, handler: Any
@@ -235,9 +231,9 @@ class Dispatcher:
         else:
             return table
         if pattern not in rest:
-            with self.engine.write() as conn:
-                mark_quiet()
-                storage.drop_interest(conn, self.agent.id, kind, pattern)
+            with self.engine.write() as tx:
+                tx.mark_quiet()
+                tx.storage.drop_interest(tx.conn, self.agent.id, kind, pattern)
         return rest
 
     # -- the loop --------------------------------------------------------------------------
@@ -245,7 +241,7 @@ class Dispatcher:
     def stop(self) -> None:
         self._stop.set()
         try:  # wake the loop now, wherever it waits (only this agent's waiters wake)
-            self.engine.wakeup.ring({agent_tag(self.agent.id)})
+            self.engine.ring([self.agent.id])
         except OSError:
             pass  # it notices within _IDLE_SLICE anyway
 
@@ -540,7 +536,7 @@ class Dispatcher:
         if not isinstance(correlation_id, str):
             return False
         with self.engine.reading() as conn:
-            return storage.request_timed_out(conn, self.agent.id, correlation_id)
+            return self.engine.storage.request_timed_out(conn, self.agent.id, correlation_id)
 
 
 MAX_CONCURRENCY = 1024  # handler threads of one run loop

@@ -5,23 +5,22 @@ moment.
 
 >>> op = prepare_publish(1_048_576, "alice", "bob", "notification", {"text": "hi"},
 ...                      now=engine.now_ms())                              # doctest: +SKIP
->>> with engine.write() as conn:                                          # doctest: +SKIP
-...     op.write(conn, engine.now_ms())
+>>> with engine.write() as tx:                                            # doctest: +SKIP
+...     op.write(tx, engine.now_ms())
 """
 
 from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Any, cast
-
-import apsw
+from typing import TYPE_CHECKING, Any, cast
 
 from .arguments import ceil_ms, seconds
 from .encoding import Outgoing, PlainRun, prepare, prepare_plain_batch
 from .errors import ValidationError
-from .sqlite import storage
-from .sqlite.wakeup import mark
+
+if TYPE_CHECKING:
+    from .engine import Tx
 
 type_of = type  # the name `type` is a parameter of many functions below
 
@@ -39,9 +38,9 @@ class Publish:
         self.outgoing = outgoing
         self.delay_ms = delay_ms
 
-    def write(self, conn: apsw.Connection, now: int) -> str:
-        storage.publish(conn, [self.outgoing], [now + self.delay_ms], now)
-        mark(self.outgoing.recipients)  # the commit rings these agents' waiters
+    def write(self, tx: Tx, now: int) -> str:
+        tx.storage.publish(tx.conn, [self.outgoing], [now + self.delay_ms], now)
+        tx.mark(self.outgoing.recipients)  # the commit rings these agents' waiters
         return self.outgoing.id
 
 
@@ -62,10 +61,10 @@ class Broadcast:
         self.delay_ms = delay_ms
         self.prepared_at = prepared_at
 
-    def write(self, conn: apsw.Connection, now: int) -> str:
+    def write(self, tx: Tx, now: int) -> str:
         recipients = [
             agent
-            for agent in storage.agent_ids(conn)
+            for agent in tx.storage.agent_ids(tx.conn)
             if agent != self.sender and fnmatch.fnmatchcase(agent, self.pattern)
         ]
         kwargs = self.kwargs
@@ -76,9 +75,9 @@ class Broadcast:
             correlation_id=kwargs.get("correlation_id"), id=kwargs["id"],
             broadcast_pattern=self.pattern, max_payload_bytes=self.max_payload_bytes,
         )
-        storage.publish(conn, [out], [now + self.delay_ms], now)
+        tx.storage.publish(tx.conn, [out], [now + self.delay_ms], now)
         if recipients:  # matched nobody: leave the ring untargeted (a state write may ride on it)
-            mark(recipients)
+            tx.mark(recipients)
         return out.id
 
 
@@ -107,15 +106,15 @@ class Interested:
         self.payload = payload
         self.prepared_at = prepared_at
 
-    def write(self, conn: apsw.Connection, now: int) -> str | None:
+    def write(self, tx: Tx, now: int) -> str | None:
         if self.event is None:
-            recipients = storage.interested_in_type(conn, self.type, self.sender)
+            recipients = tx.storage.interested_in_type(tx.conn, self.type, self.sender)
             if not recipients:
                 return None
         else:
             matched: set[str] = set()
             last, matches = "", False
-            for agent, pattern in storage.event_interests(conn, self.sender):  # by pattern
+            for agent, pattern in tx.storage.event_interests(tx.conn, self.sender):  # by pattern
                 if pattern != last:
                     last, matches = pattern, pattern is None or fnmatch.fnmatchcase(
                         self.event, pattern)
@@ -124,28 +123,28 @@ class Interested:
             recipients = sorted(matched)
         out = prepare(self.sender, recipients, self.type, self.payload, now_ms=self.prepared_at,
                       matched=True, max_payload_bytes=self.max_payload_bytes, **self.headers)
-        storage.publish(conn, [out], [now], now)
+        tx.storage.publish(tx.conn, [out], [now], now)
         if recipients:  # matched nobody: leave the ring untargeted (a state write may ride on it)
-            mark(recipients)
+            tx.mark(recipients)
         return out.id
 
 
 def write_all(
-    conn: apsw.Connection, sender: str, ops: list[PlainRun] | list[Publish], now: int
+    tx: Tx, sender: str, ops: list[PlainRun] | list[Publish], now: int
 ) -> list[str]:
     """Write a validated batch (:func:`prepare_many`); returns the message ids."""
     if type_of(ops[0]) is PlainRun:  # plain messages, ready now
         runs = cast("list[PlainRun]", ops)
-        storage.publish_plain(conn, sender, runs, now)
-        mark({run.to for run in runs})
+        tx.storage.publish_plain(tx.conn, sender, runs, now)
+        tx.mark({run.to for run in runs})
         return [id for run in runs for id in run.ids]
     publishes = cast("list[Publish]", ops)
     if all(type_of(op) is Publish for op in publishes):  # one statement batch
-        storage.publish(conn, [op.outgoing for op in publishes],
-                        [now + op.delay_ms for op in publishes], now)
-        mark({agent for op in publishes for agent in op.outgoing.recipients})
+        tx.storage.publish(tx.conn, [op.outgoing for op in publishes],
+                           [now + op.delay_ms for op in publishes], now)
+        tx.mark({agent for op in publishes for agent in op.outgoing.recipients})
         return [op.outgoing.id for op in publishes]
-    return [op.write(conn, now) for op in publishes]
+    return [op.write(tx, now) for op in publishes]
 
 
 def prepare_publish(
@@ -243,7 +242,7 @@ def prepare_interested(
 
 def publish_in(
     max_payload_bytes: int,
-    conn: apsw.Connection,
+    tx: Tx,
     now: int,
     sender: str,
     to: list[str] | None,
@@ -254,5 +253,5 @@ def publish_in(
     ``to``, or to the agents interested in ``type`` when ``to`` is None (None: nobody is,
     nothing written)."""
     if to is None:  # validated as it is written (nothing to check when nobody is interested)
-        return Interested(max_payload_bytes, sender, type, None, {}, payload, now).write(conn, now)
-    return prepare_publish(max_payload_bytes, sender, to, type, payload, now=now).write(conn, now)
+        return Interested(max_payload_bytes, sender, type, None, {}, payload, now).write(tx, now)
+    return prepare_publish(max_payload_bytes, sender, to, type, payload, now=now).write(tx, now)

@@ -32,7 +32,7 @@ import sqlbus
 from sqlbus import ops
 from sqlbus.agent import inbox_of
 from sqlbus.delivery import settled
-from sqlbus.engine import UPKEEP_CHECK_EVERY
+from sqlbus.engine import UPKEEP_CHECK_EVERY, Tx
 from sqlbus.sqlite import checkpoint as checkpoints
 from sqlbus.sqlite import doorbell, storage, wakeup
 
@@ -573,6 +573,6 @@ def doorbell_name(stem: str, wants_any: bool, agents: Iterable[str]) -> str:
 
 def marks_of(agents: Iterable[str]) -> set[bytes] | None:
     """The tags a commit writing rows for ``agents`` rings with (None: "anything changed")."""
-    wakeup.take_marks()
-    wakeup.mark(agents)
-    return wakeup.take_marks()
+    tx = Tx(cast(Any, None), storage)
+    tx.mark(agents)
+    return tx.tags

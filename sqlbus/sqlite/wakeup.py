@@ -15,6 +15,9 @@ How it works (figures in ``benchmarks/latency.py``):
 - **One poller per process.** One waiting thread (the *leader*) polls the doorbell; the other
   threads (and asyncio waiters, see :meth:`Wakeup.wait_async`) wait on a Condition that the
   leader notifies. A commit by this process rings its own doorbell when it has waiters.
+- **A commit rings whom its write marked** (:class:`sqlbus.engine.Tx`): the agents that got
+  work; a write that marked nothing rings "anything may have changed", one marked quiet (a
+  claim, a plain ack) rings nobody.
 - **Nothing is ever stranded.** The caller's ``check`` (``PRAGMA data_version`` differs from
   the value read before the caller looked) runs before sleeping, so a commit that landed
   between the look and the wait is seen; a slow fallback poll (``FALLBACK`` seconds) covers a
@@ -30,7 +33,7 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from .doorbell import Doorbell, DoorbellDirectory, doorbell_dir
@@ -38,7 +41,6 @@ from .ringer import Ringer
 
 __all__ = [
     "Wakeup", "ANY", "RUNG", "CHANGED", "FALLBACK", "MAX_TAGS", "agent_tag", "doorbell_dir",
-    "reset_marks", "mark", "mark_quiet", "take_marks",
 ]
 
 FALLBACK = 0.5  # seconds: the longest a waiter sleeps without re-checking the database
@@ -394,39 +396,3 @@ class Wakeup:
         self._doorbell.forget()
         self._closed = self._directory.closed = True
 
-
-# -- what a commit rings -----------------------------------------------------------------------
-# The bus marks, while a write transaction runs, which agents got work; the commit then rings
-# only their tags. A write that marks nothing rings "anything may have changed" (always
-# correct, just less targeted); a write marked quiet (a claim, a plain ack) rings nobody.
-
-_pending = threading.local()
-
-
-def reset_marks() -> None:
-    """At BEGIN: nothing marked yet."""
-    _pending.tags = None
-
-
-def mark(agents: Iterable[str]) -> None:
-    """Mark agents that got work (a message, a retry coming due) in the current write."""
-    tags = getattr(_pending, "tags", None)
-    if tags is None:
-        tags = _pending.tags = set()
-    for agent in agents:
-        if len(tags) > MAX_TAGS:
-            break  # the commit rings "anything may have changed": more tags change nothing
-        tags.add(agent_tag(agent))
-
-
-def mark_quiet() -> None:
-    """Mark the current write as making no work for anyone (unless agents get marked)."""
-    if getattr(_pending, "tags", None) is None:
-        _pending.tags = set()
-
-
-def take_marks() -> set[bytes] | None:
-    """After COMMIT: the tags to ring (None: anything may have changed), and reset."""
-    tags = getattr(_pending, "tags", None)
-    _pending.tags = None
-    return tags

@@ -10,22 +10,16 @@ with ``FOR UPDATE SKIP LOCKED``, so receivers of one inbox never wait on each ot
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from typing import Any
 
 import psycopg
-from psycopg import sql
+
+from .schema import statement
 
 QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
 
 # A held lease: the row is leased, or its lease ran out and nobody claimed it again yet.
 _HELD = " WHERE seq = %(seq)s AND claims = %(claims)s AND state <= 1"
-
-
-@lru_cache(maxsize=256)
-def _text(schema: str, template: str) -> sql.Composed:
-    """``template`` with ``{s}`` the schema's quoted name (composed once per schema)."""
-    return sql.SQL(template).format(s=sql.Identifier(schema))  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +64,7 @@ def publish(
         body, body_id = message.body, None
         if len(message.recipients) > 1:
             body_id = conn.execute(
-                _text(schema, "INSERT INTO {s}.message_body (body) VALUES (%s) RETURNING id"),
+                statement(schema, "INSERT INTO {s}.message_body (body) VALUES (%s) RETURNING id"),
                 (message.body,),
             ).fetchone()[0]  # type: ignore[index]
             body = None
@@ -79,13 +73,13 @@ def publish(
                          body_id))
     if rows:
         with conn.cursor() as cur:
-            cur.executemany(_text(schema, _INSERT), rows)
+            cur.executemany(statement(schema, _INSERT), rows)
     return fresh
 
 
 def _exists(conn: psycopg.Connection, schema: str, message_id: str) -> bool:
     found = conn.execute(
-        _text(schema, "SELECT 1 FROM {s}.message WHERE message_id = %s LIMIT 1"), (message_id,)
+        statement(schema, "SELECT 1 FROM {s}.message WHERE message_id = %s LIMIT 1"), (message_id,)
     ).fetchone()
     return found is not None
 
@@ -142,7 +136,7 @@ def claim(
     filters = (_TYPES if types is not None else "") + (_NOT_AWAITED if skip is not None else "")
     params = {"agent": agent, "now": now, "lease_until": lease_until, "limit": limit,
               "max_body": max_body, "types": list(types or ()), "skip": list(skip or ())}
-    rows = conn.execute(_text(schema, _CLAIM.replace("{filters}", filters)), params).fetchall()
+    rows = conn.execute(statement(schema, _CLAIM.replace("{filters}", filters)), params).fetchall()
     rows.sort(key=lambda row: (-row[3], row[0]))  # RETURNING keeps no order
     return rows, len(rows) == limit
 
@@ -150,7 +144,7 @@ def claim(
 def next_due(conn: psycopg.Connection, schema: str, agent: str) -> int | None:
     """Earliest time (ms) one of ``agent``'s leased or scheduled rows becomes ready; None."""
     row = conn.execute(
-        _text(schema, "SELECT min(visible_at) FROM {s}.message WHERE agent = %s AND state IN (1, 4)"),
+        statement(schema, "SELECT min(visible_at) FROM {s}.message WHERE agent = %s AND state IN (1, 4)"),
         (agent,),
     ).fetchone()
     return None if row is None else row[0]
@@ -164,7 +158,7 @@ def ack(conn: psycopg.Connection, schema: str, leases: Sequence[tuple[int, int]]
     """Mark leased rows acked, given as (seq, claims); False when any lease is gone (the
     caller rolls the whole transaction back: a batch ack is all or nothing)."""
     done = conn.execute(
-        _text(schema, "UPDATE {s}.message AS m SET state = 2, done_at = %s"
+        statement(schema, "UPDATE {s}.message AS m SET state = 2, done_at = %s"
                       " FROM unnest(%s::bigint[], %s::integer[]) AS l(seq, claims)"
                       " WHERE m.seq = l.seq AND m.claims = l.claims AND m.state <= 1"),
         (now, [seq for seq, _ in leases], [claims for _, claims in leases]),
@@ -175,7 +169,7 @@ def ack(conn: psycopg.Connection, schema: str, leases: Sequence[tuple[int, int]]
 def acked_now(conn: psycopg.Connection, schema: str, seq: int, claims: int, now: int) -> bool:
     """Whether this transaction's ack took the lease (seq, claims) (see the SQLite twin)."""
     return conn.execute(
-        _text(schema, "SELECT 1 FROM {s}.message WHERE seq = %s AND claims = %s AND state = 2"
+        statement(schema, "SELECT 1 FROM {s}.message WHERE seq = %s AND claims = %s AND state = 2"
                       " AND done_at = %s"), (seq, claims, now),
     ).fetchone() is not None
 
@@ -183,7 +177,7 @@ def acked_now(conn: psycopg.Connection, schema: str, seq: int, claims: int, now:
 def extend(conn: psycopg.Connection, schema: str, seq: int, claims: int, lease_until: int) -> bool:
     """Move a held lease's deadline; False when that lease is gone."""
     done = conn.execute(
-        _text(schema, "UPDATE {s}.message SET state = 1, visible_at = %(until)s" + _HELD),
+        statement(schema, "UPDATE {s}.message SET state = 1, visible_at = %(until)s" + _HELD),
         {"until": lease_until, "seq": seq, "claims": claims},
     )
     return done.rowcount == 1
@@ -196,7 +190,7 @@ def release(
     """Give a held lease back, ready now (``attempted=False`` takes back the claim's attempt
     and keeps the error of the attempt before); as the SQLite twin."""
     done = conn.execute(
-        _text(schema, "UPDATE {s}.message SET state = 0, visible_at = %(now)s,"
+        statement(schema, "UPDATE {s}.message SET state = 0, visible_at = %(now)s,"
                       " attempts = attempts - %(back)s,"
                       " last_error = CASE WHEN %(back)s = 1 THEN last_error ELSE %(error)s END"
                       + _HELD),
@@ -212,7 +206,7 @@ def retry(
 ) -> bool:
     """Schedule a leased row for another attempt at ``due_at``; False when the lease is gone."""
     done = conn.execute(
-        _text(schema, "UPDATE {s}.message SET state = 4, visible_at = %(due)s,"
+        statement(schema, "UPDATE {s}.message SET state = 4, visible_at = %(due)s,"
                       " last_error = %(error)s" + _HELD),
         {"due": due_at, "error": last_error, "seq": seq, "claims": claims},
     )
@@ -236,7 +230,7 @@ def dead_letter(
     """Move a queued or leased row to dead letters; False when that lease (or row) is gone.
     ``claims=None`` retires the row whatever its lease; as the SQLite twin."""
     row = conn.execute(
-        _text(schema, "UPDATE {s}.message SET state = 3, done_at = %(now)s WHERE seq = %(seq)s"
+        statement(schema, "UPDATE {s}.message SET state = 3, done_at = %(now)s WHERE seq = %(seq)s"
                       " AND state <= 1 AND (%(claims)s::integer IS NULL OR claims = %(claims)s)"
                       " RETURNING attempts"),
         {"now": now, "seq": seq, "claims": claims},
@@ -244,7 +238,7 @@ def dead_letter(
     if row is None:
         return False
     conn.execute(
-        _text(schema, "INSERT INTO {s}.dead_letter (seq, reason, error_name, error_message,"
+        statement(schema, "INSERT INTO {s}.dead_letter (seq, reason, error_name, error_message,"
                       " traceback, context, failed_at, attempts)"
                       " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"),
         (seq, reason, error_name, error_message, traceback, context_json,
@@ -256,7 +250,7 @@ def dead_letter(
 def count_error(conn: psycopg.Connection, schema: str, name: str) -> None:
     """Count one failure of exception ``name``."""
     conn.execute(
-        _text(schema, "INSERT INTO {s}.error_counts (name, count) VALUES (%s, 1)"
+        statement(schema, "INSERT INTO {s}.error_counts (name, count) VALUES (%s, 1)"
                       " ON CONFLICT (name) DO UPDATE SET count = {s}.error_counts.count + 1"),
         (name,),
     )

@@ -19,6 +19,7 @@ number twice.
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import psycopg
 from psycopg import sql
@@ -136,6 +137,13 @@ CREATE TABLE {s}.interest (
 # What a new bus keeps (as a new SQLite file): acked messages 7 days, dead letters 30 days,
 # at most 1,000,000 acked messages.
 DEFAULT_RETENTION = (7 * 86_400_000, 30 * 86_400_000, 1_000_000)
+
+
+@lru_cache(maxsize=512)
+def statement(schema: str, template: str) -> sql.Composed:
+    """``template`` with ``{s}`` the schema's quoted name, composed once per schema and text
+    (the backend's statements name their tables ``{s}.message``, ...)."""
+    return sql.SQL(template).format(s=sql.Identifier(schema))  # type: ignore[arg-type]
 
 
 def check_schema_name(name: object) -> str:

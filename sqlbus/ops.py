@@ -374,9 +374,7 @@ def _backup(
     progress: Callable[[int, int], None] | None, started: float,
 ) -> BackupResult:
     storage = engine.storage
-    source = storage.open_connection(
-        engine.path, synchronous=engine.synchronous, busy_timeout=engine.busy_timeout
-    )
+    source = engine.open_private_connection(engine.busy_timeout)
     created = False
     try:
         fd = os.open(dest_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -441,9 +439,7 @@ def _vacuum(engine: Engine, before: int, reader: str) -> VacuumResult:
     conn = None
     try:
         # a connection of its own: its waits and temp_store differ from the bus's
-        conn = storage.open_connection(
-            engine.path, synchronous=engine.synchronous, busy_timeout=WAL_WAIT
-        )
+        conn = engine.open_private_connection(WAL_WAIT)
         if not truncate_wal(conn, engine.busy_timeout):
             return VacuumResult(
                 bytes_before=before, bytes_after=sum(file_sizes(engine.path)), shrunk=False,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -45,3 +46,15 @@ def pg_schema() -> Iterator[str]:
     finally:
         admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
         admin.close()
+
+
+@pytest.fixture
+def pg_bus(pg_schema: str) -> Iterator[tuple[Any, str]]:
+    """(an autocommit connection, the name of a schema holding a new bus), for the storage
+    verbs of the PostgreSQL backend; the schema is dropped afterwards."""
+    from sqlbus.postgres.schema import ensure_schema
+
+    conn = connect()
+    ensure_schema(conn, pg_schema)
+    yield conn, pg_schema
+    conn.close()

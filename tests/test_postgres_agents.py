@@ -3,28 +3,16 @@ in progress): as the SQLite backend keeps them, ids sorted byte by byte."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import psycopg
-import pytest
-from postgres_server import connect, pg_schema
+from postgres_server import pg_bus, pg_schema
 
 from sqlbus.postgres import agents
-from sqlbus.postgres.schema import ensure_schema
 
-__all__ = ["pg_schema"]  # a fixture
-
-
-@pytest.fixture
-def bus(pg_schema: str) -> Iterator[tuple[psycopg.Connection, str]]:
-    conn = connect()
-    ensure_schema(conn, pg_schema)
-    yield conn, pg_schema
-    conn.close()
+__all__ = ["pg_bus", "pg_schema"]  # fixtures
 
 
-def test_the_registry_keeps_first_registration_and_latest_sight(bus) -> None:
-    conn, schema = bus
+
+def test_the_registry_keeps_first_registration_and_latest_sight(pg_bus) -> None:
+    conn, schema = pg_bus
     agents.register_agent(conn, schema, "bob", 1_000)
     agents.register_agent(conn, schema, "Zed", 1_500)
     agents.touch_agent(conn, schema, "bob", 3_000, status="busy")
@@ -40,8 +28,8 @@ def test_the_registry_keeps_first_registration_and_latest_sight(bus) -> None:
     assert agents.list_agents(conn, schema)[2].status == "active"
 
 
-def test_interests_are_recorded_once_and_found_by_type_and_event(bus) -> None:
-    conn, schema = bus
+def test_interests_are_recorded_once_and_found_by_type_and_event(pg_bus) -> None:
+    conn, schema = pg_bus
     agents.add_interest(conn, schema, "bob", "type", "state_change", 1)
     agents.add_interest(conn, schema, "bob", "type", "state_change", 2)  # kept at 1
     agents.add_interest(conn, schema, "carol", "type", "*", 3)

@@ -3,28 +3,17 @@ same states and (seq, claims) fencing as SQLite, and claims that never wait on e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import psycopg
 import pytest
-from postgres_server import connect, pg_schema
+from postgres_server import connect, pg_bus, pg_schema
 
 from sqlbus.encoding import prepare
 from sqlbus.postgres import queue
-from sqlbus.postgres.schema import ensure_schema
 
-__all__ = ["pg_schema"]  # a fixture
+__all__ = ["pg_bus", "pg_schema"]  # fixtures
 
 NOW = 1_800_000_000_000
 LEASE = 30_000
 
-
-@pytest.fixture
-def bus(pg_schema: str) -> Iterator[tuple[psycopg.Connection, str]]:
-    conn = connect()
-    ensure_schema(conn, pg_schema)
-    yield conn, pg_schema
-    conn.close()
 
 
 def send(conn, schema, to, n=1, *, priority=3, **headers):  # type: ignore[no-untyped-def]
@@ -46,8 +35,8 @@ def state_of(conn, schema, seq):  # type: ignore[no-untyped-def]
                         (seq,)).fetchone()
 
 
-def test_a_claim_takes_the_highest_priority_first_then_publish_order_and_leases_it(bus) -> None:
-    conn, schema = bus
+def test_a_claim_takes_the_highest_priority_first_then_publish_order_and_leases_it(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob", 2, priority=3)
     send(conn, schema, "bob", 1, priority=5)
     rows = claim(conn, schema)
@@ -58,8 +47,8 @@ def test_a_claim_takes_the_highest_priority_first_then_publish_order_and_leases_
     assert claim(conn, schema) == []  # all leased
 
 
-def test_two_receivers_of_one_inbox_never_wait_on_each_other(bus) -> None:
-    conn, schema = bus
+def test_two_receivers_of_one_inbox_never_wait_on_each_other(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob", 4)
     other = connect()
     try:
@@ -74,8 +63,8 @@ def test_two_receivers_of_one_inbox_never_wait_on_each_other(bus) -> None:
         other.close()
 
 
-def test_an_ack_is_fenced_by_its_claim(bus) -> None:
-    conn, schema = bus
+def test_an_ack_is_fenced_by_its_claim(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob")
     [row] = claim(conn, schema)
     seq, claims = row[0], row[1]
@@ -89,8 +78,8 @@ def test_an_ack_is_fenced_by_its_claim(bus) -> None:
     assert state_of(conn, schema, seq)[0] == queue.ACKED
 
 
-def test_a_batch_ack_with_one_lost_lease_reports_it(bus) -> None:
-    conn, schema = bus
+def test_a_batch_ack_with_one_lost_lease_reports_it(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob", 2)
     rows = claim(conn, schema)
     with pytest.raises(RuntimeError), conn.transaction():
@@ -99,30 +88,30 @@ def test_a_batch_ack_with_one_lost_lease_reports_it(bus) -> None:
     assert [state_of(conn, schema, row[0])[0] for row in rows] == [queue.LEASED] * 2
 
 
-def test_a_message_to_many_keeps_its_body_once_and_each_recipient_reads_it(bus) -> None:
-    conn, schema = bus
+def test_a_message_to_many_keeps_its_body_once_and_each_recipient_reads_it(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, ["bob", "carol", "dave"])
     assert conn.execute(f'SELECT count(*) FROM "{schema}".message_body').fetchone() == (1,)
     bodies = [claim(conn, schema, agent)[0][6] for agent in ("bob", "carol", "dave")]
     assert len(set(bodies)) == 1 and b'"n":0' in bodies[0]
 
 
-def test_a_body_above_the_readers_limit_is_not_loaded(bus) -> None:
-    conn, schema = bus
+def test_a_body_above_the_readers_limit_is_not_loaded(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob")
     [row] = claim(conn, schema, max_body=10)
     assert row[6] is None
 
 
-def test_a_caller_chosen_id_publishes_once(bus) -> None:
-    conn, schema = bus
+def test_a_caller_chosen_id_publishes_once(pg_bus) -> None:
+    conn, schema = pg_bus
     assert len(send(conn, schema, "bob", id="msg-1800000000000-abcdefghi")) == 1
     assert send(conn, schema, "bob", id="msg-1800000000000-abcdefghi") == []
     assert len(claim(conn, schema)) == 1
 
 
-def test_release_retry_and_dead_letter_settle_a_held_lease(bus) -> None:
-    conn, schema = bus
+def test_release_retry_and_dead_letter_settle_a_held_lease(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob", 3)
     a, b, c = claim(conn, schema)
     with conn.transaction():
@@ -143,8 +132,8 @@ def test_release_retry_and_dead_letter_settle_a_held_lease(bus) -> None:
     assert conn.execute(f'SELECT count FROM "{schema}".error_counts').fetchone() == (2,)
 
 
-def test_extend_moves_only_a_held_lease(bus) -> None:
-    conn, schema = bus
+def test_extend_moves_only_a_held_lease(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob")
     [row] = claim(conn, schema)
     with conn.transaction():
@@ -153,8 +142,8 @@ def test_extend_moves_only_a_held_lease(bus) -> None:
     assert queue.next_due(conn, schema, "bob") == NOW + 99_000
 
 
-def test_claims_filter_by_type_and_leave_awaited_responses_alone(bus) -> None:
-    conn, schema = bus
+def test_claims_filter_by_type_and_leave_awaited_responses_alone(pg_bus) -> None:
+    conn, schema = pg_bus
     send(conn, schema, "bob")
     response = prepare("carol", "bob", "response", {"success": True, "data": 1, "request_id": "r"},
                        now_ms=NOW, correlation_id="req-1")

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import psycopg
-import pytest
-from postgres_server import connect, pg_schema
+from postgres_server import pg_bus, pg_schema
 
 from sqlbus.postgres import state
-from sqlbus.postgres.schema import ensure_schema
 
-__all__ = ["pg_schema"]  # a fixture
-
-
-@pytest.fixture
-def bus(pg_schema: str) -> Iterator[tuple[psycopg.Connection, str]]:
-    conn = connect()
-    ensure_schema(conn, pg_schema)
-    yield conn, pg_schema
-    conn.close()
+__all__ = ["pg_bus", "pg_schema"]  # fixtures
 
 
-def test_a_key_keeps_its_latest_version_and_every_change_is_logged(bus) -> None:
-    conn, schema = bus
+
+def test_a_key_keeps_its_latest_version_and_every_change_is_logged(pg_bus) -> None:
+    conn, schema = pg_bus
     assert state.get_state(conn, schema, "plan") is None
     with conn.transaction():
         state.put_state(conn, schema, "plan", b'{"steps":3}', 1, False, "alice", 1_000)
@@ -34,8 +22,8 @@ def test_a_key_keeps_its_latest_version_and_every_change_is_logged(bus) -> None:
     assert log == [("plan", 1), ("plan", 2)]
 
 
-def test_prefixes_are_compared_not_matched_and_deleted_keys_are_not_listed(bus) -> None:
-    conn, schema = bus
+def test_prefixes_are_compared_not_matched_and_deleted_keys_are_not_listed(pg_bus) -> None:
+    conn, schema = pg_bus
     with conn.transaction():
         for key in ("job/b", "job/A", "job%x", "jobs", "job/c"):
             state.put_state(conn, schema, key, b"1", 1, False, None, 1)

@@ -128,15 +128,15 @@ class Agent:
         # A receiver that may wait reads before it claims, unless its last claim left more
         # behind or a ring said work came for it: an empty claim would take the write lock
         # that the writers it waits for need.
-        first = [True]
+        claim_first = inbox.more
 
         def look(rung: bool) -> Looked:
-            if not (rung or first[0] and inbox.more):
+            nonlocal claim_first
+            if not (rung or claim_first):
                 token, work, due = inbox.look(types_json)
                 if not work:
-                    first[0] = False
                     return Looked([], token, inbox.seconds_until(due))
-            first[0] = False
+            claim_first = False
             claimed = inbox.claim(limit, lease_ms, types_json)
             return Looked(claimed.deliveries, claimed.baseline or 0,
                           inbox.seconds_until(claimed.due))

@@ -7,8 +7,7 @@ from typing import Any
 
 import msgspec
 
-from .messages import MESSAGE_ID_RE as ID_PATTERN
-from .messages import Headers, Message, iso_ms, listed_message
+from .messages import MESSAGE_ID_RE, Headers, Message, iso_ms, listed_message
 
 
 class Subscription(msgspec.Struct):
@@ -69,7 +68,7 @@ def dead_letter_ref(ref: object) -> tuple[int | None, str | None] | None:
     if type(ref) is int:  # not bool
         return (ref, None) if -(2**63) <= ref < 2**63 else None
     if type(ref) is str:
-        return (None, ref) if ID_PATTERN.fullmatch(ref) else None
+        return (None, ref) if MESSAGE_ID_RE.fullmatch(ref) else None
     raise TypeError(
         f"ref must be a dead-letter number (int) or a message id (str), got {type(ref).__name__}"
     )

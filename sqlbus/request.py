@@ -78,14 +78,16 @@ def request(
     correlation_id = new_correlation_id()
     await_response(engine, agent.id, correlation_id)  # before the request exists: it is ours
     try:
-        sent = [True]
-        token = send_request(agent, engine, to, payload, timeout, priority, ttl, correlation_id)
+        sent_token: int | None = send_request(
+            agent, engine, to, payload, timeout, priority, ttl, correlation_id)
 
         def look(rung: bool) -> Looked:
-            if sent[0]:  # the token was read in the request's own write: nothing to take yet
-                sent[0] = False
+            nonlocal sent_token
+            if sent_token is not None:  # read in the request's own write: nothing to take yet
+                token, sent_token = sent_token, None
                 return Looked(None, token)
-            return Looked(*take_response(agent, engine, correlation_id)[::-1])
+            token, message = take_response(agent, engine, correlation_id)
+            return Looked(message, token)
 
         message = engine.wait_until(look, timeout, agent.id)
         if message is not None:

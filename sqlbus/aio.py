@@ -48,7 +48,7 @@ from typing import Any, TypeVar
 from . import request as requests
 from .agent import Agent, inbox_of
 from .arguments import STORED, Stored, seconds
-from .bus import Bus
+from .bus import DEFAULT_MODE, Bus
 from .bus import connect as _connect
 from .delivery import Delivery, current, current_delivery, give_back
 from .encoding import encode_json_value
@@ -85,11 +85,14 @@ async def connect(
     max_payload_bytes: int = 1_048_576,
     busy_timeout: float = 5.0,
     clock: Callable[[], float] | None = None,
-    mode: int = 0o600,
+    mode: int = DEFAULT_MODE,
     non_retryable: Iterable[type[BaseException]] = (),
     archive_retention: float | None | Stored = STORED,
     dead_retention: float | None | Stored = STORED,
     archive_max_messages: int | None | Stored = STORED,
+    schema: str | None = None,
+    pool_size: int | None = None,
+    connect_timeout: float | None = None,
 ) -> AsyncBus:
     """Open the database at ``path``: the keywords, their defaults and units are those of
     :func:`sqlbus.connect` (spelled out here so editors and type checkers see them).
@@ -101,6 +104,7 @@ async def connect(
         backoff_cap=backoff_cap, max_payload_bytes=max_payload_bytes, busy_timeout=busy_timeout,
         clock=clock, mode=mode, non_retryable=non_retryable, archive_retention=archive_retention,
         dead_retention=dead_retention, archive_max_messages=archive_max_messages,
+        schema=schema, pool_size=pool_size, connect_timeout=connect_timeout,
     )
     pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="sqlbus-aio")
     try:

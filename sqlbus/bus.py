@@ -43,6 +43,7 @@ from .records import (
     ref_text,
     stored_ttl,
 )
+from .sqlite.engine import SqliteEngine
 from .state import StateStore
 from .transaction import Transaction
 
@@ -61,6 +62,44 @@ __all__ = [
 ]
 
 DURABILITY = {"normal": "NORMAL", "full": "FULL"}
+# PostgreSQL: synchronous_commit of the bus's own transactions (SPEC 12).
+SYNCHRONOUS_COMMIT = {"normal": "off", "full": "on"}
+
+
+class _DefaultMode(int):
+    """The default ``mode`` (0o600), told apart from one the caller gave."""
+
+
+DEFAULT_MODE = _DefaultMode(0o600)
+
+
+def is_postgres_url(target: str) -> bool:
+    """Whether ``target`` names a PostgreSQL database rather than a file path."""
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+def _postgres_engine(
+    url: str, durability: str, busy_timeout: float, clock: Callable[[], float] | None,
+    schema: str | None, pool_size: int | None, connect_timeout: float | None,
+) -> Engine:
+    try:
+        from .postgres.engine import PostgresEngine
+    except ImportError as exc:
+        raise ImportError(
+            f"a postgresql:// URL needs the extra sqlbus[postgres] (pip install 'sqlbus[postgres]'): {exc}"
+        ) from exc
+    from .postgres.schema import check_schema_name
+
+    size = 10 if pool_size is None else pool_size
+    if type(size) is not int or size < 1:
+        raise ValueError(f"pool_size must be an int >= 1, got {pool_size!r}")
+    timeout = 5.0 if connect_timeout is None else seconds(connect_timeout, "connect_timeout",
+                                                          allow_zero=False)
+    return PostgresEngine(
+        url, schema=check_schema_name("sqlbus" if schema is None else schema), pool_size=size,
+        connect_timeout=timeout, synchronous_commit=SYNCHRONOUS_COMMIT[durability],
+        busy_timeout=busy_timeout, clock=clock,
+    )
 ALIVE_WITHIN_MS = 60_000  # an agent seen within this window counts as alive
 NON_RETRYABLE: tuple[type[BaseException], ...] = (
     ValidationError,
@@ -81,15 +120,24 @@ def connect(
     max_payload_bytes: int = 1_048_576,
     busy_timeout: float = 5.0,
     clock: Callable[[], float] | None = None,
-    mode: int = 0o600,
+    mode: int = DEFAULT_MODE,
     non_retryable: Iterable[type[BaseException]] = (),
     archive_retention: float | None | Stored = STORED,
     dead_retention: float | None | Stored = STORED,
     archive_max_messages: int | None | Stored = STORED,
+    schema: str | None = None,
+    pool_size: int | None = None,
+    connect_timeout: float | None = None,
 ) -> Bus:
     """Open (creating if needed) the sqlbus database at ``path`` and return a :class:`Bus`.
 
     >>> bus = sqlbus.connect("team.db", durability="full")   # doctest: +SKIP
+    >>> bus = sqlbus.connect("postgresql://app@db/team", schema="sqlbus")  # doctest: +SKIP
+
+    A ``postgresql://`` or ``postgres://`` URL opens the bus in that database's ``schema``
+    (default ``"sqlbus"``; needs the extra ``sqlbus[postgres]``), with ``pool_size``
+    connections (10) and ``connect_timeout`` seconds (5.0) to wait for the server; those three
+    are for URLs only, as ``mode`` is for files only (``ValueError`` otherwise).
 
     ``durability``: ``"normal"`` (commits survive a process crash) or ``"full"`` (fsync every
     commit: they also survive power loss). ``lease``, ``backoff_*`` and ``busy_timeout`` are
@@ -121,6 +169,9 @@ def connect(
         archive_retention=archive_retention,
         dead_retention=dead_retention,
         archive_max_messages=archive_max_messages,
+        schema=schema,
+        pool_size=pool_size,
+        connect_timeout=connect_timeout,
     )
 
 
@@ -144,11 +195,14 @@ class Bus:
         max_payload_bytes: int = 1_048_576,
         busy_timeout: float = 5.0,
         clock: Callable[[], float] | None = None,
-        mode: int = 0o600,
+        mode: int = DEFAULT_MODE,
         non_retryable: Iterable[type[BaseException]] = (),
         archive_retention: float | None | Stored = STORED,
         dead_retention: float | None | Stored = STORED,
         archive_max_messages: int | None | Stored = STORED,
+        schema: str | None = None,
+        pool_size: int | None = None,
+        connect_timeout: float | None = None,
     ) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")
@@ -166,7 +220,19 @@ class Bus:
         for cls in extra:
             if not (isinstance(cls, type) and issubclass(cls, BaseException)):
                 raise TypeError(f"non_retryable takes exception classes, got {cls!r}")
-        self.path = os.path.abspath(os.fspath(path))
+        url = os.fspath(path)
+        postgres = is_postgres_url(url)
+        if postgres:
+            if type(mode) is not _DefaultMode:
+                raise ValueError("mode is for a database file; a PostgreSQL bus has no file")
+        else:
+            given = [name for name, value in (("schema", schema), ("pool_size", pool_size),
+                                              ("connect_timeout", connect_timeout))
+                     if value is not None]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for a postgresql:// URL, "
+                                 f"not a file path ({url!r})")
+        self.path = url if postgres else os.path.abspath(url)
         self.durability = durability
         self.max_attempts = max_attempts
         self.max_payload_bytes = max_payload_bytes
@@ -176,8 +242,15 @@ class Bus:
         self.non_retryable: tuple[type[BaseException], ...] = NON_RETRYABLE + extra
         retention = retention_changes(archive_retention, dead_retention, archive_max_messages)
         #: The engine under this bus (internal: connections, transactions, wake-ups).
-        self.engine = Engine(self.path, synchronous=DURABILITY[durability],
-                             busy_timeout=self.busy_timeout, clock=self.clock, mode=mode)
+        self.engine: Engine = (
+            _postgres_engine(url, durability, self.busy_timeout, clock, schema, pool_size,
+                             connect_timeout)
+            if postgres else
+            SqliteEngine(self.path, synchronous=DURABILITY[durability],
+                         busy_timeout=self.busy_timeout, clock=self.clock, mode=mode)
+        )
+        if postgres:
+            self.path = self.engine.path  # the URL without its password, and the schema
         self.engine.max_body = max_payload_bytes + ENVELOPE_ALLOWANCE
         self._retention_upkeep = RetentionUpkeep(self.engine)
         self.engine.upkeep = self._retention_upkeep.after_write
@@ -320,8 +393,9 @@ class Bus:
 
         >>> m = bus.metrics(); m.messages_sent, m.queue_depths["bob"].ready   # doctest: +SKIP
         """
+        sizes = self.engine.sizes()
         with self.engine.reading() as conn:
-            return compute_metrics(self.engine.storage, conn, self.engine.now_ms(), self.path)
+            return compute_metrics(self.engine.storage, conn, self.engine.now_ms(), sizes)
 
     def stats(self) -> list[AgentStats]:
         """Per-agent inbox depths (ready, leased, retrying, scheduled, expired, dead, oldest

@@ -13,7 +13,6 @@ B-tree page per commit would cost a large share of single-message throughput
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -115,18 +114,6 @@ class AgentStats(msgspec.Struct, kw_only=True):
 # Metrics and stats
 
 
-def file_sizes(path: str) -> tuple[int, int]:
-    """(database bytes, WAL bytes) of the file at ``path`` (0 for a missing WAL)."""
-
-    def size(name: str) -> int:
-        try:
-            return os.path.getsize(name)
-        except OSError:
-            return 0
-
-    return size(path), size(path + "-wal")
-
-
 @contextmanager
 def snapshot(storage: Storage[Any], conn: apsw.Connection) -> Iterator[None]:
     """One read transaction, so that every query inside sees the same commit (inside a
@@ -162,8 +149,10 @@ def compute_stats(
     return [by_agent[agent] for agent in sorted(by_agent)]
 
 
-def compute_metrics(storage: Storage[Any], conn: apsw.Connection, now: int, path: str) -> Metrics:
-    """Read :class:`Metrics` from the file in one read transaction."""
+def compute_metrics(
+    storage: Storage[Any], conn: Any, now: int, sizes: tuple[int, int]
+) -> Metrics:
+    """Read :class:`Metrics` in one read transaction; ``sizes`` is (database bytes, WAL bytes)."""
     storage.begin_read(conn)  # every query below sees the same commit
     try:
         registered = storage.agent_ids(conn)
@@ -200,7 +189,7 @@ def compute_metrics(storage: Storage[Any], conn: apsw.Connection, now: int, path
     received = sum(received_by.values())
     dead = sum(s.dead for s in stats) + total("dead")
     names = set(registered) | set(sent_by) | set(received_by)
-    db_bytes, wal_bytes = file_sizes(path)
+    db_bytes, wal_bytes = sizes
     return Metrics(
         messages_sent=sum(sent_by.values()),
         messages_received=received,

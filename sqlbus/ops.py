@@ -24,9 +24,10 @@ from .backend import TailRow
 from .engine import Engine
 from .errors import DatabaseError
 from .messages import Message, iso_ms, listed_message
-from .metrics import file_sizes, snapshot
+from .metrics import snapshot
 from .records import SentRecord
 from .sqlite.checkpoint import WAL_WAIT, truncate_wal
+from .sqlite.files import file_sizes
 
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch

@@ -121,7 +121,7 @@ def send_request(
             sweep_late_responses(tx, agent.id, now)
         # Read in our own write (whose commit does not move it): a response committed at
         # any time after the request then changes it, so there is no need to look at once.
-        return tx.storage.data_version(tx.conn)
+        return engine.change_token_in(tx)
 
 
 def end_request(agent: Agent, engine: Engine, to: str, correlation_id: str, timeout: float) -> Any:

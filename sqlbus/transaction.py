@@ -12,10 +12,8 @@ import contextvars
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import apsw
-
 from . import connections
-from .engine import Tx, Write, open_block
+from .engine import Tx, WriteContext, open_block
 from .errors import DatabaseError
 from .state import StateStore
 from .writes import prepare_broadcast, prepare_many, prepare_publish, write_all
@@ -39,7 +37,7 @@ class Transaction:
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
-        self._write: Write | None = None
+        self._write: WriteContext | None = None
         self._tx: Tx | None = None  # its marks ring at the commit
         self._ended = False  # the database ended the transaction before the block did
         self._token: contextvars.Token[Transaction | None] | None = None
@@ -81,7 +79,7 @@ class Transaction:
             if exc_type is None:
                 raise
             return  # the caller's own error goes on
-        if self._ended or write.conn.get_autocommit():
+        if self._ended or bus.engine.tx_ended(write.conn):
             if exc_type is None:
                 raise self._ended_error()
             return
@@ -109,18 +107,20 @@ class Transaction:
         later call."""
         tx = self._connection()
         conn = tx.conn
+        engine = self.agent.bus.engine
         with connections.inside:
             try:
                 return fn(tx, *args)
-            except apsw.Error as exc:
-                raise self.agent.bus.engine.database_error(exc) from exc
+            except engine.backend_errors as exc:
+                raise engine.database_error(exc) from exc
             finally:
-                if conn.get_autocommit():
+                if engine.tx_ended(conn):
                     self._ended = True
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[tuple[Any, ...]]:
         """Run the application's own SQL in this transaction (bound parameters); returns rows."""
-        return self._run(lambda tx: tx.conn.execute(sql, params).fetchall())
+        engine = self.agent.bus.engine
+        return self._run(lambda tx: engine.execute_user_sql(tx.conn, sql, params))
 
     def publish(self, to: str | list[str], type: str, payload: Any = None, **headers: Any) -> str:
         """Like :meth:`Agent.publish`, committed with the transaction."""

@@ -70,7 +70,7 @@ from .delivery import (
     row_of,
     settled,
 )
-from .engine import RUNG, Engine, Tx
+from .engine import Engine, Tx
 from .errors import (
     DatabaseError,
     Discard,
@@ -85,6 +85,7 @@ from .inbox import Inbox
 from .messages import MESSAGE_TYPES, Message
 from .request import respond
 from .responses import count_late_responses
+from .waking import RUNG
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -656,7 +657,7 @@ class _LeaseKeeper:
             for d in held:
                 if settled(d) is not None:
                     continue
-                if d.lease_until - self.bus.clock() > self.lease / 2:
+                if d.lease_until - self.bus.engine.now_ms() / 1000 > self.lease / 2:
                     continue
                 try:
                     d.extend(self.lease)

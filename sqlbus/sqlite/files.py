@@ -117,3 +117,15 @@ def database_error(path: str, busy_timeout: float, exc: apsw.Error) -> DatabaseE
     if isinstance(exc, apsw.IOError):
         return DatabaseError(f"{path}: I/O error ({exc})")
     return DatabaseError(f"{path}: {exc}")
+
+
+def file_sizes(path: str) -> tuple[int, int]:
+    """(database bytes, WAL bytes) of the file at ``path`` (0 for a missing WAL)."""
+
+    def size(name: str) -> int:
+        try:
+            return os.path.getsize(name)
+        except OSError:
+            return 0
+
+    return size(path), size(path + "-wal")

@@ -32,10 +32,10 @@ import logging
 import os
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from typing import Any
 
+from ..waking import ANY, CHANGED, FALLBACK, MAX_TAGS, RUNG, agent_tag
 from .doorbell import Doorbell, DoorbellDirectory, doorbell_dir
 from .ringer import Ringer
 
@@ -43,28 +43,9 @@ __all__ = [
     "Wakeup", "ANY", "RUNG", "CHANGED", "FALLBACK", "MAX_TAGS", "agent_tag", "doorbell_dir",
 ]
 
-FALLBACK = 0.5  # seconds: the longest a waiter sleeps without re-checking the database
-MAX_TAGS = 64  # more recipients than this in one commit: ring "anything changed" instead
-
 log = logging.getLogger("sqlbus")
 
-ANY: Any = None  # interest of a waiter that wakes on every ring (state watch, run loops)
-# What woke a wait (0: its time ran out): a ring that named the agent waited for, or anything
-# else (a ring for "anything may have changed", a commit seen by the check, the bus closing).
-RUNG, CHANGED = 2, 1
 _NEVER = object()  # interest of the asyncio proxy: never wakes on a ring, only polls
-
-_tags: dict[str, bytes] = {}
-
-
-def agent_tag(agent_id: str) -> bytes:
-    """The 4-byte tag of an agent in a ring (a hash: the id itself never leaves the process)."""
-    tag = _tags.get(agent_id)
-    if tag is None:
-        if len(_tags) > 100_000:
-            _tags.clear()
-        tag = _tags[agent_id] = zlib.crc32(agent_id.encode()).to_bytes(4, "little")
-    return tag
 
 
 def _poll_instead(problem: OSError) -> None:

@@ -130,6 +130,9 @@ class Engine:
     storage: Storage[Any]  # the backend's verbs
     backend_errors: tuple[type[BaseException], ...] = ()  # the driver's error classes
     wakeup: Any  # the backend's wake-up: ring, wait, token, wait_async, close
+    # Whether the storage's look and wait_point return the change token in the same read
+    # (SQLite's data_version); if not, callers read change_token() before they look.
+    token_in_reads = True
 
     def __init__(self, path: str, *, busy_timeout: float, clock: Callable[[], float]) -> None:
         self.path = path

@@ -48,10 +48,13 @@ class Inbox:
 
     def look(self, types_json: str | None = None) -> tuple[int, bool, int | None]:
         """One read before claiming: (data_version, work waiting, next due time in ms)."""
-        with self.engine.reading() as conn:
-            return self.engine.storage.look(
-                conn, self.id, self.engine.now_ms(), types_json, self.skip_json()
+        engine = self.engine
+        before = None if engine.token_in_reads else engine.change_token()
+        with engine.reading() as conn:
+            version, work, due = engine.storage.look(
+                conn, self.id, engine.now_ms(), types_json, self.skip_json()
             )
+        return (version if before is None else before), work, due
 
     def seconds_until(self, due: int | None) -> float:
         """Seconds until ``due`` (ms; None: nothing pending), at least 1 ms."""
@@ -87,6 +90,7 @@ class Inbox:
         lease_until = now + lease_ms
         notices = ack_notices(acking, now)
         claimed: list[tuple[Any, ...]] = []
+        before = None if engine.token_in_reads else engine.change_token()
         with engine.write() as tx:
             if acking:
                 ack_in(tx, self.id, acking, notices, now)
@@ -113,6 +117,8 @@ class Inbox:
             baseline = due = None
             if not claimed:
                 baseline, due = tx.storage.wait_point(tx.conn, self.id)
+                if before is not None:
+                    baseline = before
             if now - self.touched_at >= TOUCH_EVERY_MS:
                 tx.storage.touch_agent(tx.conn, self.id, now)
                 self.touched_at = now

@@ -133,6 +133,7 @@ class PostgresEngine(Engine):
     """Connections, transactions, the clock and wake-ups of one bus in a PostgreSQL schema."""
 
     kind = "postgresql"
+    token_in_reads = False  # the change token is the wake-up's count of rings
     backend_errors = (psycopg.Error, psycopg_pool.PoolTimeout)
 
     def __init__(

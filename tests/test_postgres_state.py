@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from postgres_server import connect, pg_bus, pg_schema
 
 from sqlbus.postgres import state
@@ -107,3 +109,34 @@ def test_the_snapshot_and_the_log_after_its_head_hold_every_change_once(pg_bus) 
     assert [c.seq for c in changes] == [3, 4]
     assert len(state.state_log_after(conn, schema, "", head, limit=1)) == 1
     assert state.state_snapshot(conn, schema, "nothing/") == ([], 5)
+
+
+def test_a_watcher_reading_while_writers_race_sees_every_change_once(pg_bus) -> None:
+    conn, schema = pg_bus
+    writers, each = 3, 60
+    start = threading.Barrier(writers)
+
+    def write(w: int) -> None:
+        with connect() as mine:
+            start.wait()
+            for i in range(each):
+                with mine.transaction():
+                    state.put_state(mine, schema, f"w{w}/{i}", b"1", 1, False, None, i)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for thread in threads:
+        thread.start()
+    seen: list[str] = []
+    cursor = 0
+    while True:
+        running = any(thread.is_alive() for thread in threads)
+        changes = state.state_log_after(conn, schema, "", cursor)
+        for change in changes:
+            assert change.seq > cursor
+            cursor = change.seq
+            seen.append(change.key)
+        if not changes and not running:
+            break
+    for thread in threads:
+        thread.join()
+    assert len(seen) == len(set(seen)) == writers * each

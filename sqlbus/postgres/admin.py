@@ -235,16 +235,25 @@ def rows_after(
 
     Commit order: a seq is drawn at insert, so a transaction still running may yet commit a
     row below one already visible. Rows are passed only up to (not including) the first whose
-    transaction had not ended before the oldest transaction still running began writing
-    (``xact_id`` against the snapshot's xmin); a caller that moves its position to the last
-    row returned therefore waits for a slower writer instead of stepping over its rows.
+    writing transaction (``xact_id``) had not ended before the oldest transaction still running
+    (the snapshot's xmin); a caller that moves its position to the last row returned waits for
+    a slower writer instead of stepping over its rows.
 
-    What remains: the running writer's rows are invisible, so only the rows around them say
-    it is there. A row is still passed over when a transaction that took its transaction id
-    *earlier* (it wrote something else first, e.g. in an outbox) inserts a row *after* a
-    still-running transaction drew a smaller seq, or in the instant between a row's seq being
-    drawn and its transaction getting an id. A tail shows; it does not deliver: receivers
-    claim rows by state and never miss one."""
+    What remains (the running writer's rows are invisible; only the ids around them speak):
+
+    - A row is passed over when a transaction whose id is *older* than a running one's inserts
+      a row *after* that running one drew a smaller seq: a transaction that wrote before (an
+      outbox, two publishes in one transaction, and ``publish`` itself when its rows go in
+      more than one statement: a fan-out's body first, then one INSERT per row). Measured:
+      three threads publishing one or two messages per transaction as fast as they could lost
+      4 of 270 rows in one run of five; with one single-row message per transaction, none in
+      twenty runs of 180. A single-row transaction is exposed only in the instant between its
+      row's seq being drawn and its transaction id being taken (the same INSERT).
+    - The horizon is the whole server's: any transaction holding a transaction id (another
+      bus, another database, autovacuum's ANALYZE) holds the tail back until it ends; rows
+      come late, never out of order.
+
+    A tail shows; it does not deliver: receivers claim rows by state and never miss one."""
     rows = conn.execute(statement(schema, _AFTER), {"after": after_seq, "limit": limit}).fetchall()
     settled = []
     for seq, agent, message_id, ended in rows:

@@ -4,7 +4,9 @@ never go down, releases shared bodies, and keeps the state log's head."""
 
 from __future__ import annotations
 
-from postgres_server import pg_bus, pg_schema
+import threading
+
+from postgres_server import connect, pg_bus, pg_schema
 
 from sqlbus.encoding import prepare
 from sqlbus.postgres import queue, retention, state, stats
@@ -137,3 +139,29 @@ def test_pruning_the_state_log_keeps_its_newest_entry_and_recent_ones(pg_bus) ->
         assert retention.prune_state_log(conn, schema, 10_000, 10) == 1  # never the newest
     assert [c.version for c in state.state_log_after(conn, schema, "", 0)] == [3]
     assert state.state_snapshot(conn, schema, "")[1] == 3  # the head stays where it was
+
+
+def test_two_transactions_deleting_a_body_s_last_rows_at_once_free_it(pg_bus) -> None:
+    conn, schema = pg_bus
+    send(conn, schema, ["bob", "carol"])
+    seqs = [row[0] for row in conn.execute(f'SELECT seq FROM "{schema}".message ORDER BY seq')]
+    other = connect()
+    done = threading.Event()
+
+    def delete_the_other() -> None:
+        with other.transaction():
+            other.execute(f'DELETE FROM "{schema}".message WHERE seq = %s', (seqs[1],))
+        done.set()
+
+    try:
+        with conn.transaction():
+            conn.execute(f'DELETE FROM "{schema}".message WHERE seq = %s', (seqs[0],))
+            thread = threading.Thread(target=delete_the_other)
+            thread.start()
+            assert not done.wait(0.3)  # it waits for this one's lock on the body
+        thread.join(10)
+        assert done.is_set()
+    finally:
+        other.close()
+    assert count(conn, schema, "message") == 0
+    assert count(conn, schema, "message_body") == 0

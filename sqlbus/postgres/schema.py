@@ -28,7 +28,9 @@ readers need commit order and get it differently:
   oldest one still running (see its docstring for what remains).
 
 A statement-level trigger deletes a shared body (``message_body``) with the last row that
-references it, whatever deletes the rows, as SQLite's ``message_body_release``.
+references it, whatever deletes the rows, as SQLite's ``message_body_release``; two
+transactions deleting a body's last rows at once take turns on the body's row lock, so the
+second frees it (in READ COMMITTED, the engine's level for writes).
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ CREATE INDEX message_response ON {s}.message (agent, correlation_id) WHERE type 
 CREATE INDEX message_body_id ON {s}.message (body_id) WHERE body_id IS NOT NULL;
 CREATE FUNCTION {s}.message_body_release() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
+    -- Lock the bodies first (in id order: no deadlock between two deleters), so a deleter of
+    -- another of a body's rows waits here until this one commits; the DELETE's own snapshot,
+    -- taken after, then sees that row gone (READ COMMITTED), and the last deleter frees it.
+    PERFORM 1 FROM {s}.message_body WHERE id IN (SELECT body_id FROM gone) ORDER BY id FOR UPDATE;
     DELETE FROM {s}.message_body AS b WHERE b.id IN (SELECT body_id FROM gone)
         AND NOT EXISTS (SELECT 1 FROM {s}.message AS m WHERE m.body_id = b.id);
     RETURN NULL;

@@ -487,6 +487,10 @@ class Storage(Protocol[ConnT]):
 
     # -- shared state --------------------------------------------------------------------
 
+    def lock_state(self, conn: ConnT, key: str) -> StateRow | None:
+        """:meth:`get_state` inside a write transaction, holding the key against other writers
+        until it ends (SQLite: the write lock already does)."""
+
     def get_state(self, conn: ConnT, key: str) -> StateRow | None:
         """A key's current row, deleted or not, or None."""
 

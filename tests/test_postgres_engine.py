@@ -209,9 +209,8 @@ def test_connections_killed_by_the_server_are_replaced_and_writes_go_on(pg_schem
             with psycopg.connect(URL, autocommit=True) as admin:
                 killed = admin.execute(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE application_name = 'sqlbus' AND pid <> pg_backend_pid()"
-                    " AND datname = current_database() AND backend_type = 'client backend'"
-                    " AND query NOT LIKE 'LISTEN%%'"
+                    " WHERE application_name = %s AND pid <> pg_backend_pid()"
+                    " AND query NOT LIKE 'LISTEN%%'", (f"sqlbus:{pg_schema}",)
                 ).fetchone()
             assert killed and killed[0] >= 1
             alice.publish("bob", "notification", {"round": round_, "after": True})  # a write: new conn

@@ -238,6 +238,9 @@ class Storage(Protocol[ConnT]):
     def end_read(self, conn: ConnT) -> None:
         """End a read transaction."""
 
+    def in_transaction(self, conn: ConnT) -> bool:
+        """Whether ``conn`` has a transaction open."""
+
     def integrity_check(self, conn: ConnT, max_errors: int = 20) -> list[str]:
         """``['ok']`` or up to ``max_errors`` problems the database finds in itself."""
 

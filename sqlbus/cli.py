@@ -181,7 +181,7 @@ def init(config: Config) -> None:
     """
     path = config.path()
     if config.is_url():
-        existed = bus_in_schema(path, config.schema or "sqlbus")
+        existed = bus_in_schema(path, config.schema_name())
     else:
         existed = os.path.exists(path) and os.path.getsize(path) > 0
     with config.connect() as bus:

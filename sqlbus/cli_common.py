@@ -138,6 +138,12 @@ class Config:
             raise click.UsageError("--schema (SQLBUS_SCHEMA) is for a postgresql:// URL, not a file")
         return self.db
 
+    def schema_name(self) -> str:
+        """The PostgreSQL schema (checked; ValueError: exit 2 saying the rule)."""
+        from .postgres.schema import check_schema_name
+
+        return check_schema_name(self.schema or "sqlbus")
+
     def is_url(self) -> bool:
         return is_postgres_url(self.path())
 
@@ -152,7 +158,7 @@ class Config:
         """Open an existing sqlbus database (never create one: that is ``init``'s job)."""
         path = self.path()
         if self.is_url():
-            schema = self.schema or "sqlbus"
+            schema = self.schema_name()
             if not bus_in_schema(path, schema):
                 raise click.ClickException(
                     f"no sqlbus bus in schema {schema!r} of {redact(path)} "
@@ -207,8 +213,8 @@ def bus_in_schema(url: str, schema: str) -> bool:
             f"a postgresql:// URL needs the extra sqlbus[postgres] ({exc})") from exc
     try:
         with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-            row = conn.execute("SELECT to_regclass(format('%I.sqlbus_meta', %s::text))",
-                               (schema,)).fetchone()
+            # the name was checked ([a-z_][a-z0-9_]*): quoting it is all it needs
+            row = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".sqlbus_meta',)).fetchone()
     except psycopg.Error as exc:
         raise click.ClickException(f"{redact(url)}: cannot connect ({str(exc).strip()})") from exc
     return bool(row and row[0])

@@ -118,7 +118,7 @@ class AgentStats(msgspec.Struct, kw_only=True):
 def snapshot(storage: Storage[Any], conn: apsw.Connection) -> Iterator[None]:
     """One read transaction, so that every query inside sees the same commit (inside a
     caller's open transaction, that one is already a snapshot)."""
-    if not conn.get_autocommit():
+    if storage.in_transaction(conn):
         yield
         return
     storage.begin_read(conn)

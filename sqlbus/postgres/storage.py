@@ -96,6 +96,9 @@ class PostgresStorage:
         """End a read transaction."""
         connection.end_read(conn)
 
+    def in_transaction(self, conn: Conn) -> bool:
+        return connection.in_transaction(conn)
+
     def integrity_check(self, conn: Conn, max_errors: int = 20) -> list[str]:
         """``['ok']`` or up to ``max_errors`` problems found in the bus's rows."""
         return connection.integrity_check(conn, self.schema, max_errors)

@@ -141,6 +141,11 @@ def end_read(conn: apsw.Connection) -> None:
         conn.execute("COMMIT")
 
 
+def in_transaction(conn: apsw.Connection) -> bool:
+    """Whether ``conn`` has a transaction open."""
+    return not conn.get_autocommit()
+
+
 def data_version(conn: Connection) -> int:
     """A number that changes when another connection commits (cheap, takes no lock)."""
     return conn.cur.execute("SELECT data_version FROM pragma_data_version()").fetchall()[0][0]

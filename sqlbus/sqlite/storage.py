@@ -38,6 +38,7 @@ from .connection import (
     commit,
     data_version,
     end_read,
+    in_transaction,
     integrity_check,
     open_connection,
     page_size,
@@ -128,7 +129,7 @@ __all__ = [
     "QUEUED", "LEASED", "ACKED", "DEAD", "SCHEDULED", "BODY",
     # files, connections and transactions
     "Connection", "check_file", "open_connection", "initialize", "set_wal_mode",
-    "set_busy_timeout", "begin", "commit", "rollback", "begin_read", "end_read",
+    "set_busy_timeout", "begin", "commit", "rollback", "begin_read", "end_read", "in_transaction",
     "data_version", "checkpoint", "page_size", "vacuum", "integrity_check", "schema_marks",
     # agents and interests
     "register_agent", "touch_agent", "list_agents", "agent_ids", "add_interest",

@@ -27,12 +27,13 @@ import msgspec
 
 from . import __version__
 from .agent import Agent
-from .bus import Bus, connect
+from .bus import Bus
 from .cli_admin import COMMANDS
 from .cli_common import (
     DURATION,
     JSON,
     Config,
+    bus_in_schema,
     fail,
     json_option,
     json_out,
@@ -117,9 +118,19 @@ def _set_db(ctx: click.Context, param: click.Parameter, value: str | None) -> No
         ctx.ensure_object(Config).db = value
 
 
+def _set_schema(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """``--schema`` after the command name: it wins over one before it and SQLBUS_SCHEMA."""
+    if value is not None:
+        ctx.ensure_object(Config).schema = value
+
+
 db_after_command = click.Option(
-    ["--db"], metavar="PATH", expose_value=False, callback=_set_db,
-    help="The database file (also before the command; default: SQLBUS_DB).",
+    ["--db"], metavar="PATH|URL", expose_value=False, callback=_set_db,
+    help="The database file or postgresql:// URL (also before the command; default: SQLBUS_DB).",
+)
+schema_after_command = click.Option(
+    ["--schema"], metavar="NAME", expose_value=False, callback=_set_schema,
+    help="PostgreSQL: the bus's schema (also before the command; default: SQLBUS_SCHEMA or sqlbus).",
 )
 
 
@@ -131,12 +142,18 @@ db_after_command = click.Option(
 @click.option(
     "--db",
     envvar="SQLBUS_DB",
-    metavar="PATH",
-    help="The database file (default: the SQLBUS_DB environment variable).",
+    metavar="PATH|URL",
+    help="The database file or postgresql:// URL (default: the SQLBUS_DB environment variable).",
+)
+@click.option(
+    "--schema",
+    envvar="SQLBUS_SCHEMA",
+    metavar="NAME",
+    help="PostgreSQL: the bus's schema (default: SQLBUS_SCHEMA, else sqlbus).",
 )
 @click.version_option(__version__, prog_name="sqlbus")
 @click.pass_context
-def cli(ctx: click.Context, db: str | None) -> None:
+def cli(ctx: click.Context, db: str | None, schema: str | None) -> None:
     """Inspect and repair a sqlbus database: depths, dead letters, metrics, backups.
 
     --db (or SQLBUS_DB) goes before or after the command. Exit codes: 0 success, 1 a failed
@@ -150,7 +167,7 @@ def cli(ctx: click.Context, db: str | None) -> None:
     Example:
         sqlbus --db team.db stats
     """
-    ctx.obj = Config(db)
+    ctx.obj = Config(db, schema)
 
 
 @cli.command()
@@ -163,8 +180,11 @@ def init(config: Config) -> None:
         sqlbus --db team.db init
     """
     path = config.path()
-    existed = os.path.exists(path) and os.path.getsize(path) > 0
-    with connect(path) as bus:
+    if config.is_url():
+        existed = bus_in_schema(path, config.schema or "sqlbus")
+    else:
+        existed = os.path.exists(path) and os.path.getsize(path) > 0
+    with config.connect() as bus:
         pass
     verb = "is already" if existed else "created"
     click.echo(f"{bus.path}: {verb} a sqlbus database")
@@ -429,6 +449,7 @@ for _command in _commands(cli):
     # runs one as __main__ beside any import of sqlbus.cli): give each one --db once.
     if _command is not cli and not any(param.name == "db" for param in _command.params):
         _command.params.append(db_after_command)
+        _command.params.append(schema_after_command)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

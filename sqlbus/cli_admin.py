@@ -495,9 +495,15 @@ def check(config: Config, as_json: bool) -> int:
         click.echo(f"schema version: {report.schema_version} "
                    f"(this sqlbus reads {report.supported_schema_version})")
         click.echo(f"database:       {report.db_bytes} bytes")
-        click.echo(f"wal:            {report.wal_bytes} bytes, {report.wal_frames} frames, "
-                   f"{report.wal_frames_checkpointed} checkpointed"
-                   + (" - PINNED by a reader" if report.wal_pinned else ""))
+        if report.pool is not None:
+            pool = report.pool
+            click.echo(f"pool:           {pool['pool_size']} of {pool['pool_max']} connections "
+                       f"open, {pool['pool_available']} idle, {pool['requests_waiting']} "
+                       f"waiting, {pool['connections_errors']} connection errors")
+        else:
+            click.echo(f"wal:            {report.wal_bytes} bytes, {report.wal_frames} frames, "
+                       f"{report.wal_frames_checkpointed} checkpointed"
+                       + (" - PINNED by a reader" if report.wal_pinned else ""))
         click.echo(f"expired leases: {report.expired_leases}")
         click.echo(f"expired messages not yet dead-lettered: {report.expired_messages}")
         for problem in report.problems:

@@ -15,7 +15,7 @@ import click
 import msgspec
 from click.core import ParameterSource
 
-from .bus import Bus, connect
+from .bus import Bus, connect, is_postgres_url
 from .sqlite.schema import check_file  # the CLI checks a file by path before opening a bus
 
 __all__ = [
@@ -127,18 +127,40 @@ def options_given(*names: str) -> list[str]:
 class Config:
     """The global options (``--db``): the group makes one, each command opens the bus with it."""
 
-    def __init__(self, db: str | None) -> None:
+    def __init__(self, db: str | None, schema: str | None = None) -> None:
         self.db = db
+        self.schema = schema
 
     def path(self) -> str:
         if not self.db:
-            raise click.UsageError("no database given: use --db PATH or set SQLBUS_DB")
+            raise click.UsageError("no database given: use --db PATH|URL or set SQLBUS_DB")
+        if self.schema is not None and not is_postgres_url(self.db):
+            raise click.UsageError("--schema (SQLBUS_SCHEMA) is for a postgresql:// URL, not a file")
         return self.db
+
+    def is_url(self) -> bool:
+        return is_postgres_url(self.path())
+
+    def connect(self, **policy: Any) -> Bus:
+        """Open (or create) the bus: a file, or the schema of a PostgreSQL database."""
+        if self.is_url():
+            policy["schema"] = self.schema
+        return connect(self.path(), **policy)
 
     @contextmanager
     def bus(self) -> Iterator[Bus]:
         """Open an existing sqlbus database (never create one: that is ``init``'s job)."""
         path = self.path()
+        if self.is_url():
+            schema = self.schema or "sqlbus"
+            if not bus_in_schema(path, schema):
+                raise click.ClickException(
+                    f"no sqlbus bus in schema {schema!r} of {redact(path)} "
+                    f"(create it with: sqlbus --db URL --schema {schema} init)"
+                )
+            with self.connect() as bus:
+                yield bus
+            return
         if not os.path.lexists(path):
             raise click.ClickException(
                 f"{path}: no such database (create it with: sqlbus --db {path} init)"
@@ -174,6 +196,29 @@ def confirm(question: str, yes: bool) -> None:
         raise click.ClickException(f"{question} Refused: no terminal to ask on; give --yes")
     if not click.confirm(question, default=False, err=True):
         raise click.ClickException("not confirmed: nothing changed")
+
+
+def bus_in_schema(url: str, schema: str) -> bool:
+    """Whether ``schema`` of the database at ``url`` holds a bus (``sqlbus_meta``)."""
+    try:
+        import psycopg
+    except ImportError as exc:
+        raise click.ClickException(
+            f"a postgresql:// URL needs the extra sqlbus[postgres] ({exc})") from exc
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT to_regclass(format('%I.sqlbus_meta', %s::text))",
+                               (schema,)).fetchone()
+    except psycopg.Error as exc:
+        raise click.ClickException(f"{redact(url)}: cannot connect ({str(exc).strip()})") from exc
+    return bool(row and row[0])
+
+
+def redact(url: str) -> str:
+    """The URL without its password."""
+    from .postgres.engine import redact as redact_url
+
+    return redact_url(url)
 
 
 # ---------------------------------------------------------------------------------------------

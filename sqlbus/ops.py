@@ -85,6 +85,8 @@ class CheckReport(msgspec.Struct, kw_only=True):
     # Expired messages still in an inbox: normal (the next claim or upkeep moves them to dead
     # letters), so information, not a problem.
     expired_messages: int = 0
+    backend: str = "sqlite"  # or "postgresql" (no WAL figures; pool figures instead)
+    pool: dict[str, int] | None = None
 
 
 class BackupResult(msgspec.Struct, kw_only=True):
@@ -293,7 +295,10 @@ class RetentionUpkeep:
 
 def check(engine: Engine) -> CheckReport:
     """Integrity, schema version, file sizes, WAL pinning, expired leases and expired messages
-    not yet moved to dead letters of the bus's file."""
+    not yet moved to dead letters of the bus's file (PostgreSQL: schema version, damaged
+    rows, the schema's size, the pool and lease health)."""
+    if engine.kind == "postgresql":
+        return _check_postgres(engine)
     storage = engine.storage
     conn = engine.connection()
     now = engine.now_ms()
@@ -342,6 +347,46 @@ def check(engine: Engine) -> CheckReport:
     )
 
 
+def _check_postgres(engine: Engine) -> CheckReport:
+    storage = engine.storage
+    now = engine.now_ms()
+    with engine.reading() as conn:
+        storage.begin_read(conn)
+        try:
+            integrity = storage.integrity_check(conn) or ["ok"]
+            leases = storage.expired_leases(conn, now)
+            expired = storage.count_expired(conn, now)
+            bodiless = storage.rows_without_body(conn)
+        finally:
+            storage.end_read(conn)
+    version = int(getattr(engine, "schema_version", 0))
+    supported = int(getattr(storage, "SCHEMA_VERSION", version))
+    problems: list[str] = []
+    if integrity != ["ok"]:
+        problems.append("damaged rows: " + "; ".join(integrity[:3]))
+    if bodiless:
+        problems.append(f"{bodiless} message rows have lost their shared body (message_body)")
+    pool = engine.pool_stats()  # type: ignore[attr-defined]
+    if pool["requests_waiting"]:
+        problems.append(f"{pool['requests_waiting']} calls wait for a pooled connection "
+                        f"(pool_size {pool['pool_max']}): raise pool_size")
+    db_bytes, wal_bytes = engine.sizes()
+    return CheckReport(
+        ok=not problems, problems=problems, integrity=integrity, schema_version=version,
+        supported_schema_version=supported, db_bytes=db_bytes, wal_bytes=wal_bytes,
+        wal_frames=0, wal_frames_checkpointed=0, wal_pinned=False,
+        expired_leases=leases, expired_messages=expired, backend="postgresql", pool=pool,
+    )
+
+
+def _refuse_on_postgres(engine: Engine, what: str) -> None:
+    if engine.kind == "postgresql":
+        schema = getattr(engine, "schema", "sqlbus")
+        tool = {"backup": f"pg_dump --schema {schema} (and pg_restore)",
+                "vacuum": f"VACUUM (or autovacuum) on the tables of schema {schema}"}[what]
+        raise DatabaseError(f"{what} is for a SQLite file; on PostgreSQL use {tool}")
+
+
 def backup(
     engine: Engine,
     dest: str | os.PathLike[str],
@@ -355,6 +400,7 @@ def backup(
     held on the source for the whole copy, so writers in other processes keep going (WAL) and
     the copy never restarts. ``progress(pages_done, pages_total)``. ``dest`` must not exist.
     """
+    _refuse_on_postgres(engine, "backup")
     dest_path = os.path.abspath(os.fspath(dest))
     # SQLite would use (or write through) whatever it found at these names.
     for name in (dest_path, *(dest_path + suffix for suffix in ("-journal", "-wal", "-shm"))):
@@ -427,6 +473,7 @@ def vacuum(engine: Engine) -> VacuumResult:
     writers back while it copies; the copy back into the database is a PASSIVE checkpoint,
     which holds nobody back; the final truncation waits at most ``WAL_WAIT`` for readers.
     """
+    _refuse_on_postgres(engine, "vacuum")
     before = sum(file_sizes(engine.path))
     reader = "a reader holding an old snapshot (or a long transaction)"
     if engine.closed:

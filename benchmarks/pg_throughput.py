@@ -162,8 +162,12 @@ def in_processes(count: int, target: Callable[..., int], *args: Any) -> float:
     def child(k: int) -> None:
         barrier.wait(60)
         start = time.time()
-        done = target(*args, k)
-        out.put((start, time.time(), done))
+        try:
+            done = target(*args, k)
+        except BaseException as exc:  # the parent says what broke instead of waiting for it
+            out.put((start, time.time(), -1, f"{type(exc).__name__}: {exc}"))
+            raise
+        out.put((start, time.time(), done, None))
 
     procs = [CTX.Process(target=child, args=(k,), daemon=True) for k in range(count)]
     for proc in procs:
@@ -171,6 +175,9 @@ def in_processes(count: int, target: Callable[..., int], *args: Any) -> float:
     results = [out.get(timeout=600) for _ in procs]
     for proc in procs:
         proc.join(30)
+    errors = [r[3] for r in results if r[3] is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {count} processes failed: {errors[0]}")
     total = sum(r[2] for r in results)
     return total / (max(r[1] for r in results) - min(r[0] for r in results))
 

@@ -120,6 +120,7 @@ def test_a_small_run_of_the_postgresql_systems_loses_and_duplicates_nothing(tmp_
     from postgres_server import URL, connect
 
     connect().close()  # skips (or fails under CI) with the reason when no server answers
+    pytest.importorskip("sqlbus.postgres.engine")  # the PostgreSQL backend (issue 15)
     pytest.importorskip("pgqueuer")
     pytest.importorskip("procrastinate")
     from benchmarks.peers import postgres

@@ -272,7 +272,14 @@ def main() -> None:
                         default=None, metavar="URL",
                         help="run on this PostgreSQL server instead, in a fresh schema dropped "
                              "afterwards (default: the local test server)")
+    parser.add_argument("--notify-throttle", type=float, default=None, metavar="SECONDS",
+                        help="PostgreSQL: the shortest time between two NOTIFYs of one bus "
+                             "(sqlbus.postgres.wakeup.THROTTLE), to measure what it costs")
     args = parser.parse_args()
+    if args.notify_throttle is not None:
+        import sqlbus.postgres.wakeup
+
+        sqlbus.postgres.wakeup.THROTTLE = args.notify_throttle  # inherited by forked processes
     if args.no_checkpointer:
         sqlbus.sqlite.checkpoint.CHECKPOINT_FRAMES = 0  # inherited by the forked processes
     workdir = tempfile.mkdtemp(prefix="sqlbus-latency-", dir=args.dir)
@@ -298,6 +305,10 @@ def measure_all(path: str, args: argparse.Namespace, workdir: str) -> None:
     open_bus(path).close()
     where = f"schema {CONNECT['schema']} of {path}" if CONNECT else f"database {path}"
     print(f"sqlbus latency, {os.cpu_count()} cores, {where}", flush=True)
+    if CONNECT:
+        import sqlbus.postgres.wakeup
+
+        print(f"notify throttle {sqlbus.postgres.wakeup.THROTTLE * 1000:g} ms", flush=True)
 
     cost_alone = publish_cost(path, args.publishes)
     times = round_trips(path, args.round_trips)

@@ -310,6 +310,11 @@ def measure_all(path: str, args: argparse.Namespace, workdir: str) -> None:
 
         print(f"notify throttle {sqlbus.postgres.wakeup.THROTTLE * 1000:g} ms", flush=True)
 
+    if CONNECT:  # the floor on this machine: the same round trip in raw psycopg
+        import pg_throughput
+
+        print(f"raw psycopg round trip (LISTEN/NOTIFY, 2 processes): "
+              f"{fmt_ms(pg_throughput.raw_round_trips(path, args.round_trips))}", flush=True)
     cost_alone = publish_cost(path, args.publishes)
     times = round_trips(path, args.round_trips)
     print(f"request/response round trip (2 processes):   {fmt_ms(times)}")

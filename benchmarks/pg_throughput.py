@@ -389,3 +389,74 @@ def run(url: str, n: int, repeats: int, big: int) -> int:
 
 
 __all__ = ["DEFAULT_URL", "PAYLOAD", "Raw", "fresh_schema", "run"]
+
+
+# -- raw round trips (the floor for latency.py --postgres) ------------------------------------
+
+_RT_TABLES = ("CREATE TABLE {s}.req (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+              " body bytea NOT NULL); CREATE TABLE {s}.resp (id bigint GENERATED ALWAYS AS"
+              " IDENTITY PRIMARY KEY, body bytea NOT NULL)")
+
+
+def _raw_responder(url: str, schema: str, ready: Any) -> None:
+    """Answer each request: on its NOTIFY, claim it, write the reply and NOTIFY, in one
+    transaction (what sqlbus's responder does, without sqlbus)."""
+    s = sql.Identifier(schema)
+    claim = sql.SQL("DELETE FROM {s}.req WHERE id = (SELECT id FROM {s}.req ORDER BY id LIMIT 1"
+                    " FOR UPDATE SKIP LOCKED) RETURNING body").format(s=s)
+    reply = sql.SQL("INSERT INTO {s}.resp (body) VALUES (%s)").format(s=s)
+    listener = psycopg.connect(url, autocommit=True)
+    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"{schema}_req")))
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute("SET synchronous_commit = off")
+    ready.set()
+    while True:
+        for _ in listener.notifies(timeout=1.0, stop_after=1):
+            while True:
+                conn.execute(b"BEGIN")
+                row = conn.execute(claim).fetchone()
+                if row is None:
+                    conn.execute(b"COMMIT")
+                    break
+                conn.execute(reply, (row[0],))
+                conn.execute("SELECT pg_notify(%s, '')", (f"{schema}_resp",))
+                conn.execute(b"COMMIT")
+
+
+def raw_round_trips(url: str, n: int) -> list[float]:
+    """Seconds per request/response round trip between two processes with raw psycopg and
+    LISTEN/NOTIFY, at synchronous_commit off: the client commits a request with a NOTIFY,
+    waits for the reply's NOTIFY on its listener and claims the reply (DELETE ... RETURNING)."""
+    with fresh_schema(url, "bench_rt") as schema:
+        s = sql.Identifier(schema)
+        conn = psycopg.connect(url, autocommit=True)
+        conn.execute(sql.SQL(f"CREATE SCHEMA {{s}}; {_RT_TABLES}").format(s=s))
+        conn.execute("SET synchronous_commit = off")
+        ready = CTX.Event()
+        child = CTX.Process(target=_raw_responder, args=(url, schema, ready), daemon=True)
+        child.start()
+        listener = psycopg.connect(url, autocommit=True)
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"{schema}_resp")))
+        ask = sql.SQL("INSERT INTO {s}.req (body) VALUES (%s)").format(s=s)
+        take = sql.SQL("DELETE FROM {s}.resp WHERE id = (SELECT id FROM {s}.resp ORDER BY id"
+                       " LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING body").format(s=s)
+        try:
+            ready.wait(30)
+            times = []
+            for k in range(n + 20):  # the first 20 warm up
+                started = time.perf_counter()
+                conn.execute(b"BEGIN")
+                conn.execute(ask, (PAYLOAD_BYTES,))
+                conn.execute("SELECT pg_notify(%s, '')", (f"{schema}_req",))
+                conn.execute(b"COMMIT")
+                while conn.execute(take).fetchone() is None:
+                    for _ in listener.notifies(timeout=1.0, stop_after=1):
+                        pass
+                if k >= 20:
+                    times.append(time.perf_counter() - started)
+            return times
+        finally:
+            child.terminate()
+            child.join(10)
+            listener.close()
+            conn.close()

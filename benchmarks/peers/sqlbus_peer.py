@@ -173,7 +173,7 @@ class SqlbusPostgresPeer(PostgresPeer):
     def open(self, store: str) -> SqlbusClient:
         return SqlbusClient(URL, schema=store, durability=self.durability)
 
-    prefill = SqlbusPeer.prefill
+    fill = SqlbusPeer.prefill
 
 
 PEERS = {"sqlbus": SqlbusPeer, "sqlbus-pg": SqlbusPostgresPeer}

@@ -36,9 +36,10 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/throughput.py
 	$(BIN)/python benchmarks/latency.py
 
-# The peers (persist-queue, litequeue, huey, redis-py) come with the bench extra.
-compare: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+# The peers (persist-queue, litequeue, huey, redis-py; pgqueuer and procrastinate on the
+# PostgreSQL server, started by the postgres target) come with the bench extra.
+compare: $(STAMP) postgres
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench]'
 	$(BIN)/python benchmarks/compare.py
 
 schemas: $(STAMP)

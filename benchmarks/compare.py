@@ -9,7 +9,9 @@ Systems (``--systems``): sqlbus, apsw (a raw apsw queue: the floor), persist-que
 (SQLiteAckQueue), litequeue, huey (SqliteStorage), honker (reported as unavailable when its
 wheel does not install), redis-list (LPUSH/LMOVE/LREM) and redis-stream (XADD/XREADGROUP/
 XACK) on 127.0.0.1:6379 (skipped when no server answers), seed (the seed's one-JSON-file-
-per-inbox design). Each uses its own documented API and default settings; the report records
+per-inbox design); on PostgreSQL (COMPARE_POSTGRES, default the local server; a fresh schema
+per store; every system at synchronous_commit COMPARE_PG_SYNC, default off): sqlbus-pg,
+pgqueuer, procrastinate, each compared with sqlbus-pg. Each uses its own documented API and default settings; the report records
 its version, its pragmas and the adapter's caveats (see benchmarks/peers/).
 
 Workloads (``--workloads``), ~200-byte JSON payloads:
@@ -431,7 +433,7 @@ def run_all(systems: list[str], workloads: list[str], opts: Options, log=print) 
     for name, peer in peers.items():
         workdir, store = _fresh(peer, opts)
         try:
-            info[name] = {"label": peer.label, "version": peer.version(),
+            info[name] = {"label": peer.label, "version": peer.version(), "postgres": peer.postgres,
                           "settings": peer.settings(store), "caveats": list(peer.caveats),
                           "batch": peer.batch_note or "none"}
         finally:
@@ -521,7 +523,8 @@ def render(report: dict[str, Any], machine: dict[str, str], preliminary: bool = 
               f"({opts.procs_budget:.0f} s for workload 5; a run cut before half its work is "
               "not repeated)",
               "- advantage column: how far sqlbus is ahead (> 1: sqlbus ahead, < 1: behind); "
-              "sqlbus/peer for rates, peer/sqlbus for latencies", ""]
+              "sqlbus/peer for rates, peer/sqlbus for latencies; PostgreSQL systems are "
+              "compared with sqlbus on PostgreSQL (sqlbus-pg)", ""]
     lines += ["## Systems", "", "| system | version | batch API | settings / pragmas |",
               "|---|---|---|---|"]
     for meta in info.values():
@@ -536,8 +539,9 @@ def render(report: dict[str, Any], machine: dict[str, str], preliminary: bool = 
         lines += [f"## {TITLES[w]}", ""]
         lines.append("| system | " + " | ".join(keys) + " | sqlbus advantage | notes |")
         lines.append("|---|" + "---|" * (len(keys) + 2))
-        ours = by_system.get("sqlbus")
         for name, runs in by_system.items():
+            reference = "sqlbus-pg" if info[name].get("postgres") else "sqlbus"
+            ours = by_system.get(reference)
             cells = [_fmt(_median(runs, k)) for k in keys]
             if w == "6":
                 adv = " / ".join(
@@ -545,12 +549,12 @@ def render(report: dict[str, Any], machine: dict[str, str], preliminary: bool = 
                 )
             else:
                 key = HEADLINE[w]
-                adv = "-" if name == "sqlbus" or not ours else _advantage(
+                adv = "-" if name == reference or not ours else _advantage(
                     key, _median(ours, key), _median(runs, key))
-                if w == "4" and name != "sqlbus" and ours:
+                if w == "4" and name != reference and ours:
                     adv += " (p99 " + _advantage("p99 ms", _median(ours, "p99 ms"),
                                                  _median(runs, "p99 ms")) + ")"
-            if name == "sqlbus":
+            if name == reference:
                 adv = "-"
             notes = sorted({n.strip("; ") for r in runs for n in (r.cut, r.note) if n})
             lines.append(f"| {info[name]['label']} | " + " | ".join(cells) + f" | {adv} | "

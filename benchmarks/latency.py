@@ -2,6 +2,7 @@
 
     python benchmarks/latency.py                           # the issue's sizes (~40 s)
     python benchmarks/latency.py --round-trips 100 --messages 50 --idle-seconds 2   # smoke
+    python benchmarks/latency.py --postgres [URL]          # the same on PostgreSQL (a fresh schema)
 
 Prints:
 - request/response round trip between two processes (``agent.request`` against a ``run()``
@@ -14,7 +15,8 @@ Prints:
 - publish cost with nobody waiting and with the idle agents waiting (the price of ringing).
 
 Targets (issue 3): round trip p50 <= 0.5 ms, p99 <= 3 ms; publish-to-handler p50 <= 0.5 ms;
-idle < 1% of one core. Durability "normal"; files in a temporary directory (``--dir``).
+idle < 1% of one core. On PostgreSQL (issue 15): round trip p50 <= 2 ms, p99 <= 10 ms; idle
+< 1% of one core. Durability "normal"; files in a temporary directory (``--dir``).
 ``--no-checkpointer`` turns off the background checkpointer (sqlbus.sqlite.checkpoint.Checkpointer) to
 compare with SQLite's automatic checkpoints, which land inside commits.
 """
@@ -25,6 +27,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import secrets
 import statistics
 import tempfile
 import threading
@@ -35,8 +38,16 @@ import sqlbus
 import sqlbus.sqlite.checkpoint
 import sqlbus.sqlite.wakeup
 
+#: Keyword arguments of every sqlbus.connect (``schema`` on PostgreSQL); forked children
+#: inherit them.
+CONNECT: dict[str, Any] = {}
 PAYLOAD = {"task": "resize", "image": "s3://bucket/" + "x" * 120, "width": 640, "height": 480}
 CTX = mp.get_context("fork")
+
+
+def open_bus(path: str) -> sqlbus.Bus:
+    """The bus under test: a SQLite file, or a PostgreSQL URL with :data:`CONNECT`'s schema."""
+    return sqlbus.connect(path, **CONNECT)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -54,7 +65,7 @@ def fmt_ms(values: list[float]) -> str:
 
 def responder(path: str, ready: Any) -> None:
     """Answer requests from a run() loop (a handler's return value is the response)."""
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     agent = bus.agent("echo")
     agent.subscribe("request", lambda message: message.payload)
     ready.set()
@@ -64,7 +75,7 @@ def responder(path: str, ready: Any) -> None:
 
 def ponger(path: str, count: int, ready: Any) -> None:
     """Ping-pong without the worker: receive(wait=...) and publish the answer."""
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     agent = bus.agent("pong")
     ready.set()
     done = 0
@@ -77,7 +88,7 @@ def ponger(path: str, count: int, ready: Any) -> None:
 
 
 def idle_agent(path: str, name: str, ready: Any) -> None:
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     agent = bus.agent(name)
     ready.set()
     while True:
@@ -90,7 +101,7 @@ def idle_agent(path: str, name: str, ready: Any) -> None:
 
 def handler_agent(path: str, count: int, out: str, ready: Any) -> None:
     """Record, per message, how long after its publish the handler ran (wall clock ns)."""
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     agent = bus.agent("target")
     lags: list[float] = []
 
@@ -109,7 +120,7 @@ def handler_agent(path: str, count: int, out: str, ready: Any) -> None:
 
 def idle_cpu(path: str, seconds: float, out: str, ready: Any) -> None:
     """process_time of a process whose agent waits in receive(wait=60) for ``seconds``."""
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     agent = bus.agent("sleeper")
     result: dict[str, float] = {}
 
@@ -142,7 +153,7 @@ def start(target: Any, *args: Any) -> Any:
 
 def round_trips(path: str, n: int) -> list[float]:
     process = start(responder, path)
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     client = bus.agent("client")
     try:
         for _ in range(20):  # warm up: connections, caches, doorbells
@@ -162,7 +173,7 @@ def round_trips(path: str, n: int) -> list[float]:
 def ping_pong(path: str, n: int) -> list[float]:
     warm = 20
     process = start(ponger, path, n + warm)
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     ping = bus.agent("ping")
     times = []
     try:
@@ -185,7 +196,7 @@ def idle_agents(path: str, count: int) -> list[Any]:
 
 
 def stop_idle(path: str, processes: list[Any]) -> None:
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     boss = bus.agent("boss")
     for i in range(len(processes)):
         boss.publish(f"idle-{i}", "shutdown", {})
@@ -199,7 +210,7 @@ def stop_idle(path: str, processes: list[Any]) -> None:
 def publish_to_handler(path: str, n: int, gap: float, workdir: str) -> list[float]:
     out = os.path.join(workdir, "lags.json")
     process = start(handler_agent, path, n, out)
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     sender = bus.agent("sender")
     try:
         time.sleep(0.2)
@@ -220,7 +231,7 @@ def measure_idle_cpu(path: str, seconds: float, workdir: str, background: bool) 
     process = start(idle_cpu, path, seconds, out)
     sent = 0
     if background:  # another process's traffic to other agents: rings the sleeper's doorbell
-        bus = sqlbus.connect(path)
+        bus = open_bus(path)
         noisy = bus.agent("noisy")
         end = time.monotonic() + seconds + 0.5
         while time.monotonic() < end:
@@ -236,7 +247,7 @@ def measure_idle_cpu(path: str, seconds: float, workdir: str, background: bool) 
 
 
 def publish_cost(path: str, n: int) -> float:
-    bus = sqlbus.connect(path)
+    bus = open_bus(path)
     sender = bus.agent("cost")
     started = time.perf_counter()
     for _ in range(n):
@@ -257,17 +268,53 @@ def main() -> None:
     parser.add_argument("--no-checkpointer", action="store_true",
                         help="leave checkpoints to SQLite's automatic ones (for comparison)")
     parser.add_argument("--dir", default=None, help="where the database goes (default: a temp dir)")
+    parser.add_argument("--postgres", nargs="?", const="postgresql://postgres@127.0.0.1:5432/test",
+                        default=None, metavar="URL",
+                        help="run on this PostgreSQL server instead, in a fresh schema dropped "
+                             "afterwards (default: the local test server)")
+    parser.add_argument("--notify-throttle", type=float, default=None, metavar="SECONDS",
+                        help="PostgreSQL: the shortest time between two NOTIFYs of one bus "
+                             "(sqlbus.postgres.wakeup.THROTTLE), to measure what it costs")
     args = parser.parse_args()
+    if args.notify_throttle is not None:
+        import sqlbus.postgres.wakeup
+
+        sqlbus.postgres.wakeup.THROTTLE = args.notify_throttle  # inherited by forked processes
     if args.no_checkpointer:
         sqlbus.sqlite.checkpoint.CHECKPOINT_FRAMES = 0  # inherited by the forked processes
     workdir = tempfile.mkdtemp(prefix="sqlbus-latency-", dir=args.dir)
+    if args.postgres is not None:
+        CONNECT["schema"] = f"bench_{secrets.token_hex(5)}"
+        try:
+            measure_all(args.postgres, args, workdir)
+        finally:
+            import psycopg
+
+            with psycopg.connect(args.postgres, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{CONNECT["schema"]}" CASCADE')
+        return
     path = os.path.join(workdir, "bench.db")
-    sqlbus.connect(path).close()
-    print(f"sqlbus latency, {os.cpu_count()} cores, database {path}")
     frames = sqlbus.sqlite.checkpoint.CHECKPOINT_FRAMES
     print(f"checkpointer: {f'past {frames} WAL frames' if frames else 'off (SQLite automatic)'};"
           f" fallback poll {sqlbus.sqlite.wakeup.FALLBACK}s")
+    measure_all(path, args, workdir)
 
+
+def measure_all(path: str, args: argparse.Namespace, workdir: str) -> None:
+    """Every measurement on the bus at ``path`` (a file or a URL), printed as it comes."""
+    open_bus(path).close()
+    where = f"schema {CONNECT['schema']} of {path}" if CONNECT else f"database {path}"
+    print(f"sqlbus latency, {os.cpu_count()} cores, {where}", flush=True)
+    if CONNECT:
+        import sqlbus.postgres.wakeup
+
+        print(f"notify throttle {sqlbus.postgres.wakeup.THROTTLE * 1000:g} ms", flush=True)
+
+    if CONNECT:  # the floor on this machine: the same round trip in raw psycopg
+        import pg_throughput
+
+        print(f"raw psycopg round trip (LISTEN/NOTIFY, 2 processes): "
+              f"{fmt_ms(pg_throughput.raw_round_trips(path, args.round_trips))}", flush=True)
     cost_alone = publish_cost(path, args.publishes)
     times = round_trips(path, args.round_trips)
     print(f"request/response round trip (2 processes):   {fmt_ms(times)}")

@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                 # full run (1,000,000 backlog: a few minutes)
     python benchmarks/throughput.py --quick         # small N, 100,000 backlog
+    python benchmarks/throughput.py --postgres [URL]  # the same on PostgreSQL (pg_throughput.py)
 
 Every figure is the median of ``--repeats`` runs, on files in one temporary directory (same
 file system). Raw apsw: WAL, synchronous=NORMAL, one INSERT per BEGIN IMMEDIATE transaction;
@@ -143,7 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=1_000_000, help="the large backlog")
     parser.add_argument("--quick", action="store_true", help="n=5000, backlog=100000")
     parser.add_argument("--dir", default=None, help="directory for the database files")
+    parser.add_argument("--postgres", nargs="?", const="postgresql://postgres@127.0.0.1:5432/test",
+                        default=None, metavar="URL",
+                        help="run the PostgreSQL section instead, against raw psycopg, in fresh "
+                             "schemas of this server (default: the local test server)")
     args = parser.parse_args(argv)
+    if args.postgres is not None:
+        import pg_throughput  # needs sqlbus[postgres]; imports this file's helpers
+
+        n = 5_000 if args.n == 20_000 else args.n  # PostgreSQL commits cost ~10x SQLite's
+        if args.quick:
+            n, args.backlog = 2_000, 100_000
+        return pg_throughput.run(args.postgres, n, args.repeats, args.backlog)
     if args.quick:
         args.n, args.backlog = 5_000, 100_000
     n, repeats = args.n, args.repeats

@@ -111,3 +111,33 @@ def test_unknown_systems_and_workloads_are_refused_with_the_choices():
     )
     assert systems == ["sqlbus", "apsw"] and workloads == ["1", "5"]
     assert options.n == 50 and options.repeats == 3
+
+
+@pytest.mark.slow
+def test_a_small_run_of_the_postgresql_systems_loses_and_duplicates_nothing(tmp_path):
+    """sqlbus on PostgreSQL, pgqueuer and procrastinate (the bench extra) on the test server:
+    produce, batch, consume and the 2x2 processes, each in a schema of its own, dropped after."""
+    from postgres_server import URL, connect
+
+    connect().close()  # skips (or fails under CI) with the reason when no server answers
+    pytest.importorskip("sqlbus.postgres.engine")  # the PostgreSQL backend (issue 15)
+    pytest.importorskip("pgqueuer")
+    pytest.importorskip("procrastinate")
+    from benchmarks.peers import postgres
+
+    postgres.URL = URL
+    options = tiny_options(tmp_path, procs_budget=60.0)
+    quiet = lambda *args, **kwargs: None  # noqa: E731
+    systems = ["sqlbus-pg", "pgqueuer", "procrastinate"]
+    report = compare.run_all(systems, ["1", "2", "3", "5"], options, log=quiet)
+    assert report["skipped"] == {}
+    results = report["results"]
+    for name in systems:
+        assert results["1"][name][0].values["msgs/s"] > 0, name
+        assert results["2"][name][0].values["msgs/s"] > 0, name
+        assert results["3"][name][0].note is None, (name, results["3"][name][0].note)
+        (run,) = results["5"][name]
+        assert run.cut is None, (name, run.cut)
+        assert (run.values["lost"], run.values["duplicates"], run.values["unknown"]) == (0, 0, 0)
+    text = compare.render(report, compare.describe_machine())
+    assert "| sqlbus on PostgreSQL |" in text and "| pgqueuer |" in text

@@ -166,6 +166,7 @@ class Peer:
     has_batch = False
     batch_note = ""
     caveats: tuple[str, ...] = ()
+    postgres = False  # on the PostgreSQL server: compared with sqlbus-pg, not sqlbus
 
     def check(self) -> None:
         """Raise :class:`Unavailable` when the system cannot run here."""
@@ -226,6 +227,9 @@ _MODULES = {
     "redis-list": "redis_peer",
     "redis-stream": "redis_peer",
     "seed": "seed_like",
+    "sqlbus-pg": "sqlbus_peer",
+    "pgqueuer": "pgqueuer_peer",
+    "procrastinate": "procrastinate_peer",
 }
 NAMES = tuple(_MODULES)
 

@@ -1,5 +1,7 @@
 """sqlbus itself, through its public API only (connect, agent, publish, publish_many,
-receive, ack; request and d.reply for ping-pong)."""
+receive, ack; request and d.reply for ping-pong): on a SQLite file (``sqlbus``) and on
+PostgreSQL (``sqlbus-pg``, a fresh schema per store on the server of
+:mod:`benchmarks.peers.postgres`)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,16 @@ import os
 from typing import Any
 
 from . import Client, Peer, payload
+from .postgres import SYNC, URL, PostgresPeer
 
 
 class SqlbusClient(Client):
     blocking = True  # receive(wait=...) wakes on commits of other processes
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, **options: Any) -> None:
         import sqlbus
 
-        self.bus = sqlbus.connect(path)
+        self.bus = sqlbus.connect(path, **options)
         self._agents: dict[str, Any] = {}
         self.sender = self.agent("bench")
         # Ping-pong uses request() when it exists (COMPARE_SQLBUS_REQUEST=0 forces the
@@ -139,4 +142,38 @@ def _apsw_version() -> str:
     return apsw.apsw_version()
 
 
-PEERS = {"sqlbus": SqlbusPeer}
+class SqlbusPostgresPeer(PostgresPeer):
+    """sqlbus on PostgreSQL: the store is a schema (created by the first connect)."""
+
+    name = "sqlbus-pg"
+    label = "sqlbus on PostgreSQL"
+    package = "sqlbus"
+    module = "sqlbus.postgres.engine"
+    has_batch = True
+    batch_note = "publish_many (one transaction)"
+    caveats = (
+        "durability follows COMPARE_PG_SYNC: 'normal' (synchronous_commit off) for off, 'full' "
+        "for on; pool_size 10, lease 30 s, TTL 30 s (prefills ttl=0); ping-pong, consumers and "
+        "prefills as sqlbus on SQLite",
+    )
+    durability = "normal" if SYNC == "off" else "full"
+
+    def settings(self, store: str) -> str:
+        return f"{self.server_settings()}; durability={self.durability!r}, pool_size 10"
+
+    def setup(self, workdir: str, queues: tuple[str, ...]) -> str:
+        import sqlbus
+
+        schema = self.new_schema(create=False)
+        with sqlbus.connect(URL, schema=schema, durability=self.durability) as bus:
+            for name in ("bench", *queues):
+                bus.agent(name)
+        return schema
+
+    def open(self, store: str) -> SqlbusClient:
+        return SqlbusClient(URL, schema=store, durability=self.durability)
+
+    fill = SqlbusPeer.prefill
+
+
+PEERS = {"sqlbus": SqlbusPeer, "sqlbus-pg": SqlbusPostgresPeer}

@@ -1,14 +1,29 @@
-"""Shared fixtures: a fake clock, a bus on a real SQLite file in tmp_path, the probe that looks at
-what the bus stored (tests/probes.py), and helpers for the tests about the file itself."""
+"""Shared fixtures: a fake clock, a bus on a real database, the probe that looks at what the bus
+stored (tests/probes.py), and helpers for the tests about the SQLite file itself.
+
+One behaviour suite, two backends (as huey's storage tests or River's driver conformance
+suite): a module that sets ``pytestmark = pytest.mark.backends`` runs each of its tests that
+uses the ``backend`` fixture (``make_bus``, ``bus``, ``probe``, ``database`` use it) once per
+backend, with ids ``[sqlite]`` and ``[postgres]``. A test of such a module that checks
+something only SQLite has takes ``@sqlite_only("why")`` and runs as ``[sqlite]`` only. Every
+other module runs on SQLite alone, as before.
+
+On PostgreSQL each test's bus lives in a fresh schema of the test server
+(tests/postgres_server.py), dropped after the test.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import secrets
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import postgres_server
 import pytest
-from probes import SQLiteProbe
+from probes import PostgresProbe, SQLiteProbe
 
 import sqlbus
 
@@ -54,14 +69,118 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "bus.db"
 
 
+# -- the backend a test runs on ------------------------------------------------------------
+
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "backends: run each test of the module that uses the backend fixture once "
+        "per backend ([sqlite], [postgres])")
+    config.addinivalue_line(
+        "markers", "sqlite_only(reason): in a backends module, a test of something only the "
+        "SQLite backend has; it runs as [sqlite] alone")
+
+
+def sqlite_only(reason: str) -> pytest.MarkDecorator:
+    """Mark a test of a backends module as one of the SQLite backend alone, saying why."""
+    return pytest.mark.sqlite_only(reason=reason)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("backends") is None:
+        return  # a SQLite-only module: the backend fixture's default, no id
+    only = metafunc.definition.get_closest_marker("sqlite_only")
+    if only is not None and not (only.kwargs.get("reason") or only.args):
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: sqlite_only needs a reason")
+    backends = ["sqlite"] if only is not None else list(BACKENDS)
+    metafunc.parametrize("backend", backends, indirect=True, ids=backends)
+
+
 @pytest.fixture
-def make_bus(db_path: Path, clock: FakeClock) -> Iterator[Callable[..., sqlbus.Bus]]:
-    """``make_bus(**policy)``: a bus on ``db_path`` driven by the fake clock (closed at the end)."""
+def backend(request: pytest.FixtureRequest) -> str:
+    """"sqlite" or "postgres": where the test's bus lives ("sqlite" outside backends modules)."""
+    return getattr(request, "param", "sqlite")
+
+
+@dataclass
+class Database:
+    """Where a test's buses live: SQLite files in tmp_path, or fresh schemas on the PostgreSQL
+    test server (made on first use, dropped at the end of the test).
+
+    ``place(path)`` maps the SQLite tests' paths: ``None`` or ``db_path`` is the test's own
+    database; any other path is another database (a schema of its own on PostgreSQL), the
+    same one each time it is named."""
+
+    backend: str
+    db_path: Path
+    schemas: dict[str, str] = field(default_factory=dict)  # path -> schema (PostgreSQL)
+
+    @property
+    def postgres(self) -> bool:
+        return self.backend == "postgres"
+
+    def place(self, path: Path | str | None = None) -> tuple[Any, dict[str, Any]]:
+        """(what to pass ``sqlbus.connect`` first, the keywords that go with it)."""
+        path = Path(path or self.db_path)
+        if not self.postgres:
+            return path, {}
+        schema = self.schemas.setdefault(str(path), f"t_{secrets.token_hex(6)}")
+        return postgres_server.URL, {"schema": schema}
+
+    def connect(self, path: Path | str | None = None, **policy: Any) -> sqlbus.Bus:
+        """A bus on the database (``sqlbus.connect``), not closed for the caller."""
+        where, keywords = self.place(path)
+        return sqlbus.connect(where, **keywords, **policy)
+
+    async def aio_connect(self, path: Path | str | None = None, **policy: Any) -> Any:
+        """An asyncio bus on the database (``sqlbus.aio.connect``)."""
+        import sqlbus.aio
+
+        where, keywords = self.place(path)
+        return await sqlbus.aio.connect(where, **keywords, **policy)
+
+    def probe(self, path: Path | str | None = None) -> SQLiteProbe | PostgresProbe:
+        """The probe of the database at ``path`` (the test's own by default)."""
+        where, keywords = self.place(path)
+        if self.postgres:
+            return PostgresProbe(where, keywords["schema"])
+        return SQLiteProbe(where)
+
+    def drop(self) -> None:
+        """Drop the schemas the test made (PostgreSQL); files go with tmp_path."""
+        if not self.schemas:
+            return
+        admin = postgres_server.connect()
+        try:
+            for schema in self.schemas.values():
+                admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            admin.close()
+
+
+@pytest.fixture
+def database(backend: str, db_path: Path) -> Iterator[Database]:
+    """The test's database on its backend (``database.connect(**policy)``, ``.probe()``)."""
+    if backend == "postgres":
+        postgres_server.connect().close()  # a server that does not answer: skip, or fail in CI
+    db = Database(backend, db_path)
+    yield db
+    db.drop()
+
+
+@pytest.fixture
+def make_bus(database: Database, clock: FakeClock) -> Iterator[Callable[..., sqlbus.Bus]]:
+    """``make_bus(path=None, **policy)``: a bus on the test's database (another database for
+    another path) driven by the fake clock; closed at the end."""
     opened: list[sqlbus.Bus] = []
 
     def make(path: Path | None = None, **policy: object) -> sqlbus.Bus:
         policy.setdefault("clock", clock)
-        bus = sqlbus.connect(path or db_path, **policy)  # type: ignore[arg-type]
+        bus = database.connect(path, **policy)
         opened.append(bus)
         return bus
 
@@ -76,9 +195,15 @@ def bus(make_bus: Callable[..., sqlbus.Bus]) -> sqlbus.Bus:
 
 
 @pytest.fixture
-def probe(db_path: Path) -> SQLiteProbe:
+def probe(database: Database) -> SQLiteProbe | PostgresProbe:
     """Named looks at what the test's bus stored (``probe.message_states(id)``, ...)."""
-    return SQLiteProbe(db_path)
+    return database.probe()
+
+
+@pytest.fixture
+def placeholder(backend: str) -> str:
+    """The parameter marker of ``tx.execute`` on the backend: ``?`` (SQLite), ``%s`` (psycopg)."""
+    return "%s" if backend == "postgres" else "?"
 
 
 # For the tests about the file itself, on any path (a copy, a file another process made).

@@ -150,6 +150,16 @@ class Database:
             return PostgresProbe(where, keywords["schema"])
         return SQLiteProbe(where)
 
+    def own_sql(self, query: str) -> str:
+        """The application's own SQL (``tx.execute``) for the backend: ``?`` becomes psycopg's
+        ``%s`` on PostgreSQL, and ``{db}`` names where the test's own tables go: ``main`` on
+        SQLite (the bus's file), the bus's schema on PostgreSQL (a statement there runs with
+        the server's default search path; in the schema the table goes with the test)."""
+        if not self.postgres:
+            return query.format(db="main")
+        schema = self.place()[1]["schema"]
+        return query.replace("?", "%s").format(db=f'"{schema}"')
+
     def drop(self) -> None:
         """Drop the schemas the test made (PostgreSQL); files go with tmp_path."""
         if not self.schemas:
@@ -201,9 +211,10 @@ def probe(database: Database) -> SQLiteProbe | PostgresProbe:
 
 
 @pytest.fixture
-def placeholder(backend: str) -> str:
-    """The parameter marker of ``tx.execute`` on the backend: ``?`` (SQLite), ``%s`` (psycopg)."""
-    return "%s" if backend == "postgres" else "?"
+def own_sql(database: Database) -> Callable[[str], str]:
+    """``own_sql("INSERT INTO {db}.orders (item) VALUES (?)")``: the application's own SQL for
+    ``tx.execute`` on the test's backend (:meth:`Database.own_sql`)."""
+    return database.own_sql
 
 
 # For the tests about the file itself, on any path (a copy, a file another process made).

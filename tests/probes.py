@@ -567,17 +567,19 @@ class PostgresProbe(_BusLooks):
 
     @staticmethod
     def count_write_transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-        """A list that grows by one each time any bus begins a write transaction on PostgreSQL."""
-        from sqlbus.postgres.storage import PostgresStorage
+        """A list that grows by one each time any bus begins a write transaction on PostgreSQL
+        (the engine takes a connection and sends ``BEGIN``; the storage's ``begin`` is not
+        used for that)."""
+        from sqlbus.postgres.engine import PostgresEngine
 
         writes: list[int] = []
-        real_begin = PostgresStorage.begin
+        real_begin = PostgresEngine.begin
 
-        def counting_begin(self: Any, conn: Any) -> None:
+        def counting_begin(self: Any) -> Any:
             writes.append(1)
-            real_begin(self, conn)
+            return real_begin(self)
 
-        monkeypatch.setattr(PostgresStorage, "begin", counting_begin)
+        monkeypatch.setattr(PostgresEngine, "begin", counting_begin)
         return writes
 
 

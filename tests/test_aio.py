@@ -15,6 +15,8 @@ from probes import set_fallback_poll
 import sqlbus
 import sqlbus.aio
 
+pytestmark = pytest.mark.backends
+
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))

@@ -10,6 +10,8 @@ from probes import MAX_TAGS, SCHEMA_VERSION, SQLiteProbe, marks_of, tail_from_st
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 MiB = 1024 * 1024
 
 

@@ -21,6 +21,8 @@ import sqlbus
 import sqlbus.aio
 from sqlbus.cli import cli
 
+pytestmark = pytest.mark.backends
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

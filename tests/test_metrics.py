@@ -12,6 +12,8 @@ import pytest
 import sqlbus
 from sqlbus.metrics import to_prometheus
 
+pytestmark = pytest.mark.backends
+
 
 def test_a_message_to_many_recipients_counts_as_one_message_sent(bus):
     alice = bus.agent("alice")

@@ -15,6 +15,8 @@ import sqlbus
 import sqlbus.aio
 from sqlbus import DatabaseError
 
+pytestmark = pytest.mark.backends
+
 
 def _with_app_table(path: Path) -> None:
     """The application's own table, with a trigger that makes SQLite roll back the whole

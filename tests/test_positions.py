@@ -11,6 +11,8 @@ import pytest
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 DAY = 86400.0
 
 

@@ -12,6 +12,8 @@ from probes import ACKED, LEASED, SCHEDULED, SQLiteProbe
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 
 @pytest.fixture
 def pair(bus):

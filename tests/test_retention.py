@@ -16,6 +16,8 @@ from probes import SCHEMA_VERSION, UPKEEP_BATCH, prune_in_batches, tune_checkpoi
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 DAY = 86400.0
 
 

@@ -24,6 +24,8 @@ import sqlbus.aio
 from sqlbus.bus import STORED
 from sqlbus.cli import cli
 
+pytestmark = pytest.mark.backends
+
 DAY = 86400.0
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = sqlbus.Retention(archive_retention=7 * DAY, dead_retention=30 * DAY,

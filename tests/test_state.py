@@ -9,6 +9,8 @@ import pytest
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 
 def test_set_returns_versions_1_2_3_and_get_returns_the_latest(bus, clock):
     assert bus.state.set("plan", {"steps": 1}) == 1

@@ -11,6 +11,8 @@ import pytest
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 CTX = mp.get_context("fork")
 
 

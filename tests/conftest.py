@@ -150,6 +150,13 @@ class Database:
             return PostgresProbe(where, keywords["schema"])
         return SQLiteProbe(where)
 
+    def cli_args(self, path: Path | str | None = None) -> list[str]:
+        """The CLI's options that open this database: ``--db PATH`` or ``--db URL --schema S``."""
+        where, keywords = self.place(path)
+        if self.postgres:
+            return ["--db", where, "--schema", keywords["schema"]]
+        return ["--db", str(where)]
+
     def own_sql(self, query: str) -> str:
         """The application's own SQL (``tx.execute``) for the backend: ``?`` becomes psycopg's
         ``%s`` on PostgreSQL, and ``{db}`` names where the test's own tables go: ``main`` on
@@ -159,6 +166,17 @@ class Database:
             return query.format(db="main")
         schema = self.place()[1]["schema"]
         return query.replace("?", "%s").format(db=f'"{schema}"')
+
+    def fingerprint(self) -> str:
+        """A digest of everything the database holds: equal before and after a call that
+        changed nothing (the file's bytes; on PostgreSQL every row of every table of the bus)."""
+        if not self.postgres:
+            return file_sha256(self.db_path)
+        probe = self.probe()
+        tables = sorted(probe.row_counts())
+        rows = [probe.sql(f'SELECT md5(coalesce(string_agg(t::text, \',\' ORDER BY t::text), \'\'))'
+                          f' FROM "{table}" AS t') for table in tables]
+        return hashlib.sha256(repr(list(zip(tables, rows, strict=True))).encode()).hexdigest()
 
     def drop(self) -> None:
         """Drop the schemas the test made (PostgreSQL); files go with tmp_path."""

@@ -349,6 +349,10 @@ class SQLiteProbe(_BusLooks):
             conn.close()
         return os.path.getsize(self.path)
 
+    def stored_bytes(self) -> int:
+        """What the bus's data takes: the file once its WAL is copied back."""
+        return self.checkpointed_size()
+
     def size_with_log(self) -> int:
         """The database file's size and its write-ahead log's, as they are now."""
         return sum(os.path.getsize(p) for p in (str(self.path), f"{self.path}-wal")
@@ -492,6 +496,11 @@ class PostgresProbe(_BusLooks):
                                " WHERE message_id = %s", (body, message_id))
             assert cur.rowcount >= 1, f"no row of {message_id} to damage"
 
+    def lose_shared_bodies(self) -> None:
+        """Damage the schema: every body kept once for several recipients is gone (behind the
+        foreign key's back: replica mode skips its trigger)."""
+        self.write("SET session_replication_role = replica", "DELETE FROM message_body")
+
     def lose_interests(self) -> None:
         """Damage the schema: the recorded interests are gone, so any read of them fails."""
         self.write("DROP TABLE interest")
@@ -544,6 +553,12 @@ class PostgresProbe(_BusLooks):
     def interest_count(self) -> int:
         """Subscriptions recorded (type and event interests of every agent)."""
         return self.sql("SELECT count(*) FROM interest")[0][0]
+
+    def stored_bytes(self) -> int:
+        """What the bus's tables and indexes take on the server (``db_bytes`` of SPEC 12)."""
+        return self.sql("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint"
+                        " FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+                        " WHERE n.nspname = %s AND c.relkind = 'r'", (self.schema,))[0][0]
 
     def schema_version(self) -> int:
         return int(self.sql("SELECT value FROM sqlbus_meta WHERE key = 'schema_version'")[0][0])

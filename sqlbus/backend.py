@@ -13,7 +13,7 @@ The SQLite backend is :mod:`sqlbus.sqlite.storage`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 # ---------------------------------------------------------------------------------------------
@@ -218,22 +218,7 @@ class Storage(Protocol[ConnT]):
     APPLICATION_ID: int  # the mark that says a database is a sqlbus one
     DEFAULT_RETENTION: tuple[int, int, int]  # a new database's policy: archive ms, dead ms, max
 
-    # -- files, connections and transactions ----------------------------------------------
-
-    def check_file(self, path: str) -> str:
-        """Refuse a file that is not ours before opening it; ``"empty"``, ``"blank"`` or ``"sqlbus"``."""
-
-    def open_connection(
-        self, path: str, *, synchronous: str, busy_timeout: float,
-        wal_hook: Callable[[int], None] | None = None,
-    ) -> ConnT:
-        """Open a connection to an existing database with the backend's settings."""
-
-    def initialize(self, conn: ConnT, path: str, now: int) -> None:
-        """Create the schema in an empty database, or check and upgrade an existing one (own transaction)."""
-
-    def set_wal_mode(self, conn: ConnT, path: str, new_file: bool = False) -> None:
-        """Put the file in WAL mode (with its page size first when it is new)."""
+    # -- connections and transactions ----------------------------------------------------
 
     def set_busy_timeout(self, conn: ConnT, timeout: float) -> None:
         """Make ``conn`` wait up to ``timeout`` seconds for a lock another connection holds."""
@@ -252,18 +237,6 @@ class Storage(Protocol[ConnT]):
 
     def end_read(self, conn: ConnT) -> None:
         """End a read transaction."""
-
-    def data_version(self, conn: ConnT) -> int:
-        """A token that changes when another connection commits (the wake-up baseline)."""
-
-    def checkpoint(self, conn: ConnT, mode: str = "PASSIVE") -> CheckpointResult:
-        """Copy the WAL back into the database (``PASSIVE``, ``FULL``, ``RESTART``, ``TRUNCATE``)."""
-
-    def page_size(self, conn: ConnT) -> int:
-        """The database's page size in bytes."""
-
-    def vacuum(self, conn: ConnT) -> None:
-        """Rebuild the database without its free pages (own connection; holds the write lock)."""
 
     def integrity_check(self, conn: ConnT, max_errors: int = 20) -> list[str]:
         """``['ok']`` or up to ``max_errors`` problems the database finds in itself."""

@@ -28,7 +28,7 @@ from .errors import DatabaseError
 from .waking import ANY, FALLBACK, MAX_TAGS, RUNG, agent_tag
 
 if TYPE_CHECKING:
-    from .delivery import Transaction
+    from .transaction import Transaction
 
 __all__ = ["Engine", "Tx", "Looked", "check_clock", "open_block", "RUNG", "MAX_CLOCK_MS"]
 

@@ -26,7 +26,9 @@ from .errors import DatabaseError
 from .messages import Message, iso_ms, listed_message
 from .metrics import snapshot
 from .records import SentRecord
+from .sqlite import storage as sqlite_storage
 from .sqlite.checkpoint import WAL_WAIT, truncate_wal
+from .sqlite.engine import SqliteEngine
 from .sqlite.files import file_sizes
 
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
@@ -299,8 +301,8 @@ def check(engine: Engine) -> CheckReport:
     rows, the schema's size, the pool and lease health)."""
     if engine.kind == "postgresql":
         return _check_postgres(engine)
-    storage = engine.storage
-    conn = engine.connection()
+    storage = sqlite_storage  # integrity, marks and checkpoints are the file's
+    conn = _sqlite(engine).connection()
     now = engine.now_ms()
     problems: list[str] = []
     with engine.reading(conn):
@@ -379,6 +381,12 @@ def _check_postgres(engine: Engine) -> CheckReport:
     )
 
 
+def _sqlite(engine: Engine) -> SqliteEngine:
+    """The engine of a SQLite file (checks, backups and vacuums of the file itself)."""
+    assert isinstance(engine, SqliteEngine), "a SQLite file's operation on another backend"
+    return engine
+
+
 def _refuse_on_postgres(engine: Engine, what: str) -> None:
     if engine.kind == "postgresql":
         schema = getattr(engine, "schema", "sqlbus")
@@ -420,8 +428,8 @@ def _backup(
     engine: Engine, dest_path: str, pages_per_step: int,
     progress: Callable[[int, int], None] | None, started: float,
 ) -> BackupResult:
-    storage = engine.storage
-    source = engine.open_private_connection(engine.busy_timeout)
+    storage = sqlite_storage
+    source = _sqlite(engine).open_private_connection(engine.busy_timeout)
     created = False
     try:
         fd = os.open(dest_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -483,11 +491,11 @@ def vacuum(engine: Engine) -> VacuumResult:
 
 
 def _vacuum(engine: Engine, before: int, reader: str) -> VacuumResult:
-    storage = engine.storage
+    storage = sqlite_storage
     conn = None
     try:
         # a connection of its own: its waits and temp_store differ from the bus's
-        conn = engine.open_private_connection(WAL_WAIT)
+        conn = _sqlite(engine).open_private_connection(WAL_WAIT)
         if not truncate_wal(conn, engine.busy_timeout):
             return VacuumResult(
                 bytes_before=before, bytes_after=sum(file_sizes(engine.path)), shrunk=False,

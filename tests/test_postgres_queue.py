@@ -151,3 +151,66 @@ def test_claims_filter_by_type_and_leave_awaited_responses_alone(pg_bus) -> None
         queue.publish(conn, schema, [response], [NOW], NOW)
     assert [row[0] for row in claim(conn, schema, types=["response"], skip=["req-1"])] == []
     assert len(claim(conn, schema, types=["response"])) == 1
+
+
+def test_a_plain_batch_is_queued_in_order_with_its_ttl_and_claimed_like_any_row(pg_bus) -> None:
+    conn, schema = pg_bus
+    runs = [("bob", "notification", 3, 5_000, ["m-1", "m-2"], [b'{"n":1}', b'{"n":2}']),
+            ("carol", "task", 5, 0, ["m-3"], [b'{"n":3}'])]
+    with conn.transaction():
+        queue.publish_plain(conn, schema, "alice", runs, NOW)
+    rows = conn.execute(f'SELECT message_id, agent, priority, state, expires_at, sent_at, body '
+                        f'FROM "{schema}".message ORDER BY seq').fetchall()
+    assert [(r[0], r[1], r[2], r[3], r[4]) for r in rows] == [
+        ("m-1", "bob", 3, 0, NOW + 5_000), ("m-2", "bob", 3, 0, NOW + 5_000),
+        ("m-3", "carol", 5, 0, None)]
+    assert [r[6] for r in rows] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    assert [row[6] for row in claim(conn, schema)] == [b'{"n":1}', b'{"n":2}']
+
+
+def test_a_look_sees_work_and_the_next_due_time_and_its_token_moves_with_a_commit(pg_bus) -> None:
+    conn, schema = pg_bus
+    token, work, due = queue.look(conn, schema, "bob", NOW)
+    assert (work, due) == (False, None)
+    other = connect()
+    try:  # a commit on another connection changes the token
+        with other.transaction():
+            queue.publish(other, schema, [prepare("alice", "bob", "notification", {}, now_ms=NOW)],
+                          [NOW + 5_000], NOW)  # delayed: not work yet
+    finally:
+        other.close()
+    token2, work, due = queue.look(conn, schema, "bob", NOW)
+    assert token2 != token and (work, due) == (False, NOW + 5_000)
+    assert queue.look(conn, schema, "bob", NOW + 5_000)[1:] == (True, NOW + 5_000)
+    send(conn, schema, "bob")
+    assert queue.look(conn, schema, "bob", NOW)[1] is True
+    assert queue.look(conn, schema, "bob", NOW, types=["task"])[1] is False
+    with conn.transaction():
+        assert queue.wait_point(conn, schema, "bob")[1] == NOW + 5_000
+        assert queue.wait_point(conn, schema, "nobody")[1] is None
+
+
+def test_a_look_leaves_awaited_responses_to_their_requester(pg_bus) -> None:
+    conn, schema = pg_bus
+    response = prepare("carol", "bob", "response", {"success": True, "data": 1, "request_id": "r"},
+                       now_ms=NOW, correlation_id="req-1")
+    with conn.transaction():
+        queue.publish(conn, schema, [response], [NOW], NOW)
+    assert queue.look(conn, schema, "bob", NOW, skip=["req-1"])[1] is False
+    assert queue.look(conn, schema, "bob", NOW, skip=["req-2"])[1] is True
+
+
+def test_the_last_error_and_body_length_of_a_row_inline_or_shared(pg_bus) -> None:
+    conn, schema = pg_bus
+    send(conn, schema, "bob")
+    send(conn, schema, ["carol", "dave"])
+    a, = claim(conn, schema)
+    with conn.transaction():
+        assert queue.retry(conn, schema, a[0], a[1], NOW + 1, "ValueError: no")
+    assert queue.last_error(conn, schema, a[0]) == "ValueError: no"
+    assert queue.last_error(conn, schema, 999) is None
+    lengths = conn.execute(
+        f'SELECT seq, octet_length(coalesce(m.body, b.body)) FROM "{schema}".message AS m '
+        f'LEFT JOIN "{schema}".message_body AS b ON b.id = m.body_id ORDER BY seq').fetchall()
+    assert all(queue.body_length(conn, schema, seq) == n > 0 for seq, n in lengths)
+    assert queue.body_length(conn, schema, 999) == 0

@@ -2,6 +2,7 @@
 
     python tools/chaos.py --duration 60                 # 8 processes, kills every 0.5-3 s
     python tools/chaos.py --duration 300 --json out.json --keep
+    python tools/chaos.py --db postgresql://postgres@127.0.0.1/test --duration 300   # PostgreSQL
 
 Roles (each a separate Python process, restarted with a new *incarnation* after every kill):
 
@@ -76,9 +77,43 @@ def _open_log(path: str):
     return open(path, "a", buffering=1, encoding="utf-8")
 
 
+def _target(db: str, schema: str | None) -> dict[str, Any]:
+    """connect()'s arguments for the run's database: a file, or a schema of a PostgreSQL URL."""
+    return {"path": db, "schema": schema} if schema is not None else {"path": db}
+
+
+class _Reader:
+    """Read-only SQL on the run's database from outside the library, either backend (the
+    tables have the same names and columns; ``?`` placeholders)."""
+
+    def __init__(self, db: str, schema: str | None) -> None:
+        self.schema = schema
+        if schema is None:
+            self.conn: Any = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+            self.conn.set_busy_timeout(5000)
+        else:
+            import psycopg
+
+            self.conn = psycopg.connect(db, autocommit=True,
+                                        options=f"-c search_path={schema}")
+
+    def rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self.schema is None:
+            return self.conn.execute(query, params).fetchall()
+        return [tuple(r) for r in self.conn.execute(query.replace("?", "%s"), params).fetchall()]
+
+    def integrity(self) -> list[str]:
+        if self.schema is None:
+            return [row[0] for row in self.conn.execute("PRAGMA integrity_check")]
+        return ["ok"]  # PostgreSQL checks its pages itself; the bus's check runs in analyse
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 def _connect(cfg: dict[str, Any]) -> sqlbus.Bus:
     return sqlbus.connect(
-        cfg["db"],
+        **_target(cfg["db"], cfg.get("schema")),
         lease=cfg["lease"],
         max_attempts=cfg["max_attempts"],
         backoff_base=0.05,
@@ -345,7 +380,9 @@ class Supervisor:
         self.workdir = Path(args.workdir)
         self.logdir = self.workdir / "logs"
         self.logdir.mkdir(parents=True, exist_ok=True)
-        self.db = str(self.workdir / "chaos.db")
+        self.db = args.db or str(self.workdir / "chaos.db")
+        self.schema = args.schema if self.db.startswith(("postgresql://", "postgres://")) else None
+        self.target = _target(self.db, self.schema)
         self.request_api = hasattr(sqlbus.Agent, "request")
         self.children: list[Child] = []
         for i in range(args.producers):
@@ -369,7 +406,7 @@ class Supervisor:
         child.incarnation += 1
         cfg = {
             "role": child.role, "name": child.name, "incarnation": child.incarnation,
-            "db": self.db, "lease": self.args.lease, "max_attempts": self.args.max_attempts,
+            "db": self.db, "schema": self.schema, "lease": self.args.lease, "max_attempts": self.args.max_attempts,
             "busy_timeout": self.args.busy_timeout, "rate": self.args.rate,
             "seed": self.rng.randrange(1 << 30), "request_api": self.request_api,
             "log": str(self.log_path(child.name, child.incarnation)),
@@ -385,10 +422,11 @@ class Supervisor:
         for child in self.children:
             if child.proc is not None and child.proc.poll() is None:
                 child.peak_rss_kb = max(child.peak_rss_kb, _vm_hwm_kb(child.proc.pid))
-        try:
-            self.peak_wal = max(self.peak_wal, os.path.getsize(self.db + "-wal"))
-        except OSError:
-            pass
+        if self.schema is None:
+            try:
+                self.peak_wal = max(self.peak_wal, os.path.getsize(self.db + "-wal"))
+            except OSError:
+                pass
 
     def kill(self, child: Child) -> None:
         proc = child.proc
@@ -449,14 +487,13 @@ class Supervisor:
 
     def pending(self) -> dict[str, int]:
         """Rows still queued, leased or scheduled, per agent (a read-only look from outside)."""
-        conn = apsw.Connection(self.db, flags=apsw.SQLITE_OPEN_READONLY)
+        reader = _Reader(self.db, self.schema)
         try:
-            conn.set_busy_timeout(5000)
-            return dict(conn.execute(
+            return dict(reader.rows(
                 "SELECT agent, count(*) FROM message WHERE state IN (0, 1, 4) GROUP BY agent"
-            ).fetchall())
+            ))
         finally:
-            conn.close()
+            reader.close()
 
     def run(self) -> dict[str, Any]:
         args = self.args
@@ -467,7 +504,12 @@ class Supervisor:
               f"kills every {args.kill_min}-{args.kill_max} s, lease {args.lease} s; {note}",
               flush=True)
         # Create the file once up front so the workers race on nothing but the messages.
-        sqlbus.connect(self.db).close()
+        if self.schema is not None:  # a fresh schema for the run
+            import psycopg
+
+            with psycopg.connect(self.db, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        sqlbus.connect(**self.target).close()
         for child in self.children:
             self.start(child)
         started = time.monotonic()
@@ -605,7 +647,7 @@ def analyse(sup: Supervisor, drained: bool, drain_seconds: float) -> dict[str, A
                     violations.append(f"{child.name}.{inc} crashed (see its .err file)")
 
     # Dead letters, read through the library.
-    with sqlbus.connect(sup.db) as bus:
+    with sqlbus.connect(**sup.target) as bus:
         dead = bus.dead_letters(limit=1_000_000)
         counter_entry = bus.state.get(COUNTER)
     dead_keys: dict[str, str] = {}
@@ -699,7 +741,7 @@ def analyse(sup: Supervisor, drained: bool, drain_seconds: float) -> dict[str, A
         rr["timeouts"] = sum(1 for f in req_lines if f[0] == "T")
         if not sup.request_api:
             requests = {f[1] for f in req_lines if f[0] == "C"}
-            responses = _responses(sup.db)
+            responses = _responses(sup.db, sup.schema)
             for corr, keys in responses.items():
                 if len(keys) > 1:
                     violations.append(f"request {corr} was answered {len(keys)} times "
@@ -713,18 +755,28 @@ def analyse(sup: Supervisor, drained: bool, drain_seconds: float) -> dict[str, A
             rr["confirmed"] = len(requests)
             rr["answered"] = sum(1 for k in requests if k in responses)
 
-    # The file itself.
-    conn = apsw.Connection(sup.db, flags=apsw.SQLITE_OPEN_READONLY)
+    # The database itself.
+    reader = _Reader(sup.db, sup.schema)
     try:
-        integrity = [row[0] for row in conn.execute("PRAGMA integrity_check")]
-        stuck = conn.execute(
+        integrity = reader.integrity()
+        stuck = reader.rows(
             "SELECT count(*) FROM message WHERE agent = ? AND state IN (0, 1, 4)", (WORK,)
-        ).fetchall()[0][0]
+        )[0][0]
     finally:
-        conn.close()
+        reader.close()
+    if sup.schema is not None:
+        with sqlbus.connect(**sup.target) as bus:
+            report = bus.check()
+        if not report.ok:
+            integrity = report.problems
     if integrity != ["ok"]:
         violations.append(f"integrity_check: {integrity[:5]}")
     wal = os.path.getsize(sup.db + "-wal") if os.path.exists(sup.db + "-wal") else 0
+    if sup.schema is None:
+        db_bytes = os.path.getsize(sup.db)
+    else:
+        with sqlbus.connect(**sup.target) as bus:
+            db_bytes = bus.metrics().db_bytes
 
     kills_by_role = collections.Counter(name.rsplit("-", 1)[0] for _, name, _ in sup.kills)
     peak_rss = {c.name: c.peak_rss_kb for c in sup.children}
@@ -758,7 +810,7 @@ def analyse(sup: Supervisor, drained: bool, drain_seconds: float) -> dict[str, A
         "drain_s": round(drain_seconds, 1),
         "left_in_queue": stuck,
         "integrity_check": integrity[0] if len(integrity) == 1 else integrity[:5],
-        "db_bytes": os.path.getsize(sup.db),
+        "db_bytes": db_bytes,
         "wal_bytes_end": wal,
         "wal_bytes_peak": sup.peak_wal,
         "peak_rss_kb": peak_rss,
@@ -768,15 +820,15 @@ def analyse(sup: Supervisor, drained: bool, drain_seconds: float) -> dict[str, A
     }
 
 
-def _responses(db: str) -> dict[str, list[Any]]:
+def _responses(db: str, schema: str | None) -> dict[str, list[Any]]:
     """correlation_id -> the keys carried by every response ever written (any state)."""
-    conn = apsw.Connection(db, flags=apsw.SQLITE_OPEN_READONLY)
+    reader = _Reader(db, schema)
     try:
-        rows = conn.execute(
+        rows = reader.rows(
             "SELECT body FROM message WHERE agent = 'requester' AND type = 'response'"
-        ).fetchall()
+        )
     finally:
-        conn.close()
+        reader.close()
     result: dict[str, list[Any]] = collections.defaultdict(list)
     for (body,) in rows:
         message = msgspec.json.decode(body)
@@ -844,6 +896,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--workdir", default=None, help="where the database and logs go "
                         "(default: a new temporary directory)")
+    parser.add_argument("--db", default=None, help="a postgresql:// URL (or a file path) to "
+                        "run on (default: chaos.db in the workdir)")
+    parser.add_argument("--schema", default="sqlbus_chaos", help="PostgreSQL: the schema, "
+                        "dropped and made anew for the run (default sqlbus_chaos)")
     parser.add_argument("--json", dest="json_out", default=None, help="also write the result here")
     args = parser.parse_args(argv)
     if args.seed is None:

@@ -219,7 +219,18 @@ class PostgresEngine(Engine):
         self._pool_now()
 
     def _new_wakeup(self) -> Wakeup:
-        return Wakeup(channel_name(self.schema), self._listener_connection, self._notify)
+        return Wakeup(channel_name(self.schema), self._listener_connection, self._notify,
+                      self._server_came_back)
+
+    def _server_came_back(self) -> None:
+        # The listener lost its connection and has a new one: the pool's idle connections
+        # may be dead too (a restarted server); test them now rather than on a caller's call.
+        pool = self._pool
+        if pool is not None and self._pid == os.getpid() and not self.closed:
+            try:
+                pool.check()
+            except Exception:
+                pass
 
     def _listener_connection(self) -> psycopg.Connection:
         return psycopg.connect(self.url, **self._conninfo_kwargs())

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 
-from .schema import statement
+from .schema import BODY_LENGTH, TOKEN, statement
 
 QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
 
@@ -75,6 +75,30 @@ def publish(
         with conn.cursor() as cur:
             cur.executemany(statement(schema, _INSERT), rows)
     return fresh
+
+
+# publish_plain's rows: one statement per run, the values the run shares bound once and each
+# row's id and body from two arrays, numbered in the arrays' order.
+_INSERT_RUN = (
+    "INSERT INTO {s}.message (message_id, sender, agent, type, priority, state, visible_at,"
+    " expires_at, sent_at, body) SELECT r.id, %(sender)s, %(agent)s, %(type)s, %(priority)s, 0,"
+    " %(now)s, %(expires_at)s, %(now)s, r.body"
+    " FROM unnest(%(ids)s::text[], %(bodies)s::bytea[]) WITH ORDINALITY AS r(id, body, n)"
+    " ORDER BY r.n"
+)
+
+
+def publish_plain(
+    conn: psycopg.Connection, schema: str, sender: str, runs: Sequence[Any], now: int
+) -> None:
+    """Write a plain batch (``messages.prepare_plain_batch``'s runs: (to, type, priority, ttl
+    ms, ids, bodies)) to its recipients' inboxes, ready now: :func:`publish`'s rows without its
+    per-message cases (caller ids, delays, broadcasts, direct replies), as the SQLite twin."""
+    for to, type, priority, ttl, ids, bodies in runs:
+        conn.execute(statement(schema, _INSERT_RUN), {
+            "sender": sender, "agent": to, "type": type, "priority": priority, "now": now,
+            "expires_at": now + ttl if ttl else None, "ids": list(ids), "bodies": list(bodies),
+        })
 
 
 def _exists(conn: psycopg.Connection, schema: str, message_id: str) -> bool:
@@ -148,6 +172,39 @@ def next_due(conn: psycopg.Connection, schema: str, agent: str) -> int | None:
         (agent,),
     ).fetchone()
     return None if row is None else row[0]
+
+
+_NEXT_DUE = "(SELECT min(visible_at) FROM {s}.message WHERE agent = %(agent)s AND state IN (1, 4))"
+_LOOK = (
+    "SELECT " + TOKEN + ", EXISTS (SELECT 1 FROM {s}.message WHERE agent = %(agent)s AND state = 0"
+    "{filters}) OR EXISTS (SELECT 1 FROM {s}.message WHERE agent = %(agent)s AND state IN (1, 4)"
+    " AND visible_at <= %(now)s{filters}), " + _NEXT_DUE
+)
+_WAIT_POINT = "SELECT " + TOKEN + ", " + _NEXT_DUE
+
+
+def look(
+    conn: psycopg.Connection, schema: str, agent: str, now: int,
+    types: Sequence[str] | None = None, skip: Sequence[str] | None = None,
+) -> tuple[int, bool, int | None]:
+    """What a receiver that may wait reads before it claims, in one statement (one snapshot,
+    no lock): (the wake-up token, whether a claim with the same arguments would find
+    something, when the agent's next scheduled or leased row comes due in ms, or None). The
+    token (``schema.TOKEN``) changes when a writing transaction commits after this read."""
+    filters = (_TYPES if types is not None else "") + (_NOT_AWAITED if skip is not None else "")
+    row = conn.execute(statement(schema, _LOOK.replace("{filters}", filters)), {
+        "agent": agent, "now": now, "types": list(types or ()), "skip": list(skip or ()),
+    }).fetchone()
+    assert row is not None
+    return row[0], bool(row[1]), row[2]
+
+
+def wait_point(conn: psycopg.Connection, schema: str, agent: str) -> tuple[int, int | None]:
+    """What a wait needs, read by a claim that found nothing, in its transaction: (the wake-up
+    token, when the agent's next scheduled or leased row comes due in ms, or None)."""
+    row = conn.execute(statement(schema, _WAIT_POINT), {"agent": agent}).fetchone()
+    assert row is not None
+    return row[0], row[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,3 +311,19 @@ def count_error(conn: psycopg.Connection, schema: str, name: str) -> None:
                       " ON CONFLICT (name) DO UPDATE SET count = {s}.error_counts.count + 1"),
         (name,),
     )
+
+
+def last_error(conn: psycopg.Connection, schema: str, seq: int) -> str | None:
+    """The recorded error of a row's last attempt ("Name: text"), or None."""
+    row = conn.execute(
+        statement(schema, "SELECT last_error FROM {s}.message WHERE seq = %s"), (seq,)
+    ).fetchone()
+    return None if row is None else row[0]
+
+
+def body_length(conn: psycopg.Connection, schema: str, seq: int) -> int:
+    """The stored length of a row's body in bytes (0: no such row), without reading it out."""
+    row = conn.execute(
+        statement(schema, "SELECT " + BODY_LENGTH + " FROM {s}.message WHERE seq = %s"), (seq,)
+    ).fetchone()
+    return 0 if row is None else int(row[0])

@@ -14,6 +14,23 @@ The tables mirror the SQLite file's (docs/design.md): times are epoch ms in ``bi
 message body is the JSON bytes sqlbus encoded (``bytea``, so a body is stored and checked
 byte for byte as on SQLite), and positions come from an identity column, which never gives a
 number twice.
+
+An identity value is taken at insert, not at commit, so a reader of "rows after position N"
+could pass over a row that a slower transaction commits later with a smaller number. Two
+readers need commit order and get it differently:
+
+- ``state_log`` (``watch``): each entry gets ``pos`` from a sequence in a deferred constraint
+  trigger, which runs at commit under an advisory lock keyed by the schema's name, held until
+  the commit is visible; so ``pos`` grows in commit order. State writes are rare, and the lock
+  is held only from the trigger to the commit.
+- ``message`` (``tail``): each row keeps the id of the transaction that wrote it (``xact_id``);
+  :func:`sqlbus.postgres.admin.rows_after` passes only rows whose transaction ended before the
+  oldest one still running (see its docstring for what remains).
+
+A statement-level trigger deletes a shared body (``message_body``) with the last row that
+references it, whatever deletes the rows, as SQLite's ``message_body_release``; two
+transactions deleting a body's last rows at once take turns on the body's row lock, so the
+second frees it (in READ COMMITTED, the engine's level for writes).
 """
 
 from __future__ import annotations
@@ -66,6 +83,7 @@ CREATE TABLE {s}.message (
     last_error text,
     body bytea,
     body_id bigint REFERENCES {s}.message_body (id),
+    xact_id xid8 NOT NULL DEFAULT pg_current_xact_id(),  -- the writing transaction (tail)
     CHECK ((body IS NULL) <> (body_id IS NULL))
 );
 CREATE INDEX message_claim ON {s}.message (agent, priority DESC, seq) INCLUDE (visible_at)
@@ -74,6 +92,25 @@ CREATE INDEX message_wait ON {s}.message (agent, visible_at) WHERE state IN (1, 
 CREATE INDEX message_id ON {s}.message (message_id);
 CREATE INDEX message_response ON {s}.message (agent, correlation_id) WHERE type = 'response';
 CREATE INDEX message_body_id ON {s}.message (body_id) WHERE body_id IS NOT NULL;
+CREATE FUNCTION {s}.message_body_release() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    -- Lock the bodies first (in id order: no deadlock between two deleters), so a deleter of
+    -- another of a body's rows waits here until this one commits; the DELETE's own snapshot,
+    -- taken after, then sees that row gone (READ COMMITTED), and the last deleter frees it.
+    PERFORM 1 FROM {s}.message_body WHERE id IN (SELECT body_id FROM gone) ORDER BY id FOR UPDATE;
+    DELETE FROM {s}.message_body AS b WHERE b.id IN (SELECT body_id FROM gone)
+        AND NOT EXISTS (SELECT 1 FROM {s}.message AS m WHERE m.body_id = b.id);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER message_body_release AFTER DELETE ON {s}.message
+    REFERENCING OLD TABLE AS gone FOR EACH STATEMENT
+    EXECUTE FUNCTION {s}.message_body_release();
+CREATE FUNCTION {s}.body_ttl(body bytea) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RETURN convert_from(body, 'UTF8')::jsonb -> 'headers' -> 'ttl';
+EXCEPTION WHEN others THEN
+    RETURN NULL;
+END $$;
 CREATE TABLE {s}.dead_letter (
     id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     seq bigint NOT NULL UNIQUE,
@@ -107,8 +144,18 @@ CREATE TABLE {s}.state_log (
     version bigint NOT NULL,
     deleted boolean NOT NULL,
     updated_by text,
-    updated_at bigint NOT NULL
+    updated_at bigint NOT NULL,
+    pos bigint UNIQUE
 );
+CREATE SEQUENCE {s}.state_log_pos AS bigint OWNED BY {s}.state_log.pos;
+CREATE FUNCTION {s}.state_log_position() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('sqlbus state_log ' || TG_TABLE_SCHEMA, 0));
+    UPDATE {s}.state_log SET pos = nextval('{s}.state_log_pos') WHERE seq = NEW.seq;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER state_log_position AFTER INSERT ON {s}.state_log
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {s}.state_log_position();
 CREATE TABLE {s}.error_counts (
     name text PRIMARY KEY,
     count bigint NOT NULL
@@ -137,6 +184,38 @@ CREATE TABLE {s}.interest (
 # What a new bus keeps (as a new SQLite file): acked messages 7 days, dead letters 30 days,
 # at most 1,000,000 acked messages.
 DEFAULT_RETENTION = (7 * 86_400_000, 30 * 86_400_000, 1_000_000)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fragments of SQL that more than one module's statements are made of (as SQLite's)
+
+# A row's body, in the row or shared (message_body); a shared body that is missing (a damaged
+# schema: the foreign key was bypassed) reads as empty, which no decoder accepts.
+BODY = (
+    "coalesce(body, (SELECT b.body FROM {s}.message_body AS b WHERE b.id = body_id), ''::bytea)"
+)
+BODY_LENGTH = (
+    "coalesce(octet_length(body),"
+    " (SELECT octet_length(b.body) FROM {s}.message_body AS b WHERE b.id = body_id), 0)"
+)
+# What a listing reads of a message row (%(max_body)s: the reader's limit on a body's length):
+# the columns that stand in for a body too long to load, its length, and the body only when
+# within the limit (else NULL, never read).
+LISTED = (
+    "message_id, sender, type, priority, sent_at, " + BODY_LENGTH
+    + " AS length, CASE WHEN " + BODY_LENGTH + " <= %(max_body)s THEN " + BODY + " END"
+)
+# How stats and peek name a row of an inbox at %(now)s, as SQLite's ``STATUS``.
+STATUS = (
+    "CASE WHEN expires_at < %(now)s AND NOT (state = 1 AND visible_at > %(now)s) THEN 'expired'"
+    " WHEN state = 0 OR visible_at <= %(now)s THEN 'ready' WHEN state = 1 THEN 'leased'"
+    " WHEN claims > 0 THEN 'retrying' ELSE 'scheduled' END"
+)
+# The wake-up token a look reads in its snapshot (SQLite's data_version): a hash of the
+# snapshot (xmin:xmax:running xids), which every commit of a writing transaction changes: one
+# running at the snapshot leaves the list, a later one raises xmax. Commits elsewhere in the
+# cluster change it too: a waiter wakes for nothing and looks again.
+TOKEN = "hashtextextended(pg_current_snapshot()::text, 0)"
 
 
 @lru_cache(maxsize=512)

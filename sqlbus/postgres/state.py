@@ -1,7 +1,10 @@
 """Shared state on PostgreSQL: versioned keys (``state``) and the log of their changes
 (``state_log``), as :mod:`sqlbus.sqlite.state` keeps them. In progress (issue 15): not yet
-behind the engine; reading the log after a position (``watch``) waits for the commit-order
-rule docs/postgres.md names as the open question.
+behind the engine.
+
+A change's position in the log (what ``watch`` reads after) is ``pos``, given at commit in
+commit order (see :mod:`sqlbus.postgres.schema`), not the identity ``seq`` given at insert: a
+watch standing at position N never steps over a change that commits after it read N.
 
 Keys sort byte by byte (``COLLATE "C"``), as on SQLite; a prefix is compared, not matched with
 LIKE, whose wildcards it may hold."""
@@ -12,7 +15,7 @@ from typing import Any
 
 import psycopg
 
-from ..backend import StateRow
+from ..backend import StateChange, StateRow
 from .schema import statement
 
 _COLUMNS = "key, value, version, deleted::int, updated_by, updated_at"
@@ -69,3 +72,45 @@ def state_entries(conn: psycopg.Connection, schema: str, prefix: str) -> list[St
         f'SELECT {_COLUMNS} FROM {{s}}.state WHERE NOT deleted AND {_PREFIX} ORDER BY key COLLATE "C"',
     ), {"prefix": prefix}).fetchall()
     return [_row(row) for row in rows]
+
+
+_LOG_AFTER = (
+    "SELECT pos, key, value, version, deleted::int, updated_by, updated_at FROM {s}.state_log"
+    " WHERE pos > %(after)s AND " + _PREFIX + " ORDER BY pos LIMIT %(limit)s"
+)
+
+
+def state_log_after(
+    conn: psycopg.Connection, schema: str, prefix: str, after_seq: int, limit: int = 1000
+) -> list[StateChange]:
+    """Changes under ``prefix`` committed after position ``after_seq``, in commit order:
+    (position, key, value, version, deleted, updated_by, updated_at)."""
+    rows = conn.execute(statement(schema, _LOG_AFTER),
+                        {"prefix": prefix, "after": after_seq, "limit": limit}).fetchall()
+    return [StateChange(row[0], row[1], bytes(row[2]), *row[3:]) for row in rows]
+
+
+def state_log_head(conn: psycopg.Connection, schema: str) -> int:
+    """The position of the newest committed change (0: none)."""
+    row = conn.execute(
+        statement(schema, "SELECT coalesce(max(pos), 0) FROM {s}.state_log")
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+# The live entries under a prefix and the log's head in one statement, so one snapshot
+# whatever the caller's isolation (a row with NULL columns when no key is live).
+_SNAPSHOT = (
+    "WITH head AS (SELECT coalesce(max(pos), 0) AS head FROM {s}.state_log)"
+    " SELECT head.head, " + _COLUMNS + " FROM head LEFT JOIN {s}.state"
+    " ON NOT deleted AND " + _PREFIX + ' ORDER BY key COLLATE "C"'
+)
+
+
+def state_snapshot(conn: psycopg.Connection, schema: str, prefix: str) -> tuple[list[StateRow], int]:
+    """Live entries under ``prefix`` (as :func:`state_entries`) and the log's head, read in one
+    statement (one snapshot) so that the log after that head holds exactly the later changes
+    (for ``watch``), inside a caller's transaction or not."""
+    rows = conn.execute(statement(schema, _SNAPSHOT), {"prefix": prefix}).fetchall()
+    head = int(rows[0][0])
+    return [_row(row[1:]) for row in rows if row[1] is not None], head

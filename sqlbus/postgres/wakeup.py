@@ -81,10 +81,12 @@ class Wakeup:
     """
 
     def __init__(self, channel: str, connect: Callable[[], psycopg.Connection],
-                 notify: Callable[[str, str], None]) -> None:
+                 notify: Callable[[str, str], None], reconnected: Callable[[], None]) -> None:
         self._channel = channel
         self._connect = connect
         self._notify = notify
+        self._reconnected = reconnected  # after the listener lost its connection and got one
+        self.reconnects = 0
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -113,8 +115,7 @@ class Wakeup:
         if tags is not None and not tags:
             return
         with self._lock:
-            if self._interest or self._async or tags is None:
-                self._count(tags)
+            self._count(tags)  # this process's waiters, and its change token
         self._send(tags)
 
     def _send(self, tags: set[bytes] | None) -> None:
@@ -212,19 +213,23 @@ class Wakeup:
     # -- listening -----------------------------------------------------------------------
 
     def start(self, wait: float = 0.0) -> None:
-        """Start the listener if it is not running; wait up to ``wait`` seconds for its
-        LISTEN (a commit after that wakes this process)."""
-        if self._listener is None:
-            with self._lock:
-                if self._listener is None and not self._closed:
-                    self._listener = threading.Thread(
-                        target=self._listen, name="sqlbus-listener", daemon=True)
-                    self._listener.start()
-        if wait > 0 and not self._listening.is_set():
+        """Start the listener if it is not running, and then wait up to ``wait`` seconds for
+        its first LISTEN (a commit after that wakes this process). Later calls never wait:
+        while the listener reconnects, waiters fall back to looking every ``FALLBACK`` s."""
+        if self._listener is not None:
+            return
+        with self._lock:
+            if self._listener is not None or self._closed:
+                return
+            self._listener = threading.Thread(
+                target=self._listen, name="sqlbus-listener", daemon=True)
+            self._listener.start()
+        if wait > 0:
             self._listening.wait(wait)
 
     def _listen(self) -> None:
         statement = sql.SQL("LISTEN {}").format(sql.Identifier(self._channel))
+        lost = False
         while not self._closed:
             try:
                 conn = self._conn = self._connect()
@@ -233,6 +238,10 @@ class Wakeup:
                     self._listening.set()
                     with self._lock:
                         self._count(None)  # what was committed while nobody listened
+                    if lost:
+                        self.reconnects += 1
+                        lost = False
+                        self._reconnected()
                     while not self._closed:
                         for note in conn.notifies(timeout=FALLBACK):
                             with self._lock:
@@ -246,6 +255,7 @@ class Wakeup:
                 if self._closed:
                     return
                 log.debug("sqlbus: listener lost its connection: %s", exc)
+                lost = True
                 with self._lock:
                     self._count(None)
                 time.sleep(FALLBACK)

@@ -25,7 +25,7 @@ import msgspec
 
 from .. import connections
 from ..backend import Storage
-from ..engine import Engine, Tx, refuse_inside_block
+from ..engine import Engine, Tx, WriteContext, refuse_inside_block
 from ..errors import DatabaseError
 from . import checkpoint, storage
 from .checkpoint import Checkpointer
@@ -47,7 +47,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _DAMAGE = (UnicodeDecodeError, msgspec.DecodeError, msgspec.ValidationError)
 
 
-class Write:
+class Write(WriteContext):
     """``with engine.write() as tx``: one BEGIN IMMEDIATE transaction on this thread's
     connection, with its :class:`Tx` handle; apsw errors become :class:`DatabaseError`; the
     waiters it marked are woken after commit. The thread is inside
@@ -314,6 +314,7 @@ class SqliteEngine(Engine):
 
     def database_error(self, exc: BaseException) -> DatabaseError:
         """Say in one line what an apsw error means for the user."""
+        assert isinstance(exc, apsw.Error)
         return database_error(self.path, self.busy_timeout, exc)
 
     def close(self) -> None:

@@ -1,0 +1,277 @@
+"""What operators and listings read and do on PostgreSQL, as :mod:`sqlbus.sqlite.admin`: dead
+letters (list, requeue, purge), the sent archive, and an inbox's or the whole bus's rows
+without claiming them (peek, tail). The registry and interests are in
+:mod:`sqlbus.postgres.agents`. In progress (issue 15): not yet behind the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from ..backend import DeadLetterRow, PeekRow, RequeueTarget, SentRow, TailRow
+from .retention import add_counters, retire_rows
+from .schema import BODY, BODY_LENGTH, LISTED, STATUS, statement
+
+# ---------------------------------------------------------------------------------------------
+# Dead letters
+
+# %(max_body)s is the reader's limit on a body's stored length: a longer body is not read
+# (NULL), and the message's own columns stand in for it.
+_DEAD = (
+    "SELECT d.id, m.agent, d.reason, d.error_name, d.error_message, d.traceback, d.context,"
+    " d.failed_at, d.attempts, CASE WHEN " + BODY_LENGTH + " <= %(max_body)s THEN " + BODY
+    + " END, m.message_id, m.sender, m.type, m.priority, m.sent_at, " + BODY_LENGTH
+    + " FROM {s}.dead_letter AS d JOIN {s}.message AS m ON m.seq = d.seq"
+)
+_LIST_DEAD = (
+    _DEAD + " WHERE %(agent)s::text IS NULL OR m.agent = %(agent)s ORDER BY d.id DESC"
+    " LIMIT %(limit)s"
+)
+_DEAD_BY_ID = _DEAD + " WHERE d.id = %(id)s"
+_DEAD_BY_MESSAGE = _DEAD + " WHERE m.message_id = %(message_id)s ORDER BY d.id DESC LIMIT 1"
+
+
+def _dead_row(row: Any) -> DeadLetterRow:
+    values: Any = (*row[:9], None if row[9] is None else bytes(row[9]), *row[10:])
+    return DeadLetterRow(*values)
+
+
+def list_dead_letters(
+    conn: psycopg.Connection, schema: str, agent: str | None, limit: int, max_body: int = 1 << 62
+) -> list[DeadLetterRow]:
+    """Dead letters, newest first, of one recipient or all (None); the body None when longer
+    than ``max_body`` bytes (not read)."""
+    rows = conn.execute(statement(schema, _LIST_DEAD),
+                        {"agent": agent, "limit": limit, "max_body": max_body}).fetchall()
+    return [_dead_row(row) for row in rows]
+
+
+def get_dead_letter(
+    conn: psycopg.Connection, schema: str, dead_letter_id: int | None,
+    message_id: str | None = None, max_body: int = 1 << 62,
+) -> DeadLetterRow | None:
+    """A dead letter by number, or the newest of message ``message_id``'s (as
+    :func:`list_dead_letters`), or None."""
+    query = _DEAD_BY_ID if dead_letter_id is not None else _DEAD_BY_MESSAGE
+    row = conn.execute(statement(schema, query), {
+        "id": dead_letter_id, "message_id": message_id, "max_body": max_body,
+    }).fetchone()
+    return None if row is None else _dead_row(row)
+
+
+# A message's ttl, read in SQL by body_ttl() (NULL when the body is not JSON), so requeueing
+# never loads a body into Python, which may be large or damaged.
+_REQUEUE_TARGET = (
+    "SELECT d.id, m.message_id, CASE WHEN m.body IS NOT NULL THEN {s}.body_ttl(m.body)"
+    " ELSE (SELECT {s}.body_ttl(b.body) FROM {s}.message_body AS b WHERE b.id = m.body_id) END"
+    " FROM {s}.dead_letter AS d JOIN {s}.message AS m ON m.seq = d.seq"
+)
+_TARGET_BY_ID = _REQUEUE_TARGET + " WHERE d.id = %(id)s"
+_TARGETS_OF_MESSAGE = _REQUEUE_TARGET + " WHERE m.message_id = %(message_id)s ORDER BY d.id"
+_TARGETS_OF = (
+    _REQUEUE_TARGET + " WHERE (%(agent)s::text IS NULL OR m.agent = %(agent)s)"
+    " AND (%(reason)s::text IS NULL OR d.reason = %(reason)s) ORDER BY d.id"
+)
+
+
+def requeue_targets(
+    conn: psycopg.Connection, schema: str, dead_letter_id: int | None, message_id: str | None
+) -> list[RequeueTarget]:
+    """(id, message_id, ttl or None) of the dead letter numbered ``dead_letter_id``, or of
+    every dead letter of message ``message_id``, oldest first."""
+    query = _TARGET_BY_ID if dead_letter_id is not None else _TARGETS_OF_MESSAGE
+    rows = conn.execute(statement(schema, query),
+                        {"id": dead_letter_id, "message_id": message_id}).fetchall()
+    return [RequeueTarget(*row) for row in rows]
+
+
+def dead_letter_ids(
+    conn: psycopg.Connection, schema: str, agent: str | None, reason: str | None
+) -> list[RequeueTarget]:
+    """(id, message_id, ttl or None) of the dead letters of ``agent`` with ``reason`` (None:
+    any), oldest first (see :func:`requeue_targets`)."""
+    rows = conn.execute(statement(schema, _TARGETS_OF), {"agent": agent, "reason": reason})
+    return [RequeueTarget(*row) for row in rows.fetchall()]
+
+
+def requeue(conn: psycopg.Connection, schema: str, dead_letter_id: int, now: int, ttl_ms: int) -> bool:
+    """Queue a dead letter's row again, attempts reset and TTL counted from now (``ttl_ms``
+    0 = never expires), and drop the dead-letter record, keeping the move to dead letters in
+    the counters. False when there is no such record."""
+    gone = conn.execute(statement(
+        schema, "DELETE FROM {s}.dead_letter WHERE id = %s RETURNING seq, reason"
+    ), (dead_letter_id,)).fetchone()
+    if gone is None:
+        return False
+    requeued = conn.execute(statement(
+        schema,
+        "UPDATE {s}.message SET state = 0, attempts = 0, visible_at = %(now)s, done_at = NULL,"
+        " expires_at = CASE WHEN %(ttl)s > 0 THEN %(now)s + %(ttl)s END WHERE seq = %(seq)s"
+        " RETURNING agent",
+    ), {"now": now, "ttl": ttl_ms, "seq": gone[0]}).fetchone()
+    agent = None if requeued is None else requeued[0]
+    if agent is not None:
+        add_counters(conn, schema, [("dead", agent, 1)]
+                     + ([("expired", agent, 1)] if gone[1] == "expired" else []))
+    return True
+
+
+def purge_dead_letters(conn: psycopg.Connection, schema: str, older_than: int | None) -> int:
+    """Delete dead letters (and their rows) that failed before ``older_than`` ms (None: all),
+    keeping their counts in the counters; how many."""
+    dead = conn.execute(statement(
+        schema,
+        "DELETE FROM {s}.dead_letter WHERE %(older)s::bigint IS NULL OR failed_at < %(older)s"
+        " RETURNING seq, reason",
+    ), {"older": older_than}).fetchall()
+    retire_rows(conn, schema, [(row[0], row[1]) for row in dead])
+    return len(dead)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sent archive, peek and tail
+
+# The newest ``limit`` messages by their newest row that ``agent`` sent or received (all:
+# NULL), then each one's recipients (every row, by seq) and its first row's listed columns.
+_SENT = (
+    "WITH picked AS (SELECT message_id AS mid, max(seq) AS newest FROM {s}.message"
+    " WHERE %(agent)s::text IS NULL OR sender = %(agent)s OR agent = %(agent)s"
+    " GROUP BY message_id ORDER BY newest DESC LIMIT %(limit)s)"
+    " SELECT f.recipients, " + LISTED + " FROM picked AS p CROSS JOIN LATERAL"
+    " (SELECT array_agg(r.agent ORDER BY r.seq) FILTER (WHERE r.agent IS NOT NULL) AS recipients,"
+    " min(r.seq) AS first FROM {s}.message AS r WHERE r.message_id = p.mid) AS f"
+    " JOIN {s}.message AS m ON m.seq = f.first ORDER BY p.newest DESC"
+)
+
+
+def list_sent(
+    conn: psycopg.Connection, schema: str, agent: str | None, limit: int, max_body: int = 1 << 62
+) -> list[SentRow]:
+    """Archived messages, newest first: (recipients, and ``LISTED``'s columns with the body
+    None when longer than ``max_body``); ``agent`` keeps those sent by or to it."""
+    rows = conn.execute(statement(schema, _SENT),
+                        {"agent": agent, "limit": limit, "max_body": max_body}).fetchall()
+    result = []
+    for row in rows:
+        values: Any = (row[0] or [], *row[1:7], None if row[7] is None else bytes(row[7]))
+        result.append(SentRow(*values))
+    return result
+
+
+_LIVE = " AND (expires_at IS NULL OR expires_at >= %(now)s)"
+_PEEK_INBOX = " FROM {s}.message WHERE agent = %(agent)s AND "
+_PEEK_READY = (  # (-priority, seq): receive's order
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0" + _LIVE
+    + " ORDER BY priority DESC, seq LIMIT %(room)s",
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state IN (1, 4) AND visible_at <= %(now)s"
+    + _LIVE + " ORDER BY priority DESC, seq LIMIT %(room)s",
+)
+_PEEK_WAITING = (  # by when they become claimable
+    "SELECT visible_at, seq, " + STATUS + _PEEK_INBOX + "state IN (1, 4) AND visible_at > %(now)s"
+    " AND (state = 1 OR expires_at IS NULL OR expires_at >= %(now)s)"
+    " ORDER BY visible_at, seq LIMIT %(room)s",
+)
+_PEEK_EXPIRED = (  # by when they expired
+    "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + "state = 0 AND expires_at < %(now)s"
+    " ORDER BY expires_at, seq LIMIT %(room)s",
+    "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + "state IN (1, 4) AND expires_at < %(now)s"
+    " AND NOT (state = 1 AND visible_at > %(now)s) ORDER BY expires_at, seq LIMIT %(room)s",
+)
+_PEEK_LISTED = "SELECT seq, visible_at, attempts, " + LISTED + " FROM {s}.message WHERE seq = ANY(%(seqs)s)"
+
+
+def peek_rows(
+    conn: psycopg.Connection, schema: str, agent: str, now: int, limit: int,
+    max_body: int = 1 << 62,
+) -> list[PeekRow]:
+    """An agent's inbox without claiming, as the SQLite twin: ready rows first in the order a
+    claim takes them, then the others by when they become claimable (lease end, due time),
+    expired ones last; each with its status at ``now`` and the body None when longer than
+    ``max_body``. Call it inside one read transaction (its queries must see one snapshot)."""
+    chosen: list[tuple[int, str]] = []
+    for queries in (_PEEK_READY, _PEEK_WAITING, _PEEK_EXPIRED):
+        room = limit - len(chosen)
+        if room <= 0:
+            break
+        params = {"agent": agent, "now": now, "room": room}
+        group = [row for query in queries
+                 for row in conn.execute(statement(schema, query), params).fetchall()]
+        group.sort()
+        chosen += [(seq, status) for _key, seq, status in group[:room]]
+    if not chosen:
+        return []
+    listed = {row[0]: row[1:] for row in conn.execute(statement(schema, _PEEK_LISTED), {
+        "seqs": [seq for seq, _ in chosen], "max_body": max_body}).fetchall()}
+    rows = []
+    for seq, status in chosen:
+        *columns, body = listed[seq]
+        values: Any = (status, *columns, None if body is None else bytes(body))
+        rows.append(PeekRow(*values))
+    return rows
+
+
+def last_seq(conn: psycopg.Connection, schema: str) -> int:
+    """The newest row's seq (0 when empty): where a tail starts."""
+    row = conn.execute(statement(schema, "SELECT coalesce(max(seq), 0) FROM {s}.message")).fetchone()
+    return int(row[0]) if row else 0
+
+
+# Each row after the position, and whether its transaction ended before the oldest one still
+# running (so no transaction that could still commit a smaller seq is older than it).
+_AFTER = (
+    "SELECT seq, agent, message_id, xact_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " FROM {s}.message WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s"
+)
+_TAIL_LISTED = "SELECT seq, " + LISTED + " FROM {s}.message WHERE seq = ANY(%(seqs)s)"
+
+
+def rows_after(
+    conn: psycopg.Connection, schema: str, after_seq: int, limit: int, max_body: int = 1 << 62
+) -> list[TailRow]:
+    """Rows published after ``after_seq``, in publish order: (seq, agent, and ``LISTED``'s
+    columns with the body None when longer than ``max_body``). A message's rows come together;
+    its columns and body are read once, for the first of them.
+
+    Commit order: a seq is drawn at insert, so a transaction still running may yet commit a
+    row below one already visible. Rows are passed only up to (not including) the first whose
+    writing transaction (``xact_id``) had not ended before the oldest transaction still running
+    (the snapshot's xmin); a caller that moves its position to the last row returned waits for
+    a slower writer instead of stepping over its rows.
+
+    What remains (the running writer's rows are invisible; only the ids around them speak):
+
+    - A row is passed over when a transaction whose id is *older* than a running one's inserts
+      a row *after* that running one drew a smaller seq: a transaction that wrote before (an
+      outbox, two publishes in one transaction, and ``publish`` itself when its rows go in
+      more than one statement: a fan-out's body first, then one INSERT per row). Measured:
+      three threads publishing one or two messages per transaction as fast as they could lost
+      4 of 270 rows in one run of five; with one single-row message per transaction, none in
+      twenty runs of 180. A single-row transaction is exposed only in the instant between its
+      row's seq being drawn and its transaction id being taken (the same INSERT).
+    - The horizon is the whole server's: any transaction holding a transaction id (another
+      bus, another database, autovacuum's ANALYZE) holds the tail back until it ends; rows
+      come late, never out of order.
+
+    A tail shows; it does not deliver: receivers claim rows by state and never miss one."""
+    rows = conn.execute(statement(schema, _AFTER), {"after": after_seq, "limit": limit}).fetchall()
+    settled = []
+    for seq, agent, message_id, ended in rows:
+        if not ended:
+            break
+        settled.append((seq, agent, message_id))
+    firsts = [seq for i, (seq, _, message_id) in enumerate(settled)
+              if i == 0 or settled[i - 1][2] != message_id]
+    listed: dict[int, Any] = {}
+    if firsts:
+        listed = {row[0]: row[1:] for row in conn.execute(statement(schema, _TAIL_LISTED), {
+            "seqs": firsts, "max_body": max_body}).fetchall()}
+    result: list[TailRow] = []
+    for seq, agent, message_id in settled:
+        if result and result[-1].message_id == message_id:
+            columns = result[-1][2:]  # the columns of the message's first row
+        else:
+            *head, body = listed[seq]
+            columns = (*head, None if body is None else bytes(body))
+        result.append(TailRow(seq, agent, *columns))
+    return result

@@ -152,18 +152,18 @@ def test_unhandled_messages_are_counted_from_the_run_loop(bus):
     assert m.messages_received == 2
 
 
-def _publish_in_child(path: str) -> None:
-    with sqlbus.connect(path) as bus:
+def _publish_in_child(where, keywords: dict) -> None:
+    with sqlbus.connect(where, **keywords) as bus:
         carol = bus.agent("carol")
         carol.publish("dave", "notification", {})
         carol.publish(["dave", "erin"], "notification", {})
 
 
-def test_metrics_are_shared_by_every_process_on_the_file(db_path):
-    with sqlbus.connect(db_path) as bus:
+def test_metrics_are_shared_by_every_process_on_the_file(database):
+    with database.connect() as bus:
         bus.agent("dave")
         child = multiprocessing.get_context("spawn").Process(
-            target=_publish_in_child, args=(str(db_path),)
+            target=_publish_in_child, args=database.place()
         )
         child.start()
         child.join(30)

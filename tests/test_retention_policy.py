@@ -246,7 +246,7 @@ def test_cli_config_bad_values_are_one_line_exit_2_and_change_nothing(bus, datab
 
 
 def test_cli_config_on_a_missing_database_is_exit_1_and_creates_nothing(tmp_path):
-    result = _cli(tmp_path / "none.db", "config")
+    result = CliRunner().invoke(cli, ["--db", str(tmp_path / "none.db"), "config"])
     assert result.exit_code == 1 and "no such database" in result.stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import pg_bug, sqlite_only
+from conftest import PG_BUG_LOST_BODY, PG_BUG_STATS, PG_BUG_TAIL, pg_bug, sqlite_only
 from probes import MAX_TAGS, SCHEMA_VERSION, SQLiteProbe, marks_of, tail_from_start
 
 import sqlbus
@@ -89,7 +89,7 @@ def test_a_batch_mixing_single_and_fanout_messages_keeps_publish_order(make_bus)
         (ids[1], ["bob", "carol"]), (ids[3], ["carol", "bob"])]
 
 
-@pg_bug("sqlbus/metrics.py snapshot() calls conn.get_autocommit(), an apsw method: bus.stats() and bus.peek() raise AttributeError on a psycopg connection")
+@pg_bug(PG_BUG_STATS)
 def test_ack_fail_dead_letter_requeue_and_peek_work_per_recipient(make_bus, clock):
     bus = make_bus(backoff_base=10.0)
     alice = bus.agent("alice")
@@ -173,7 +173,7 @@ def test_pruning_deletes_the_shared_body_only_with_its_last_row(make_bus, clock,
         1, 2, 1)
 
 
-@pg_bug("tail holds back rows behind the cluster-wide snapshot xmin: a transaction open anywhere on the server (another schema or database) hides every new row (only while another transaction runs: a flaky failure)", strict=False)
+@pg_bug(PG_BUG_TAIL + " (only while another transaction runs)", strict=False)
 def test_tail_yields_a_fanout_once_with_all_its_recipients(make_bus):
     bus = make_bus()
     alice = bus.agent("alice")
@@ -189,8 +189,7 @@ def test_tail_yields_a_fanout_once_with_all_its_recipients(make_bus):
     assert all(to == ids for _, to in seen[:-1])
 
 
-@pg_bug("tail holds back rows behind the cluster-wide snapshot xmin: a transaction open anywhere"
-        " on the server (another schema or database) hides every new row")
+@pg_bug(PG_BUG_TAIL)
 def test_tail_is_not_held_back_by_a_transaction_open_on_another_database(make_bus, database):
     bus = make_bus()
     alice = bus.agent("alice")
@@ -200,7 +199,7 @@ def test_tail_is_not_held_back_by_a_transaction_open_on_another_database(make_bu
         assert [r.message.id for r in tail_from_start(bus)] == [message_id]
 
 
-@pg_bug("a claim dead-letters a row whose shared body is gone with an UPDATE of a row it updated in the same transaction, so the foreign key is re-checked and fails: receive raises DatabaseError instead")
+@pg_bug(PG_BUG_LOST_BODY)
 def test_a_row_whose_shared_body_is_gone_is_reported_as_corrupt(make_bus, probe):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")

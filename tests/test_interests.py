@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import pg_bug, query, sqlite_only
+from conftest import PG_BUG_CLI, pg_bug, query, sqlite_only
 from probes import SCHEMA_VERSION, SQLiteProbe
 
 import sqlbus
@@ -349,7 +349,7 @@ def test_asyncio_subscribe_and_on_are_coroutines_that_record_interests(db_path):
     assert after == []
 
 
-@pg_bug("sqlbus/cli_common.py bus_in_schema() sends format('%I.sqlbus_meta', %s) through psycopg, which reads %I as a placeholder: every CLI command but init fails with 'cannot connect'")
+@pg_bug(PG_BUG_CLI)
 def test_the_cli_agents_command_lists_subscriptions(bus, database):
     bob = bus.agent("bob")
     bus.agent("alice")

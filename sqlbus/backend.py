@@ -405,12 +405,14 @@ class Storage(Protocol[ConnT]):
         """An inbox without claiming: ready rows in claim order, then waiting, then expired."""
 
     def last_seq(self, conn: ConnT) -> int:
-        """The newest row's position (0 when empty): where a tail starts."""
+        """The position of now (SQLite: the newest row's, 0 when empty): where a tail starts."""
 
     def rows_after(
         self, conn: ConnT, after_seq: int, limit: int, max_body: int = 1 << 62
     ) -> list[TailRow]:
-        """Rows published after ``after_seq``, in publish order."""
+        """Rows published after the position ``after_seq``, in publish order, a message's rows
+        together; each row's ``seq`` is the position to continue from after it (SQLite: the
+        row's own; PostgreSQL: a commit-order position, see its ``rows_after``)."""
 
     # -- retention, counters and upkeep --------------------------------------------------
 
@@ -486,6 +488,10 @@ class Storage(Protocol[ConnT]):
         """Message rows whose shared body is missing (a damaged database)."""
 
     # -- shared state --------------------------------------------------------------------
+
+    def lock_state(self, conn: ConnT, key: str) -> StateRow | None:
+        """:meth:`get_state` inside a write transaction, holding the key against other writers
+        until it ends (SQLite: the write lock already does)."""
 
     def get_state(self, conn: ConnT, key: str) -> StateRow | None:
         """A key's current row, deleted or not, or None."""

@@ -571,12 +571,6 @@ def _follow(
         baseline = engine.change_token()
         with engine.reading() as conn:
             rows = engine.storage.rows_after(conn, cursor, 500, engine.max_body)
-        if len(rows) == 500:
-            # Rows of one message are written together; keep the last message whole.
-            last_id = rows[-1].message_id
-            trimmed = [row for row in rows if row.message_id != last_id]
-            if trimmed:
-                rows = trimmed
         groups: list[list[TailRow]] = []
         for row in rows:
             if groups and groups[-1][0].message_id == row.message_id:

@@ -159,8 +159,11 @@ def take_response(agent: Agent, engine: Engine, correlation_id: str) -> tuple[in
     """Look for the response (one read): a direct reply is only read; one that waits in the
     inbox (sent without ``direct_reply``) is taken in a write. Returns (``data_version`` of
     the look, to wait on next, the response or None)."""
+    before = None if engine.token_in_reads else engine.change_token()
     with engine.reading() as conn:
         baseline, body, waiting = engine.storage.find_response(conn, agent.id, correlation_id)
+        if before is not None:
+            baseline = before
         if body is not None:
             return baseline, decode_message(body)
     if not waiting:

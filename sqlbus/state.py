@@ -97,7 +97,7 @@ def write_version(
 ) -> int:
     """Write the next version of ``key`` (``value_json=None`` deletes) inside the caller's
     transaction, checking ``expected_version`` (0 = must be absent); returns the new version."""
-    row = tx.storage.get_state(tx.conn, key)
+    row = tx.storage.lock_state(tx.conn, key)
     current = 0 if row is None or row.deleted else row.version
     if expected_version is not None and expected_version != current:
         raise VersionConflictError(

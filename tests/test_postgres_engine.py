@@ -209,9 +209,8 @@ def test_connections_killed_by_the_server_are_replaced_and_writes_go_on(pg_schem
             with psycopg.connect(URL, autocommit=True) as admin:
                 killed = admin.execute(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-                    " WHERE application_name = 'sqlbus' AND pid <> pg_backend_pid()"
-                    " AND datname = current_database() AND backend_type = 'client backend'"
-                    " AND query NOT LIKE 'LISTEN%%'"
+                    " WHERE application_name = %s AND pid <> pg_backend_pid()"
+                    " AND query NOT LIKE 'LISTEN%%'", (f"sqlbus:{pg_schema}",)
                 ).fetchone()
             assert killed and killed[0] >= 1
             alice.publish("bob", "notification", {"round": round_, "after": True})  # a write: new conn
@@ -305,3 +304,28 @@ def test_a_claim_skips_rows_another_transaction_has_locked_instead_of_waiting(
             assert got == [5, 6, 7, 8, 9]
         rest = [d.message.payload["n"] for d in bob.receive(limit=10)]
         assert rest == [0, 1, 2, 3, 4]
+
+
+def test_a_waiting_receive_and_request_look_again_only_every_half_second_not_in_a_loop(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A waiter sleeps on the listener between looks (at most every FALLBACK = 0.5 s), not in a
+    loop of reads: the change token on PostgreSQL is the wake-up's, read before each look."""
+    connect().close()
+    with sqlbus.connect(URL, schema=pg_schema) as bus:
+        bob, alice = bus.agent("bob"), bus.agent("alice")
+        storage = bus.engine.storage
+        calls = {"look": 0, "find_response": 0, "claim": 0}
+        for name in calls:
+            real = getattr(storage, name)
+
+            def counting(*args, _real=real, _name=name, **kwargs):  # type: ignore[no-untyped-def]
+                calls[_name] += 1
+                return _real(*args, **kwargs)
+
+            monkeypatch.setattr(storage, name, counting)
+        assert bob.receive(wait=1.5) == []
+        assert calls["look"] + calls["claim"] <= 8
+        with pytest.raises(sqlbus.RequestTimeoutError):
+            alice.request("bob", {"q": 1}, timeout=1.5)
+        assert calls["find_response"] <= 8

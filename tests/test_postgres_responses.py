@@ -70,8 +70,9 @@ def test_a_direct_reply_is_read_not_taken_and_an_expired_response_is_left(pg_bus
 
 def test_the_look_token_changes_when_another_connection_commits(pg_bus) -> None:
     conn, schema = pg_bus
+    # (Not asserted: that it stays put without a commit here. Any commit on the server moves
+    # it, another test's too: a waiter then wakes for nothing and looks again.)
     before = responses.find_response(conn, schema, "bob", "req-1").version
-    assert responses.find_response(conn, schema, "bob", "req-1").version == before
     other = connect()
     try:
         respond(other, schema, "req-1")

@@ -212,16 +212,25 @@ def peek_rows(
 
 
 def last_seq(conn: psycopg.Connection, schema: str) -> int:
-    """The newest row's seq (0 when empty): where a tail starts."""
-    row = conn.execute(statement(schema, "SELECT coalesce(max(seq), 0) FROM {s}.message")).fetchone()
-    return int(row[0]) if row else 0
+    """Where a tail starts: the position (a transaction id, see :func:`rows_after`) below the
+    oldest transaction still running; the tail then shows what they and later ones commit."""
+    row = conn.execute(_HORIZON).fetchone()
+    return int(row[0]) - 1 if row else 0
 
 
-# Each row after the position, and whether its transaction ended before the oldest one still
-# running (so no transaction that could still commit a smaller seq is older than it).
+# The oldest transaction still running anywhere on the server, as a number: every transaction
+# below it has ended (committed or rolled back).
+_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
 _AFTER = (
-    "SELECT seq, agent, message_id, xact_id < pg_snapshot_xmin(pg_current_snapshot())"
-    " FROM {s}.message WHERE seq > %(after)s ORDER BY seq LIMIT %(limit)s"
+    "SELECT seq, agent, message_id, xact_id::text::bigint FROM {s}.message"
+    " WHERE xact_id > %(after)s::text::xid8"
+    " AND xact_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " ORDER BY xact_id, seq LIMIT %(limit)s"
+)
+_OF_XACT = (
+    "SELECT seq, agent, message_id, xact_id::text::bigint FROM {s}.message"
+    " WHERE xact_id = %(xact)s::text::xid8 ORDER BY seq"
 )
 _TAIL_LISTED = "SELECT seq, " + LISTED + " FROM {s}.message WHERE seq = ANY(%(seqs)s)"
 
@@ -229,49 +238,38 @@ _TAIL_LISTED = "SELECT seq, " + LISTED + " FROM {s}.message WHERE seq = ANY(%(se
 def rows_after(
     conn: psycopg.Connection, schema: str, after_seq: int, limit: int, max_body: int = 1 << 62
 ) -> list[TailRow]:
-    """Rows published after ``after_seq``, in publish order: (seq, agent, and ``LISTED``'s
-    columns with the body None when longer than ``max_body``). A message's rows come together;
-    its columns and body are read once, for the first of them.
+    """Rows committed after the position ``after_seq``, by transaction then publish order:
+    (position, agent, and ``LISTED``'s columns with the body None when longer than
+    ``max_body``). A message's rows come together; its columns and body are read once.
 
     Commit order: a seq is drawn at insert, so a transaction still running may yet commit a
-    row below one already visible. Rows are passed only up to (not including) the first whose
-    writing transaction (``xact_id``) had not ended before the oldest transaction still running
-    (the snapshot's xmin); a caller that moves its position to the last row returned waits for
-    a slower writer instead of stepping over its rows.
-
-    What remains (the running writer's rows are invisible; only the ids around them speak):
-
-    - A row is passed over when a transaction whose id is *older* than a running one's inserts
-      a row *after* that running one drew a smaller seq: a transaction that wrote before (an
-      outbox, two publishes in one transaction, and ``publish`` itself when its rows go in
-      more than one statement: a fan-out's body first, then one INSERT per row). Measured:
-      three threads publishing one or two messages per transaction as fast as they could lost
-      4 of 270 rows in one run of five; with one single-row message per transaction, none in
-      twenty runs of 180. A single-row transaction is exposed only in the instant between its
-      row's seq being drawn and its transaction id being taken (the same INSERT).
-    - The horizon is the whole server's: any transaction holding a transaction id (another
-      bus, another database, autovacuum's ANALYZE) holds the tail back until it ends; rows
-      come late, never out of order.
+    row below one already visible, and a tail that followed seqs would step over it. So a
+    tail's position is a transaction id (``xact_id``, which every row keeps): a call returns
+    the rows of the transactions after the position and below the oldest transaction still
+    running (the snapshot's xmin), every one of which has ended, and each row's ``seq`` is
+    the position to continue from (its transaction's id). A transaction's rows are never
+    split between calls (one alone may exceed ``limit``). Nothing is passed over; rows of a
+    transaction that ends late come late. The horizon is the whole server's: a transaction
+    holding an id anywhere (another bus, another database) holds the tail back until it ends.
 
     A tail shows; it does not deliver: receivers claim rows by state and never miss one."""
-    rows = conn.execute(statement(schema, _AFTER), {"after": after_seq, "limit": limit}).fetchall()
-    settled = []
-    for seq, agent, message_id, ended in rows:
-        if not ended:
-            break
-        settled.append((seq, agent, message_id))
-    firsts = [seq for i, (seq, _, message_id) in enumerate(settled)
-              if i == 0 or settled[i - 1][2] != message_id]
+    rows = conn.execute(statement(schema, _AFTER), {"after": after_seq, "limit": limit + 1}).fetchall()
+    if len(rows) > limit:  # keep the last transaction whole: leave it for the next call
+        last = rows[-1][3]
+        rows = [row for row in rows if row[3] != last]
+        if not rows:  # one transaction alone fills the limit: all of it now
+            rows = conn.execute(statement(schema, _OF_XACT), {"xact": last}).fetchall()
+    firsts = [row[0] for i, row in enumerate(rows) if i == 0 or rows[i - 1][2] != row[2]]
     listed: dict[int, Any] = {}
     if firsts:
         listed = {row[0]: row[1:] for row in conn.execute(statement(schema, _TAIL_LISTED), {
             "seqs": firsts, "max_body": max_body}).fetchall()}
     result: list[TailRow] = []
-    for seq, agent, message_id in settled:
+    for seq, agent, message_id, xact in rows:
         if result and result[-1].message_id == message_id:
             columns = result[-1][2:]  # the columns of the message's first row
         else:
             *head, body = listed[seq]
             columns = (*head, None if body is None else bytes(body))
-        result.append(TailRow(seq, agent, *columns))
+        result.append(TailRow(int(xact), agent, *columns))
     return result

@@ -169,7 +169,7 @@ class PostgresEngine(Engine):
     def _conninfo_kwargs(self) -> dict[str, Any]:
         # psycopg turns a connect_timeout under 2 s into 2 s (FIELD-NOTES 1.1).
         return {"autocommit": True, "connect_timeout": max(2, math.ceil(self.connect_timeout)),
-                "application_name": "sqlbus"}
+                "application_name": f"sqlbus:{self.schema}"}
 
     def _configure(self, conn: psycopg.Connection) -> None:
         conn.execute(

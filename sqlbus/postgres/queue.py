@@ -102,6 +102,11 @@ def publish_plain(
 
 
 def _exists(conn: psycopg.Connection, schema: str, message_id: str) -> bool:
+    """Whether a caller-chosen id was published. The id is held until the transaction ends
+    (an advisory lock), so two publishers of one id cannot both find it absent and both
+    write it (SQLite's write lock does this for the whole file)."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                 (f"sqlbus id {schema} {message_id}",))
     found = conn.execute(
         statement(schema, "SELECT 1 FROM {s}.message WHERE message_id = %s LIMIT 1"), (message_id,)
     ).fetchone()

@@ -35,6 +35,16 @@ def get_state(conn: psycopg.Connection, schema: str, key: str) -> StateRow | Non
     return None if row is None else _row(row)
 
 
+def lock_state(conn: psycopg.Connection, schema: str, key: str) -> StateRow | None:
+    """:func:`get_state` for a write: the key is held against other writers of this bus (a
+    transaction-level advisory lock, which holds an absent key too) until the transaction
+    ends, and the read that follows sees what they committed. SQLite's write lock does that
+    for the whole file; here two writers of one key would both read version N and write N+1."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                 (f"sqlbus state {schema} {key}",))
+    return get_state(conn, schema, key)
+
+
 def put_state(
     conn: psycopg.Connection, schema: str, key: str, value_json: bytes, version: int,
     deleted: bool, updated_by: str | None, now: int,

@@ -417,6 +417,9 @@ class PostgresStorage:
 
     # -- Shared state --------------------------------------------------------------------------
 
+    def lock_state(self, conn: Conn, key: str) -> StateRow | None:
+        return state.lock_state(conn, self.schema, key)
+
     def get_state(self, conn: Conn, key: str) -> StateRow | None:
         """A key's current row, deleted or not, or None."""
         return state.get_state(conn, self.schema, key)

@@ -333,11 +333,18 @@ def rows_after(
 ) -> list[TailRow]:
     """Rows published after ``after_seq``, in publish order: (seq, agent, and
     :data:`LISTED`'s columns with the body None when longer than ``max_body``). A message's
-    rows come together; its columns and body are read once, for the first of them."""
+    rows come together (the last message is left for the next call rather than cut, unless it
+    alone fills ``limit``); its columns and body are read once, for the first of them."""
     rows: list[Any] = conn.execute(
         "SELECT seq, agent, message_id FROM message WHERE seq > ? ORDER BY seq LIMIT ?",
         (after_seq, limit),
     ).fetchall()
+    if len(rows) == limit:
+        # Rows of one message are written together; keep the last message whole.
+        last_id = rows[-1][2]
+        trimmed = [row for row in rows if row[2] != last_id]
+        if trimmed:
+            rows = trimmed
     result: list[TailRow] = []
     listed: Any
     for seq, agent, message_id in rows:

@@ -20,6 +20,10 @@ def get_state(conn: apsw.Connection, key: str) -> StateRow | None:
     return StateRow(*rows[0]) if rows else None
 
 
+# The write transaction holds the file's write lock: no other writer can get in between.
+lock_state = get_state
+
+
 def put_state(
     conn: apsw.Connection,
     key: str,

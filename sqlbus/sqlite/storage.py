@@ -103,6 +103,7 @@ from .schema import (
 )
 from .state import (
     get_state,
+    lock_state,
     put_state,
     state_entries,
     state_keys,
@@ -149,6 +150,6 @@ __all__ = [
     "depth_rows", "acked_rows", "sent_rows", "dead_reason_rows", "error_count_rows",
     "read_counters", "count_expired", "expired_leases", "rows_without_body",
     # shared state
-    "get_state", "put_state", "state_keys", "state_entries", "state_snapshot",
+    "get_state", "lock_state", "put_state", "state_keys", "state_entries", "state_snapshot",
     "state_log_after",
 ]

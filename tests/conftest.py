@@ -101,10 +101,6 @@ PG_BUG_CLI = (
     "sqlbus/cli_common.py bus_in_schema() sends format('%I.sqlbus_meta', %s) through psycopg, "
     "which reads %I as a placeholder: every CLI command but init fails with 'cannot connect'"
 )
-PG_BUG_STATE_CAS = (
-    'state compare-and-set reads the version with a plain SELECT under READ COMMITTED, so '
-    'concurrent update()/set(expected_version=) both pass the check and one write is lost'
-)
 PG_BUG_TAIL = (
     'tail holds back rows behind the cluster-wide snapshot xmin: a transaction open anywhere '
     'on the server (another schema or database) hides every new row'

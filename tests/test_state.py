@@ -6,7 +6,6 @@ import math
 import threading
 
 import pytest
-from conftest import PG_BUG_STATE_CAS, pg_bug
 
 import sqlbus
 
@@ -53,7 +52,6 @@ def test_update_applies_the_function_to_the_old_value(bus):
     assert bus.state.get("counter").value == 2
 
 
-@pg_bug(PG_BUG_STATE_CAS)
 def test_concurrent_updates_from_threads_lose_nothing(database):
     with database.connect() as bus:
         barrier = threading.Barrier(4)

@@ -5,11 +5,15 @@ One behaviour suite, two backends (as huey's storage tests or River's driver con
 suite): a module that sets ``pytestmark = pytest.mark.backends`` runs each of its tests that
 uses the ``backend`` fixture (``make_bus``, ``bus``, ``probe``, ``database`` use it) once per
 backend, with ids ``[sqlite]`` and ``[postgres]``. A test of such a module that checks
-something only SQLite has takes ``@sqlite_only("why")`` and runs as ``[sqlite]`` only. Every
-other module runs on SQLite alone, as before.
+something only SQLite has takes ``@sqlite_only("why")`` and runs as ``[sqlite]`` only; one whose
+``[postgres]`` run meets a bug of the PostgreSQL backend takes ``@pg_bug(PG_BUG_...)``, a
+strict xfail of that run naming the bug. Every other module runs on SQLite alone, as before.
 
 On PostgreSQL each test's bus lives in a fresh schema of the test server
-(tests/postgres_server.py), dropped after the test.
+(tests/postgres_server.py), dropped after the test. :class:`Database` (fixture ``database``)
+says where a test's buses live, for what ``make_bus`` does not cover: a bus opened by hand,
+in a child process (``place()``), by the CLI (``cli_args()``), and the application's own SQL
+(``own_sql``: ``?`` or ``%s``, and where its tables go).
 """
 
 from __future__ import annotations
@@ -120,6 +124,8 @@ def pg_bug(reason: str, *, strict: bool = True) -> pytest.MarkDecorator:
 
 
 def pg_xfail(reason: str, *, strict: bool = True) -> pytest.MarkDecorator:
+    """The xfail a [postgres] run gets for a PostgreSQL backend bug (for one case of a
+    parametrized test: ``request.applymarker(pg_xfail(PG_BUG_...))``)."""
     return pytest.mark.xfail(strict=strict, reason=f"PG backend bug: {reason}")
 
 

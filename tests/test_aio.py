@@ -271,13 +271,13 @@ def test_async_event_handlers_receive_other_agents_events(database) -> None:
     assert run(main()) == [("build.done", {"sha": "abc"}, "alice")]
 
 
-def test_an_async_transaction_commits_all_or_nothing(database) -> None:
+def test_an_async_transaction_commits_all_or_nothing(database, own_sql) -> None:
     async def main():
         async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             async with alice.transaction() as tx:
-                await tx.execute("CREATE TABLE IF NOT EXISTS app (x INTEGER)")
-                await tx.execute("INSERT INTO app VALUES (1)")
+                await tx.execute(own_sql("CREATE TABLE IF NOT EXISTS {db}.app (x INTEGER)"))
+                await tx.execute(own_sql("INSERT INTO {db}.app VALUES (1)"))
                 await tx.publish("bob", "notification", {"n": 1})
                 await tx.state.set("k", 1)
             with pytest.raises(KeyError):

@@ -5,7 +5,9 @@ state a message's row is in, what a counter holds, that a waiting thread is park
 of a probe, by name (``probe.message_states(message_id)``), never in SQL, so that a second
 backend needs a probe of its own, not a rewrite of the tests. :class:`SQLiteProbe` answers
 them by reading the SQLite file through a connection of its own (never the bus's), so what it
-sees is what was committed.
+sees is what was committed; :class:`PostgresProbe` answers the same questions, by the same
+names, about a bus's schema on a PostgreSQL server. What only a SQLite file has (its WAL, its
+integrity check, its write lock, the doorbells) only :class:`SQLiteProbe` answers.
 
 The probe's methods that take a bus, a delivery or ``monkeypatch``, and the module-level
 helpers below the class, reach into the library's internals (the doorbells of
@@ -89,29 +91,92 @@ _ANY: Any = object()
 
 
 def _filters(
-    message_id: str | None, agent: str | None, type: str | None, state: str | None
+    message_id: str | None, agent: str | None, type: str | None, state: str | None,
+    mark: str = "?",
 ) -> tuple[str, tuple]:
-    """The WHERE clause (and its parameters) that picks the message rows asked for."""
+    """The WHERE clause (and its parameters, each at a ``mark``) that picks the message rows
+    asked for. Both backends number the states alike (0 queued ... 4 scheduled)."""
     where: list[str] = []
     params: list[object] = []
     if message_id is not None:
-        where.append("message_id = ?")
+        where.append(f"message_id = {mark}")
         params.append(message_id)
     if agent is None:
         where.append("agent IS NULL")
     elif agent is not _ANY:
-        where.append("agent = ?")
+        where.append(f"agent = {mark}")
         params.append(agent)
     if type is not None:
-        where.append("type = ?")
+        where.append(f"type = {mark}")
         params.append(type)
     if state is not None:
-        where.append("state = ?")
+        where.append(f"state = {mark}")
         params.append(_STATE_CODES[state])
     return (" WHERE " + " AND ".join(where) if where else ""), tuple(params)
 
 
-class SQLiteProbe:
+class _BusLooks:
+    """The looks both probes answer alike: those made of :meth:`inbox_rows`, and those at a
+    bus object rather than its database."""
+
+    def inbox_rows(
+        self,
+        message_id: str | None = None,
+        *,
+        agent: str | None = _ANY,
+        type: str | None = None,
+        state: str | None = None,
+    ) -> list[InboxRow]:
+        raise NotImplementedError
+
+    def message_states(self, message_id: str) -> list[str]:
+        """The state of each row of a message (one per recipient), in publish order."""
+        return [row.state for row in self.inbox_rows(message_id)]
+
+    def message_ids(self, *, agent: str | None = _ANY, state: str | None = None) -> list[str]:
+        """The message ids of the rows kept (of a recipient, in a state), in publish order."""
+        return [row.message_id for row in self.inbox_rows(agent=agent, state=state)]
+
+    def states_of(self, agent: str) -> dict[str, int]:
+        """How many of an agent's rows are in each state (states with none left out)."""
+        states: dict[str, int] = {}
+        for row in self.inbox_rows(agent=agent):
+            states[row.state] = states.get(row.state, 0) + 1
+        return states
+
+    @staticmethod
+    def now_ms(bus: sqlbus.Bus) -> int:
+        """The bus's clock, in the epoch ms it writes to the database."""
+        return bus.engine.now_ms()
+
+    @staticmethod
+    def settled_as(delivery: sqlbus.Delivery) -> str | None:
+        """How a delivery was settled (acked, retrying, dead, released), None while it is not."""
+        return settled(delivery)
+
+    @staticmethod
+    def make_retention_due(bus: sqlbus.Bus) -> None:
+        """The next write of this bus runs a background retention pass (as a minute later)."""
+        bus._retention_upkeep.due = 0.0
+
+    @staticmethod
+    def count_looks(agent: sqlbus.Agent) -> list[int]:
+        """A list that grows by one each time ``agent`` looks for or claims work (a wait that
+        sleeps through a ring for someone else never looks)."""
+        looks: list[int] = []
+        inbox = inbox_of(agent)
+        for name in ("look", "claim"):
+            original = getattr(inbox, name)
+
+            def counting(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+                looks.append(1)
+                return _original(*args, **kwargs)
+
+            setattr(inbox, name, counting)
+        return looks
+
+
+class SQLiteProbe(_BusLooks):
     """Named looks at (and a few deliberate tamperings with) one bus's SQLite file."""
 
     def __init__(self, path: Path | str) -> None:
@@ -176,21 +241,6 @@ class SQLiteProbe:
         """How many rows are kept (for a recipient, of a type, in a state)."""
         where, params = _filters(None, agent, type, state)
         return self.sql(f"SELECT count(*) FROM message{where}", params)[0][0]
-
-    def message_states(self, message_id: str) -> list[str]:
-        """The state of each row of a message (one per recipient), in publish order."""
-        return [row.state for row in self.inbox_rows(message_id)]
-
-    def message_ids(self, *, agent: str | None = _ANY, state: str | None = None) -> list[str]:
-        """The message ids of the rows kept (of a recipient, in a state), in publish order."""
-        return [row.message_id for row in self.inbox_rows(agent=agent, state=state)]
-
-    def states_of(self, agent: str) -> dict[str, int]:
-        """How many of an agent's rows are in each state (states with none left out)."""
-        states: dict[str, int] = {}
-        for row in self.inbox_rows(agent=agent):
-            states[row.state] = states.get(row.state, 0) + 1
-        return states
 
     def shared_body_count(self) -> int:
         """Bodies kept once for several recipients (a fan-out keeps one, not one per row)."""
@@ -299,6 +349,10 @@ class SQLiteProbe:
             conn.close()
         return os.path.getsize(self.path)
 
+    def stored_bytes(self) -> int:
+        """What the bus's data takes: the file once its WAL is copied back."""
+        return self.checkpointed_size()
+
     def size_with_log(self) -> int:
         """The database file's size and its write-ahead log's, as they are now."""
         return sum(os.path.getsize(p) for p in (str(self.path), f"{self.path}-wal")
@@ -329,21 +383,6 @@ class SQLiteProbe:
         return len(bus.engine._connections)
 
     @staticmethod
-    def now_ms(bus: sqlbus.Bus) -> int:
-        """The bus's clock, in the epoch ms it writes to the file."""
-        return bus.engine.now_ms()
-
-    @staticmethod
-    def settled_as(delivery: sqlbus.Delivery) -> str | None:
-        """How a delivery was settled (acked, retrying, dead, released), None while it is not."""
-        return settled(delivery)
-
-    @staticmethod
-    def make_retention_due(bus: sqlbus.Bus) -> None:
-        """The next write of this bus runs a background retention pass (as a minute later)."""
-        bus._retention_upkeep.due = 0.0
-
-    @staticmethod
     def count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         """A list that grows by one each time any bus runs a claim on the file."""
         claims: list[int] = []
@@ -369,21 +408,194 @@ class SQLiteProbe:
         monkeypatch.setattr(storage, "begin", counting_begin)
         return writes
 
+
+_PG_ROW_COLUMNS = (
+    "seq, message_id, sender, agent, type, correlation_id, priority, state, visible_at,"
+    " expires_at, attempts, claims, sent_at, done_at, last_error,"
+    " coalesce(body, (SELECT s.body FROM message_body AS s WHERE s.id = body_id), ''::bytea),"
+    " CASE WHEN body_id IS NULL AND octet_length(body) > 0 THEN 'inline'"
+    " WHEN body_id IS NOT NULL AND body IS NULL THEN 'shared' ELSE 'other' END"
+)
+
+
+class PostgresProbe(_BusLooks):
+    """Named looks at (and a few deliberate tamperings with) one bus's PostgreSQL schema, by the
+    names :class:`SQLiteProbe` uses. Each look opens an autocommit connection of its own with
+    the bus's schema as its search path, so the SQL is the SQLite probe's with ``%s`` for
+    ``?``, and what it sees is what was committed."""
+
+    def __init__(self, url: str, schema: str) -> None:
+        self.url = url
+        self.schema = schema
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[Any]:
+        import psycopg
+
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+        try:
+            conn.execute(f'SET search_path TO "{self.schema}"')
+            yield conn
+        finally:
+            conn.close()
+
+    # -- raw access ---------------------------------------------------------------------------
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        """Run a query (``%s`` parameters) in the bus's schema through a connection of our own."""
+        with self._connection() as conn:
+            return conn.execute(query, params).fetchall()
+
+    def write(self, *statements: str) -> None:
+        """Run statements that change the schema, through a connection of our own."""
+        with self._connection() as conn:
+            for statement in statements:
+                conn.execute(statement)
+
+    def row_counts(self) -> dict[str, int]:
+        """Rows of every table: equal before and after a call when the call wrote nothing."""
+        with self._connection() as conn:
+            tables = [row[0] for row in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (self.schema,))]
+            count = 'SELECT count(*) FROM "{}"'
+            return {t: conn.execute(count.format(t)).fetchall()[0][0] for t in tables}
+
+    # -- inbox rows ---------------------------------------------------------------------------
+
+    def inbox_rows(
+        self,
+        message_id: str | None = None,
+        *,
+        agent: str | None = _ANY,
+        type: str | None = None,
+        state: str | None = None,
+    ) -> list[InboxRow]:
+        """The rows (of one message, one recipient, type or state), in publish order."""
+        where, params = _filters(message_id, agent, type, state, "%s")
+        rows = self.sql(f"SELECT {_PG_ROW_COLUMNS} FROM message{where} ORDER BY seq", params)
+        return [
+            InboxRow(*row[:7], _STATE_NAMES[row[7]], *row[8:])  # type: ignore[arg-type, call-arg]
+            for row in rows
+        ]
+
+    def inbox_count(
+        self, *, agent: str | None = _ANY, type: str | None = None, state: str | None = None
+    ) -> int:
+        """How many rows are kept (for a recipient, of a type, in a state)."""
+        where, params = _filters(None, agent, type, state, "%s")
+        return self.sql(f"SELECT count(*) FROM message{where}", params)[0][0]
+
+    def shared_body_count(self) -> int:
+        """Bodies kept once for several recipients (a fan-out keeps one, not one per row)."""
+        return self.sql("SELECT count(*) FROM message_body")[0][0]
+
+    def replace_body(self, message_id: str, body: bytes) -> None:
+        """Damage the schema: the stored body of a message (to one recipient) becomes ``body``."""
+        with self._connection() as conn:
+            cur = conn.execute("UPDATE message SET body = %s, body_id = NULL"
+                               " WHERE message_id = %s", (body, message_id))
+            assert cur.rowcount >= 1, f"no row of {message_id} to damage"
+
+    def lose_shared_bodies(self) -> None:
+        """Damage the schema: every body kept once for several recipients is gone (behind the
+        foreign key's back: replica mode skips its trigger)."""
+        self.write("SET session_replication_role = replica", "DELETE FROM message_body")
+
+    def lose_interests(self) -> None:
+        """Damage the schema: the recorded interests are gone, so any read of them fails."""
+        self.write("DROP TABLE interest")
+
+    def refuse_inserts_for(self, agent: str) -> None:
+        """From now on, writing a row for ``agent`` fails (inside the writer's transaction)."""
+        self.write(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+            " RAISE EXCEPTION 'refused for the test'; END $$",
+            f"CREATE TRIGGER refuse BEFORE INSERT ON message FOR EACH ROW"
+            f" WHEN (NEW.agent = '{agent}') EXECUTE FUNCTION refuse()",
+        )
+
+    # -- dead letters, counters, state, interests -------------------------------------------
+
+    def dead_letter_count(self) -> int:
+        """Dead-letter records kept (one per dead row)."""
+        return self.sql("SELECT count(*) FROM dead_letter")[0][0]
+
+    def counter(self, name: str, agent: str) -> int:
+        """A total kept per agent (unhandled, late_responses, sent, ...); 0 when never counted."""
+        rows = self.sql("SELECT value FROM counters WHERE name = %s AND agent = %s", (name, agent))
+        return rows[0][0] if rows else 0
+
+    def counters(self, name: str) -> dict[str, int]:
+        """A total for every agent that has one ('' is the whole bus)."""
+        return dict(self.sql("SELECT agent, value FROM counters WHERE name = %s", (name,)))
+
+    def error_counts(self) -> dict[str, int]:
+        """Handler failures by exception name."""
+        return dict(self.sql("SELECT name, count FROM error_counts"))
+
+    def request_timeout_count(self) -> int:
+        """Requests remembered as timed out (their late responses are discarded)."""
+        return self.sql("SELECT count(*) FROM request_timeout")[0][0]
+
+    def state_key_count(self, prefix: str = "") -> int:
+        """Keys of the shared state kept (deleted ones included, as tombstones), of those
+        that start with ``prefix``."""
+        return self.sql("SELECT count(*) FROM state WHERE starts_with(key, %s)", (prefix,))[0][0]
+
+    def state_log(self, key: str | None = None) -> list[tuple[int, str, int]]:
+        """The change log of the shared state (of one key): (position, key, version), in order.
+        The position is ``pos``, given in commit order (``seq`` is taken at insert)."""
+        query = "SELECT pos, key, version FROM state_log"
+        if key is None:
+            return self.sql(query + " ORDER BY pos")
+        return self.sql(query + " WHERE key = %s ORDER BY pos", (key,))
+
+    def interest_count(self) -> int:
+        """Subscriptions recorded (type and event interests of every agent)."""
+        return self.sql("SELECT count(*) FROM interest")[0][0]
+
+    def stored_bytes(self) -> int:
+        """What the bus's tables and indexes take on the server (``db_bytes`` of SPEC 12)."""
+        return self.sql("SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint"
+                        " FROM pg_class AS c JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+                        " WHERE n.nspname = %s AND c.relkind = 'r'", (self.schema,))[0][0]
+
+    def schema_version(self) -> int:
+        return int(self.sql("SELECT value FROM sqlbus_meta WHERE key = 'schema_version'")[0][0])
+
+    # -- the bus's own bookkeeping, seen from a test ------------------------------------------
+
     @staticmethod
-    def count_looks(agent: sqlbus.Agent) -> list[int]:
-        """A list that grows by one each time ``agent`` looks for or claims work (a wait that
-        sleeps through a ring for someone else never looks)."""
-        looks: list[int] = []
-        inbox = inbox_of(agent)
-        for name in ("look", "claim"):
-            original = getattr(inbox, name)
+    def count_claims(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+        """A list that grows by one each time any bus runs a claim on PostgreSQL."""
+        from sqlbus.postgres.storage import PostgresStorage
 
-            def counting(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
-                looks.append(1)
-                return _original(*args, **kwargs)
+        claims: list[int] = []
+        real_claim = PostgresStorage.claim
 
-            setattr(inbox, name, counting)
-        return looks
+        def counting_claim(self: Any, *args: Any, **kwargs: Any) -> Any:
+            claims.append(1)
+            return real_claim(self, *args, **kwargs)
+
+        monkeypatch.setattr(PostgresStorage, "claim", counting_claim)
+        return claims
+
+    @staticmethod
+    def count_write_transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+        """A list that grows by one each time any bus begins a write transaction on PostgreSQL
+        (the engine takes a connection and sends ``BEGIN``; the storage's ``begin`` is not
+        used for that)."""
+        from sqlbus.postgres.engine import PostgresEngine
+
+        writes: list[int] = []
+        real_begin = PostgresEngine.begin
+
+        def counting_begin(self: Any) -> Any:
+            writes.append(1)
+            return real_begin(self)
+
+        monkeypatch.setattr(PostgresEngine, "begin", counting_begin)
+        return writes
 
 
 # ---------------------------------------------------------------------------------------------

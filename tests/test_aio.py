@@ -10,19 +10,22 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import sqlite_only
 from probes import set_fallback_poll
 
 import sqlbus
 import sqlbus.aio
+
+pytestmark = pytest.mark.backends
 
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
-def test_publish_receive_and_ack_are_coroutines(db_path: Path) -> None:
+def test_publish_receive_and_ack_are_coroutines(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             mid = await alice.publish("bob", "notification", {"n": 1}, priority=5)
             ids = await alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": 2}}])
@@ -38,9 +41,9 @@ def test_publish_receive_and_ack_are_coroutines(db_path: Path) -> None:
     assert run(main()) == 2
 
 
-def test_async_with_a_delivery_acks_on_success_and_fails_on_error(db_path: Path) -> None:
+def test_async_with_a_delivery_acks_on_success_and_fails_on_error(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path, backoff_base=0.0) as bus:
+        async with await database.aio_connect(backoff_base=0.0) as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             await alice.publish("bob", "request", {"q": 1})
             [d] = await bob.receive()
@@ -61,9 +64,9 @@ def test_async_with_a_delivery_acks_on_success_and_fails_on_error(db_path: Path)
     run(main())
 
 
-def test_a_waiting_receive_does_not_block_the_event_loop(db_path: Path) -> None:
+def test_a_waiting_receive_does_not_block_the_event_loop(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             ticks = 0
             done = asyncio.Event()
@@ -106,6 +109,7 @@ with sqlbus.connect(db) as bus:
 """
 
 
+@sqlite_only("wakes through the doorbell of another process; LISTEN/NOTIFY has tests of its own")
 def test_an_async_receiver_wakes_for_a_message_from_another_process(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -124,9 +128,9 @@ def test_an_async_receiver_wakes_for_a_message_from_another_process(
     assert run(main()) == [{"from": "child"}]
 
 
-def test_a_cancelled_receive_loses_no_message(db_path: Path) -> None:
+def test_a_cancelled_receive_loses_no_message(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             waiting = asyncio.create_task(bob.receive(wait=30.0))
             await asyncio.sleep(0.05)
@@ -140,9 +144,9 @@ def test_a_cancelled_receive_loses_no_message(db_path: Path) -> None:
     run(main())
 
 
-def test_state_calls_are_coroutines_and_update_takes_async_functions(db_path: Path) -> None:
+def test_state_calls_are_coroutines_and_update_takes_async_functions(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice = await bus.agent("alice")
             assert await bus.state.set("plan", {"v": 1}) == 1
             assert await alice.state.set("plan", {"v": 2}, expected_version=1) == 2
@@ -165,9 +169,9 @@ def test_state_calls_are_coroutines_and_update_takes_async_functions(db_path: Pa
     run(main())
 
 
-def test_async_watch_yields_the_snapshot_then_every_change_in_order(db_path: Path) -> None:
+def test_async_watch_yields_the_snapshot_then_every_change_in_order(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             await bus.state.set("job/b", "b1")
             await bus.state.set("job/a", "a1")
             await bus.state.set("other", 0)
@@ -198,9 +202,9 @@ def test_async_watch_yields_the_snapshot_then_every_change_in_order(db_path: Pat
     ]
 
 
-def test_run_dispatches_to_plain_and_async_handlers_and_answers_requests(db_path: Path) -> None:
+def test_run_dispatches_to_plain_and_async_handlers_and_answers_requests(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             notes = []
 
@@ -229,9 +233,9 @@ def test_run_dispatches_to_plain_and_async_handlers_and_answers_requests(db_path
     assert processed == 2
 
 
-def test_an_async_handler_error_becomes_a_remote_error(db_path: Path) -> None:
+def test_an_async_handler_error_becomes_a_remote_error(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
 
             async def fail(message):
@@ -250,9 +254,9 @@ def test_an_async_handler_error_becomes_a_remote_error(db_path: Path) -> None:
     run(main())
 
 
-def test_async_event_handlers_receive_other_agents_events(db_path: Path) -> None:
+def test_async_event_handlers_receive_other_agents_events(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             seen = []
 
@@ -267,13 +271,13 @@ def test_async_event_handlers_receive_other_agents_events(db_path: Path) -> None
     assert run(main()) == [("build.done", {"sha": "abc"}, "alice")]
 
 
-def test_an_async_transaction_commits_all_or_nothing(db_path: Path) -> None:
+def test_an_async_transaction_commits_all_or_nothing(database, own_sql) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             async with alice.transaction() as tx:
-                await tx.execute("CREATE TABLE IF NOT EXISTS app (x INTEGER)")
-                await tx.execute("INSERT INTO app VALUES (1)")
+                await tx.execute(own_sql("CREATE TABLE IF NOT EXISTS {db}.app (x INTEGER)"))
+                await tx.execute(own_sql("INSERT INTO {db}.app VALUES (1)"))
                 await tx.publish("bob", "notification", {"n": 1})
                 await tx.state.set("k", 1)
             with pytest.raises(KeyError):

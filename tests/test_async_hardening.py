@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from probes import QUEUED
@@ -14,14 +13,16 @@ from probes import QUEUED
 import sqlbus
 import sqlbus.aio
 
+pytestmark = pytest.mark.backends
+
 
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
 
-def test_cancelling_a_receive_while_its_claim_runs_counts_no_attempt(db_path: Path, probe) -> None:
+def test_cancelling_a_receive_while_its_claim_runs_counts_no_attempt(database, probe) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path, max_attempts=3) as bus:
+        async with await database.aio_connect(max_attempts=3) as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             message_id = await alice.publish("bob", "notification", {"n": 1})
             claimed_and_given_back = 0
@@ -49,10 +50,10 @@ def test_cancelling_a_receive_while_its_claim_runs_counts_no_attempt(db_path: Pa
     assert dead == []
 
 
-def test_wait_for_timeouts_on_a_waiting_receive_never_count_an_attempt(db_path: Path) -> None:
+def test_wait_for_timeouts_on_a_waiting_receive_never_count_an_attempt(database) -> None:
     # max_attempts=1: a single counted attempt dead-letters the message at its next claim.
     async def main():
-        async with await sqlbus.aio.connect(db_path, max_attempts=1) as bus:
+        async with await database.aio_connect(max_attempts=1) as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             await alice.publish("bob", "notification", {})
             attempts = []
@@ -86,9 +87,9 @@ async def _count_threads(samples: list[int], stop: asyncio.Event) -> None:
 
 
 @pytest.mark.slow
-def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(db_path: Path) -> None:
+def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice = await bus.agent("alice")
             await bus.agent("bob")  # registered, never answers
             await alice.publish("alice", "notification", {})  # the pool's threads exist now
@@ -112,9 +113,9 @@ def test_many_concurrent_requests_to_nobody_each_time_out_and_hold_no_thread(db_
 
 
 @pytest.mark.slow
-def test_many_concurrent_requests_to_a_responder_all_get_their_answers(db_path: Path) -> None:
+def test_many_concurrent_requests_to_a_responder_all_get_their_answers(database) -> None:
     async def main():
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             alice, bob = await bus.agent("alice"), await bus.agent("bob")
             await bob.subscribe("request", lambda message: {"double": message.payload["n"] * 2})
             runner = asyncio.create_task(bob.run(limit=20))

@@ -9,6 +9,8 @@ from probes import LEASED, SCHEDULED
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 
 def receive_at(agent, clock, at):
     """Receive with the clock at ``at`` seconds after its start, after checking that 1 ms

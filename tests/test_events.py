@@ -7,6 +7,8 @@ from probes import ACKED
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 
 @pytest.fixture
 def team(bus):

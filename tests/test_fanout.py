@@ -6,9 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import PG_BUG_LOST_BODY, PG_BUG_STATS, PG_BUG_TAIL, pg_bug, sqlite_only
 from probes import MAX_TAGS, SCHEMA_VERSION, SQLiteProbe, marks_of, tail_from_start
 
 import sqlbus
+
+pytestmark = pytest.mark.backends
 
 MiB = 1024 * 1024
 
@@ -24,15 +27,17 @@ def test_one_message_to_1000_agents_grows_the_file_by_less_than_1_mib(make_bus, 
     for agent_id in ids:
         bus.agent(agent_id)
     sender = bus.agent("sender")
-    before = probe.checkpointed_size()
+    before = probe.stored_bytes()
     if how == "broadcast":
         sender.broadcast("notification", {"n": 123456}, pattern="agent-*")
     else:
         sender.publish(ids, "notification", {"n": 123456})
-    grown_with_wal = probe.size_with_log() - before
-    grown = probe.checkpointed_size() - before
+    if isinstance(probe, SQLiteProbe):  # and its write-ahead log, which only SQLite has
+        grown_with_wal = probe.size_with_log() - before
+        assert grown_with_wal < 2 * MiB, grown_with_wal
+    grown = probe.stored_bytes() - before
     # Each row's own copy of the body (its 1,000-id `to` list, ~23 KB) made this 22.5 MiB.
-    assert grown < 1 * MiB and grown_with_wal < 2 * MiB, (grown, grown_with_wal)
+    assert grown < 1 * MiB, grown
     assert probe.shared_body_count() == 1
     assert [row.storage for row in probe.inbox_rows()] == ["shared"] * 1000
 
@@ -84,6 +89,7 @@ def test_a_batch_mixing_single_and_fanout_messages_keeps_publish_order(make_bus)
         (ids[1], ["bob", "carol"]), (ids[3], ["carol", "bob"])]
 
 
+@pg_bug(PG_BUG_STATS)
 def test_ack_fail_dead_letter_requeue_and_peek_work_per_recipient(make_bus, clock):
     bus = make_bus(backoff_base=10.0)
     alice = bus.agent("alice")
@@ -167,6 +173,7 @@ def test_pruning_deletes_the_shared_body_only_with_its_last_row(make_bus, clock,
         1, 2, 1)
 
 
+@pg_bug(PG_BUG_TAIL + " (only while another transaction runs)", strict=False)
 def test_tail_yields_a_fanout_once_with_all_its_recipients(make_bus):
     bus = make_bus()
     alice = bus.agent("alice")
@@ -182,6 +189,17 @@ def test_tail_yields_a_fanout_once_with_all_its_recipients(make_bus):
     assert all(to == ids for _, to in seen[:-1])
 
 
+@pg_bug(PG_BUG_TAIL)
+def test_tail_is_not_held_back_by_a_transaction_open_on_another_database(make_bus, database):
+    bus = make_bus()
+    alice = bus.agent("alice")
+    bus.agent("bob")
+    with database.transaction_elsewhere():
+        message_id = alice.publish("bob", "notification", {"n": 1})
+        assert [r.message.id for r in tail_from_start(bus)] == [message_id]
+
+
+@pg_bug(PG_BUG_LOST_BODY)
 def test_a_row_whose_shared_body_is_gone_is_reported_as_corrupt(make_bus, probe):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
@@ -224,6 +242,7 @@ def schema_of(path: Path) -> list[tuple]:
     return SQLiteProbe(path).sql("SELECT type, name, tbl_name, sql FROM sqlite_schema ORDER BY name")
 
 
+@sqlite_only("an upgrade of a SQLite file written by schema 3; PostgreSQL starts at its own version 1")
 def test_a_schema_3_file_is_upgraded_and_its_fanout_rows_stay_deliverable(
     make_bus, db_path, probe, tmp_path, clock
 ):

@@ -13,6 +13,8 @@ import pytest
 import sqlbus
 from sqlbus.messages import iso_ms, new_message_id
 
+pytestmark = pytest.mark.backends
+
 # The seed's base message schema (seed/000_4d7715b093882ae7.txt), copied verbatim except for the
 # type enum, which SPEC 1.2 extends with the three types the seed's own classes send.
 SEED_BASE_SCHEMA = {

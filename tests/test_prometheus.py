@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
+from conftest import PG_BUG_CLI, pg_bug
 
 from sqlbus.cli import cli
 from sqlbus.metrics import to_openmetrics, to_prometheus
+
+pytestmark = pytest.mark.backends
 
 text_parser = pytest.importorskip("prometheus_client.parser")
 openmetrics_parser = pytest.importorskip("prometheus_client.openmetrics.parser")
@@ -95,15 +98,16 @@ def test_an_empty_bus_still_exposes_every_family(bus):
     assert {f.name for f in families} == COUNTERS | GAUGES
 
 
-def test_the_metrics_command_prints_both_formats_and_json(metrics, db_path):
+@pg_bug(PG_BUG_CLI)
+def test_the_metrics_command_prints_both_formats_and_json(metrics, database):
     runner = CliRunner()
     for fmt, parser in (("prometheus", text_parser), ("openmetrics", openmetrics_parser)):
-        result = runner.invoke(cli, ["--db", str(db_path), "metrics", "--format", fmt])
+        result = runner.invoke(cli, [*database.cli_args(), "metrics", "--format", fmt])
         assert result.exit_code == 0, result.stderr
         assert {f.name for f in parser.text_string_to_metric_families(result.stdout)}
-    as_json = runner.invoke(cli, ["--db", str(db_path), "metrics", "--json"])
-    as_format = runner.invoke(cli, ["--db", str(db_path), "metrics", "--format", "json"])
+    as_json = runner.invoke(cli, [*database.cli_args(), "metrics", "--json"])
+    as_format = runner.invoke(cli, [*database.cli_args(), "metrics", "--format", "json"])
     assert as_json.exit_code == 0 and as_json.stdout.startswith("{")
     assert as_json.stdout.split('"timestamp"')[0] == as_format.stdout.split('"timestamp"')[0]
-    clash = runner.invoke(cli, ["--db", str(db_path), "metrics", "--json", "--format", "table"])
+    clash = runner.invoke(cli, [*database.cli_args(), "metrics", "--json", "--format", "table"])
     assert clash.exit_code == 2

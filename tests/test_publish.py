@@ -12,6 +12,8 @@ from probes import QUEUED
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 
 @pytest.fixture
 def alice(bus):

@@ -16,7 +16,7 @@ from pathlib import Path
 import apsw
 import pytest
 from click.testing import CliRunner
-from conftest import file_sha256, query
+from conftest import PG_BUG_CLI, pg_bug, pg_xfail, query
 from probes import ACKED, APPLICATION_ID, SCHEMA_VERSION, UPKEEP_BATCH, SQLiteProbe
 
 import sqlbus
@@ -24,14 +24,16 @@ import sqlbus.aio
 from sqlbus.bus import STORED
 from sqlbus.cli import cli
 
+pytestmark = pytest.mark.backends
+
 DAY = 86400.0
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT = sqlbus.Retention(archive_retention=7 * DAY, dead_retention=30 * DAY,
                            archive_max_messages=1_000_000)
 
 
-def _cli(db: Path, *args: str):
-    return CliRunner().invoke(cli, ["--db", str(db), *args], catch_exceptions=False)
+def _cli(database, *args: str):
+    return CliRunner().invoke(cli, [*database.cli_args(), *args], catch_exceptions=False)
 
 
 def _counts(probe: SQLiteProbe) -> tuple[int, int, int]:
@@ -52,8 +54,9 @@ def test_the_retention_keywords_default_to_the_stored_policy():
                 assert parameters[name].default is STORED, (function, name)
 
 
+@pg_bug(PG_BUG_CLI)
 def test_a_bus_connected_with_none_retention_keeps_its_archive_when_others_use_defaults(
-    make_bus, clock, db_path, probe
+    make_bus, clock, database, probe
 ):
     clock.now = time.time() - 40 * DAY  # acked and failed 40 days before the real clock's now
     bus = make_bus(archive_retention=None, dead_retention=None)
@@ -70,14 +73,14 @@ def test_a_bus_connected_with_none_retention_keeps_its_archive_when_others_use_d
     make_bus(clock=time.time).agent("zed")
     assert _counts(probe) == (105, 5, 110)
     proc = subprocess.run(
-        [sys.executable, "-m", "sqlbus.cli", "--db", str(db_path), "send", "--from", "ops",
+        [sys.executable, "-m", "sqlbus.cli", *database.cli_args(), "send", "--from", "ops",
          "--to", "bob", "--type", "notification"],
         capture_output=True, text=True, timeout=60, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr
     for args in (["state", "set", "k", "1", "--no-notify"],
                  ["dead-letters", "requeue", "--all", "--reason", "nope"]):
-        assert _cli(db_path, *args).exit_code == 0
+        assert _cli(database, *args).exit_code == 0
     assert _counts(probe) == (105, 5, 111)
     assert bus.retention().archive_retention is None
 
@@ -91,13 +94,16 @@ def test_a_connect_stores_the_retention_keywords_it_is_given_and_only_those(make
         archive_retention=DAY, dead_retention=None, archive_max_messages=10)
 
 
-def test_set_retention_changes_the_policy_for_another_process(bus, db_path):
+def test_set_retention_changes_the_policy_for_another_process(bus, database):
     policy = bus.set_retention(archive_retention=86_400.0, dead_retention=None)
     assert policy == bus.retention() == sqlbus.Retention(
         archive_retention=86_400.0, dead_retention=None, archive_max_messages=1_000_000)
-    code = ("import sqlbus, sys, msgspec; bus = sqlbus.connect(sys.argv[1]); "
+    code = ("import json, sqlbus, sys, msgspec; "
+            "bus = sqlbus.connect(sys.argv[1], **json.loads(sys.argv[2])); "
             "print(msgspec.json.encode(bus.retention()).decode()); bus.close()")
-    proc = subprocess.run([sys.executable, "-c", code, str(db_path)], capture_output=True,
+    where, keywords = database.place()
+    proc = subprocess.run([sys.executable, "-c", code, str(where), json.dumps(keywords)],
+                          capture_output=True,
                           text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == {
@@ -118,7 +124,7 @@ def test_another_process_prunes_by_a_policy_set_after_it_connected(make_bus, clo
     assert other.metrics().messages_received == 3
 
 
-def test_bad_retention_values_raise_at_once_and_change_nothing(bus, db_path):
+def test_bad_retention_values_raise_at_once_and_change_nothing(bus, database, db_path):
     before = bus.retention()
     for kwargs, error in (
         (dict(archive_retention=-1), ValueError),
@@ -132,8 +138,10 @@ def test_bad_retention_values_raise_at_once_and_change_nothing(bus, db_path):
         with pytest.raises(error):
             bus.set_retention(**kwargs)
         with pytest.raises(error):
-            sqlbus.connect(db_path, **kwargs)
+            database.connect(**kwargs)
     assert bus.retention() == before
+    if database.postgres:
+        return  # what follows is about a file: none is made for a bad keyword
     missing = db_path.parent / "missing.db"
     with pytest.raises(ValueError):
         sqlbus.connect(missing, archive_max_messages=-1)
@@ -174,7 +182,7 @@ def test_the_background_pass_bounds_the_archive_a_small_batch_at_a_time(make_bus
     assert _counts(probe)[0] == 100
 
 
-def test_prune_without_arguments_applies_the_stored_policy(make_bus, clock, db_path):
+def test_prune_without_arguments_applies_the_stored_policy(make_bus, clock):
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
     alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(3)])
@@ -185,38 +193,40 @@ def test_prune_without_arguments_applies_the_stored_policy(make_bus, clock, db_p
     assert bus.prune().acked == 3
 
 
-def test_cli_prune_without_options_applies_the_stored_policy(make_bus, clock, db_path):
+@pg_bug(PG_BUG_CLI)
+def test_cli_prune_without_options_applies_the_stored_policy(make_bus, clock, database):
     clock.now = time.time() - 2 * DAY
     bus = make_bus()
     alice, bob = bus.agent("alice"), bus.agent("bob")
     alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(3)])
     bob.ack(bob.receive(limit=3))
     bus.set_retention(archive_retention=DAY)
-    result = _cli(db_path, "prune", "--yes", "--sent-older-than", "never", "--dead-older-than", "never",
+    result = _cli(database, "prune", "--yes", "--sent-older-than", "never", "--dead-older-than", "never",
                   "--json")
     assert json.loads(result.stdout) == {"acked": 0, "dead_letters": 0}
-    result = _cli(db_path, "prune", "--yes", "--json")
+    result = _cli(database, "prune", "--yes", "--json")
     assert json.loads(result.stdout) == {"acked": 3, "dead_letters": 0}
 
 
-def test_cli_config_shows_and_sets_the_stored_policy(bus, db_path):
-    result = _cli(db_path, "config")
+@pg_bug(PG_BUG_CLI)
+def test_cli_config_shows_and_sets_the_stored_policy(bus, database):
+    result = _cli(database, "config")
     assert result.exit_code == 0
     assert result.stdout.split() == ["archive_retention", "7d", "dead_retention", "30d",
                                      "archive_max_messages", "1000000"]
-    assert json.loads(_cli(db_path, "config", "--json").stdout) == {
+    assert json.loads(_cli(database, "config", "--json").stdout) == {
         "archive_retention": 604800.0, "dead_retention": 2592000.0,
         "archive_max_messages": 1000000}
-    result = _cli(db_path, "config", "--archive-retention", "36h", "--dead-retention", "never")
+    result = _cli(database, "config", "--archive-retention", "36h", "--dead-retention", "never")
     assert result.exit_code == 0
     assert result.stdout.split() == ["archive_retention", "36h", "dead_retention", "never",
                                      "archive_max_messages", "1000000"]
     assert bus.retention() == sqlbus.Retention(
         archive_retention=36 * 3600.0, dead_retention=None, archive_max_messages=1_000_000)
-    result = _cli(db_path, "config", "--archive-max-messages", "none", "--json")
+    result = _cli(database, "config", "--archive-max-messages", "none", "--json")
     assert json.loads(result.stdout) == {"archive_retention": 129600.0, "dead_retention": None,
                                          "archive_max_messages": None}
-    result = _cli(db_path, "config", "--archive-max-messages", "500", "--archive-retention", "90")
+    result = _cli(database, "config", "--archive-max-messages", "500", "--archive-retention", "90")
     assert result.stdout.split()[1::2] == ["90s", "never", "500"]
 
 
@@ -229,24 +239,28 @@ def test_cli_config_shows_and_sets_the_stored_policy(bus, db_path):
     ["--archive-max-messages", "9223372036854775808"],
     ["--bogus"],
 ], ids=lambda a: " ".join(a))
-def test_cli_config_bad_values_are_one_line_exit_2_and_change_nothing(bus, db_path, args):
+def test_cli_config_bad_values_are_one_line_exit_2_and_change_nothing(bus, database, args, request):
+    if database.postgres and args[-1] in ("99999999999999", "9223372036854775808"):
+        # These two pass the parser and are refused once the bus is open; the others never
+        # open it.
+        request.applymarker(pg_xfail(PG_BUG_CLI))
     bus.close()
-    before = file_sha256(db_path)
-    result = _cli(db_path, "config", *args)
+    before = database.fingerprint()
+    result = _cli(database, "config", *args)
     assert result.exit_code == 2, result.stdout + result.stderr
     assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("sqlbus: error: ")
-    assert file_sha256(db_path) == before
+    assert database.fingerprint() == before
 
 
 def test_cli_config_on_a_missing_database_is_exit_1_and_creates_nothing(tmp_path):
-    result = _cli(tmp_path / "none.db", "config")
+    result = CliRunner().invoke(cli, ["--db", str(tmp_path / "none.db"), "config"])
     assert result.exit_code == 1 and "no such database" in result.stderr
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_asyncio_bus_reads_and_sets_the_policy(db_path):
+def test_the_asyncio_bus_reads_and_sets_the_policy(database):
     async def main() -> tuple[sqlbus.Retention, sqlbus.Retention]:
-        async with await sqlbus.aio.connect(db_path) as bus:
+        async with await database.aio_connect() as bus:
             changed = await bus.set_retention(archive_max_messages=7)
             return changed, await bus.retention()
 

@@ -13,6 +13,8 @@ from probes import ACKED, DEAD, LEASED, SCHEDULED
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 # ---------------------------------------------------------------------------------------------
 # Settled once, from any thread (SPEC 4)
 

@@ -9,6 +9,8 @@ import pytest
 
 import sqlbus
 
+pytestmark = pytest.mark.backends
+
 
 def test_set_returns_versions_1_2_3_and_get_returns_the_latest(bus, clock):
     assert bus.state.set("plan", {"steps": 1}) == 1
@@ -50,8 +52,8 @@ def test_update_applies_the_function_to_the_old_value(bus):
     assert bus.state.get("counter").value == 2
 
 
-def test_concurrent_updates_from_threads_lose_nothing(tmp_path):
-    with sqlbus.connect(tmp_path / "state.db") as bus:
+def test_concurrent_updates_from_threads_lose_nothing(database):
+    with database.connect() as bus:
         barrier = threading.Barrier(4)
         errors = []
 

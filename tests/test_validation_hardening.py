@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import START, FakeClock
+from conftest import PG_BUG_CLI, PG_BUG_STATS, START, FakeClock, pg_bug
 from probes import SQLiteProbe
 
 import sqlbus
 from sqlbus.cli import cli
+
+pytestmark = pytest.mark.backends
 
 SURROGATE = "\udcff"  # what os.listdir gives for the byte 0xff in a file name
 
@@ -33,6 +35,7 @@ def nested(depth: int) -> dict:
 # Lone surrogates: recorded escaped, refused where a caller names something (12.3)
 
 
+@pg_bug(PG_BUG_STATS)
 def test_a_handler_error_holding_a_lone_surrogate_is_recorded_escaped_and_the_loop_goes_on(
     make_bus: Callable[..., sqlbus.Bus],
 ) -> None:
@@ -57,6 +60,7 @@ def test_a_handler_error_holding_a_lone_surrogate_is_recorded_escaped_and_the_lo
     assert bus.stats()[0].leased == 0
 
 
+@pg_bug(PG_BUG_STATS)
 def test_with_delivery_re_raises_the_handlers_own_exception_when_its_text_has_a_surrogate(
     bus: sqlbus.Bus,
 ) -> None:
@@ -71,10 +75,10 @@ def test_with_delivery_re_raises_the_handlers_own_exception_when_its_text_has_a_
 
 
 def test_a_request_handler_failing_with_a_surrogate_answers_the_requester_with_remote_error(
-    make_bus: Callable[..., sqlbus.Bus], db_path: Path
+    make_bus: Callable[..., sqlbus.Bus], database
 ) -> None:
-    server = sqlbus.connect(db_path)  # real clock: request() waits in real time
-    client = sqlbus.connect(db_path)
+    server = database.connect()  # real clock: request() waits in real time
+    client = database.connect()
     try:
         bob, alice = server.agent("bob"), client.agent("alice")
 
@@ -288,6 +292,7 @@ def test_a_ref_naming_nothing_gives_none_and_not_found_error_however_large(
     assert len(str(caught.value)) < 200
 
 
+@pg_bug(PG_BUG_STATS)
 def test_a_message_id_names_every_dead_letter_of_that_message(bus: sqlbus.Bus) -> None:
     mid = dead_letter_one(bus, ["bob", "carol"])
     records = bus.dead_letters()
@@ -302,17 +307,18 @@ def test_a_message_id_names_every_dead_letter_of_that_message(bus: sqlbus.Bus) -
         bus.requeue(mid)
 
 
+@pg_bug(PG_BUG_CLI)
 def test_the_cli_shows_and_requeues_dead_letters_by_number_or_message_id(
-    bus: sqlbus.Bus, db_path: Path
+    bus: sqlbus.Bus, database
 ) -> None:
     mid = dead_letter_one(bus)
     number = bus.dead_letters()[0].id
     runner = CliRunner()
     for ref in (str(number), mid):
-        result = runner.invoke(cli, ["--db", str(db_path), "dead-letters", "show", ref, "--json"])
+        result = runner.invoke(cli, [*database.cli_args(), "dead-letters", "show", ref, "--json"])
         assert result.exit_code == 0, result.output
         assert mid in result.output
-    result = runner.invoke(cli, ["--db", str(db_path), "dead-letters", "requeue", mid])
+    result = runner.invoke(cli, [*database.cli_args(), "dead-letters", "requeue", mid])
     assert result.exit_code == 0, result.output
     assert bus.dead_letters() == []
 
@@ -321,13 +327,14 @@ def test_the_cli_shows_and_requeues_dead_letters_by_number_or_message_id(
     "ref", ["9" * 30, "9" * 5000, "12345", "msg-1796000000000-abcdefghi"],
     ids=["30-digits", "5000-digits", "12345", "unknown-id"],
 )
+@pg_bug(PG_BUG_CLI)
 def test_the_cli_says_in_one_line_that_a_ref_names_nothing(
-    bus: sqlbus.Bus, db_path: Path, ref: str
+    bus: sqlbus.Bus, database, ref: str
 ) -> None:
     dead_letter_one(bus)
     runner = CliRunner()
     for command in (["show", ref], ["requeue", ref]):
-        result = runner.invoke(cli, ["--db", str(db_path), "dead-letters", *command])
+        result = runner.invoke(cli, [*database.cli_args(), "dead-letters", *command])
         assert result.exit_code == 1, result.output
         assert len(result.output.strip().splitlines()) == 1, result.output
         assert "Traceback" not in result.output and len(result.output) < 300

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import threading
-from pathlib import Path
 
 import pytest
 
 import sqlbus
+
+pytestmark = pytest.mark.backends
 
 CTX = mp.get_context("fork")
 
@@ -80,23 +81,23 @@ def test_an_entry_carries_who_changed_it_and_when(make_bus, clock) -> None:
     watch.close()
 
 
-def write_versions(db_path: str, count: int, go) -> None:
+def write_versions(where, keywords: dict, count: int, go) -> None:
     go.wait(30)
-    with sqlbus.connect(db_path) as bus:
+    with sqlbus.connect(where, **keywords) as bus:
         writer = bus.agent("writer")
         for n in range(count):
             writer.state.set("job/counter", n)
         writer.state.delete("job/counter")
 
 
-def test_watch_sees_every_version_written_by_another_process_in_order(db_path: Path) -> None:
+def test_watch_sees_every_version_written_by_another_process_in_order(database) -> None:
     count = 100
     go = CTX.Event()
     # forked before this process has threads (a fork while a thread is inside SQLite could
     # inherit a held mutex); it writes once the snapshot is taken
-    child = CTX.Process(target=write_versions, args=(str(db_path), count, go), daemon=True)
+    child = CTX.Process(target=write_versions, args=(*database.place(), count, go), daemon=True)
     child.start()
-    with sqlbus.connect(db_path) as bus:
+    with database.connect() as bus:
         bus.state.set("job/", "start")
         seen: list[sqlbus.StateEntry] = []
         watch = bus.state.watch("job/")

@@ -10,9 +10,12 @@ import threading
 import time
 
 import pytest
-from probes import ACKED, QUEUED, SCHEDULED, SQLiteProbe
+from conftest import sqlite_only
+from probes import ACKED, QUEUED, SCHEDULED
 
 import sqlbus
+
+pytestmark = pytest.mark.backends
 
 
 @pytest.fixture
@@ -232,6 +235,7 @@ def test_effects_buffered_by_a_failing_handler_are_dropped(pair, bus):
     assert bus.state.get("job/2") is None
 
 
+@sqlite_only("one write lock for the whole database is SQLite's; PostgreSQL locks rows")
 def test_no_write_transaction_is_open_while_a_handler_runs(pair, probe):
     alice, bob = pair
     outcome = []
@@ -247,13 +251,13 @@ def test_no_write_transaction_is_open_while_a_handler_runs(pair, probe):
 
 
 @pytest.mark.slow
-def test_a_long_handler_keeps_its_lease_and_no_one_else_gets_the_message(make_bus, db_path, probe):
+def test_a_long_handler_keeps_its_lease_and_no_one_else_gets_the_message(make_bus, database, probe):
     bus = make_bus(clock=None, lease=0.3)
     alice, bob = bus.agent("alice"), bus.agent("bob")
     stolen = []
 
     def slow(message):
-        other = sqlbus.connect(db_path)  # another receiver of bob's inbox, on its own connection
+        other = database.connect()  # another receiver of bob's inbox, on its own connection
         try:
             for _ in range(6):
                 time.sleep(0.15)
@@ -288,14 +292,14 @@ def test_stop_from_another_thread_ends_a_waiting_run(make_bus):
 
 
 def test_a_run_loop_acks_a_message_and_claims_the_next_in_one_transaction(
-    pair, monkeypatch
+    pair, probe, monkeypatch
 ):
     alice, bob = pair
     alice.publish_many([{"to": "bob", "type": "notification", "payload": {"n": n}}
                         for n in range(5)])
     seen = []
     bob.subscribe("notification", lambda m: seen.append(m.payload["n"]))
-    writes = SQLiteProbe.count_write_transactions(monkeypatch)
+    writes = probe.count_write_transactions(monkeypatch)
 
     assert bob.run(until_idle=True) == 5
 
@@ -330,8 +334,8 @@ def test_run_refuses_a_second_loop_on_the_same_agent_object(make_bus):
         thread.join(timeout=5)
 
 
-def _sigterm_worker(path: str, log_path: str, ready) -> None:
-    bus = sqlbus.connect(path)
+def _sigterm_worker(where, keywords: dict, log_path: str, ready) -> None:
+    bus = sqlbus.connect(where, **keywords)
     bob = bus.agent("bob")
 
     def handle(message):
@@ -347,7 +351,7 @@ def _sigterm_worker(path: str, log_path: str, ready) -> None:
 
 
 @pytest.mark.slow
-def test_a_sigtermed_run_in_a_child_process_loses_nothing(make_bus, tmp_path, probe):
+def test_a_sigtermed_run_in_a_child_process_loses_nothing(make_bus, database, tmp_path, probe):
     bus = make_bus(clock=None)
     alice = bus.agent("alice")
     bus.agent("bob")
@@ -356,7 +360,7 @@ def test_a_sigtermed_run_in_a_child_process_loses_nothing(make_bus, tmp_path, pr
     log_path = tmp_path / "handled.log"
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter, as in production
     ready = ctx.Event()
-    child = ctx.Process(target=_sigterm_worker, args=(str(tmp_path / "bus.db"), str(log_path), ready))
+    child = ctx.Process(target=_sigterm_worker, args=(*database.place(), str(log_path), ready))
     child.start()
     assert ready.wait(10)
     deadline = time.monotonic() + 10

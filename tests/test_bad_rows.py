@@ -9,7 +9,6 @@ import tracemalloc
 from collections.abc import Callable
 
 import pytest
-from conftest import PG_BUG_STATS, pg_bug
 from probes import SQLiteProbe, tail_from_start
 
 import sqlbus
@@ -65,7 +64,6 @@ def poisoned(bus: sqlbus.Bus, probe: SQLiteProbe) -> tuple[sqlbus.Bus, str, str]
     return bus, bad, good
 
 
-@pg_bug(PG_BUG_STATS)
 def test_listings_show_an_undecodable_row_as_an_error_message_from_sqlbus(
     poisoned: tuple[sqlbus.Bus, str, str],
 ) -> None:
@@ -80,7 +78,6 @@ def test_listings_show_an_undecodable_row_as_an_error_message_from_sqlbus(
     assert [r.message.type for r in tailed] == ["error", "notification"]
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_claim_dead_letters_an_undecodable_row_and_delivers_the_rest_of_its_batch(
     poisoned: tuple[sqlbus.Bus, str, str],
 ) -> None:
@@ -108,7 +105,6 @@ def test_a_run_loop_goes_past_an_undecodable_row(poisoned: tuple[sqlbus.Bus, str
     assert [d.reason for d in bus.dead_letters()] == ["corrupt"]
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_body_nested_too_deep_to_decode_is_dead_lettered_without_stranding_the_batch(
     bus: sqlbus.Bus, probe: SQLiteProbe
 ) -> None:
@@ -123,7 +119,6 @@ def test_a_body_nested_too_deep_to_decode_is_dead_lettered_without_stranding_the
     assert leased(bus, "bob") == 2
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_listing_shows_at_most_1000_escaped_characters_of_a_garbage_body(
     bus: sqlbus.Bus, probe: SQLiteProbe
 ) -> None:
@@ -174,7 +169,6 @@ def test_a_claim_dead_letters_a_message_above_its_limit_unread(
     assert sender.dead_letter(big).message.payload == {"blob": "x" * 600_000}
 
 
-@pg_bug(PG_BUG_STATS)
 def test_listings_of_a_reader_with_a_smaller_limit_leave_the_payload_out(
     oversized: tuple[sqlbus.Bus, sqlbus.Bus, str, str],
 ) -> None:
@@ -193,7 +187,6 @@ def _peak_bytes(call: Callable[[], object]) -> int:
         tracemalloc.stop()
 
 
-@pg_bug(PG_BUG_STATS)
 def test_listings_never_fetch_a_body_above_the_readers_limit(
     oversized: tuple[sqlbus.Bus, sqlbus.Bus, str, str],
 ) -> None:

@@ -57,7 +57,8 @@ def test_the_chaos_checker_fails_when_a_confirmed_message_was_never_delivered(
     args = argparse.Namespace(
         duration=5.0, producers=1, consumers=1, updaters=1, requests=False, rate=100.0,
         kill_min=100.0, kill_max=100.0, lease=2.0, max_attempts=50, busy_timeout=10.0,
-        drain_timeout=30.0, seed=1, workdir=str(tmp_path), json_out=None,
+        drain_timeout=30.0, seed=1, workdir=str(tmp_path), json_out=None, db=None,
+        schema="sqlbus_chaos",
     )
     sup = chaos.Supervisor(args)
     try:

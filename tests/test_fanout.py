@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import PG_BUG_LOST_BODY, PG_BUG_STATS, PG_BUG_TAIL, pg_bug, sqlite_only
+from conftest import PG_BUG_LOST_BODY, PG_BUG_TAIL, pg_bug, sqlite_only
 from probes import MAX_TAGS, SCHEMA_VERSION, SQLiteProbe, marks_of, tail_from_start
 
 import sqlbus
@@ -89,7 +89,6 @@ def test_a_batch_mixing_single_and_fanout_messages_keeps_publish_order(make_bus)
         (ids[1], ["bob", "carol"]), (ids[3], ["carol", "bob"])]
 
 
-@pg_bug(PG_BUG_STATS)
 def test_ack_fail_dead_letter_requeue_and_peek_work_per_recipient(make_bus, clock):
     bus = make_bus(backoff_base=10.0)
     alice = bus.agent("alice")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PG_BUG_CLI, pg_bug, query, sqlite_only
+from conftest import query, sqlite_only
 from probes import SCHEMA_VERSION, SQLiteProbe
 
 import sqlbus
@@ -349,7 +349,6 @@ def test_asyncio_subscribe_and_on_are_coroutines_that_record_interests(db_path):
     assert after == []
 
 
-@pg_bug(PG_BUG_CLI)
 def test_the_cli_agents_command_lists_subscriptions(bus, database):
     bob = bus.agent("bob")
     bus.agent("alice")

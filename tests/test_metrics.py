@@ -8,7 +8,6 @@ import re
 
 import msgspec
 import pytest
-from conftest import PG_BUG_STATS, pg_bug
 
 import sqlbus
 from sqlbus.metrics import to_prometheus
@@ -81,7 +80,6 @@ def test_success_rate_is_one_when_nothing_was_acked_or_dead_lettered(bus):
     assert m.messages_sent == 0 and m.average_delivery_ms == 0.0
 
 
-@pg_bug(PG_BUG_STATS)
 def test_queue_depths_show_ready_leased_retrying_and_dead_and_the_oldest_ready_age(bus, clock):
     alice, bob = bus.agent("alice"), bus.agent("bob")
     for _ in range(4):

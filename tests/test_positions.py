@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from conftest import PG_BUG_STATS, pg_bug
 
 import sqlbus
 
@@ -38,7 +37,6 @@ def _stale_lease(bus):
     return held, current, m2
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_stale_ack_after_its_message_was_purged_does_not_ack_the_next_message(make_bus):
     bus = make_bus(max_attempts=1)
     held, current, m2 = _stale_lease(bus)
@@ -58,7 +56,6 @@ def test_a_stale_ack_in_the_same_millisecond_as_the_current_one_raises_lease_los
     assert bus.metrics().messages_received == 1
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_batch_ack_with_a_stale_and_a_current_lease_of_one_message_acks_nothing(make_bus):
     bus = make_bus()
     alice, worker_a, worker_b = bus.agent("alice"), bus.agent("bob"), bus.agent("bob")

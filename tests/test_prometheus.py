@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from conftest import PG_BUG_CLI, pg_bug
 
 from sqlbus.cli import cli
 from sqlbus.metrics import to_openmetrics, to_prometheus
@@ -98,7 +97,6 @@ def test_an_empty_bus_still_exposes_every_family(bus):
     assert {f.name for f in families} == COUNTERS | GAUGES
 
 
-@pg_bug(PG_BUG_CLI)
 def test_the_metrics_command_prints_both_formats_and_json(metrics, database):
     runner = CliRunner()
     for fmt, parser in (("prometheus", text_parser), ("openmetrics", openmetrics_parser)):

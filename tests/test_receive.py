@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-from conftest import PG_BUG_STATS, pg_bug
 from probes import ACKED, LEASED, SCHEDULED
 
 import sqlbus
@@ -450,7 +449,6 @@ def test_two_buses_on_one_file_never_lease_the_same_message_twice(make_bus, cloc
     bob2.ack(again)
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_message_from_a_writer_whose_clock_is_ahead_is_ready_at_once(database, tmp_path):
     # A reader's clock may read earlier than the writer's (a step back, skew between CPUs). A
     # queued message must not wait for the reader's clock to catch up: nothing would wake the

@@ -9,7 +9,6 @@ import threading
 import time
 
 import pytest
-from conftest import PG_BUG_STATS, pg_bug
 from probes import ACKED
 
 import sqlbus
@@ -189,7 +188,6 @@ def test_concurrent_requests_from_threads_each_get_their_own_response(responder,
     assert results == {n: {"doubled": 2 * n} for n in range(6)}
 
 
-@pg_bug(PG_BUG_STATS)
 def test_the_response_to_a_request_never_waits_in_the_requesters_inbox(make_bus, probe):
     bus = make_bus(clock=None)
     alice, bob = bus.agent("alice"), bus.agent("bob")

@@ -16,7 +16,7 @@ from pathlib import Path
 import apsw
 import pytest
 from click.testing import CliRunner
-from conftest import PG_BUG_CLI, pg_bug, pg_xfail, query
+from conftest import query
 from probes import ACKED, APPLICATION_ID, SCHEMA_VERSION, UPKEEP_BATCH, SQLiteProbe
 
 import sqlbus
@@ -54,7 +54,6 @@ def test_the_retention_keywords_default_to_the_stored_policy():
                 assert parameters[name].default is STORED, (function, name)
 
 
-@pg_bug(PG_BUG_CLI)
 def test_a_bus_connected_with_none_retention_keeps_its_archive_when_others_use_defaults(
     make_bus, clock, database, probe
 ):
@@ -193,7 +192,6 @@ def test_prune_without_arguments_applies_the_stored_policy(make_bus, clock):
     assert bus.prune().acked == 3
 
 
-@pg_bug(PG_BUG_CLI)
 def test_cli_prune_without_options_applies_the_stored_policy(make_bus, clock, database):
     clock.now = time.time() - 2 * DAY
     bus = make_bus()
@@ -208,7 +206,6 @@ def test_cli_prune_without_options_applies_the_stored_policy(make_bus, clock, da
     assert json.loads(result.stdout) == {"acked": 3, "dead_letters": 0}
 
 
-@pg_bug(PG_BUG_CLI)
 def test_cli_config_shows_and_sets_the_stored_policy(bus, database):
     result = _cli(database, "config")
     assert result.exit_code == 0
@@ -240,10 +237,6 @@ def test_cli_config_shows_and_sets_the_stored_policy(bus, database):
     ["--bogus"],
 ], ids=lambda a: " ".join(a))
 def test_cli_config_bad_values_are_one_line_exit_2_and_change_nothing(bus, database, args, request):
-    if database.postgres and args[-1] in ("99999999999999", "9223372036854775808"):
-        # These two pass the parser and are refused once the bus is open; the others never
-        # open it.
-        request.applymarker(pg_xfail(PG_BUG_CLI))
     bus.close()
     before = database.fingerprint()
     result = _cli(database, "config", *args)

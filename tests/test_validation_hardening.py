@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import PG_BUG_CLI, PG_BUG_STATS, START, FakeClock, pg_bug
+from conftest import START, FakeClock
 from probes import SQLiteProbe
 
 import sqlbus
@@ -35,7 +35,6 @@ def nested(depth: int) -> dict:
 # Lone surrogates: recorded escaped, refused where a caller names something (12.3)
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_handler_error_holding_a_lone_surrogate_is_recorded_escaped_and_the_loop_goes_on(
     make_bus: Callable[..., sqlbus.Bus],
 ) -> None:
@@ -60,7 +59,6 @@ def test_a_handler_error_holding_a_lone_surrogate_is_recorded_escaped_and_the_lo
     assert bus.stats()[0].leased == 0
 
 
-@pg_bug(PG_BUG_STATS)
 def test_with_delivery_re_raises_the_handlers_own_exception_when_its_text_has_a_surrogate(
     bus: sqlbus.Bus,
 ) -> None:
@@ -292,7 +290,6 @@ def test_a_ref_naming_nothing_gives_none_and_not_found_error_however_large(
     assert len(str(caught.value)) < 200
 
 
-@pg_bug(PG_BUG_STATS)
 def test_a_message_id_names_every_dead_letter_of_that_message(bus: sqlbus.Bus) -> None:
     mid = dead_letter_one(bus, ["bob", "carol"])
     records = bus.dead_letters()
@@ -307,7 +304,6 @@ def test_a_message_id_names_every_dead_letter_of_that_message(bus: sqlbus.Bus) -
         bus.requeue(mid)
 
 
-@pg_bug(PG_BUG_CLI)
 def test_the_cli_shows_and_requeues_dead_letters_by_number_or_message_id(
     bus: sqlbus.Bus, database
 ) -> None:
@@ -327,7 +323,6 @@ def test_the_cli_shows_and_requeues_dead_letters_by_number_or_message_id(
     "ref", ["9" * 30, "9" * 5000, "12345", "msg-1796000000000-abcdefghi"],
     ids=["30-digits", "5000-digits", "12345", "unknown-id"],
 )
-@pg_bug(PG_BUG_CLI)
 def test_the_cli_says_in_one_line_that_a_ref_names_nothing(
     bus: sqlbus.Bus, database, ref: str
 ) -> None:

@@ -41,6 +41,7 @@ from psycopg import pq, sql
 from .. import connections
 from ..engine import Engine, Tx, WriteContext, refuse_inside_block
 from ..errors import DatabaseError
+from ..waking import ANY, agent_tag
 from .schema import check_schema_name, ensure_schema
 from .storage import PostgresStorage
 from .wakeup import Wakeup, channel_name
@@ -106,8 +107,10 @@ class Write(WriteContext):
         engine, conn = self.engine, self.conn
         try:
             if exc_type is None:
+                # The notify (if one is due) goes in the commit's round trip: no extra one.
+                notify = engine.wakeup.notify_statement(self.tx.tags)
                 try:
-                    conn.execute(b"COMMIT")
+                    conn.execute(b"COMMIT" if notify is None else notify + b"; COMMIT")
                 except psycopg.Error as error:
                     engine.discard_transaction(conn)
                     if conn.broken or isinstance(error, psycopg.OperationalError):
@@ -123,7 +126,8 @@ class Write(WriteContext):
             engine.give_back(conn)
             connections.inside.__exit__()
         if exc_type is None:
-            engine.committed(self.tx.tags)
+            engine.wakeup.rang(self.tx.tags)
+            engine.after_commit()
             return
         if isinstance(exc, psycopg.Error):
             raise engine.database_error(exc) from exc
@@ -321,8 +325,8 @@ class PostgresEngine(Engine):
         self._pid = os.getpid()
 
     def close(self) -> None:
+        self.wakeup.close()  # first: it stops the listener with a notify on a pooled connection
         self.closed = True
-        self.wakeup.close()
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None and self._pid == os.getpid():
@@ -420,6 +424,12 @@ class PostgresEngine(Engine):
 
     def change_token_in(self, tx: Tx) -> int:
         return self.change_token()
+
+    def wait_for_change(self, token: int, timeout: float, agent: str | None = None) -> int:
+        """Wait for a ring after ``token`` that names ``agent`` (None: any ring) or says
+        anything may have changed, for at most ``timeout`` and at most ``FALLBACK`` seconds
+        (the caller looks again then)."""
+        return self.wakeup.wait_since(token, timeout, ANY if agent is None else agent_tag(agent))
 
     # -- sizes and health --------------------------------------------------------------------
 

@@ -71,7 +71,9 @@ def publish(
         for agent in message.recipients:
             rows.append((*head, agent, *tail, state, visible, expires_at, now, done_at, body,
                          body_id))
-    if rows:
+    if len(rows) == 1:  # the commonest publish: executemany would enter and leave pipeline mode
+        conn.execute(statement(schema, _INSERT), rows[0])
+    elif rows:
         with conn.cursor() as cur:
             cur.executemany(statement(schema, _INSERT), rows)
     return fresh

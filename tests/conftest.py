@@ -96,24 +96,8 @@ def sqlite_only(reason: str) -> pytest.MarkDecorator:
     return pytest.mark.sqlite_only(reason=reason)
 
 
-# The PostgreSQL backend's bugs that [postgres] runs show (pg_bug): what fails, and why.
-PG_BUG_STATS = (
-    'sqlbus/metrics.py snapshot() calls conn.get_autocommit(), an apsw method: bus.stats() '
-    'and bus.peek() raise AttributeError on a psycopg connection'
-)
-PG_BUG_CLI = (
-    "sqlbus/cli_common.py bus_in_schema() sends format('%I.sqlbus_meta', %s) through psycopg, "
-    "which reads %I as a placeholder: every CLI command but init fails with 'cannot connect'"
-)
-PG_BUG_TAIL = (
-    'tail holds back rows behind the cluster-wide snapshot xmin: a transaction open anywhere '
-    'on the server (another schema or database) hides every new row'
-)
-PG_BUG_LOST_BODY = (
-    'a claim dead-letters a row whose shared body is gone with an UPDATE of a row it updated '
-    'in the same transaction, so the foreign key is re-checked and fails: receive raises '
-    'DatabaseError instead'
-)
+# The PostgreSQL backend's bugs that [postgres] runs show (pg_bug): none known today; name
+# each as a constant here, with what fails and why, when one turns up.
 
 
 def pg_bug(reason: str, *, strict: bool = True) -> pytest.MarkDecorator:

@@ -218,14 +218,29 @@ def last_seq(conn: psycopg.Connection, schema: str) -> int:
     return int(row[0]) - 1 if row else 0
 
 
-# The oldest transaction still running anywhere on the server, as a number: every transaction
-# below it has ended (committed or rolled back).
-_HORIZON = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+# The oldest transaction that was running when the statement's snapshot was taken and may be
+# this database's, or the next id to be given when there is none: every transaction of this
+# database below it has ended. The snapshot lists running ids server-wide; one that pg_locks
+# shows held by a session of another database (or prepared there) cannot write our tables
+# and is left out. pg_locks shows 32-bit ids, compared with the low half of the snapshot's.
+_HORIZON_OF = (
+    "(SELECT coalesce((SELECT min(x::text::bigint) FROM pg_snapshot_xip(c.s) AS x"
+    " WHERE NOT EXISTS ("
+    "SELECT 1 FROM pg_locks AS l JOIN pg_stat_activity AS a ON a.pid = l.pid"
+    " WHERE l.locktype = 'transactionid' AND l.mode = 'ExclusiveLock'"
+    " AND l.transactionid::text::bigint = (x::text::bigint & 4294967295)"
+    " AND a.datname <> current_database()"
+    " UNION ALL SELECT 1 FROM pg_prepared_xacts AS p"
+    " WHERE p.transaction::text::bigint = (x::text::bigint & 4294967295)"
+    " AND p.database <> current_database())), pg_snapshot_xmax(c.s)::text::bigint)"
+    " FROM (SELECT pg_current_snapshot() AS s) AS c)"
+)
+_HORIZON = "SELECT " + _HORIZON_OF
 
 _AFTER = (
     "SELECT seq, agent, message_id, xact_id::text::bigint FROM {s}.message"
     " WHERE xact_id > %(after)s::text::xid8"
-    " AND xact_id < pg_snapshot_xmin(pg_current_snapshot())"
+    " AND xact_id < " + _HORIZON_OF + "::text::xid8"
     " ORDER BY xact_id, seq LIMIT %(limit)s"
 )
 _OF_XACT = (
@@ -246,11 +261,11 @@ def rows_after(
     row below one already visible, and a tail that followed seqs would step over it. So a
     tail's position is a transaction id (``xact_id``, which every row keeps): a call returns
     the rows of the transactions after the position and below the oldest transaction still
-    running (the snapshot's xmin), every one of which has ended, and each row's ``seq`` is
-    the position to continue from (its transaction's id). A transaction's rows are never
-    split between calls (one alone may exceed ``limit``). Nothing is passed over; rows of a
-    transaction that ends late come late. The horizon is the whole server's: a transaction
-    holding an id anywhere (another bus, another database) holds the tail back until it ends.
+    running in this database, every one of which has ended, and each row's ``seq`` is the
+    position to continue from (its transaction's id). A transaction's rows are never split
+    between calls (one alone may exceed ``limit``). Nothing is passed over; rows of a
+    transaction that ends late come late: a transaction of this database that holds an id
+    (another bus's, the application's) holds the tail back until it ends.
 
     A tail shows; it does not deliver: receivers claim rows by state and never miss one."""
     rows = conn.execute(statement(schema, _AFTER), {"after": after_seq, "limit": limit + 1}).fetchall()

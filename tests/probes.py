@@ -622,9 +622,18 @@ def prune_in_batches(
     return ops.prune(bus.engine, sent_older_than, dead_older_than, batch=batch, progress=progress)
 
 
-def tail_from_start(bus: sqlbus.Bus) -> Iterator[sqlbus.SentRecord]:
-    """Every message kept, in publish order, as ``bus.tail`` yields them (no waiting)."""
-    return ops.tail(bus.engine, None, None, timeout=0.0, from_seq=0)
+def tail_from_start(bus: sqlbus.Bus, until: str | None = None) -> list[sqlbus.SentRecord]:
+    """Every message kept, in publish order, as ``bus.tail`` yields them: those there now, or
+    (``until`` a message id) up to that message, waiting up to 10 s for it (on PostgreSQL a
+    transaction of another test in the same database holds a tail back until it ends)."""
+    if until is None:
+        return list(ops.tail(bus.engine, None, None, timeout=0.0, from_seq=0))
+    records = []
+    for record in ops.tail(bus.engine, None, None, timeout=10.0, from_seq=0):
+        records.append(record)
+        if record.message.id == until:
+            break
+    return records
 
 
 # ---------------------------------------------------------------------------------------------

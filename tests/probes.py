@@ -582,19 +582,18 @@ class PostgresProbe(_BusLooks):
 
     @staticmethod
     def count_write_transactions(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-        """A list that grows by one each time any bus begins a write transaction on PostgreSQL
-        (the engine takes a connection and sends ``BEGIN``; the storage's ``begin`` is not
-        used for that)."""
-        from sqlbus.postgres.engine import PostgresEngine
+        """A list that grows by one each time any bus opens a write transaction on PostgreSQL
+        (the engine's Write takes a connection, whose BEGIN goes with the first statement)."""
+        from sqlbus.postgres.engine import Write
 
         writes: list[int] = []
-        real_begin = PostgresEngine.begin
+        real_enter = Write.__enter__
 
-        def counting_begin(self: Any) -> Any:
+        def counting_enter(self: Any) -> Any:
             writes.append(1)
-            return real_begin(self)
+            return real_enter(self)
 
-        monkeypatch.setattr(PostgresEngine, "begin", counting_begin)
+        monkeypatch.setattr(Write, "__enter__", counting_enter)
         return writes
 
 

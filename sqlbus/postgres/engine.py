@@ -8,9 +8,10 @@ database, for agents on many hosts.
 - **Connections.** A pool per bus (psycopg_pool, ``pool_size`` connections, autocommit; the
   bus's transactions are explicit ``BEGIN``/``COMMIT``), shared by its threads: a write or a
   read borrows a connection for its length and gives it back. ``synchronous_commit`` and
-  ``lock_timeout`` (``busy_timeout``) are set on the bus's own connections only. A connection
-  idle for more than ``CHECK_IDLE`` seconds is checked before use, and a write whose
-  ``BEGIN`` meets a dead connection takes another, so a restarted server costs callers
+  ``lock_timeout`` (``busy_timeout``) are set on the bus's own connections only; a write's
+  ``BEGIN`` goes with its first statement. A connection idle for more than ``CHECK_IDLE``
+  seconds is checked before use, and a write whose first statement meets a dead connection
+  takes another, so a restarted server costs callers
   nothing once it is back; while it is away calls raise :class:`DatabaseError` after
   ``connect_timeout``.
 - **Time.** With ``clock=None`` the time is the server's: its ``clock_timestamp()`` is read
@@ -82,9 +83,52 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+class TxConnection:
+    """The connection a write's :class:`Tx` holds: a psycopg connection whose ``BEGIN`` goes
+    out with the transaction's first statement, in one round trip (psycopg's pipeline mode),
+    instead of in one of its own. A connection found dead at that first statement (the server
+    restarted since it was last used) is given back and another taken: nothing was sent on it
+    yet. Everything but ``execute`` and ``cursor`` is the connection's own."""
+
+    __slots__ = ("engine", "conn", "begun")
+
+    def __init__(self, engine: PostgresEngine, conn: psycopg.Connection) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.begun = False  # BEGIN sent
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> psycopg.Cursor[Any]:
+        if self.begun:
+            return self.conn.execute(query, params, **kwargs)
+        for attempt in range(_BROKEN_AT_BEGIN_RETRIES + 1):
+            conn = self.conn
+            try:
+                with conn.pipeline():
+                    conn.execute(b"BEGIN")
+                    cursor = conn.execute(query, params, **kwargs)
+                self.begun = True
+                return cursor
+            except psycopg.Error:
+                if not conn.broken or attempt == _BROKEN_AT_BEGIN_RETRIES:
+                    self.begun = True  # the transaction (if any) ends with the write
+                    raise
+                self.engine.give_back(conn)  # the pool drops a broken one
+                self.conn = self.engine.borrow()
+        raise AssertionError("unreachable")
+
+    def cursor(self, *args: Any, **kwargs: Any) -> psycopg.Cursor[Any]:
+        if not self.begun:
+            self.execute(b"SELECT 1")  # BEGIN, with the retry above
+        return self.conn.cursor(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.conn, name)
+
+
 class Write(WriteContext):
-    """``with engine.write() as tx``: one transaction on a borrowed connection; psycopg errors
-    become :class:`DatabaseError`; the waiters it marked are woken after commit."""
+    """``with engine.write() as tx``: one transaction on a borrowed connection (its BEGIN sent
+    with its first statement, see :class:`TxConnection`); psycopg errors become
+    :class:`DatabaseError`; the waiters it marked are woken after commit."""
 
     __slots__ = ("engine", "conn", "tx")
 
@@ -96,7 +140,7 @@ class Write(WriteContext):
         engine = self.engine
         connections.inside.__enter__()
         try:
-            self.conn = engine.begin()
+            self.conn = TxConnection(engine, engine.borrow())
         except BaseException:
             connections.inside.__exit__()
             raise
@@ -104,9 +148,9 @@ class Write(WriteContext):
         return tx
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        engine, conn = self.engine, self.conn
+        engine, conn = self.engine, self.conn.conn
         try:
-            if exc_type is None:
+            if exc_type is None and self.conn.begun:
                 # The notify (if one is due) goes in the commit's round trip: no extra one.
                 notify = engine.wakeup.notify_statement(self.tx.tags)
                 try:
@@ -289,20 +333,6 @@ class PostgresEngine(Engine):
         finally:
             self.give_back(conn)
 
-    def begin(self) -> psycopg.Connection:
-        """Borrow a connection and BEGIN on it; a connection found dead at BEGIN (the server
-        restarted) is dropped and another taken."""
-        for attempt in range(_BROKEN_AT_BEGIN_RETRIES + 1):
-            conn = self.borrow()
-            try:
-                conn.execute(b"BEGIN")
-                return conn
-            except psycopg.Error as exc:
-                self.give_back(conn)  # the pool drops a broken one
-                if not conn.broken or attempt == _BROKEN_AT_BEGIN_RETRIES:
-                    raise self.database_error(exc) from exc
-        raise AssertionError("unreachable")
-
     def check_usable(self, conn: Any) -> None:
         if self.closed:
             raise self.closed_error()
@@ -361,7 +391,11 @@ class PostgresEngine(Engine):
         finally:
             connections.inside.__exit__()
 
-    def tx_ended(self, conn: psycopg.Connection) -> bool:
+    def tx_ended(self, conn: Any) -> bool:
+        if isinstance(conn, TxConnection):
+            if not conn.begun:
+                return False  # nothing sent yet: the transaction is still to begin
+            conn = conn.conn
         return bool(conn.broken or conn.info.transaction_status != pq.TransactionStatus.INTRANS)
 
     def execute_user_sql(self, conn: psycopg.Connection, query: str, params: Any) -> list[tuple[Any, ...]]:

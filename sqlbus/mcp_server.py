@@ -309,8 +309,8 @@ class McpBus:
         with self._lock:
             d = self._held.get(token)
             if d is None:
-                raise ToolError("unknown delivery token: it was not issued by this server "
-                                "(agent %r), or its delivery was settled already" % self.agent_id)
+                raise ToolError(f"unknown delivery token: it was not issued by this server "
+                                f"(agent {self.agent_id!r}), or its delivery was settled already")
             if d.lease_until <= time.time():
                 del self._held[token]
                 raise ToolError(
@@ -493,8 +493,9 @@ def delivery_tools(s: McpBus) -> list[Callable[..., Any]]:
                 d.fail(AgentError(error))
             else:
                 d.dead_letter("discarded", error=AgentError(error))
-            outcome = "retrying" if settled(d) == "retrying" else "dead_lettered"
-            return {"message_id": d.message.id, "outcome": outcome}
+            if settled(d) == "retrying":
+                return {"message_id": d.message.id, "outcome": "retrying"}
+            return {"message_id": d.message.id, "outcome": "dead_lettered"}
 
     def extend(token: Token, lease_seconds: Annotated[float | None, Field(gt=0)] = None) -> Extended:
         """Keep a delivery leased to you for lease_seconds more from now (default: the

@@ -438,7 +438,7 @@ def mcp(config: Config, agent_id: str, lease: float | None, max_wait: float | No
 
     \b
     Example:
-        sqlbus mcp --db team.db --agent claude-1
+        sqlbus --db team.db mcp --agent claude-1
     """
     check_agent_id(agent_id, "--agent")
     if not lease or not max_wait:

@@ -420,6 +420,41 @@ def worker(
     log.info("sqlbus worker: agent %s stopped after %d message(s)", agent_id, processed)
 
 
+@cli.command()
+@click.option("--agent", "agent_id", required=True, help="The agent id the server acts as.")
+@click.option("--lease", type=DURATION, default=300.0, show_default=True,
+              help="Default lease of a received message (e.g. 5m).")
+@click.option("--max-wait", type=DURATION, default=50.0, show_default=True,
+              help="Cap on receive's wait_seconds and request's timeout_seconds.")
+@click.option("--read-only", is_flag=True, help="Offer only the tools that read; write nothing.")
+@pass_config
+def mcp(config: Config, agent_id: str, lease: float | None, max_wait: float | None,
+        read_only: bool) -> None:
+    """Run an MCP server over stdio that acts as AGENT (for Claude Code, Codex, Cursor...).
+
+    Tools: send, broadcast, receive, ack, fail, extend, reply, request, state_get/set/list,
+    emit_event, subscribe, agents, inbox_stats, dead_letters, requeue. Needs the extra
+    sqlbus[mcp]. On stdin EOF it gives back the messages it holds and exits 0.
+
+    \b
+    Example:
+        sqlbus --db team.db mcp --agent claude-1
+    """
+    check_agent_id(agent_id, "--agent")
+    if not lease or not max_wait:
+        raise click.BadParameter("must be a positive duration", param_hint="--lease/--max-wait")
+    try:
+        from .mcp_server import serve
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in ("mcp", "pydantic", "anyio"):
+            raise
+        raise click.ClickException(
+            "sqlbus mcp needs the MCP SDK: pip install 'sqlbus[mcp]'") from exc
+    config.path()  # a missing --db is a usage error now, not a tool error later
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # stdout is the protocol's
+    serve(config.connect, agent_id, lease=lease, max_wait=max_wait, read_only=read_only)
+
+
 for _admin_command in COMMANDS:  # dead letters, state, metrics, retention, check, backup, vacuum
     cli.add_command(_admin_command)
 

@@ -136,8 +136,12 @@ class Delivery:
         without counting a failure. The last attempt still ends in dead letters."""
         self._settle_failure(None, retryable=True, context=None, delay=delay, counted=False)
 
-    def dead_letter(self, reason: str = "discarded", *, context: dict[str, Any] | None = None) -> None:
-        """Move the message to dead letters now with ``reason``."""
+    def dead_letter(
+        self, reason: str = "discarded", *, context: dict[str, Any] | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Move the message to dead letters now with ``reason`` (and ``error``'s name and
+        text as the record's error, when given)."""
         if type_of(reason) is not str or not reason:
             raise ValueError(f"reason must be a non-empty str, got {reason!r}")
         bus = self.agent.bus
@@ -147,8 +151,12 @@ class Delivery:
             self._check_open()
             now = bus.engine.now_ms()
             with bus.engine.write() as tx:
-                if not tx.storage.dead_letter(tx.conn, self._seq, self._claims, now, reason,
-                                           context_json=context_json):
+                if not tx.storage.dead_letter(
+                    tx.conn, self._seq, self._claims, now, reason,
+                    None if error is None else exception_name(error),
+                    None if error is None else exception_text(error),
+                    context_json=context_json,
+                ):
                     raise self._lease_lost()
             self._settled = "dead"
 

@@ -24,7 +24,7 @@ import anyio.to_thread
 import msgspec
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from pydantic import Field
+from pydantic import Field, ValidationError
 from typing_extensions import TypedDict
 
 from .agent import Agent
@@ -619,9 +619,32 @@ request, or fail it). Use send to hand work to another agent, agents to see who 
 and state_get/state_set for shared facts. Tokens are valid only until their lease runs out."""
 
 
+def argument_error(exc: ValidationError) -> str:
+    """A rejected call's arguments in one line: the first field and its rule (pydantic's own
+    text spans several lines and repeats the caller's values)."""
+    errors = exc.errors()
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"]) or "arguments"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{field}: {first['msg']}{more}"
+
+
+class SqlbusMCPServer(MCPServer):
+    """The SDK's server, with a bad argument's tool error in one line (SPEC 13)."""
+
+    async def call_tool(self, name: str, arguments: dict[str, Any],
+                        context: Any = None) -> Any:
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                raise ToolError(argument_error(exc.__cause__)) from exc.__cause__
+            raise
+
+
 def build_server(s: McpBus) -> MCPServer:
     """The MCP server with this agent's tools (only the reading ones when read-only)."""
-    server = MCPServer("sqlbus", instructions=INSTRUCTIONS)
+    server = SqlbusMCPServer("sqlbus", instructions=INSTRUCTIONS)
     state_read, state_write = state_tools(s)
     admin_read, admin_write = admin_tools(s)
     tools = state_read + admin_read

@@ -170,8 +170,10 @@ def test_a_wrong_token_or_a_bad_argument_is_a_tool_error_and_the_server_keeps_se
             assert "unknown delivery token" in await refused(bob, "ack", {"token": "forged"})
             assert "unknown delivery token" in await refused(
                 bob, "fail", {"token": "A" * 32, "error": "x"})
-            assert "priority" in await refused(bob, "send", {"to": "alice", "priority": 9})
-            assert "limit" in await refused(bob, "receive", {"limit": 0})
+            bad_priority = await refused(bob, "send", {"to": "alice", "priority": 9})
+            assert bad_priority.startswith("priority: ") and "\n" not in bad_priority
+            bad_limit = await refused(bob, "receive", {"limit": 0})
+            assert bad_limit.startswith("limit: ") and "\n" not in bad_limit
             assert "NotFoundError" in await refused(bob, "requeue", {"ref": 12345})
             assert "VersionConflictError" in await refused(
                 bob, "state_set", {"key": "k", "value": 1, "expected_version": 3})

@@ -311,7 +311,7 @@ class McpBus:
             if d is None:
                 raise ToolError(f"unknown delivery token: it was not issued by this server "
                                 f"(agent {self.agent_id!r}), or its delivery was settled already")
-            if d.lease_until <= time.time():
+            if d.lease_until <= self.now():
                 del self._held[token]
                 raise ToolError(
                     f"the lease of this delivery token ran out at {iso_seconds(d.lease_until)}: "
@@ -322,6 +322,20 @@ class McpBus:
         with self._lock:
             self._held.pop(token, None)
 
+    def give_back(self, tokens: list[str]) -> None:
+        """Release the deliveries of ``tokens`` now (a receive whose caller went away)."""
+        with self._lock:
+            given = [self._held.pop(token) for token in tokens if token in self._held]
+        for d in given:
+            try:
+                d.release()
+            except Exception as exc:  # settled or lost meanwhile: nothing to give back
+                log.debug("release of %r: %s", d, exc)
+
+    def now(self) -> float:
+        """The bus's time in epoch seconds (on PostgreSQL the server's, as lease ends are)."""
+        return self.bus().engine.now_ms() / 1000
+
     @contextmanager
     def settling(self, token: str) -> Iterator[Delivery]:
         """The delivery of ``token``; its token goes once it is settled (or lost)."""
@@ -330,7 +344,7 @@ class McpBus:
             try:
                 yield d
             finally:
-                if settled(d) is not None or d.lease_until <= time.time():
+                if settled(d) is not None or d.lease_until <= self.now():
                     self.drop(token)
 
     # -- waiting ----------------------------------------------------------------------------
@@ -340,6 +354,12 @@ class McpBus:
         """Claim (waiting up to ``wait`` s) and hold the claims, in the worker thread, so that a
         cancelled call never drops a claim between the library and the token table."""
         return self.hold(self.agent().receive(limit, wait=wait, lease=lease, types=types))
+
+    def claim_into(self, out: list[DeliveryOut], limit: int, wait: float, lease: float,
+                   types: list[str] | None) -> None:
+        """:meth:`claim`, its deliveries appended to ``out`` (which the caller keeps even if
+        its await is cancelled meanwhile)."""
+        out.extend(self.claim(limit, wait, lease, types))
 
     def clamp(self, seconds: float) -> float:
         return min(seconds, self.max_wait)
@@ -473,7 +493,14 @@ def delivery_tools(s: McpBus) -> list[Callable[..., Any]]:
             while True:
                 waited = time.monotonic() - start
                 step = max(0.0, min(PROGRESS_EVERY, wait - waited))
-                got = await anyio.to_thread.run_sync(s.claim, limit, step, lease, types)
+                got: list[DeliveryOut] = []
+                try:
+                    # The thread finishes even if the call is cancelled meanwhile: what it
+                    # claimed is then given back at once, not left to its lease.
+                    await anyio.to_thread.run_sync(s.claim_into, got, limit, step, lease, types)
+                except anyio.get_cancelled_exc_class():
+                    s.give_back([d["token"] for d in got])
+                    raise
                 if got or waited + step >= wait:
                     return {"deliveries": got}
                 await ctx.report_progress(time.monotonic() - start, wait, "waiting for messages")

@@ -238,14 +238,13 @@ _HORIZON_OF = (
 _HORIZON = "SELECT " + _HORIZON_OF
 
 _AFTER = (
-    "SELECT seq, agent, message_id, xact_id::text::bigint FROM {s}.message"
-    " WHERE xact_id > %(after)s::text::xid8"
-    " AND xact_id < " + _HORIZON_OF + "::text::xid8"
+    "SELECT seq, agent, message_id, xact_id FROM {s}.message"
+    " WHERE xact_id > %(after)s AND xact_id < " + _HORIZON_OF +
     " ORDER BY xact_id, seq LIMIT %(limit)s"
 )
 _OF_XACT = (
-    "SELECT seq, agent, message_id, xact_id::text::bigint FROM {s}.message"
-    " WHERE xact_id = %(xact)s::text::xid8 ORDER BY seq"
+    "SELECT seq, agent, message_id, xact_id FROM {s}.message"
+    " WHERE xact_id = %(xact)s ORDER BY seq"
 )
 _TAIL_LISTED = "SELECT seq, " + LISTED + " FROM {s}.message WHERE seq = ANY(%(seqs)s)"
 

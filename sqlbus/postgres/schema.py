@@ -24,9 +24,9 @@ readers need commit order and get it differently:
   the commit is visible; so ``pos`` grows in commit order. State writes are rare, and the lock
   is held only from the trigger to the commit.
 - ``message`` (``tail``): each row keeps the id of the transaction that wrote it (``xact_id``,
-  indexed); a tail's position is a transaction id, and
-  :func:`sqlbus.postgres.admin.rows_after` reads the rows of the transactions between it and
-  the oldest one still running, all of which have ended.
+  in a BRIN index: a btree cost publishes 15% and claims 7%); a tail's position is a
+  transaction id, and :func:`sqlbus.postgres.admin.rows_after` reads the rows of the
+  transactions between it and the oldest one still running, all of which have ended.
 
 A statement-level trigger deletes a shared body (``message_body``) with the last row that
 references it, whatever deletes the rows, as SQLite's ``message_body_release``; two
@@ -84,14 +84,15 @@ CREATE TABLE {s}.message (
     last_error text,
     body bytea,
     body_id bigint REFERENCES {s}.message_body (id),
-    xact_id xid8 NOT NULL DEFAULT pg_current_xact_id(),  -- the writing transaction (tail)
+    -- the writing transaction's id as a number (tail); BRIN-indexed: ids grow with the table
+    xact_id bigint NOT NULL DEFAULT pg_current_xact_id()::text::bigint,
     CHECK ((body IS NULL) <> (body_id IS NULL))
 );
 CREATE INDEX message_claim ON {s}.message (agent, priority DESC, seq) INCLUDE (visible_at)
     WHERE state = 0;
 CREATE INDEX message_wait ON {s}.message (agent, visible_at) WHERE state IN (1, 4);
 CREATE INDEX message_id ON {s}.message (message_id);
-CREATE INDEX message_xact ON {s}.message (xact_id);
+CREATE INDEX message_xact ON {s}.message USING brin (xact_id);
 CREATE INDEX message_response ON {s}.message (agent, correlation_id) WHERE type = 'response';
 CREATE INDEX message_body_id ON {s}.message (body_id) WHERE body_id IS NOT NULL;
 CREATE FUNCTION {s}.message_body_release() RETURNS trigger LANGUAGE plpgsql AS $$

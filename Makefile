@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp,web]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -40,7 +40,7 @@ bench: $(STAMP)
 # The peers (persist-queue, litequeue, huey, redis-py; pgqueuer and procrastinate on the
 # PostgreSQL server, started by the postgres target) come with the bench extra.
 compare: $(STAMP) postgres
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp,web]'
 	$(BIN)/python benchmarks/compare.py
 
 schemas: $(STAMP)

@@ -14,6 +14,7 @@ import msgspec
 from starlette.requests import Request
 
 from ..bus import Bus
+from ..errors import SqlbusError
 from ..records import SentRecord
 from .live import Sampler
 
@@ -59,11 +60,14 @@ async def tail_events(
         # bus.tail blocks; each slice of 1 s lets the thread see the stop flag, and each new
         # slice starts where the last one's position was read: a slice's start may miss a
         # message published in the instant between two slices (stated in the report).
-        while not stop.is_set():
-            for record in bus.tail(agent, [type_] if type_ else None, timeout=1.0):
-                loop.call_soon_threadsafe(put, _record(record))
-                if stop.is_set():
-                    return
+        try:
+            while not stop.is_set():
+                for record in bus.tail(agent, [type_] if type_ else None, timeout=1.0):
+                    loop.call_soon_threadsafe(put, _record(record))
+                    if stop.is_set():
+                        return
+        except (SqlbusError, RuntimeError):  # the bus closed, or the loop ended: the page went
+            return
 
     thread = threading.Thread(target=follow, name="sqlbus-dashboard-tail", daemon=True)
     thread.start()

@@ -241,7 +241,7 @@ class Dashboard:
         agent = request.query_params.get("agent") or None
         type_ = request.query_params.get("type") or None
         try:  # check the filters now: a bad one is a 400, not a broken stream
-            self.bus.tail(agent, [type_] if type_ else None, timeout=0).close()
+            self.bus.tail(agent, [type_] if type_ else None, timeout=0)
         except (ValueError, SqlbusError) as exc:
             return PlainTextResponse(f"400 bad request: {exc}", 400)
         return EventSourceResponse(tail_events(request, self.bus, agent, type_), ping=15,

@@ -107,9 +107,9 @@ class Gate:
             await response(scope, receive, send_with_headers)
             return
         if auth is None:
-            response = PlainTextResponse("401 unauthorized: open the URL with ?token= that "
-                                         "sqlbus dashboard printed", status_code=401)
-            await response(scope, receive, send_with_headers)
+            refusal = PlainTextResponse("401 unauthorized: open the URL with ?token= that "
+                                        "sqlbus dashboard printed", status_code=401)
+            await refusal(scope, receive, send_with_headers)
             return
         scope.setdefault("state", {})["auth"] = auth
         await self.app(scope, receive, send_with_headers)

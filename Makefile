@@ -6,12 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast postgres lint bench compare schemas clean
+.PHONY: demo test test-fast postgres chromium lint bench compare schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp,web]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,7 +21,11 @@ demo: $(STAMP)
 postgres:
 	pg_isready -q -h 127.0.0.1 -p 5432 || pg_ctlcluster --skip-systemctl-redirect 15 main start || true
 
-test: $(STAMP) postgres
+# The browser test drives the system Chromium (Playwright cannot download its own here).
+chromium:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) || true
+
+test: $(STAMP) postgres chromium
 	$(BIN)/python -m pytest -q
 
 # The inner loop, under 30 s on two cores: every test file but the tests marked slow (multi-process
@@ -40,7 +44,7 @@ bench: $(STAMP)
 # The peers (persist-queue, litequeue, huey, redis-py; pgqueuer and procrastinate on the
 # PostgreSQL server, started by the postgres target) come with the bench extra.
 compare: $(STAMP) postgres
-	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres,bench,mcp,web]'
 	$(BIN)/python benchmarks/compare.py
 
 schemas: $(STAMP)

@@ -493,6 +493,11 @@ class Bus:
         and leases that ran out; ``report.ok`` is False when ``report.problems`` is not empty."""
         return ops.check(self.engine)
 
+    def schema_version(self) -> int:
+        """The schema version the database holds: one small read, for health checks (the
+        full :meth:`check` reads every page)."""
+        return ops.schema_version(self.engine)
+
     def backup(
         self, dest: str | os.PathLike[str], *, progress: Callable[[int, int], None] | None = None
     ) -> ops.BackupResult:

@@ -455,6 +455,38 @@ def mcp(config: Config, agent_id: str, lease: float | None, max_wait: float | No
     serve(config.connect, agent_id, lease=lease, max_wait=max_wait, read_only=read_only)
 
 
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="The address to listen on; not a loopback one only with a token.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8642, show_default=True)
+@click.option("--token", envvar="SQLBUS_DASHBOARD_TOKEN", metavar="T",
+              help="The access token, 16 characters or more (default: SQLBUS_DASHBOARD_TOKEN, "
+                   "else a random one).")
+@click.option("--read-only", is_flag=True, help="Show no actions; refuse every POST.")
+@pass_config
+def dashboard(config: Config, host: str, port: int, token: str | None, read_only: bool) -> None:
+    """Serve the web dashboard: overview, agents and inboxes, dead letters, state, live tail.
+
+    Prints the URL to open, with ?token=. Needs the extra sqlbus[web]. Listens on 127.0.0.1
+    unless --host says otherwise (then --token is required).
+
+    \b
+    Example:
+        sqlbus --db team.db dashboard --port 8642
+    """
+    try:
+        from .dashboard.guard import choose_token
+        from .dashboard.serve import serve
+    except ImportError as exc:
+        if (exc.name or "").split(".")[0] not in ("starlette", "uvicorn", "sse_starlette",
+                                                  "jinja2", "multipart", "anyio"):
+            raise
+        raise click.ClickException(
+            "sqlbus dashboard needs its web packages: pip install 'sqlbus[web]'") from exc
+    chosen = choose_token(host, token)  # TokenError (a ValueError): one line, exit 2
+    serve(config.bus, host, port, chosen, read_only)
+
+
 for _admin_command in COMMANDS:  # dead letters, state, metrics, retention, check, backup, vacuum
     cli.add_command(_admin_command)
 

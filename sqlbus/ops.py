@@ -349,6 +349,13 @@ def check(engine: Engine) -> CheckReport:
     )
 
 
+def schema_version(engine: Engine) -> int:
+    """The schema version the database holds (SQLite's user_version, PostgreSQL's
+    sqlbus_meta), read in one small query."""
+    with engine.reading() as conn:
+        return int(engine.storage.schema_marks(conn)[1])
+
+
 def _check_postgres(engine: Engine) -> CheckReport:
     storage = engine.storage
     now = engine.now_ms()

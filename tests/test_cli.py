@@ -101,7 +101,7 @@ def test_the_command_list_is_what_the_spec_names():
         "init", "config", "stats", "agents", "peek", "send", "tail", "dead-letters list",
         "dead-letters show", "dead-letters requeue", "dead-letters purge", "state get",
         "state set", "state delete", "state list", "metrics", "prune", "check", "backup",
-        "vacuum", "worker", "mcp",
+        "vacuum", "worker", "mcp", "dashboard",
     }
 
 

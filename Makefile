@@ -28,7 +28,7 @@ chromium:
 test: $(STAMP) postgres chromium
 	$(BIN)/python -m pytest -q
 
-# The inner loop, under 30 s on two cores: every test file but the tests marked slow (multi-process
+# The inner loop, about 2 minutes on two cores (both backends): every test but those marked slow (multi-process
 # runs, SIGKILL crashes, soaks, Hypothesis runs, long real-time waits), on two workers, stopping at
 # the first failure. `make test` runs them all.
 test-fast: $(STAMP) postgres

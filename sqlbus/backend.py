@@ -8,13 +8,47 @@ times as epoch milliseconds (``now``); no verb reads the clock or begins a trans
 its docstring says so, so the same verb runs alone or inside the caller's bigger transaction
 (the outbox), which the engine brackets with :meth:`Storage.begin` and :meth:`Storage.commit`.
 
-The SQLite backend is :mod:`sqlbus.sqlite.storage`.
+The SQLite backend is :mod:`sqlbus.sqlite.storage`, the PostgreSQL one
+:class:`sqlbus.postgres.storage.PostgresStorage`. Both store the same rows in the same states,
+and count the rows they delete the same way (:func:`retired_counts`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol, TypeVar
+
+# A message row's state, the same number in every backend.
+QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
+
+
+def retired_counts(
+    rows: Sequence[tuple[Any, ...]],
+) -> tuple[dict[tuple[str, str], int], set[tuple[str, str]]]:
+    """What deleted message rows ``(message_id, sender, agent, state, sent_at, done_at,
+    reason)`` add to the counters, so every total stays the same: acked rows to received and
+    delivery_ms, dead rows to dead (and expired), per agent; and the (message id, sender)
+    pairs whose message may be gone whole, which count as sent once the backend finds no row
+    of them left."""
+    deltas: dict[tuple[str, str], int] = {}
+
+    def add(name: str, agent: str, value: int = 1) -> None:
+        deltas[name, agent] = deltas.get((name, agent), 0) + value
+
+    senders: set[tuple[str, str]] = set()  # one message per id and sender, as sent_rows counts
+    for message_id, sender, agent, state, sent_at, done_at, reason in rows:
+        senders.add((message_id, sender))
+        if agent is None:
+            continue
+        if state == ACKED:
+            add("received", agent)
+            add("delivery_ms", agent, done_at - sent_at)
+        elif state == DEAD:
+            add("dead", agent)
+            if reason == "expired":
+                add("expired", agent)
+    return deltas, senders
+
 
 # ---------------------------------------------------------------------------------------------
 # Rows

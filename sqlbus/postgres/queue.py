@@ -14,9 +14,8 @@ from typing import Any
 
 import psycopg
 
+from ..backend import ACKED, DEAD, LEASED, QUEUED, SCHEDULED  # noqa: F401 - re-exported
 from .schema import BODY_LENGTH, TOKEN, statement
-
-QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
 
 # A held lease: the row is leased, or its lease ran out and nobody claimed it again yet.
 _HELD = " WHERE seq = %(seq)s AND claims = %(claims)s AND state <= 1"

@@ -14,8 +14,7 @@ from typing import Any
 
 import psycopg
 
-from ..backend import Pruned, RetentionRow
-from .queue import ACKED, DEAD
+from ..backend import Pruned, RetentionRow, retired_counts
 from .schema import statement
 
 # ---------------------------------------------------------------------------------------------
@@ -40,26 +39,9 @@ def add_counters(conn: psycopg.Connection, schema: str, deltas: Sequence[tuple[s
 
 
 def fold_retired(conn: psycopg.Connection, schema: str, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Fold deleted message rows (message_id, sender, agent, state, sent_at, done_at, reason)
-    into the counters, as the SQLite twin: acked rows into received/delivery_ms, dead rows into
-    dead/expired, and a message whose last row went into sent (its sender's)."""
-    deltas: dict[tuple[str, str], int] = {}
-
-    def add(name: str, agent: str, value: int = 1) -> None:
-        deltas[name, agent] = deltas.get((name, agent), 0) + value
-
-    senders: set[tuple[str, str]] = set()
-    for message_id, sender, agent, state, sent_at, done_at, reason in rows:
-        senders.add((message_id, sender))
-        if agent is None:
-            continue
-        if state == ACKED:
-            add("received", agent)
-            add("delivery_ms", agent, done_at - sent_at)
-        elif state == DEAD:
-            add("dead", agent)
-            if reason == "expired":
-                add("expired", agent)
+    """Fold deleted message rows into the counters (:func:`sqlbus.backend.retired_counts`):
+    a message with no row left counts as sent, its sender's."""
+    deltas, senders = retired_counts(rows)
     if senders:
         gone = conn.execute(statement(
             schema,
@@ -68,7 +50,7 @@ def fold_retired(conn: psycopg.Connection, schema: str, rows: Sequence[tuple[Any
             " WHERE m.message_id = r.message_id AND m.sender = r.sender)",
         ), ([m for m, _ in senders], [s for _, s in senders])).fetchall()
         for (sender,) in gone:
-            add("sent", sender)
+            deltas["sent", sender] = deltas.get(("sent", sender), 0) + 1
     add_counters(conn, schema, [(name, agent, value) for (name, agent), value in deltas.items()])
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import apsw
 
-from ..backend import Pruned, RetentionRow
-from .schema import ACKED, DEAD, WAITING
+from ..backend import Pruned, RetentionRow, retired_counts
+from .schema import WAITING
 
 # ---------------------------------------------------------------------------------------------
 # Counters
@@ -33,33 +33,15 @@ def add_counters(conn: apsw.Connection, deltas: Sequence[tuple[str, str, int]]) 
 
 
 def fold_retired(conn: apsw.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Fold deleted message rows (message_id, sender, agent, state, sent_at, done_at, reason)
-    into the counters: acked rows into received/delivery_ms, dead rows into dead/expired, and
-    a message whose last row went into sent (its sender's), so every total stays the same."""
-    deltas: dict[tuple[str, str], int] = {}
-
-    def add(name: str, agent: str, value: int = 1) -> None:
-        deltas[name, agent] = deltas.get((name, agent), 0) + value
-
-    # (id, sender) as sent_rows() counts them: one message per id and sender.
-    senders: set[tuple[str, str]] = set()
-    for message_id, sender, agent, state, sent_at, done_at, reason in rows:
-        senders.add((message_id, sender))
-        if agent is None:
-            continue
-        if state == ACKED:
-            add("received", agent)
-            add("delivery_ms", agent, done_at - sent_at)
-        elif state == DEAD:
-            add("dead", agent)
-            if reason == "expired":
-                add("expired", agent)
+    """Fold deleted message rows into the counters (:func:`sqlbus.backend.retired_counts`):
+    a message with no row left counts as sent, its sender's."""
+    deltas, senders = retired_counts(rows)
     for message_id, sender in senders:
         if not conn.execute(
             "SELECT 1 FROM message WHERE message_id = ? AND sender = ? LIMIT 1",
             (message_id, sender),
         ).fetchall():
-            add("sent", sender)
+            deltas["sent", sender] = deltas.get(("sent", sender), 0) + 1
     add_counters(conn, [(name, agent, value) for (name, agent), value in deltas.items()])
 
 

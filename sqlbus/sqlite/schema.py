@@ -46,6 +46,7 @@ import stat
 
 import apsw
 
+from ..backend import ACKED, DEAD, LEASED, QUEUED, SCHEDULED  # noqa: F401 - re-exported
 from ..errors import DatabaseError
 from .connection import begin, commit, rollback
 
@@ -53,8 +54,6 @@ SCHEMA_VERSION = 5
 APPLICATION_ID = 0x5153_4255  # "QSBU": marks a file as a sqlbus database
 SQLITE_HEADER = b"SQLite format 3\x00"
 
-# The message row's states (the column ``state``).
-QUEUED, LEASED, ACKED, DEAD, SCHEDULED = 0, 1, 2, 3, 4
 
 # ---------------------------------------------------------------------------------------------
 # Tables

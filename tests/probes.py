@@ -116,8 +116,47 @@ def _filters(
 
 
 class _BusLooks:
-    """The looks both probes answer alike: those made of :meth:`inbox_rows`, and those at a
-    bus object rather than its database."""
+    """The looks both probes answer alike: counts of tables both backends keep, those made of
+    :meth:`inbox_rows`, and those at a bus object rather than its database."""
+
+    # -- tables both backends keep alike (P: the driver's placeholder) ---------------------
+
+    P = "?"
+
+    def sql(self, query: str, params: tuple = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def shared_body_count(self) -> int:
+        """Bodies kept once for several recipients (a fan-out keeps one, not one per row)."""
+        return self.sql("SELECT count(*) FROM message_body")[0][0]
+
+    def dead_letter_count(self) -> int:
+        """Dead-letter records kept (one per dead row)."""
+        return self.sql("SELECT count(*) FROM dead_letter")[0][0]
+
+    def counter(self, name: str, agent: str) -> int:
+        """A total kept per agent (unhandled, late_responses, sent, ...); 0 when never counted."""
+        rows = self.sql(f"SELECT value FROM counters WHERE name = {self.P} AND agent = {self.P}",
+                        (name, agent))
+        return rows[0][0] if rows else 0
+
+    def counters(self, name: str) -> dict[str, int]:
+        """A total for every agent that has one ('' is the whole bus)."""
+        return dict(self.sql(f"SELECT agent, value FROM counters WHERE name = {self.P}", (name,)))
+
+    def error_counts(self) -> dict[str, int]:
+        """Handler failures by exception name."""
+        return dict(self.sql("SELECT name, count FROM error_counts"))
+
+    def request_timeout_count(self) -> int:
+        """Requests remembered as timed out (their late responses are discarded)."""
+        return self.sql("SELECT count(*) FROM request_timeout")[0][0]
+
+    def interest_count(self) -> int:
+        """Subscriptions recorded (type and event interests of every agent)."""
+        return self.sql("SELECT count(*) FROM interest")[0][0]
+
+    # -- looks made of inbox_rows ------------------------------------------------------------
 
     def inbox_rows(
         self,
@@ -242,10 +281,6 @@ class SQLiteProbe(_BusLooks):
         where, params = _filters(None, agent, type, state)
         return self.sql(f"SELECT count(*) FROM message{where}", params)[0][0]
 
-    def shared_body_count(self) -> int:
-        """Bodies kept once for several recipients (a fan-out keeps one, not one per row)."""
-        return self.sql("SELECT count(*) FROM message_body")[0][0]
-
     def replace_body(self, message_id: str, body: bytes) -> None:
         """Damage the file: the stored body of a message (to one recipient) becomes ``body``."""
         conn = apsw.Connection(str(self.path))
@@ -296,28 +331,7 @@ class SQLiteProbe(_BusLooks):
         finally:
             conn.close()
 
-    # -- dead letters, counters, state, interests -------------------------------------------
-
-    def dead_letter_count(self) -> int:
-        """Dead-letter records kept (one per dead row)."""
-        return self.sql("SELECT count(*) FROM dead_letter")[0][0]
-
-    def counter(self, name: str, agent: str) -> int:
-        """A total kept per agent (unhandled, late_responses, sent, ...); 0 when never counted."""
-        rows = self.sql("SELECT value FROM counters WHERE name = ? AND agent = ?", (name, agent))
-        return rows[0][0] if rows else 0
-
-    def counters(self, name: str) -> dict[str, int]:
-        """A total for every agent that has one ('' is the whole bus)."""
-        return dict(self.sql("SELECT agent, value FROM counters WHERE name = ?", (name,)))
-
-    def error_counts(self) -> dict[str, int]:
-        """Handler failures by exception name."""
-        return dict(self.sql("SELECT name, count FROM error_counts"))
-
-    def request_timeout_count(self) -> int:
-        """Requests remembered as timed out (their late responses are discarded)."""
-        return self.sql("SELECT count(*) FROM request_timeout")[0][0]
+    # -- state ------------------------------------------------------------------------------
 
     def state_key_count(self, prefix: str = "") -> int:
         """Keys of the shared state kept (deleted ones included, as tombstones), of those
@@ -331,10 +345,6 @@ class SQLiteProbe(_BusLooks):
         if key is None:
             return self.sql(query + " ORDER BY seq")
         return self.sql(query + " WHERE key = ? ORDER BY seq", (key,))
-
-    def interest_count(self) -> int:
-        """Subscriptions recorded (type and event interests of every agent)."""
-        return self.sql("SELECT count(*) FROM interest")[0][0]
 
     # -- the file ---------------------------------------------------------------------------
 
@@ -424,6 +434,8 @@ class PostgresProbe(_BusLooks):
     the bus's schema as its search path, so the SQL is the SQLite probe's with ``%s`` for
     ``?``, and what it sees is what was committed."""
 
+    P = "%s"
+
     def __init__(self, url: str, schema: str) -> None:
         self.url = url
         self.schema = schema
@@ -485,10 +497,6 @@ class PostgresProbe(_BusLooks):
         where, params = _filters(None, agent, type, state, "%s")
         return self.sql(f"SELECT count(*) FROM message{where}", params)[0][0]
 
-    def shared_body_count(self) -> int:
-        """Bodies kept once for several recipients (a fan-out keeps one, not one per row)."""
-        return self.sql("SELECT count(*) FROM message_body")[0][0]
-
     def replace_body(self, message_id: str, body: bytes) -> None:
         """Damage the schema: the stored body of a message (to one recipient) becomes ``body``."""
         with self._connection() as conn:
@@ -514,28 +522,7 @@ class PostgresProbe(_BusLooks):
             f" WHEN (NEW.agent = '{agent}') EXECUTE FUNCTION refuse()",
         )
 
-    # -- dead letters, counters, state, interests -------------------------------------------
-
-    def dead_letter_count(self) -> int:
-        """Dead-letter records kept (one per dead row)."""
-        return self.sql("SELECT count(*) FROM dead_letter")[0][0]
-
-    def counter(self, name: str, agent: str) -> int:
-        """A total kept per agent (unhandled, late_responses, sent, ...); 0 when never counted."""
-        rows = self.sql("SELECT value FROM counters WHERE name = %s AND agent = %s", (name, agent))
-        return rows[0][0] if rows else 0
-
-    def counters(self, name: str) -> dict[str, int]:
-        """A total for every agent that has one ('' is the whole bus)."""
-        return dict(self.sql("SELECT agent, value FROM counters WHERE name = %s", (name,)))
-
-    def error_counts(self) -> dict[str, int]:
-        """Handler failures by exception name."""
-        return dict(self.sql("SELECT name, count FROM error_counts"))
-
-    def request_timeout_count(self) -> int:
-        """Requests remembered as timed out (their late responses are discarded)."""
-        return self.sql("SELECT count(*) FROM request_timeout")[0][0]
+    # -- state ------------------------------------------------------------------------------
 
     def state_key_count(self, prefix: str = "") -> int:
         """Keys of the shared state kept (deleted ones included, as tombstones), of those
@@ -549,10 +536,6 @@ class PostgresProbe(_BusLooks):
         if key is None:
             return self.sql(query + " ORDER BY pos")
         return self.sql(query + " WHERE key = %s ORDER BY pos", (key,))
-
-    def interest_count(self) -> int:
-        """Subscriptions recorded (type and event interests of every agent)."""
-        return self.sql("SELECT count(*) FROM interest")[0][0]
 
     def stored_bytes(self) -> int:
         """What the bus's tables and indexes take on the server (``db_bytes`` of SPEC 12)."""

@@ -16,6 +16,7 @@ import msgspec
 from click.core import ParameterSource
 
 from .bus import Bus, connect, is_postgres_url
+from .errors import DatabaseError
 from .sqlite.schema import check_file  # the CLI checks a file by path before opening a bus
 
 __all__ = [
@@ -205,19 +206,16 @@ def confirm(question: str, yes: bool) -> None:
 
 
 def bus_in_schema(url: str, schema: str) -> bool:
-    """Whether ``schema`` of the database at ``url`` holds a bus (``sqlbus_meta``)."""
+    """Whether ``schema`` of the database at ``url`` holds a bus (created by ``init``)."""
     try:
-        import psycopg
+        from .postgres.schema import bus_version
     except ImportError as exc:
         raise click.ClickException(
             f"a postgresql:// URL needs the extra sqlbus[postgres] ({exc})") from exc
     try:
-        with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-            # the name was checked ([a-z_][a-z0-9_]*): quoting it is all it needs
-            row = conn.execute("SELECT to_regclass(%s)", (f'"{schema}".sqlbus_meta',)).fetchone()
-    except psycopg.Error as exc:
-        raise click.ClickException(f"{redact(url)}: cannot connect ({str(exc).strip()})") from exc
-    return bool(row and row[0])
+        return bus_version(url, schema) is not None
+    except DatabaseError as exc:
+        raise click.ClickException(f"{redact(url)}: {exc}") from exc
 
 
 def redact(url: str) -> str:

@@ -270,6 +270,20 @@ def ensure_schema(conn: psycopg.Connection, schema: str) -> int:
     return SCHEMA_VERSION
 
 
+def bus_version(url: str, schema: str, connect_timeout: float = 5.0) -> int | None:
+    """The version of the bus in ``schema`` of the database at ``url``, or None when there is
+    none yet; reads only (creates nothing). :class:`DatabaseError` when the server does not
+    answer or the schema holds something else."""
+    check_schema_name(schema)
+    try:
+        with psycopg.connect(url, autocommit=True,
+                             connect_timeout=max(2, int(connect_timeout))) as conn:
+            return _found_version(conn, schema)
+    except psycopg.Error as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DatabaseError(f"cannot connect to the server ({first})") from exc
+
+
 def _found_version(conn: psycopg.Connection, schema: str) -> int | None:
     """The version of the bus in ``schema``; None when the schema is missing or empty; raises
     for a schema that holds anything else."""

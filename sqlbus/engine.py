@@ -130,9 +130,6 @@ class Engine:
     storage: Storage[Any]  # the backend's verbs
     backend_errors: tuple[type[BaseException], ...] = ()  # the driver's error classes
     wakeup: Any  # the backend's wake-up: ring, wait, token, wait_async, close
-    # Whether the storage's look and wait_point return the change token in the same read
-    # (SQLite's data_version); if not, callers read change_token() before they look.
-    token_in_reads = True
 
     def __init__(self, path: str, *, busy_timeout: float, clock: Callable[[], float]) -> None:
         self.path = path
@@ -161,6 +158,12 @@ class Engine:
         """A number that changes when any process commits (read it before a look, then
         :meth:`wait_for_change` never misses a commit after the look)."""
         raise NotImplementedError
+
+    def token_before_look(self) -> int | None:
+        """The change token to wait on after a look (a ``look``, a claim, ``find_response``),
+        read before it; None when the storage's look reads it itself, in the same statement
+        (SQLite's ``data_version``): then the look's own value is the one to wait on."""
+        return None
 
     def change_token_in(self, tx: Tx) -> int:
         """The change token, read inside the write ``tx`` (its own commit does not move it)."""

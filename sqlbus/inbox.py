@@ -49,7 +49,7 @@ class Inbox:
     def look(self, types_json: str | None = None) -> tuple[int, bool, int | None]:
         """One read before claiming: (data_version, work waiting, next due time in ms)."""
         engine = self.engine
-        before = None if engine.token_in_reads else engine.change_token()
+        before = engine.token_before_look()
         with engine.reading() as conn:
             version, work, due = engine.storage.look(
                 conn, self.id, engine.now_ms(), types_json, self.skip_json()
@@ -90,7 +90,7 @@ class Inbox:
         lease_until = now + lease_ms
         notices = ack_notices(acking, now)
         claimed: list[tuple[Any, ...]] = []
-        before = None if engine.token_in_reads else engine.change_token()
+        before = engine.token_before_look()
         with engine.write() as tx:
             if acking:
                 ack_in(tx, self.id, acking, notices, now)

@@ -159,7 +159,7 @@ def take_response(agent: Agent, engine: Engine, correlation_id: str) -> tuple[in
     """Look for the response (one read): a direct reply is only read; one that waits in the
     inbox (sent without ``direct_reply``) is taken in a write. Returns (``data_version`` of
     the look, to wait on next, the response or None)."""
-    before = None if engine.token_in_reads else engine.change_token()
+    before = engine.token_before_look()
     with engine.reading() as conn:
         baseline, body, waiting = engine.storage.find_response(conn, agent.id, correlation_id)
         if before is not None:

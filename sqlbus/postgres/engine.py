@@ -181,7 +181,6 @@ class PostgresEngine(Engine):
     """Connections, transactions, the clock and wake-ups of one bus in a PostgreSQL schema."""
 
     kind = "postgresql"
-    token_in_reads = False  # the change token is the wake-up's count of rings
     backend_errors = (psycopg.Error, psycopg_pool.PoolTimeout)
 
     def __init__(
@@ -455,6 +454,9 @@ class PostgresEngine(Engine):
     def change_token(self) -> int:
         self.wakeup.start(wait=self.connect_timeout)
         return self.wakeup.change_token
+
+    def token_before_look(self) -> int:
+        return self.change_token()  # the wake-up's count of rings: no read carries it
 
     def change_token_in(self, tx: Tx) -> int:
         return self.change_token()

@@ -357,32 +357,34 @@ def schema_version(engine: Engine) -> int:
 
 
 def _check_postgres(engine: Engine) -> CheckReport:
+    from .postgres.engine import PostgresEngine  # only here: it needs the extra
+
+    assert isinstance(engine, PostgresEngine)
     storage = engine.storage
     now = engine.now_ms()
     with engine.reading() as conn:
         storage.begin_read(conn)
         try:
-            integrity = storage.integrity_check(conn) or ["ok"]
+            integrity = storage.integrity_check(conn)
+            _, version = storage.schema_marks(conn)
             leases = storage.expired_leases(conn, now)
             expired = storage.count_expired(conn, now)
             bodiless = storage.rows_without_body(conn)
         finally:
             storage.end_read(conn)
-    version = int(getattr(engine, "schema_version", 0))
-    supported = int(getattr(storage, "SCHEMA_VERSION", version))
     problems: list[str] = []
     if integrity != ["ok"]:
         problems.append("damaged rows: " + "; ".join(integrity[:3]))
     if bodiless:
         problems.append(f"{bodiless} message rows have lost their shared body (message_body)")
-    pool = engine.pool_stats()  # type: ignore[attr-defined]
+    pool = engine.pool_stats()
     if pool["requests_waiting"]:
         problems.append(f"{pool['requests_waiting']} calls wait for a pooled connection "
                         f"(pool_size {pool['pool_max']}): raise pool_size")
     db_bytes, wal_bytes = engine.sizes()
     return CheckReport(
         ok=not problems, problems=problems, integrity=integrity, schema_version=version,
-        supported_schema_version=supported, db_bytes=db_bytes, wal_bytes=wal_bytes,
+        supported_schema_version=storage.SCHEMA_VERSION, db_bytes=db_bytes, wal_bytes=wal_bytes,
         wal_frames=0, wal_frames_checkpointed=0, wal_pinned=False,
         expired_leases=leases, expired_messages=expired, backend="postgresql", pool=pool,
     )

@@ -73,17 +73,114 @@ def measure(path: str, page_size: int, label: str, op: Callable[[], object], row
     rows.append(f"| {label} | {after - before} | {len(set(pages))} | {len(trees)} | {listed} |")
 
 
+def breakdown(workdir: str, n: int, repeats: int) -> None:
+    """Where a single publish's time goes, from the fair floor up to ``agent.publish``: each
+    step adds one thing, measured in one run, interleaved (median of ``repeats``)."""
+    import statistics
+
+    import msgspec
+
+    from sqlbus.sqlite import queue as sqlite_queue
+
+    encode = msgspec.json.Encoder().encode
+
+    def floor_conn(path: str) -> apsw.Connection:
+        conn = apsw.Connection(path)
+        conn.execute("PRAGMA page_size=2048")
+        conn.execute("PRAGMA journal_mode=WAL").fetchall()
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("CREATE TABLE queue (seq INTEGER PRIMARY KEY, agent TEXT NOT NULL,"
+                     " priority INTEGER NOT NULL, body BLOB NOT NULL);"
+                     "CREATE INDEX queue_claim ON queue (agent, priority DESC, seq)")
+        return conn
+
+    floor = floor_conn(os.path.join(workdir, "floor.db"))
+    bus = sqlbus.connect(os.path.join(workdir, "steps.db"))
+    producer = bus.agent("producer")
+    bus.agent("consumer")
+    no_id = sqlbus.connect(os.path.join(workdir, "no-id.db"))
+    no_id.agent("consumer")
+    no_id_producer = no_id.agent("producer")
+    no_id.engine.connection().execute("DROP INDEX message_id")
+    raw_paths = [os.path.join(workdir, f"{name}.db") for name in ("raw", "raw-no-id")]
+    for raw_path in raw_paths:
+        sqlbus.connect(raw_path).close()
+    raw_bus, raw_no_id = (apsw.Connection(raw_path) for raw_path in raw_paths)
+    raw_no_id.execute("DROP INDEX message_id")
+    for conn in (raw_bus, raw_no_id):  # as sqlbus's own connections (sqlbus.sqlite.connection)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA cache_size=-16000")
+        conn.set_busy_timeout(5000)
+    sample = producer.publish("consumer", "notification", PAYLOAD, ttl=0)
+    body = bus.engine.connection().execute("SELECT body FROM message WHERE message_id = ?", (sample,)).fetchall()[0][0]
+
+    def floor_step() -> None:
+        for _ in range(n):
+            b = encode(PAYLOAD)
+            floor.execute("BEGIN IMMEDIATE")
+            floor.execute("INSERT INTO queue (agent, priority, body) VALUES ('consumer', 3, ?)", (b,))
+            floor.execute("COMMIT")
+
+    def sql_step(conn: apsw.Connection) -> Callable[[], None]:
+        def step() -> None:
+            now = int(time.time() * 1000)
+            for i in range(n):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(sqlite_queue._INSERT_ONE, (
+                    f"msg-{now}-{i:09d}", "producer", "consumer", "notification", None, 3, 0,
+                    now, None, now, None, body))
+                conn.execute("COMMIT")
+        return step
+
+    def bus_step(agent: sqlbus.Agent) -> Callable[[], None]:
+        def step() -> None:
+            for _ in range(n):
+                agent.publish("consumer", "notification", PAYLOAD, ttl=0)
+        return step
+
+    steps = {
+        "fair floor (encode, 1 row, 1 index)": floor_step,
+        "sqlbus's INSERT alone, without the message_id index": sql_step(raw_no_id),
+        "sqlbus's INSERT alone (its schema and row)": sql_step(raw_bus),
+        "agent.publish without the message_id index": bus_step(no_id_producer),
+        "agent.publish": bus_step(producer),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            rates[name].append(n / (time.perf_counter() - started))
+    base = statistics.median(rates["fair floor (encode, 1 row, 1 index)"])
+    print(f"single publish, n={n}, median of {repeats}, interleaved")
+    print()
+    print("| step | msg/s | vs floor | us per publish |")
+    print("|---|---:|---:|---:|")
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        print(f"| {name} | {rate:,.0f} | {rate / base:.2f} | {1e6 / rate:.1f} |")
+    for b in (bus, no_id):
+        b.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--warm", type=int, default=20_000, help="messages published first")
     parser.add_argument("--loop", choices=("publish", "publish_many", "receive_ack"), default=None)
     parser.add_argument("--n", type=int, default=20_000, help="operations of --loop")
     parser.add_argument("--dir", default=None)
+    parser.add_argument("--durability", default="normal", help="of the bus (normal, full)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time a single publish step by step from the fair floor up")
+    parser.add_argument("--repeats", type=int, default=5, help="--breakdown's runs (median)")
     args = parser.parse_args(argv)
     sqlbus.sqlite.checkpoint.CHECKPOINT_FRAMES = 1 << 40  # the WAL only grows: frames are countable
     workdir = tempfile.mkdtemp(prefix="sqlbus-cost-", dir=args.dir)
+    if args.breakdown:
+        breakdown(workdir, args.n, args.repeats)
+        return 0
     path = os.path.join(workdir, "bus.db")
-    bus = sqlbus.connect(path)
+    bus = sqlbus.connect(path, durability=args.durability)
     producer, consumer = bus.agent("producer"), bus.agent("consumer")
     if args.loop:
         if args.loop == "receive_ack":

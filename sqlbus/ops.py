@@ -34,6 +34,7 @@ from .sqlite.files import file_sizes
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
 UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
+UPKEEP_EXCESS = 10 * UPKEEP_BATCH  # rows above archive_max_messages one pass may prune
 
 
 class InboxEntry(msgspec.Struct, kw_only=True):
@@ -262,10 +263,22 @@ def upkeep(engine: Engine) -> int:
         if archive_ms is not None:
             acked = storage.prune_acked(conn, now - archive_ms, UPKEEP_BATCH, bound=bound).deleted
             deleted += storage.prune_state_log(conn, now - archive_ms, UPKEEP_BATCH)
+        after = 0
         if excess > acked:  # the rows just pruned by age count against the excess
-            acked += storage.prune_oldest_acked(conn, min(excess - acked, UPKEEP_BATCH)).deleted
+            acked_now, after = storage.prune_oldest_acked(conn, min(excess - acked, UPKEEP_BATCH))
+            acked += acked_now
         if dead_ms is not None:
             deleted += storage.prune_dead(conn, now - dead_ms, UPKEEP_BATCH)
+    # The rest of the excess counted above, in more transactions of a batch each (writers go
+    # in between), up to UPKEEP_EXCESS rows a pass: at full speed an archive at its cap gains
+    # thousands of rows a second, and one batch a pass let it grow past the cap (issue 21).
+    while acked < min(excess, UPKEEP_EXCESS) and after:
+        with engine.write() as tx:
+            pruned, after = tx.storage.prune_oldest_acked(
+                tx.conn, min(excess - acked, UPKEEP_BATCH), after)
+        if not pruned:
+            break
+        acked += pruned
     return deleted + acked
 
 

@@ -427,9 +427,19 @@ class _Responses:
         return found
 
     def forget(self, correlation_id: str) -> None:
-        self.waiting.pop(correlation_id, None)
+        found = self.waiting.pop(correlation_id, None)
+        if found is not None and found.done() and not found.cancelled():
+            found.exception()  # retrieved: a failure its request did not wait for is not logged
 
     async def _gather(self) -> None:
+        try:
+            await self._look_while_awaited()
+        except Exception as exc:  # the bus closed, the database failed: tell every request
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(exc)
+
+    async def _look_while_awaited(self) -> None:
         agent = self.agent.sync
         engine = agent.bus.engine
         tag = agent_tag(agent.id)
@@ -438,13 +448,7 @@ class _Responses:
             if not ids:
                 return  # expect() starts another task when a request comes
             token = engine.wakeup.token(tag)  # before the look: a commit after it rings
-            try:
-                found = await _call(self.agent._pool, requests.find_responses, agent, engine, ids)
-            except Exception as exc:  # the bus closed, the database failed: tell every request
-                for future in self.waiting.values():
-                    if not future.done():
-                        future.set_exception(exc)
-                return
+            found = await _call(self.agent._pool, requests.find_responses, agent, engine, ids)
             for cid, message in found:
                 future = self.waiting.get(cid)
                 if future is not None and not future.done():

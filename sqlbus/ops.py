@@ -238,12 +238,19 @@ def prune(
 
 
 def upkeep(engine: Engine) -> int:
+    """One background retention pass (see :func:`upkeep_pass`); returns rows deleted or moved."""
+    return upkeep_pass(engine)[0]
+
+
+def upkeep_pass(engine: Engine) -> tuple[int, bool]:
     """One background retention pass under the policy stored in the file: at most
     ``UPKEEP_BATCH`` acked rows past ``archive_retention`` (and as many state changes), as many
     dead letters past ``dead_retention`` and as many of the oldest acked rows above
     ``archive_max_messages``, in one short transaction; in the same one it moves up to
     ``UPKEEP_BATCH`` expired messages to dead letters (SPEC 4: not only a claim on their inbox
-    does, so an inbox nobody reads does not keep them). Returns rows deleted or moved."""
+    does, so an inbox nobody reads does not keep them). Returns (rows deleted or moved,
+    whether the archive was within 10% of its ``archive_max_messages`` or above it: the next
+    pass should come soon)."""
     storage = engine.storage
     now = engine.now_ms()
     # Read before the write lock: the archive's bound walks every row older than the cutoff,
@@ -251,10 +258,15 @@ def upkeep(engine: Engine) -> int:
     with engine.reading() as conn:
         archive_ms, dead_ms, max_messages = storage.get_retention(conn)
         bound = 0 if archive_ms is None else storage.archive_bound(conn, now - archive_ms)
-        excess = 0 if max_messages is None else storage.archive_excess(conn, max_messages)
+        # Counted against a bound 10% below the cap: an archive that close to its cap is
+        # looked at every UPKEEP_CATCH_UP seconds (below), not every UPKEEP_EVERY, so that at
+        # full speed it never runs a minute of traffic past the cap (issue 21).
+        margin = 0 if max_messages is None else max_messages // 10
+        near = 0 if max_messages is None else storage.archive_excess(conn, max_messages - margin)
+        excess = max(0, near - margin)
         expired = storage.expired_rows(conn, now, UPKEEP_BATCH)
     if archive_ms is None and dead_ms is None and not excess and not expired:
-        return 0
+        return 0, near > 0
     acked = deleted = 0
     with engine.write() as tx:
         conn = tx.conn
@@ -279,7 +291,7 @@ def upkeep(engine: Engine) -> int:
         if not pruned:
             break
         acked += pruned
-    return deleted + acked
+    return deleted + acked, near > 0
 
 
 class RetentionUpkeep:
@@ -298,7 +310,10 @@ class RetentionUpkeep:
             return
         self.due = now + UPKEEP_EVERY
         try:
-            if upkeep(self.engine) >= UPKEEP_BATCH:
+            done, capped = upkeep_pass(self.engine)
+            # An archive at its cap gains rows as fast as the bus writes them: passes a
+            # minute apart let it overshoot by a minute of traffic (issue 21).
+            if done >= UPKEEP_BATCH or capped:
                 self.due = time.monotonic() + UPKEEP_CATCH_UP
         except DatabaseError:
             pass

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| s | db MB | wal MB | total MB | round trips | per s | message rows |")
     print("|---:|---:|---:|---:|---:|---:|---:|", flush=True)
     samples: list[tuple[float, int]] = []
+    capped_at: float | None = None  # when the archive first reached its cap
     last_count, last_t = 0, started
     try:
         while True:
@@ -107,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             now = time.monotonic()
             db, wal = size(path), size(path + "-wal")
             done = count.value
-            rows = "-" if args.no_count else f"{archive_rows(path):,}"
+            counted = None if args.no_count else archive_rows(path)
+            rows = "-" if counted is None else f"{counted:,}"
             rate = (done - last_count) / (now - last_t)
             last_count, last_t = done, now
             elapsed = now - started
             samples.append((elapsed, db + wal))
+            cap = retention.archive_max_messages
+            if capped_at is None and counted is not None and cap is not None and counted >= cap:
+                capped_at = elapsed
             print(f"| {elapsed:.0f} | {db / 1e6:.1f} | {wal / 1e6:.1f} | {(db + wal) / 1e6:.1f} "
                   f"| {done:,} | {rate:,.0f} | {rows} |", flush=True)
             if elapsed >= args.duration - 0.5:
@@ -130,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     verdict = "FLAT" if growth <= args.tolerance else "GROWING"
     print(f"\nfrom {args.flat_from:.0f} s: {base / 1e6:.1f} MB, max after {max(later) / 1e6:.1f} MB, "
           f"growth {growth * 100:+.1f}% (tolerance {args.tolerance * 100:.0f}%): {verdict}")
+    if capped_at is not None:
+        capped = [total for t, total in samples if t >= capped_at]
+        growth = max(capped) / capped[0] - 1
+        print(f"from {capped_at:.0f} s, when the archive reached its cap: {capped[0] / 1e6:.1f} MB, "
+              f"max after {max(capped) / 1e6:.1f} MB, growth {growth * 100:+.1f}%")
     return 0
 
 

@@ -42,7 +42,7 @@ def find_response(conn: Connection, agent: str, correlation_id: str) -> Response
 
 # find_responses: the two looks of find_response for each correlation id of a JSON list (?2),
 # in one statement; only the ids that have something are returned.
-_FOUND_OF = _RESPONSE_OF.replace("?2", "j.value")
+_FOUND_OF = f"agent = ?1{BINARY} AND type = 'response' AND correlation_id = j.value{BINARY}"
 _FIND_MANY = (
     "SELECT cid, body, waiting FROM (SELECT j.value AS cid,"
     f" (SELECT {BODY} FROM message WHERE {_FOUND_OF} AND state = 2 AND claims = 0"

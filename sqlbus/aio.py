@@ -168,6 +168,9 @@ class AsyncBus:
     metrics = _offloaded("metrics", "Metrics shared by every process (SPEC 8).")
     stats = _offloaded("stats", "Per-agent queue depths.")
     peek = _offloaded("peek", "Look at an inbox without claiming.")
+    peek_page = _offloaded("peek_page", "A page of an inbox, for browsing a large one.")
+    leases = _offloaded("leases", "Deliveries in flight, the soonest to end first.")
+    trace = _offloaded("trace", "A message and what became of it in each inbox.")
     retention = _offloaded("retention", "The stored retention policy (see :meth:`sqlbus.Bus.retention`).")
     set_retention = _offloaded(
         "set_retention", "Store a new retention policy (see :meth:`sqlbus.Bus.set_retention`)."
@@ -537,6 +540,10 @@ class AsyncStateStore:
     async def items(self, prefix: str = "") -> list[StateEntry]:
         """Live entries under ``prefix``, sorted by key."""
         return await _call(self._bus._pool, self.sync.items, prefix)
+
+    async def history(self, key: str, limit: int = 20) -> list[StateEntry]:
+        """``key``'s recent versions, newest first (see :meth:`sqlbus.StateStore.history`)."""
+        return await _call(self._bus._pool, self.sync.history, key, limit)
 
     async def set(self, key: str, value: Any, **options: Any) -> int:
         """Write the next version of ``key``; returns it (``expected_version=`` for CAS)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -36,6 +36,8 @@ from .ops import RetentionUpkeep, retention_changes, retention_from_row, store_r
 from .records import (
     AgentInfo,
     DeadLetter,
+    Lease,
+    MessageTrace,
     SentRecord,
     Subscription,
     dead_letter_from_row,
@@ -330,13 +332,27 @@ class Bus:
             for r in rows
         ]
 
-    def dead_letters(self, agent: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters, newest first; ``agent`` keeps those of one recipient."""
+    def dead_letters(
+        self, agent: str | None = None, limit: int = 100, *, reason: str | None = None,
+        after: int | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first; ``agent`` keeps those of one recipient, ``reason``
+        those dead for it (``"failed"``, ``"expired"``, ...). ``after``: the number of the last
+        dead letter of a page; the next page is those older than it.
+
+        >>> page = bus.dead_letters(limit=50)                              # doctest: +SKIP
+        >>> more = bus.dead_letters(limit=50, after=page[-1].id)           # doctest: +SKIP
+        """
         if agent is not None:
             check_agent_id(agent, "agent")
         check_limit(limit)
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError(f"reason must be a str, got {reason!r}")
+        if after is not None and (type(after) is not int or after < 0):
+            raise ValueError(f"after must be a dead-letter number, got {after!r}")
         with self.engine.reading() as conn:
-            rows = self.engine.storage.list_dead_letters(conn, agent, limit, self.engine.max_body)
+            rows = self.engine.storage.list_dead_letters(conn, agent, limit, self.engine.max_body,
+                                                         reason, after)
         return [dead_letter_from_row(row) for row in rows]
 
     def dead_letter(self, ref: int | str) -> DeadLetter | None:
@@ -414,16 +430,76 @@ class Bus:
         check_limit(limit)
         return ops.peek(self.engine, agent, limit)
 
+    def peek_page(
+        self,
+        agent: str,
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        type: str | None = None,
+        status: str | None = None,
+        priority: int | None = None,
+        text: str | None = None,
+        scan: int = 10_000,
+    ) -> ops.PeekPage:
+        """A page of ``agent``'s inbox in :meth:`peek`'s order, for browsing a large one:
+        ``after`` is the position the page before gave (each page a seek in an index, never
+        an OFFSET). Filters: ``type``, ``status`` (a peek status), ``priority`` (1-5),
+        ``text`` (in the payload's JSON, any case). At most ``scan`` rows are looked at per
+        page, so a rare match gives a short page that says where to go on.
+
+        >>> page = bus.peek_page("bob", status="ready")              # doctest: +SKIP
+        >>> page = bus.peek_page("bob", status="ready", after=page.after)   # doctest: +SKIP
+        """
+        check_agent_id(agent, "agent")
+        check_limit(limit)
+        check_limit(scan)
+        if status is not None and status not in ops.PEEK_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(ops.PEEK_STATUSES)}, got {status!r}")
+        if priority is not None and (
+                isinstance(priority, bool) or not isinstance(priority, int)
+                or not 1 <= priority <= 5):
+            raise ValueError(f"priority must be an int 1..5, got {priority!r}")
+        for name, value in (("type", type), ("text", text)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a str, got {value!r}")
+        return ops.peek_page(self.engine, agent, after=after, limit=limit, type=type,
+                             status=status, priority=priority, text=text, scan=scan)
+
+    def leases(self, agent: str | None = None, limit: int = 100) -> list[Lease]:
+        """Deliveries in flight (leases running now), the soonest to end first; ``agent``
+        keeps those of its inbox.
+
+        >>> [(l.agent, l.message.id, l.lease_ends_at) for l in bus.leases()]   # doctest: +SKIP
+        """
+        if agent is not None:
+            check_agent_id(agent, "agent")
+        check_limit(limit)
+        return ops.leases(self.engine, agent, limit)
+
+    def trace(self, message_id: str) -> MessageTrace | None:
+        """Message ``message_id`` and what became of it in each recipient's inbox (status,
+        attempts, last error, lease end, dead letter), or None when no row of it is left
+        (unknown, or pruned from the archive).
+
+        >>> [(r.agent, r.status) for r in bus.trace(message_id).recipients]   # doctest: +SKIP
+        """
+        if not isinstance(message_id, str) or not message_id:
+            raise ValueError(f"message_id must be a non-empty str, got {message_id!r}")
+        return ops.trace(self.engine, message_id)
+
     def tail(
         self,
         agent: str | None = None,
         types: Iterable[str] | None = None,
         *,
         timeout: float | None = None,
-    ) -> Iterator[SentRecord]:
+        after: int | None = None,
+    ) -> ops.Tail:
         """Yield messages as any process publishes them, from now on, for ``timeout``
         seconds (None: until the caller stops iterating). ``agent`` keeps those sent by or to
-        it; ``types`` those types.
+        it; ``types`` those types. ``after``: start at the ``position`` of an earlier tail
+        instead of now, so that following in slices of time misses nothing.
 
         >>> for record in bus.tail(types=["error"]): print(record.message.id)   # doctest: +SKIP
         """
@@ -433,7 +509,9 @@ class Bus:
             types = check_types(types)
         if timeout is not None:
             timeout = seconds(timeout, "timeout")
-        return ops.tail(self.engine, agent, types, timeout=timeout)
+        if after is not None and (type(after) is not int or after < 0):
+            raise ValueError(f"after must be the position of an earlier tail, got {after!r}")
+        return ops.tail(self.engine, agent, types, timeout=timeout, from_seq=after)
 
     def retention(self) -> ops.Retention:
         """The retention policy stored in the database (the same for every process).

@@ -18,10 +18,12 @@ from .admin import (
     get_dead_letter,
     interested_in_type,
     last_seq,
+    lease_rows,
     list_agents,
     list_dead_letters,
     list_interests,
     list_sent,
+    message_rows,
     peek_rows,
     purge_dead_letters,
     register_agent,
@@ -107,6 +109,7 @@ from .state import (
     lock_state,
     put_state,
     state_entries,
+    state_history,
     state_keys,
     state_log_after,
     state_snapshot,
@@ -142,7 +145,8 @@ __all__ = [
     "forget_request_timeout", "take_late_responses", "delivery_ms",
     # dead letters, the archive, peek and tail
     "list_dead_letters", "get_dead_letter", "requeue_targets", "dead_letter_ids", "requeue",
-    "purge_dead_letters", "list_sent", "peek_rows", "last_seq", "rows_after",
+    "purge_dead_letters", "list_sent", "peek_rows", "lease_rows", "message_rows", "last_seq",
+    "rows_after",
     # retention, counters and upkeep
     "get_retention", "set_retention", "add_counters", "archive_bound", "prune_acked",
     "archive_excess", "prune_oldest_acked", "prune_dead", "prune_state_log", "count_prunable",
@@ -152,5 +156,5 @@ __all__ = [
     "read_counters", "count_expired", "expired_leases", "rows_without_body",
     # shared state
     "get_state", "lock_state", "put_state", "state_keys", "state_entries", "state_snapshot",
-    "state_log_after",
+    "state_log_after", "state_history",
 ]

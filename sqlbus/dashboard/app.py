@@ -35,6 +35,7 @@ from .streams import overview_events, tail_events
 
 HERE = Path(__file__).parent
 PAGE = 50  # rows a page
+SCAN = 2_000  # rows a filtered inbox page looks at, at most (about 100 ms), before it stops
 MESSAGE_STATES = PEEK_STATUSES
 
 
@@ -108,14 +109,14 @@ class Dashboard:
             page = await self.run(lambda: self.bus.peek_page(
                 agent, after=q.get("after") or None, limit=PAGE, type=filters["type"] or None,
                 status=filters["state"] or None, priority=_priority(filters["priority"]),
-                text=filters["q"] or None))
+                text=filters["q"] or None, scan=SCAN))
         except (ValueError, SqlbusError) as exc:
             return self.page(request, "error.html", 400, message=str(exc))
         more = None if page.after is None else "?" + urlencode(
             {**{k: v for k, v in filters.items() if v}, "after": page.after})
         return self.page(request, "inbox.html", agent=agent, rows=page.entries,
                          filters=filters, states=MESSAGE_STATES, more=more,
-                         first=not q.get("after"))
+                         first=not q.get("after"), scan=SCAN)
 
     async def message(self, request: Request) -> Response:
         message_id = request.path_params["id"]

@@ -90,8 +90,9 @@ class Dashboard:
 
     async def overview(self, request: Request) -> Response:
         latest = await self.sampler.latest()
-        return self.page(request, "overview.html", figures=latest,
-                         points=chart_points(self.sampler.rates()))
+        rates = self.sampler.rates()
+        return self.page(request, "overview.html", figures=latest, points=chart_points(rates),
+                         rates=" ".join(f"{r:.3f}" for r in rates))
 
     async def agents(self, request: Request) -> Response:
         infos, stats = await self.run(lambda: (self.bus.agents(), self.bus.stats()))

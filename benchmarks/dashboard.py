@@ -2,6 +2,7 @@
 
     python benchmarks/dashboard.py                     # 1,000,000 archived, 10,000 queued
     python benchmarks/dashboard.py --archived 100000   # a quicker look
+    python benchmarks/dashboard.py --postgres postgresql://127.0.0.1/test --archived 100000
 
 It builds (or reuses, with ``--keep PATH``) a database holding ``--archived`` acked messages
 and ``--queued`` ready ones in one inbox (plus some dead letters, leases and state keys),
@@ -26,17 +27,20 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import sqlbus
 
 TOKEN = "benchmark-token-of-32-characters"
+SCHEMA = "sqlbus_dashboard_bench"  # the schema --postgres builds in (dropped first)
+OPTIONS: dict[str, str] = {}  # connect() keywords: the schema on PostgreSQL
 
 
 def build(path: Path, archived: int, queued: int) -> None:
     """Fill a new file: ``archived`` acked messages (alice to bob), ``queued`` ready ones in
     carol's inbox (one in 1,000 holds the word "needle"), 20 dead letters, 20 leases, 100
     state keys."""
-    with sqlbus.connect(path, archive_max_messages=None) as bus:
+    with sqlbus.connect(path, archive_max_messages=None, **OPTIONS) as bus:
         alice, bob, _carol = bus.agent("alice"), bus.agent("bob"), bus.agent("carol")
         batch = 1000
         for start in range(0, archived, batch):
@@ -71,7 +75,7 @@ def time_pages(path: Path, repeats: int) -> list[tuple[str, float]]:
     from sqlbus.dashboard.app import create_app
 
     results = []
-    with sqlbus.connect(path) as bus:
+    with sqlbus.connect(path, **OPTIONS) as bus:
         deep = bus.peek_page("carol", limit=50)
         for _ in range(100):  # 5,000 rows in: the 101st page
             deep = bus.peek_page("carol", limit=50, after=deep.after)
@@ -128,7 +132,7 @@ def idle_cost(path: Path, seconds: float) -> float:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sqlbus", "dashboard", "--db", str(path), "--port", str(port),
-         "--token", TOKEN], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+         "--token", TOKEN, *(["--schema", OPTIONS["schema"]] if OPTIONS else [])], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     stop = threading.Event()
 
     def stream(route: str) -> None:
@@ -176,14 +180,26 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--idle", type=float, default=30.0, help="seconds of idle measured")
     p.add_argument("--keep", type=Path, help="a database file to reuse (built when missing)")
+    p.add_argument("--postgres", metavar="URL", help=f"build in schema {SCHEMA} there instead")
     args = p.parse_args()
     tmp = None
-    if args.keep is not None:
+    if args.postgres:
+        import psycopg
+
+        with psycopg.connect(args.postgres, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        OPTIONS["schema"] = SCHEMA
+        t0 = time.perf_counter()
+        build(args.postgres, args.archived, args.queued)  # type: ignore[arg-type]
+        print(f"built schema {SCHEMA} ({args.archived:,} archived, {args.queued:,} queued) in "
+              f"{time.perf_counter() - t0:.0f} s")
+        path: Any = args.postgres
+    elif args.keep is not None:
         path = args.keep
     else:
         tmp = tempfile.TemporaryDirectory()
         path = Path(tmp.name) / "dashboard.db"
-    if not path.exists():
+    if not args.postgres and not path.exists():
         t0 = time.perf_counter()
         build(path, args.archived, args.queued)
         print(f"built {path} ({args.archived:,} archived, {args.queued:,} queued) in "

@@ -609,11 +609,15 @@ def peek_page(
                     return PeekPage(entries=entries, after=None)  # past the status's group
                 looked += 1
                 position = r.position
+                if (type is not None and r.type != type) or (
+                        status is not None and r.status != status):
+                    continue
+                if needle is not None and r.body is not None and needle not in r.body.decode(
+                        "utf-8", "replace").lower():
+                    continue  # not even in the stored JSON: no need to decode it
                 message = listed_message(agent, r.message_id, r.sender, r.type, r.priority,
                                          r.sent_at, r.body)
-                if (type is not None and message.type != type) or (
-                        status is not None and r.status != status) or (
-                        needle is not None and needle not in json_text(message.payload)):
+                if needle is not None and needle not in json_text(message.payload):
                     continue
                 entries.append(InboxEntry(message=message, status=r.status, attempts=r.attempts,
                                           visible_at=iso_ms(r.visible_at), payload_bytes=r.length))

@@ -506,3 +506,30 @@ def test_every_page_and_action_works_on_both_backends(database):
             assert r.status_code == 303 and b.dead_letters() == []
     finally:
         b.close()
+
+
+def test_the_sampler_reads_once_for_many_callers_and_waits_longer_after_a_slow_read(bus):
+    import asyncio
+
+    from sqlbus.dashboard.live import COST_FACTOR, Sampler
+
+    class Counting:  # the real bus, its metrics reads counted and made slow
+        calls = 0
+
+        def metrics(self):
+            Counting.calls += 1
+            time.sleep(0.05)
+            return bus.metrics()
+
+    sampler = Sampler(Counting(), interval=0.01)
+
+    async def main():
+        await asyncio.gather(*(sampler.latest() for _ in range(20)))
+        assert Counting.calls == 1
+        gap = sampler._next_read - time.monotonic()
+        assert gap > (COST_FACTOR - 5) * 0.05  # not 0.01 s: 50 times the read's 0.05 s
+        for _ in range(5):  # pages in the meantime are served from the sample
+            assert (await sampler.latest())["sent"] == bus.metrics().messages_sent
+        assert Counting.calls == 1
+
+    asyncio.run(main())

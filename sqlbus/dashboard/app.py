@@ -35,6 +35,7 @@ from .streams import overview_events, tail_events
 
 HERE = Path(__file__).parent
 PAGE = 50  # rows a page
+SCAN = 2_000  # rows a filtered inbox page looks at, at most (about 100 ms), before it stops
 MESSAGE_STATES = PEEK_STATUSES
 
 
@@ -89,8 +90,9 @@ class Dashboard:
 
     async def overview(self, request: Request) -> Response:
         latest = await self.sampler.latest()
-        return self.page(request, "overview.html", figures=latest,
-                         points=chart_points(self.sampler.rates()))
+        rates = self.sampler.rates()
+        return self.page(request, "overview.html", figures=latest, points=chart_points(rates),
+                         rates=" ".join(f"{r:.3f}" for r in rates))
 
     async def agents(self, request: Request) -> Response:
         infos, stats = await self.run(lambda: (self.bus.agents(), self.bus.stats()))
@@ -108,14 +110,14 @@ class Dashboard:
             page = await self.run(lambda: self.bus.peek_page(
                 agent, after=q.get("after") or None, limit=PAGE, type=filters["type"] or None,
                 status=filters["state"] or None, priority=_priority(filters["priority"]),
-                text=filters["q"] or None))
+                text=filters["q"] or None, scan=SCAN))
         except (ValueError, SqlbusError) as exc:
             return self.page(request, "error.html", 400, message=str(exc))
         more = None if page.after is None else "?" + urlencode(
             {**{k: v for k, v in filters.items() if v}, "after": page.after})
         return self.page(request, "inbox.html", agent=agent, rows=page.entries,
                          filters=filters, states=MESSAGE_STATES, more=more,
-                         first=not q.get("after"))
+                         first=not q.get("after"), scan=SCAN)
 
     async def message(self, request: Request) -> Response:
         message_id = request.path_params["id"]
@@ -228,7 +230,7 @@ class Dashboard:
     # -- machine routes -----------------------------------------------------------------------
 
     async def metrics(self, request: Request) -> Response:
-        m = await self.run(self.bus.metrics)
+        m = await self.sampler.latest_metrics()  # the overview's read: one for all callers
         return PlainTextResponse(to_prometheus(m), media_type="text/plain; version=0.0.4")
 
     async def healthz(self, request: Request) -> Response:

@@ -38,8 +38,10 @@ def depth_rows(conn: apsw.Connection, now: int) -> list[DepthRow]:
             e[_INBOX_STATES.index(status)] += count
             if status == "ready":
                 e[6] = oldest if e[6] is None else min(e[6], oldest)
+    # From the dead letters to their rows (CROSS JOIN keeps that order): left to itself the
+    # planner may walk the whole message table instead.
     for agent, dead in conn.execute(
-        "SELECT m.agent, count(*) FROM dead_letter AS d JOIN message AS m ON m.seq = d.seq"
+        "SELECT m.agent, count(*) FROM dead_letter AS d CROSS JOIN message AS m ON m.seq = d.seq"
         " WHERE m.agent IS NOT NULL GROUP BY m.agent"
     ):
         entry(agent)[5] = dead

@@ -311,7 +311,8 @@ class MetricsFollower:
         self._lock = threading.Lock()
         self._top = -1  # the highest position read (-1: nothing read yet)
         self._now = 0  # the time of the previous read, ms
-        self._pending: dict[int, tuple[str | None, int]] = {}  # not acked: seq -> (agent, state)
+        self._pending: dict[int, str | None] = {}  # rows not acked: seq -> recipient
+        self._seen: tuple[Any, int, int] | None = None  # (connection, data_version, total_changes)
         self._acked: dict[str, list[int]] = {}  # recipient -> [acked rows kept, their ms]
         self._sent: dict[str, int] = {}  # sender -> messages with a row kept
         self._recent: list[tuple[int, int, str]] = []  # (done_at, seq, agent) of the last minute
@@ -328,14 +329,20 @@ class MetricsFollower:
             if storage is not sqlite_storage:
                 self.last_read = FollowRead(full=True, rows=0)
                 return compute_metrics(storage, conn, now, sizes)
+            # Read before the snapshot is taken: when the same numbers come back next time,
+            # nothing was committed in between (by another connection, or by this one).
+            seen = (conn, storage.data_version(conn), conn.total_changes())
             storage.begin_read(conn)  # every query below sees the same commit
             try:
                 figures = _read_figures(storage, conn, now)
                 counters = {(name, agent): value for name, agent, value in figures.counters}
-                if self._top < 0 or now < self._now or not self._follow(conn, now, counters):
+                if seen == self._seen and now >= self._now and counters == self._counters:
+                    self.last_read = FollowRead(full=False, rows=0)
+                elif self._top < 0 or now < self._now or not self._follow(conn, now, counters):
                     self._start(conn, now, counters)
+                self._seen = seen
             except BaseException:
-                self._top = -1  # half-updated: the next read starts again
+                self._top, self._seen = -1, None  # half-updated: the next read starts again
                 raise
             finally:
                 storage.end_read(conn)
@@ -351,7 +358,7 @@ class MetricsFollower:
             self._acked[agent] = [count, ms]
             self._recent += [(done_at, seq, agent) for seq, done_at in json.loads(recent)]
         self._sent = {sender: count for sender, count in s.sent_rows(conn)}
-        self._pending = {seq: (agent, state) for seq, agent, state in s.unacked_positions(conn)}
+        self._pending = dict(s.unacked_positions(conn))
         self._counters = counters
         self.last_read = FollowRead(full=True, rows=0)
 
@@ -366,10 +373,13 @@ class MetricsFollower:
         new_ids = {(sender, message_id) for _seq, _agent, sender, message_id, *_ in new}
         if new_ids and s.messages_before(conn, [m for _s, m in new_ids], self._top):
             return False  # rows added to a message that had rows before (never, by publish)
-        known = s.rows_at(conn, list(self._pending))
-        present = {row[0] for row in known}
+        # The rows not acked at the previous read that are not queued, waiting or dead now
+        # (the partial indexes say which are) were acked or deleted since: read those.
+        unacked = s.unacked_seqs(conn)
+        known = s.rows_at(conn, [seq for seq in self._pending if seq not in unacked])
+        present = unacked | {row[0] for row in known}
         vanished = [seq for seq in self._pending if seq not in present]
-        vanished_agents = {self._pending[seq][0] for seq in vanished}
+        vanished_agents = {self._pending[seq] for seq in vanished}
 
         def grown(name: str, agent: str) -> int:
             return counters.get((name, agent), 0) - self._counters.get((name, agent), 0)
@@ -420,13 +430,11 @@ class MetricsFollower:
             if state == ACKED:
                 del self._pending[seq]
                 self._add_acked(seq, row_agent, sent_at, done_at, since)
-            else:
-                self._pending[seq] = (row_agent, state)
         for seq, row_agent, _sender, _id, state, sent_at, done_at in new:
             if state == ACKED:
                 self._add_acked(seq, row_agent, sent_at, done_at, since)
             else:
-                self._pending[seq] = (row_agent, state)
+                self._pending[seq] = row_agent
         for sender, _id in new_ids:
             self._sent[sender] = self._sent.get(sender, 0) + 1
         self._top = top

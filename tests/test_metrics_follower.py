@@ -299,4 +299,3 @@ def test_a_read_after_the_first_reads_the_new_rows_only_not_the_archive(make_bus
     assert follower.last_read == FollowRead(full=False, rows=10)  # 10 new rows, none pending
     assert full > 10_000 * 3  # a full read steps through every archived row
     assert idle < 500 and changed < 1_000, (idle, changed, full)
-    print(idle, changed, full)

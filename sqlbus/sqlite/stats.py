@@ -129,17 +129,25 @@ def acked_summary(conn: apsw.Connection, since: int) -> list[tuple[str, int, int
     ).fetchall()
 
 
-def unacked_positions(conn: apsw.Connection) -> list[tuple[int, str | None, int]]:
-    """(seq, agent, state) of every row not acked: queued, leased, scheduled (the two partial
+def unacked_positions(conn: apsw.Connection) -> list[tuple[int, str | None]]:
+    """(seq, agent) of every row not acked: queued, leased, scheduled (the two partial
     indexes, each with its own WHERE) and dead (the dead-letter table); never the archive."""
     return (
-        conn.execute("SELECT seq, agent, state FROM message WHERE state = 0").fetchall()
-        + conn.execute(f"SELECT seq, agent, state FROM message WHERE {WAITING}").fetchall()
+        conn.execute("SELECT seq, agent FROM message WHERE state = 0").fetchall()
+        + conn.execute(f"SELECT seq, agent FROM message WHERE {WAITING}").fetchall()
         + conn.execute(
-            "SELECT m.seq, m.agent, m.state FROM dead_letter AS d CROSS JOIN message AS m"
-            " ON m.seq = d.seq"
+            "SELECT m.seq, m.agent FROM dead_letter AS d CROSS JOIN message AS m ON m.seq = d.seq"
         ).fetchall()
     )
+
+
+def unacked_seqs(conn: apsw.Connection) -> set[int]:
+    """The positions of :func:`unacked_positions`, from the indexes alone (queued rows' from
+    message_claim, which holds seq; dead ones' from the dead-letter table)."""
+    seqs = {row[0] for row in conn.execute("SELECT seq FROM message WHERE state = 0")}
+    seqs.update(row[0] for row in conn.execute(f"SELECT seq FROM message WHERE {WAITING}"))
+    seqs.update(row[0] for row in conn.execute("SELECT seq FROM dead_letter"))
+    return seqs
 
 
 def rows_since(

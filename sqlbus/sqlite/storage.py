@@ -129,6 +129,7 @@ from .stats import (
     rows_without_body,
     sent_rows,
     unacked_positions,
+    unacked_seqs,
 )
 
 __all__ = [
@@ -161,7 +162,7 @@ __all__ = [
     "depth_rows", "acked_rows", "sent_rows", "dead_reason_rows", "error_count_rows",
     "read_counters", "count_expired", "expired_leases", "rows_without_body",
     # following the rows by position (sqlbus.metrics.MetricsFollower; SQLite only)
-    "follow_top", "acked_summary", "unacked_positions", "rows_since", "rows_at",
+    "follow_top", "acked_summary", "unacked_positions", "unacked_seqs", "rows_since", "rows_at",
     "messages_before",
     # shared state
     "get_state", "lock_state", "put_state", "state_keys", "state_entries", "state_snapshot",

@@ -13,6 +13,7 @@ B-tree page per commit would cost a large share of single-message throughput
 
 from __future__ import annotations
 
+import bisect
 import json
 import threading
 from collections.abc import Iterable, Iterator
@@ -257,6 +258,7 @@ def _assemble(
 # Following the metrics: what bus.metrics() returns, read again at the cost of what changed
 
 _MINUTE_MS = 60_000
+_LAST = 1 << 62  # above every position: (t, _LAST) sorts after every (t, seq)
 # Counters whose growth since the last read says which rows counted then were deleted since.
 _FOLDED = ("received", "delivery_ms", "late_responses", "sent")
 
@@ -315,7 +317,8 @@ class MetricsFollower:
         self._seen: tuple[Any, int, int] | None = None  # (connection, data_version, total_changes)
         self._acked: dict[str, list[int]] = {}  # recipient -> [acked rows kept, their ms]
         self._sent: dict[str, int] = {}  # sender -> messages with a row kept
-        self._recent: list[tuple[int, int, str]] = []  # (done_at, seq, agent) of the last minute
+        # per recipient, (done_at, seq) of its acks of the last minute, in order
+        self._recent: dict[str, list[tuple[int, int]]] = {}
         self._counters: dict[tuple[str, str], int] = {}
         self.last_read = FollowRead(full=True, rows=0)
 
@@ -353,10 +356,10 @@ class MetricsFollower:
         """Read the aggregates from a scan of the whole table (in the caller's snapshot)."""
         s = sqlite_storage
         self._top = s.follow_top(conn)
-        self._acked, self._recent = {}, []
+        self._acked, self._recent = {}, {}
         for agent, count, ms, recent in s.acked_summary(conn, now - _MINUTE_MS):
             self._acked[agent] = [count, ms]
-            self._recent += [(done_at, seq, agent) for seq, done_at in json.loads(recent)]
+            self._recent[agent] = sorted((done_at, seq) for seq, done_at in json.loads(recent))
         self._sent = {sender: count for sender, count in s.sent_rows(conn)}
         self._pending = dict(s.unacked_positions(conn))
         self._counters = counters
@@ -412,10 +415,12 @@ class MetricsFollower:
             retired[agent] = (rows, ms)
         checked = 0
         if retired:  # acks of the last minute among the deleted rows leave the throughput
-            looked = [seq for _done, seq, agent in self._recent if agent in retired]
+            looked = [seq for agent in retired for _done, seq in self._recent.get(agent, ())]
             checked = len(looked)
             kept = {row[0] for row in s.rows_at(conn, looked)}
-            self._recent = [r for r in self._recent if r[2] not in retired or r[1] in kept]
+            for agent in retired:
+                if agent in self._recent:
+                    self._recent[agent] = [r for r in self._recent[agent] if r[1] in kept]
 
         # From here on the changes are known row by row: apply them.
         for recipient, (rows, ms) in retired.items():
@@ -452,17 +457,19 @@ class MetricsFollower:
         if done_at is not None:
             entry[1] += done_at - sent_at
             if done_at > since:
-                self._recent.append((done_at, seq, agent))
+                recent = self._recent.setdefault(agent, [])
+                if not recent or recent[-1] < (done_at, seq):
+                    recent.append((done_at, seq))  # acks mostly come in order
+                else:
+                    bisect.insort(recent, (done_at, seq))
 
     def _acked_rows(self, now: int) -> list[AckedRow]:
         """Per recipient with acked rows kept, as :meth:`Storage.acked_rows` reads them at ``now``."""
-        since = now - _MINUTE_MS
-        self._recent = [r for r in self._recent if r[0] > since]
-        windows: dict[str, list[int]] = {}
-        for done_at, _seq, agent in self._recent:
-            w = windows.setdefault(agent, [0, 0])
-            w[0] += done_at > now - 1000
-            w[1] += 1
+        windows: dict[str, tuple[int, int]] = {}
+        for agent, recent in self._recent.items():
+            del recent[:bisect.bisect_right(recent, (now - _MINUTE_MS, _LAST))]
+            windows[agent] = (len(recent) - bisect.bisect_right(recent, (now - 1000, _LAST)),
+                              len(recent))
         return [
             AckedRow(agent, count, ms, *windows.get(agent, (0, 0)))
             for agent, (count, ms) in sorted(self._acked.items()) if count

@@ -266,8 +266,9 @@ _FOLDED = ("received", "delivery_ms", "late_responses", "sent")
 class FollowRead(NamedTuple):
     """What one :meth:`MetricsFollower.read` looked at: ``full`` when it scanned the whole
     message table (the first read, PostgreSQL, or a change it cannot follow row by row), and
-    ``rows`` the message rows it fetched by position otherwise (new rows, rows not acked at
-    the previous read, and recently acked rows looked up again after a prune)."""
+    ``rows`` the message rows it fetched by position otherwise: the new rows, the rows not
+    acked at the previous read that are no longer queued, waiting or dead, and the acks of the
+    last minute looked up again after a prune (0: nothing was committed since)."""
 
     full: bool
     rows: int
@@ -291,10 +292,14 @@ class MetricsFollower:
     memory (per recipient: acked rows and their publish-to-ack ms; per sender: messages; the
     ack times of the last minute) with the top position it has read and the positions of the
     rows that were not acked then (queued, leased, scheduled, dead: a dead letter can be
-    requeued and acked). A read fetches the rows above that top, the not-acked rows again by
-    position, and the counters; rows deleted since moved their counts into the counters, so
-    the counters' growth is taken off the aggregates. Acked rows never change again, and only
-    retention's fold (``fold_retired``) and the count of late responses change those counters.
+    requeued and acked). A read fetches the rows above that top (positions are given in
+    commit order, never reused), walks the partial indexes for the rows still not acked and
+    fetches by position those of its not-acked rows that are not among them (acked or deleted
+    since), and reads the counters; rows deleted since moved their counts into the counters,
+    so the counters' growth is taken off the aggregates. Acked rows never change again, and
+    only retention's fold (``fold_retired``) and the count of late responses
+    (``count_late_responses``) change those counters. When nothing was committed since the
+    previous read, it reads only what depends on the clock (depths, the throughput windows).
 
     A read scans the whole table again, in the same snapshot, when it cannot tell the changes
     apart row by row: a row published after the previous read was deleted before this one, a
@@ -384,35 +389,10 @@ class MetricsFollower:
         vanished = [seq for seq in self._pending if seq not in present]
         vanished_agents = {self._pending[seq] for seq in vanished}
 
-        def grown(name: str, agent: str) -> int:
-            return counters.get((name, agent), 0) - self._counters.get((name, agent), 0)
-
-        # What retention deleted of the rows acked at the previous read, per recipient: the
-        # received and delivery_ms it folded in, less what late responses took off them.
-        retired: dict[str, tuple[int, int]] = {}
-        sent_gone: dict[str, int] = {}
-        for name, agent in set(counters) | set(self._counters):
-            if name not in _FOLDED or not grown(name, agent):
-                continue
-            if name == "sent":
-                sent_gone[agent] = grown(name, agent)
-                if sent_gone[agent] < 0 or self._sent.get(agent, 0) < sent_gone[agent]:
-                    return False
-                continue
-            late = grown("late_responses", agent)
-            rows, ms = grown("received", agent) + late, grown("delivery_ms", agent)
-            if rows < 0 or late < 0:
-                return False
-            if rows == 0:
-                if not late and ms:
-                    return False  # delivery_ms moved alone: a writer this does not know
-                continue  # no row counted before was deleted; late responses are seen acked
-            if late or agent in vanished_agents:
-                return False  # the fold's rows might be rows this never counted as acked
-            count, total_ms = self._acked.get(agent, (0, 0))
-            if count < rows or (count == rows and total_ms != ms):
-                return False
-            retired[agent] = (rows, ms)
+        folded = self._folded(counters, vanished_agents)
+        if folded is None:
+            return False
+        retired, sent_gone = folded
         checked = 0
         if retired:  # acks of the last minute among the deleted rows leave the throughput
             looked = [seq for agent in retired for _done, seq in self._recent.get(agent, ())]
@@ -446,6 +426,43 @@ class MetricsFollower:
         self._counters = counters
         self.last_read = FollowRead(full=False, rows=len(new) + len(known) + checked)
         return True
+
+    def _folded(
+        self, counters: dict[tuple[str, str], int], vanished_agents: set[str | None]
+    ) -> tuple[dict[str, tuple[int, int]], dict[str, int]] | None:
+        """What retention deleted since the previous read of the rows counted then, from the
+        counters' growth: per recipient (acked rows, their ms: the received and delivery_ms it
+        folded in, less what late responses took off them), per sender the messages gone
+        whole; None when that growth cannot be told apart row by row."""
+
+        def grown(name: str, agent: str) -> int:
+            return counters.get((name, agent), 0) - self._counters.get((name, agent), 0)
+
+        retired: dict[str, tuple[int, int]] = {}
+        sent_gone: dict[str, int] = {}
+        for name, agent in set(counters) | set(self._counters):
+            if name not in _FOLDED or not grown(name, agent):
+                continue
+            if name == "sent":
+                sent_gone[agent] = grown(name, agent)
+                if sent_gone[agent] < 0 or self._sent.get(agent, 0) < sent_gone[agent]:
+                    return None
+                continue
+            late = grown("late_responses", agent)
+            rows, ms = grown("received", agent) + late, grown("delivery_ms", agent)
+            if rows < 0 or late < 0:
+                return None
+            if rows == 0:
+                if not late and ms:
+                    return None  # delivery_ms moved alone: a writer this does not know
+                continue  # no row counted before was deleted; late responses are seen acked
+            if late or agent in vanished_agents:
+                return None  # the fold's rows might be rows this never counted as acked
+            count, total_ms = self._acked.get(agent, (0, 0))
+            if count < rows or (count == rows and total_ms != ms):
+                return None
+            retired[agent] = (rows, ms)
+        return retired, sent_gone
 
     def _add_acked(
         self, seq: int, agent: str | None, sent_at: int, done_at: int | None, since: int

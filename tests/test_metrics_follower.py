@@ -43,7 +43,7 @@ def random_step(rng: random.Random, bus: sqlbus.Bus, other: sqlbus.Bus, clock) -
     step = rng.choice((
         "publish", "publish", "publish_many", "fanout", "broadcast", "broadcast_nobody",
         "delayed", "ack", "ack", "ack", "fail", "fail_dead", "retry", "release", "clock",
-        "clock_long", "requeue", "purge", "prune_age", "prune_max", "respond",
+        "clock_long", "requeue", "purge", "prune_age", "prune_max", "respond", "late", "run",
     ))
     ttl = rng.choice((0, 0, 1_000, 30_000))
     if step == "publish":
@@ -91,6 +91,14 @@ def random_step(rng: random.Random, bus: sqlbus.Bus, other: sqlbus.Bus, clock) -
             if rng.random() < 0.5:
                 agent.respond(d.message, {"ok": True})
             d.ack()
+    elif step == "late":  # a request that times out, answered after: a late response
+        with pytest.raises(sqlbus.RequestTimeoutError):
+            sender.request(to, {"q": 2}, timeout=0.01)
+        for d in agent.receive(limit=5, types=["request"]):
+            agent.respond(d.message, {"late": True})
+            d.ack()
+    elif step == "run":  # the run loop acks what it has no handler for (unhandled)
+        agent.run(until_idle=True)
     return step
 
 

@@ -116,13 +116,20 @@ from .state import (
 )
 from .stats import (
     acked_rows,
+    acked_summary,
     dead_reason_rows,
     depth_rows,
     error_count_rows,
     expired_leases,
+    follow_top,
+    messages_before,
     read_counters,
+    rows_at,
+    rows_since,
     rows_without_body,
     sent_rows,
+    unacked_positions,
+    unacked_seqs,
 )
 
 __all__ = [
@@ -154,6 +161,9 @@ __all__ = [
     # figures: metrics, stats and check
     "depth_rows", "acked_rows", "sent_rows", "dead_reason_rows", "error_count_rows",
     "read_counters", "count_expired", "expired_leases", "rows_without_body",
+    # following the rows by position (sqlbus.metrics.MetricsFollower; SQLite only)
+    "follow_top", "acked_summary", "unacked_positions", "unacked_seqs", "rows_since", "rows_at",
+    "messages_before",
     # shared state
     "get_state", "lock_state", "put_state", "state_keys", "state_entries", "state_snapshot",
     "state_log_after", "state_history",

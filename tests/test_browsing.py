@@ -187,17 +187,17 @@ def test_dead_letter_pages_go_down_by_number_with_agent_and_reason_filters(bus, 
 
 def test_a_tail_goes_on_from_an_earlier_ones_position_losing_nothing(bus, pair):
     alice, _bob = pair
-    first = bus.tail(timeout=0.05)
+    first = bus.tail(timeout=1.0)
     a = alice.publish("bob", "notification", {"n": 1})
     assert [r.message.id for r in first] == [a]
     b = alice.publish("bob", "notification", {"n": 2})  # between two slices
     c = alice.publish("bob", "event", {"n": 3})
-    second = bus.tail(timeout=0.05, after=first.position, types=["notification"])
+    second = bus.tail(timeout=1.0, after=first.position, types=["notification"])
     assert [r.message.id for r in second] == [b]
-    third = bus.tail(timeout=0.05, after=second.position)
+    third = bus.tail(timeout=1.0, after=second.position)
     assert [r.message.id for r in third] == []  # c was read (and left out) by the second
     assert third.position == second.position
-    again = bus.tail(timeout=0.05, after=first.position)
+    again = bus.tail(timeout=1.0, after=first.position)
     assert [r.message.id for r in again] == [b, c]
     with pytest.raises(ValueError):
         bus.tail(after=-1)

@@ -513,15 +513,18 @@ def test_the_sampler_reads_once_for_many_callers_and_waits_longer_after_a_slow_r
 
     from sqlbus.dashboard.live import COST_FACTOR, Sampler
 
-    class Counting:  # the real bus, its metrics reads counted and made slow
+    sampler = Sampler(bus, interval=0.01)
+    real = sampler.follower
+
+    class Counting:  # the real follower, its reads counted and made slow
         calls = 0
 
-        def metrics(self):
+        def read(self):
             Counting.calls += 1
             time.sleep(0.05)
-            return bus.metrics()
+            return real.read()
 
-    sampler = Sampler(Counting(), interval=0.01)
+    sampler.follower = Counting()
 
     async def main():
         await asyncio.gather(*(sampler.latest() for _ in range(20)))

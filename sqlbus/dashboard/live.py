@@ -12,7 +12,7 @@ from typing import Any
 from anyio import to_thread
 
 from ..bus import Bus
-from ..metrics import Metrics
+from ..metrics import Metrics, MetricsFollower
 
 HISTORY = 3600  # samples kept: one an interval, an hour at the default interval
 INTERVAL = 1.0  # s between reads of the bus's metrics, whatever the number of streams
@@ -39,14 +39,16 @@ def figures(m: Metrics) -> dict[str, Any]:
 class Sampler:
     """The latest figures and ``history``: (monotonic s, acked total) pairs for the chart.
 
-    One read of the bus's metrics at a time, in a worker thread, for every page and stream.
-    The next read comes ``interval`` s after the last one, or ``COST_FACTOR`` times as long as
+    One read of the bus's metrics at a time, in a worker thread, for every page and stream,
+    by a :class:`~sqlbus.metrics.MetricsFollower` (a read costs what changed since the last
+    one; on PostgreSQL a whole read). The next read comes ``interval`` s after the last one, or ``COST_FACTOR`` times as long as
     the last read took, whichever is longer: on a bus whose metrics take long to read (a large
     archive) the dashboard refreshes less often rather than use more than about 1/COST_FACTOR
     of a core. Pages never wait for a read once there is a first sample."""
 
     def __init__(self, bus: Bus, interval: float = INTERVAL) -> None:
         self.bus = bus
+        self.follower = MetricsFollower(bus)  # bus.metrics(), read at the cost of the changes
         self.interval = interval
         self.history: deque[tuple[float, int]] = deque(maxlen=HISTORY)
         self.metrics: Metrics | None = None  # the latest read
@@ -77,7 +79,7 @@ class Sampler:
             if self._latest is not None and time.monotonic() < self._next_read:
                 return  # another caller read while this one waited
             started = time.monotonic()
-            m = await to_thread.run_sync(self.bus.metrics)
+            m = await to_thread.run_sync(self.follower.read)
             done = time.monotonic()
             self._next_read = done + max(self.interval, COST_FACTOR * (done - started))
             self.metrics = m

@@ -95,6 +95,8 @@ class GroupCommit:
         self._lock = threading.Lock()
         self._busy = False  # a leader is writing a group; newcomers queue
         self._queue: list[_Member] = []
+        self.commits = 0  # transactions committed, and the writes they held (for benchmarks)
+        self.writes = 0
 
     def forget(self) -> None:
         """In a forked child: the parent's queue and leader are not here."""
@@ -258,6 +260,8 @@ class GroupCommit:
                 storage.commit(conn)
             except BaseException as exc:
                 return self._fail(group, exc, conn)
+        self.commits += 1
+        self.writes += written
         return True, tags
 
     def _own_error(self, conn: storage.Connection, exc: BaseException) -> bool:

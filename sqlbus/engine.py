@@ -152,12 +152,14 @@ class Engine:
         """``with engine.write() as tx:`` one write transaction (a :class:`Tx`)."""
         raise NotImplementedError
 
-    def grouped(self, fn: Callable[[Tx], T]) -> T:
+    def grouped(self, fn: Callable[[Tx], T], solo: bool = False) -> T:
         """``fn(tx)`` in a write transaction that concurrent writes of this bus may share
         (group commit, where the backend has it); returns ``fn``'s result, or raises its
         error, once the write is committed. ``fn`` is library code that only writes (no user
-        code, no waiting): it may run on another caller's thread. This default gives each
-        call its own transaction (PostgreSQL: a pool of connections commits in parallel)."""
+        code, no waiting): it may run on another caller's thread. ``solo``: never shared,
+        always on the caller's thread and connection, but in turn with the others (a claim).
+        This default gives each call its own transaction (PostgreSQL: a pool of connections
+        commits in parallel)."""
         refuse_inside_block()
         with self.write() as tx:
             return fn(tx)

@@ -347,16 +347,16 @@ class SqliteEngine(Engine):
         """``with engine.write() as tx:`` one write transaction (:class:`Write`, :class:`Tx`)."""
         return Write(self)
 
-    def grouped(self, fn: Callable[[Tx], T]) -> T:
+    def grouped(self, fn: Callable[[Tx], T], solo: bool = False) -> T:
         """``fn(tx)`` in a write transaction that concurrent grouped writes of this bus may
         share (:mod:`sqlbus.sqlite.group`); returns its result, or raises its error, once
-        committed. A caller alone writes at once."""
+        committed. A caller alone writes at once. ``solo``: in turn, never shared."""
         refuse_inside_block()
         group = self.group
         if group.mode == "off":
             with Write(self) as tx:
                 return fn(tx)
-        return group.write(fn)  # type: ignore[no-any-return]
+        return group.write(fn, solo)  # type: ignore[no-any-return]
 
     def reading(self, conn: storage.Connection | None = None) -> Read:
         """``with engine.reading() as conn:`` reads, errors translated (see :class:`Read`)."""

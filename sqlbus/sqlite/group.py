@@ -62,10 +62,11 @@ MAX_GROUP = 64
 class _Member:
     """One caller's write: its function, its outcome, and the lock it sleeps on."""
 
-    __slots__ = ("fn", "result", "error", "state", "group", "wake", "interrupted")
+    __slots__ = ("fn", "solo", "result", "error", "state", "group", "wake", "interrupted")
 
-    def __init__(self, fn: Callable[[Tx], Any]) -> None:
+    def __init__(self, fn: Callable[[Tx], Any], solo: bool) -> None:
         self.fn = fn
+        self.solo = solo
         self.result: Any = None
         self.error: BaseException | None = None
         self.state = _WAITING
@@ -116,13 +117,15 @@ class GroupCommit:
 
     # -- the caller's side ---------------------------------------------------------------------
 
-    def write(self, fn: Callable[[Tx], Any]) -> Any:
+    def write(self, fn: Callable[[Tx], Any], solo: bool = False) -> Any:
         """Run ``fn(tx)`` in a write transaction that concurrent callers may share; returns
-        its result (or raises its error) once the transaction has committed."""
+        its result (or raises its error) once the transaction has committed. ``solo``: takes
+        its turn like the others but always in a transaction of its own, on its own thread
+        and connection (a claim, which reads its connection's change counter)."""
         engine = self.engine
         if engine.closed:
             raise engine.closed_error()
-        member = _Member(fn)
+        member = _Member(fn, solo)
         with self._lock:
             lead = not self._busy
             if lead:
@@ -174,11 +177,9 @@ class GroupCommit:
         committed = False
         try:
             delay = engine.group_commit_delay  # the bus's group_commit_delay
-            if delay > 0:
+            if delay > 0 and not group[0].solo:
                 time.sleep(delay)
-                with self._lock:
-                    group.extend(self._queue)
-                    self._queue = []
+                group.extend(self._take(MAX_GROUP - len(group)))
             committed, tags = self._write_group(group)
         except BaseException as exc:  # an interrupt outside the members' functions
             committed = False
@@ -187,8 +188,12 @@ class GroupCommit:
                 self._fail(group, exc, conn if conn is not None and conn.generation ==
                            connections.generation and not engine.closed else None)
         with self._lock:
-            following, self._queue = self._queue, []
-            self._busy = bool(following)
+            queue = self._queue
+            if queue and queue[0].solo:
+                following, self._queue = queue[:1], queue[1:]
+            else:
+                following = self._take_locked(MAX_GROUP)
+            self._busy = bool(following)  # the rest of the queue waits behind that group
         if following:  # the next group begins while this one's members wake
             head = following[0]
             head.group = following
@@ -203,6 +208,21 @@ class GroupCommit:
                 member.wake.release()
         if committed:
             engine.after_commit()  # upkeep, on the leader's time
+
+    def _take(self, most: int) -> list[_Member]:
+        with self._lock:
+            return self._take_locked(most)
+
+    def _take_locked(self, most: int) -> list[_Member]:
+        """Take up to ``most`` queued writers from the front, up to the first solo one."""
+        queue = self._queue
+        count = 0
+        for member in queue:
+            if member.solo or count >= most:
+                break
+            count += 1
+        taken, self._queue = queue[:count], queue[count:]
+        return taken
 
     def _write_group(self, group: list[_Member]) -> tuple[bool, set[bytes] | None]:
         """Write the members' functions in one transaction; each member gets its result or
@@ -226,7 +246,7 @@ class GroupCommit:
                 member = group[index]
                 index += 1
                 # The first member alone needs no savepoint: its failure undoes only itself.
-                alone = len(group) == 1 and self.mode != "always"
+                alone = len(group) == 1 and (self.mode != "always" or member.solo)
                 tx = Tx(conn, engine.storage)
                 try:
                     if not alone:
@@ -247,12 +267,9 @@ class GroupCommit:
                 written += 1
                 if tags is not None:
                     tags = None if tx.tags is None else tags | tx.tags
-                if index == len(group) and index < MAX_GROUP:
+                if index == len(group) and index < MAX_GROUP and not group[0].solo:
                     # Writers that came while these were written join before the commit.
-                    with self._lock:
-                        late, self._queue = self._queue[:MAX_GROUP - index], self._queue[
-                            MAX_GROUP - index:]
-                    group.extend(late)
+                    group.extend(self._take(MAX_GROUP - index))
             if not written:
                 self._rollback(conn)
                 return False, tags

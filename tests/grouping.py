@@ -41,10 +41,10 @@ def install(mode: str | None = None) -> str | None:
     return mode
 
 
-def _with_companion(write: Callable[[GroupCommit, Callable[[Tx], Any]], Any]) -> Any:
-    def write_in_company(self: GroupCommit, fn: Callable[[Tx], Any]) -> Any:
-        if self.engine.closed:
-            return write(self, fn)
+def _with_companion(write: Callable[..., Any]) -> Any:
+    def write_in_company(self: GroupCommit, fn: Callable[[Tx], Any], solo: bool = False) -> Any:
+        if self.engine.closed or solo:  # a solo write (a claim) never shares a transaction
+            return write(self, fn, solo)
         leading = threading.Event()
 
         def wait_for_company(tx: Tx) -> None:

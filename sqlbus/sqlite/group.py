@@ -71,8 +71,7 @@ class _Member:
         self.error: BaseException | None = None
         self.state = _WAITING
         self.group: list[_Member] = []
-        self.wake = threading.Lock()
-        self.wake.acquire()  # released once: to lead, or when done
+        self.wake: Any = None  # a queued member's lock, released once: to lead, or when done
         self.interrupted: BaseException | None = None
 
     def outcome(self) -> Any:
@@ -131,6 +130,8 @@ class GroupCommit:
             if lead:
                 self._busy = True
             else:
+                member.wake = wake = threading.Lock()
+                wake.acquire()
                 self._queue.append(member)
         if lead:
             group = [member]

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 from conftest import FakeClock
 
@@ -41,6 +42,7 @@ def in_one_group(bus: sqlbus.Bus, calls: list[Callable[[], Any]],
     exception) per call, and the holder's as the last item."""
     group = bus.engine.group  # type: ignore[attr-defined]
     holding = threading.Event()
+    everyone_queued = threading.Event()
 
     def holder(tx: Tx) -> None:
         holding.set()
@@ -48,6 +50,7 @@ def in_one_group(bus: sqlbus.Bus, calls: list[Callable[[], Any]],
         while len(group._queue) < len(calls):
             assert time.monotonic() < deadline, "the writes never queued"
             time.sleep(0.001)
+        everyone_queued.set()
         tx.mark_quiet()
         if hold is not None:
             hold(tx)
@@ -70,9 +73,9 @@ def in_one_group(bus: sqlbus.Bus, calls: list[Callable[[], Any]],
         thread.start()
         threads.append(thread)
         deadline = time.monotonic() + 30
-        while len(group._queue) < index + 1:  # queued in this order
+        while len(group._queue) < index + 1 and not everyone_queued.is_set():
             assert time.monotonic() < deadline and thread.is_alive(), outcomes[index]
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # queued in this order
     for thread in [*threads, holder_thread]:
         thread.join(30)
         assert not thread.is_alive()
@@ -189,6 +192,37 @@ def test_a_database_error_fails_every_caller_of_the_group_and_writes_none_of_it(
     assert bus.metrics().messages_sent == before + 1
 
 
+def test_a_lock_held_elsewhere_past_busy_timeout_fails_the_queued_callers_too(
+    tmp_path: Path,
+) -> None:
+    bus = sqlbus.connect(tmp_path / "bus.db", busy_timeout=0.3)
+    alice = bus.agent("alice")
+    bus.agent("bob")
+    other = apsw.Connection(str(tmp_path / "bus.db"))  # another writer, as another process
+    other.execute("BEGIN IMMEDIATE")
+    errors: list[BaseException] = []
+
+    def publish() -> None:
+        try:
+            alice.publish("bob", "notification", {})
+        except sqlbus.DatabaseError as exc:
+            errors.append(exc)
+
+    writers = [threading.Thread(target=publish) for _ in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(30)
+    other.execute("ROLLBACK")
+    assert len(errors) == 4
+    assert all("locked" in str(e) and "nothing was written" in str(e) for e in errors)
+    assert inbox_ids(bus, "bob") == []
+    alice.publish("bob", "notification", {})  # the lock is free again
+    assert len(inbox_ids(bus, "bob")) == 1
+    other.close()
+    bus.close()
+
+
 def test_close_fails_the_queued_writers_at_once(sqlite_bus: sqlbus.Bus) -> None:
     bus = sqlite_bus
     alice = bus.agent("alice")
@@ -197,7 +231,10 @@ def test_close_fails_the_queued_writers_at_once(sqlite_bus: sqlbus.Bus) -> None:
     failed: list[BaseException] = []
     queued_done = threading.Event()
 
+    inside = threading.Event()
+
     def wait_for_release(tx: Tx) -> None:
+        inside.set()
         assert released.wait(30)
 
     def queued_writer() -> None:
@@ -210,8 +247,7 @@ def test_close_fails_the_queued_writers_at_once(sqlite_bus: sqlbus.Bus) -> None:
     holder = threading.Thread(target=lambda: bus.engine.grouped(wait_for_release))
     holder.start()
     group = bus.engine.group  # type: ignore[attr-defined]
-    while not group._busy:
-        time.sleep(0.001)
+    assert inside.wait(30)
     writer = threading.Thread(target=queued_writer)
     writer.start()
     while not group._queue:

@@ -62,7 +62,8 @@ MAX_GROUP = 64
 class _Member:
     """One caller's write: its function, its outcome, and the lock it sleeps on."""
 
-    __slots__ = ("fn", "solo", "result", "error", "state", "group", "wake", "interrupted")
+    __slots__ = ("fn", "solo", "result", "error", "state", "group", "wake", "interrupted",
+                 "queued_at")
 
     def __init__(self, fn: Callable[[Tx], Any], solo: bool) -> None:
         self.fn = fn
@@ -73,6 +74,7 @@ class _Member:
         self.group: list[_Member] = []
         self.wake: Any = None  # a queued member's lock, released once: to lead, or when done
         self.interrupted: BaseException | None = None
+        self.queued_at = 0.0  # time.monotonic() when it queued (0: it led at once)
 
     def outcome(self) -> Any:
         error = self.error
@@ -132,6 +134,7 @@ class GroupCommit:
             else:
                 member.wake = wake = threading.Lock()
                 wake.acquire()
+                member.queued_at = time.monotonic()
                 self._queue.append(member)
         if lead:
             group = [member]
@@ -238,7 +241,7 @@ class GroupCommit:
         with connections.inside:
             try:
                 engine.check_usable(conn)
-                storage.begin(conn)
+                self._begin(conn, group[0].queued_at)
             except BaseException as exc:
                 return self._fail(group, exc)
             cur = conn.cur
@@ -281,6 +284,21 @@ class GroupCommit:
         self.commits += 1
         self.writes += written
         return True, tags
+
+    def _begin(self, conn: storage.Connection, queued_at: float) -> None:
+        """BEGIN IMMEDIATE, waiting for another process's lock no longer than what is left of
+        ``busy_timeout`` for the member that queued first (``queued_at``, 0: nobody queued):
+        a write's whole wait for the lock stays bounded by it (SPEC 2)."""
+        waited = time.monotonic() - queued_at if queued_at else 0.0
+        if waited < 0.01:
+            storage.begin(conn)
+            return
+        busy_timeout = self.engine.busy_timeout
+        storage.set_busy_timeout(conn, max(0.0, busy_timeout - waited))
+        try:
+            storage.begin(conn)
+        finally:
+            storage.set_busy_timeout(conn, busy_timeout)
 
     def _own_error(self, conn: storage.Connection, exc: BaseException) -> bool:
         """Whether ``exc``, raised by one member's function, is that member's alone (its

@@ -100,6 +100,8 @@ def _postgres_engine(
         connect_timeout=timeout, synchronous_commit=SYNCHRONOUS_COMMIT[durability],
         busy_timeout=busy_timeout, clock=clock,
     )
+
+
 def check_group_commit_delay(delay: object) -> float:
     """``group_commit_delay``: seconds >= 0 (at most 1), else ValueError."""
     if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 1:
@@ -218,8 +220,7 @@ class Bus:
         archive_max_messages: int | None | Stored = STORED,
         schema: str | None = None,
         pool_size: int | None = None,
-        connect_timeout: float | None = None,
-        group_commit_delay: float = 0.0,
+        connect_timeout: float | None = None, group_commit_delay: float = 0.0,
     ) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")

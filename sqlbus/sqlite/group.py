@@ -187,10 +187,12 @@ class GroupCommit:
             committed, tags = self._write_group(group)
         except BaseException as exc:  # an interrupt outside the members' functions
             committed = False
-            conn = getattr(engine._local, "conn", None)
+            try:  # this thread's connection, to roll back whatever it may hold
+                conn: storage.Connection | None = engine.connection()
+            except Exception:
+                conn = None  # the bus is closed
             with connections.inside:
-                self._fail(group, exc, conn if conn is not None and conn.generation ==
-                           connections.generation and not engine.closed else None)
+                self._fail(group, exc, conn)
         with self._lock:
             queue = self._queue
             if queue and queue[0].solo:

@@ -60,24 +60,28 @@ MAX_GROUP = 64
 
 
 class _Member:
-    """One caller's write: its function, its outcome, and the lock it sleeps on."""
+    """One caller's write: its function, its outcome, and the lock it sleeps on. (Class
+    attributes are the defaults: a caller that leads at once sets only two.)"""
 
-    __slots__ = ("fn", "solo", "result", "error", "state", "group", "wake", "interrupted",
-                 "queued_at")
+    result: Any = None
+    error: BaseException | None = None
+    state = _WAITING
+    group: list[_Member] = []  # (never mutated: a leader's own list replaces it)
+    wake: Any = None  # a queued member's lock, released once: to lead, or when done
+    interrupted: BaseException | None = None
+    queued_at = 0.0  # time.monotonic() when it queued (0: it led at once)
 
     def __init__(self, fn: Callable[[Tx], Any], solo: bool) -> None:
         self.fn = fn
         self.solo = solo
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.state = _WAITING
-        self.group: list[_Member] = []
-        self.wake: Any = None  # a queued member's lock, released once: to lead, or when done
-        self.interrupted: BaseException | None = None
-        self.queued_at = 0.0  # time.monotonic() when it queued (0: it led at once)
 
     def outcome(self) -> Any:
-        error = self.error
+        """Its result, or raise its error; an interrupt of its thread comes after (see
+        GroupCommit._wait)."""
+        interrupted, error = self.interrupted, self.error
+        if interrupted is not None:
+            self.interrupted = None
+            raise interrupted
         if error is not None:
             self.error = None  # no reference cycle through the traceback
             try:
@@ -141,16 +145,9 @@ class GroupCommit:
         else:
             self._wait(member)
             if member.state == _DONE:
-                return self._outcome(member)
+                return member.outcome()
             group = member.group
         self._lead(group)
-        return self._outcome(member)
-
-    def _outcome(self, member: _Member) -> Any:
-        interrupted = member.interrupted
-        if interrupted is not None:
-            member.interrupted = None
-            raise interrupted  # after its write's fate is settled (see _wait)
         return member.outcome()
 
     def _wait(self, member: _Member) -> None:
@@ -195,7 +192,9 @@ class GroupCommit:
                 self._fail(group, exc, conn)
         with self._lock:
             queue = self._queue
-            if queue and queue[0].solo:
+            if not queue:
+                following: list[_Member] = []
+            elif queue[0].solo:
                 following, self._queue = queue[:1], queue[1:]
             else:
                 following = self._take_locked(MAX_GROUP)
@@ -242,8 +241,11 @@ class GroupCommit:
         written = 0
         with connections.inside:
             try:
-                engine.check_usable(conn)
-                self._begin(conn, group[0].queued_at)
+                queued_at = group[0].queued_at
+                if queued_at:
+                    self._begin_late(conn, queued_at)
+                else:
+                    storage.begin(conn)
             except BaseException as exc:
                 return self._fail(group, exc)
             cur = conn.cur
@@ -271,9 +273,12 @@ class GroupCommit:
                     member.error = self._translated(exc)
                     continue
                 written += 1
-                if tags is not None:
+                if written == 1:
+                    tags = tx.tags  # (a set of this write's own)
+                elif tags is not None:
                     tags = None if tx.tags is None else tags | tx.tags
-                if index == len(group) and index < MAX_GROUP and not group[0].solo:
+                if (index == len(group) and self._queue and index < MAX_GROUP
+                        and not group[0].solo):
                     # Writers that came while these were written join before the commit.
                     group.extend(self._take(MAX_GROUP - index))
             if not written:
@@ -287,11 +292,11 @@ class GroupCommit:
         self.writes += written
         return True, tags
 
-    def _begin(self, conn: storage.Connection, queued_at: float) -> None:
+    def _begin_late(self, conn: storage.Connection, queued_at: float) -> None:
         """BEGIN IMMEDIATE, waiting for another process's lock no longer than what is left of
-        ``busy_timeout`` for the member that queued first (``queued_at``, 0: nobody queued):
-        a write's whole wait for the lock stays bounded by it (SPEC 2)."""
-        waited = time.monotonic() - queued_at if queued_at else 0.0
+        ``busy_timeout`` for the member that queued first, at ``queued_at``: a write's whole
+        wait for the lock stays bounded by it (SPEC 2)."""
+        waited = time.monotonic() - queued_at
         if waited < 0.01:
             storage.begin(conn)
             return

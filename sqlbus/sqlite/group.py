@@ -3,11 +3,13 @@ one SQLite transaction, the way PostgreSQL and Kafka producers batch their commi
 
 >>> engine.grouped(lambda tx: op.write(tx, now))                         # doctest: +SKIP
 
-A caller that finds no write of this bus committing writes at once, alone (no timer, no
-linger): it is the *leader* of a group of one. Callers that arrive while a group is being
-written queue up; when the leader has committed, the first of them leads the next group, made
-of everyone queued by then. The leader writes each member's write function on its own
-connection inside one ``BEGIN IMMEDIATE ... COMMIT``, each member inside a ``SAVEPOINT``:
+A caller that finds no write of this bus in progress writes at once, alone (no timer, no
+linger, no savepoint): it is the *leader* of a group of one. Callers that arrive meanwhile
+queue up. Those that queue while the leader is still writing join its transaction before the
+commit (up to ``MAX_GROUP`` writes); those that queue during the commit wait, and the first
+of them leads the next group, of everyone queued by then. The leader runs each member's
+write function on its own connection inside one ``BEGIN IMMEDIATE ... COMMIT``, each member
+(but a leader alone) inside a ``SAVEPOINT``:
 
 - a member whose function raises (a lost lease, a version conflict, any exception) has only
   its savepoint rolled back and gets its own error; the others commit;
@@ -20,10 +22,13 @@ connection inside one ``BEGIN IMMEDIATE ... COMMIT``, each member inside a ``SAV
 
 Writes are library code only (validation happens before, in the caller's thread), so the
 transaction never waits for user code. Members are written in the order they arrived, and a
-thread has one call in flight at a time, so each thread's writes keep their order.
+thread has one call in flight at a time, so each thread's writes keep their order. A *solo*
+write (a claim) takes its turn in the same queue but always alone, on its own thread and
+connection; a group stops at it. A queued write's wait for another process's lock stays
+within ``busy_timeout`` in all.
 
-The bus's ``group_commit_delay`` (s) makes a leader wait that long before it
-begins, for company; 0 (the default) never waits. No thread is started: the leader is one of
+The bus's ``group_commit_delay`` (s) makes a leader wait that long before it begins, for
+company; 0 (the default) never waits. No thread is started: the leader is one of
 the callers. ``close()`` fails the queued callers at once ("the bus is closed"); a forked
 child starts with an empty queue (:meth:`GroupCommit.forget`).
 """

@@ -93,6 +93,7 @@ async def connect(
     schema: str | None = None,
     pool_size: int | None = None,
     connect_timeout: float | None = None,
+    group_commit_delay: float = 0.0,
 ) -> AsyncBus:
     """Open the database at ``path``: the keywords, their defaults and units are those of
     :func:`sqlbus.connect` (spelled out here so editors and type checkers see them).
@@ -105,6 +106,7 @@ async def connect(
         clock=clock, mode=mode, non_retryable=non_retryable, archive_retention=archive_retention,
         dead_retention=dead_retention, archive_max_messages=archive_max_messages,
         schema=schema, pool_size=pool_size, connect_timeout=connect_timeout,
+        group_commit_delay=group_commit_delay,
     )
     pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="sqlbus-aio")
     try:

@@ -102,6 +102,15 @@ def _postgres_engine(
         connect_timeout=timeout, synchronous_commit=SYNCHRONOUS_COMMIT[durability],
         busy_timeout=busy_timeout, clock=clock,
     )
+
+
+def check_group_commit_delay(delay: object) -> float:
+    """``group_commit_delay``: seconds >= 0 (at most 1), else ValueError."""
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 1:
+        raise ValueError(f"group_commit_delay must be a number of seconds from 0 to 1, got {delay!r}")
+    return float(delay)
+
+
 ALIVE_WITHIN_MS = 60_000  # an agent seen within this window counts as alive
 NON_RETRYABLE: tuple[type[BaseException], ...] = (
     ValidationError,
@@ -130,6 +139,7 @@ def connect(
     schema: str | None = None,
     pool_size: int | None = None,
     connect_timeout: float | None = None,
+    group_commit_delay: float = 0.0,
 ) -> Bus:
     """Open (creating if needed) the sqlbus database at ``path`` and return a :class:`Bus`.
 
@@ -155,6 +165,13 @@ def connect(
     (``STORED``) leaves the stored policy as it is. Pruning runs a small batch at a time, at
     most about once a minute per process, after one of its writes; totals in
     :meth:`Bus.metrics` keep counting what it deletes.
+
+    Concurrent writes of one bus (threads, asyncio calls) share a transaction when they meet
+    (group commit: one commit, one fsync at ``durability="full"``, for all): each call returns
+    once its own write is committed, with its own result or error. A caller alone never
+    waits; ``group_commit_delay`` (seconds, default 0) makes a group wait that long for
+    company before it writes, trading latency for throughput. PostgreSQL accepts it and
+    commits each call on its own (its pool commits in parallel).
     """
     return Bus(
         path,
@@ -174,6 +191,7 @@ def connect(
         schema=schema,
         pool_size=pool_size,
         connect_timeout=connect_timeout,
+        group_commit_delay=group_commit_delay,
     )
 
 
@@ -204,7 +222,7 @@ class Bus:
         archive_max_messages: int | None | Stored = STORED,
         schema: str | None = None,
         pool_size: int | None = None,
-        connect_timeout: float | None = None,
+        connect_timeout: float | None = None, group_commit_delay: float = 0.0,
     ) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")
@@ -216,6 +234,7 @@ class Bus:
         if type(max_payload_bytes) is not int or max_payload_bytes < 2:
             raise ValueError(f"max_payload_bytes must be an int >= 2, got {max_payload_bytes!r}")
         self.busy_timeout = seconds(busy_timeout, "busy_timeout")
+        group_delay = check_group_commit_delay(group_commit_delay)
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning epoch seconds")
         extra = tuple(non_retryable)
@@ -254,6 +273,7 @@ class Bus:
         if postgres:
             self.path = self.engine.path  # the URL without its password, and the schema
         self.engine.max_body = max_payload_bytes + ENVELOPE_ALLOWANCE
+        self.engine.group_commit_delay = group_delay
         self._retention_upkeep = RetentionUpkeep(self.engine)
         self.engine.upkeep = self._retention_upkeep.after_write
         if retention:

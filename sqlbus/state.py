@@ -248,8 +248,7 @@ class StateStore:
         if self._run is not None:
             return cast(int, self._run(op.write, self._bus.engine.now_ms()))
         now = self._bus.engine.now_ms()
-        with self._bus.engine.write() as tx:
-            return op.write(tx, now)
+        return self._bus.engine.grouped(lambda tx: op.write(tx, now))
 
     def watch(self, prefix: str = "", *, poll: float = 1.0) -> Iterator[StateEntry]:
         """Yield the current entries under ``prefix`` (by key), then every later change.

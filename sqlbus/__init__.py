@@ -43,8 +43,24 @@ from .messages import (
     decode_payload,
 )
 from .metrics import AgentActivity, AgentStats, Metrics, QueueDepth, Throughput
-from .ops import BackupResult, CheckReport, InboxEntry, PruneResult, Retention, VacuumResult
-from .records import AgentInfo, DeadLetter, SentRecord, Subscription
+from .ops import (
+    BackupResult,
+    CheckReport,
+    InboxEntry,
+    PeekPage,
+    PruneResult,
+    Retention,
+    VacuumResult,
+)
+from .records import (
+    AgentInfo,
+    DeadLetter,
+    Lease,
+    MessageTrace,
+    RecipientRecord,
+    SentRecord,
+    Subscription,
+)
 from .state import StateEntry, StateStore
 from .transaction import Transaction
 
@@ -75,6 +91,10 @@ __all__ = [
     "AgentActivity",
     "AgentStats",
     "InboxEntry",
+    "PeekPage",
+    "Lease",
+    "MessageTrace",
+    "RecipientRecord",
     "PruneResult",
     "Retention",
     "CheckReport",

@@ -70,8 +70,7 @@ class Agent:
             self.bus.max_payload_bytes, self.id, to, type, payload, priority=priority, ttl=ttl, requires_ack=requires_ack,
             correlation_id=correlation_id, delay=delay, id=id, now=now,
         )
-        with self._engine.write() as tx:
-            op.write(tx, now)
+        self._engine.grouped(lambda tx: op.write(tx, now))
         return op.outgoing.id
 
     def publish_many(self, items: Sequence[dict[str, Any]]) -> list[str]:
@@ -84,8 +83,7 @@ class Agent:
         ops = prepare_many(self.bus.max_payload_bytes, self.id, items, now)
         if not ops:
             return []
-        with self._engine.write() as tx:
-            return write_all(tx, self.id, ops, now)
+        return self._engine.grouped(lambda tx: write_all(tx, self.id, ops, now))
 
     def broadcast(self, type: str, payload: Any = None, *, pattern: str = "*", **headers: Any) -> str:
         """Send one message to every registered agent matching ``pattern`` (``*``, ``?``,
@@ -95,8 +93,7 @@ class Agent:
         now = self._engine.now_ms()
         op = prepare_broadcast(self.bus.max_payload_bytes, self.id, type, payload, pattern,
                                dict(headers), now)
-        with self._engine.write() as tx:
-            return op.write(tx, now)
+        return self._engine.grouped(lambda tx: op.write(tx, now))
 
     def transaction(self) -> Transaction:
         """``with alice.transaction() as tx:`` publish, write state and run your own SQL
@@ -155,8 +152,7 @@ class Agent:
         with settling(pending):
             now = self._engine.now_ms()
             notices = ack_notices(pending, now)
-            with self._engine.write() as tx:
-                ack_in(tx, self.id, pending, notices, now)
+            self._engine.grouped(lambda tx: ack_in(tx, self.id, pending, notices, now))
             mark_settled(pending, "acked")
 
     # -- handlers, the run loop, request/response, events (sqlbus.worker, sqlbus.request) ----

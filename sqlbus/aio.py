@@ -94,6 +94,7 @@ async def connect(
     schema: str | None = None,
     pool_size: int | None = None,
     connect_timeout: float | None = None,
+    group_commit_delay: float = 0.0,
 ) -> AsyncBus:
     """Open the database at ``path``: the keywords, their defaults and units are those of
     :func:`sqlbus.connect` (spelled out here so editors and type checkers see them).
@@ -106,6 +107,7 @@ async def connect(
         clock=clock, mode=mode, non_retryable=non_retryable, archive_retention=archive_retention,
         dead_retention=dead_retention, archive_max_messages=archive_max_messages,
         schema=schema, pool_size=pool_size, connect_timeout=connect_timeout,
+        group_commit_delay=group_commit_delay,
     )
     pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="sqlbus-aio")
     try:
@@ -169,6 +171,9 @@ class AsyncBus:
     metrics = _offloaded("metrics", "Metrics shared by every process (SPEC 8).")
     stats = _offloaded("stats", "Per-agent queue depths.")
     peek = _offloaded("peek", "Look at an inbox without claiming.")
+    peek_page = _offloaded("peek_page", "A page of an inbox, for browsing a large one.")
+    leases = _offloaded("leases", "Deliveries in flight, the soonest to end first.")
+    trace = _offloaded("trace", "A message and what became of it in each inbox.")
     retention = _offloaded("retention", "The stored retention policy (see :meth:`sqlbus.Bus.retention`).")
     set_retention = _offloaded(
         "set_retention", "Store a new retention policy (see :meth:`sqlbus.Bus.set_retention`)."
@@ -605,6 +610,10 @@ class AsyncStateStore:
     async def items(self, prefix: str = "") -> list[StateEntry]:
         """Live entries under ``prefix``, sorted by key."""
         return await _call(self._bus._pool, self.sync.items, prefix)
+
+    async def history(self, key: str, limit: int = 20) -> list[StateEntry]:
+        """``key``'s recent versions, newest first (see :meth:`sqlbus.StateStore.history`)."""
+        return await _call(self._bus._pool, self.sync.history, key, limit)
 
     async def set(self, key: str, value: Any, **options: Any) -> int:
         """Write the next version of ``key``; returns it (``expected_version=`` for CAS)."""

@@ -143,6 +143,16 @@ class PeekRow(NamedTuple):
     sent_at: int
     length: int
     body: bytes | None
+    position: tuple[int, int, int] = (0, 0, 0)  # (group, key, seq): where a next page starts
+
+
+def peek_start(group: int, after: tuple[int, int, int] | None) -> tuple[int, int]:
+    """Where ``group``'s queries start for a page after ``after`` (a row's position: group,
+    key, seq): just after it within its own group, at the start of a later one. The ready
+    group's key is -priority and its queries take the priority itself (6: above them all)."""
+    if after is None or after[0] != group:
+        return (6, 0) if group == 0 else (-1, 0)
+    return (-after[1], after[2]) if group == 0 else (after[1], after[2])
 
 
 class TailRow(NamedTuple):
@@ -181,6 +191,42 @@ class StateChange(NamedTuple):
     deleted: int
     updated_by: str | None
     updated_at: int
+
+
+class LeaseRow(NamedTuple):
+    """A running lease: the inbox, when the lease ends, the deliveries so far, and the
+    message's listed columns (see ``DeadLetterRow`` for ``body`` and ``length``)."""
+
+    agent: str
+    lease_ends_at: int
+    attempts: int
+    message_id: str
+    sender: str
+    type: str
+    priority: int
+    sent_at: int
+    length: int
+    body: bytes | None
+
+
+class MessageRow(NamedTuple):
+    """One recipient's row of a message: its status at the time of the look (a peek status,
+    ``acked`` or ``dead``), the dead letter's number if dead, and the listed columns."""
+
+    agent: str | None  # None: a broadcast that matched nobody
+    status: str
+    attempts: int
+    visible_at: int
+    done_at: int | None
+    last_error: str | None
+    dead_letter_id: int | None
+    message_id: str
+    sender: str
+    type: str
+    priority: int
+    sent_at: int
+    length: int
+    body: bytes | None
 
 
 class DepthRow(NamedTuple):
@@ -412,9 +458,11 @@ class Storage(Protocol[ConnT]):
     # -- dead letters and the archive ----------------------------------------------------
 
     def list_dead_letters(
-        self, conn: ConnT, agent: str | None, limit: int, max_body: int = 1 << 62
+        self, conn: ConnT, agent: str | None, limit: int, max_body: int = 1 << 62,
+        reason: str | None = None, before: int | None = None,
     ) -> list[DeadLetterRow]:
-        """Dead letters, newest first, of one recipient or all (None)."""
+        """Dead letters, newest first, of one recipient or all (None), with ``reason`` (None:
+        any), numbered below ``before`` (None: from the newest)."""
 
     def get_dead_letter(
         self, conn: ConnT, dead_letter_id: int | None, message_id: str | None = None,
@@ -444,9 +492,24 @@ class Storage(Protocol[ConnT]):
         """Archived messages, newest first; ``agent`` keeps those sent by or to it."""
 
     def peek_rows(
-        self, conn: ConnT, agent: str, now: int, limit: int, max_body: int = 1 << 62
+        self, conn: ConnT, agent: str, now: int, limit: int, max_body: int = 1 << 62,
+        after: tuple[int, int, int] | None = None, priority: int | None = None,
     ) -> list[PeekRow]:
-        """An inbox without claiming: ready rows in claim order, then waiting, then expired."""
+        """An inbox without claiming: ready rows in claim order, then waiting, then expired;
+        with ``after`` (a row's ``position``) those after it, each group a seek in an index;
+        ``priority`` keeps one priority."""
+
+    def lease_rows(
+        self, conn: ConnT, now: int, limit: int, agent: str | None = None,
+        max_body: int = 1 << 62,
+    ) -> list[LeaseRow]:
+        """Leases running at ``now`` (of ``agent``'s inbox, or all), the soonest to end first."""
+
+    def message_rows(
+        self, conn: ConnT, message_id: str, now: int, max_body: int = 1 << 62
+    ) -> list[MessageRow]:
+        """Every recipient's row of message ``message_id``, in publish order (none: unknown
+        or pruned)."""
 
     def last_seq(self, conn: ConnT) -> int:
         """The position of now (SQLite: the newest row's, 0 when empty): where a tail starts."""
@@ -559,3 +622,6 @@ class Storage(Protocol[ConnT]):
         self, conn: ConnT, prefix: str, after_seq: int, limit: int = 1000
     ) -> list[StateChange]:
         """Changes under ``prefix`` logged after ``after_seq``, in commit order."""
+
+    def state_history(self, conn: ConnT, key: str, limit: int) -> list[StateChange]:
+        """The logged changes of ``key``, newest first (as long as retention keeps them)."""

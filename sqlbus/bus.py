@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import msgspec
 
@@ -36,6 +36,8 @@ from .ops import RetentionUpkeep, retention_changes, retention_from_row, store_r
 from .records import (
     AgentInfo,
     DeadLetter,
+    Lease,
+    MessageTrace,
     SentRecord,
     Subscription,
     dead_letter_from_row,
@@ -100,6 +102,15 @@ def _postgres_engine(
         connect_timeout=timeout, synchronous_commit=SYNCHRONOUS_COMMIT[durability],
         busy_timeout=busy_timeout, clock=clock,
     )
+
+
+def check_group_commit_delay(delay: object) -> float:
+    """``group_commit_delay``: seconds >= 0 (at most 1), else ValueError."""
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 1:
+        raise ValueError(f"group_commit_delay must be a number of seconds from 0 to 1, got {delay!r}")
+    return float(delay)
+
+
 ALIVE_WITHIN_MS = 60_000  # an agent seen within this window counts as alive
 NON_RETRYABLE: tuple[type[BaseException], ...] = (
     ValidationError,
@@ -128,6 +139,7 @@ def connect(
     schema: str | None = None,
     pool_size: int | None = None,
     connect_timeout: float | None = None,
+    group_commit_delay: float = 0.0,
 ) -> Bus:
     """Open (creating if needed) the sqlbus database at ``path`` and return a :class:`Bus`.
 
@@ -153,6 +165,13 @@ def connect(
     (``STORED``) leaves the stored policy as it is. Pruning runs a small batch at a time, at
     most about once a minute per process, after one of its writes; totals in
     :meth:`Bus.metrics` keep counting what it deletes.
+
+    Concurrent writes of one bus (threads, asyncio calls) share a transaction when they meet
+    (group commit: one commit, one fsync at ``durability="full"``, for all): each call returns
+    once its own write is committed, with its own result or error. A caller alone never
+    waits; ``group_commit_delay`` (seconds, default 0) makes a group wait that long for
+    company before it writes, trading latency for throughput. PostgreSQL accepts it and
+    commits each call on its own (its pool commits in parallel).
     """
     return Bus(
         path,
@@ -172,6 +191,7 @@ def connect(
         schema=schema,
         pool_size=pool_size,
         connect_timeout=connect_timeout,
+        group_commit_delay=group_commit_delay,
     )
 
 
@@ -202,7 +222,7 @@ class Bus:
         archive_max_messages: int | None | Stored = STORED,
         schema: str | None = None,
         pool_size: int | None = None,
-        connect_timeout: float | None = None,
+        connect_timeout: float | None = None, group_commit_delay: float = 0.0,
     ) -> None:
         if durability not in DURABILITY:
             raise ValueError(f"durability must be 'normal' or 'full', got {durability!r}")
@@ -214,6 +234,7 @@ class Bus:
         if type(max_payload_bytes) is not int or max_payload_bytes < 2:
             raise ValueError(f"max_payload_bytes must be an int >= 2, got {max_payload_bytes!r}")
         self.busy_timeout = seconds(busy_timeout, "busy_timeout")
+        group_delay = check_group_commit_delay(group_commit_delay)
         if clock is not None and not callable(clock):
             raise TypeError("clock must be a callable returning epoch seconds")
         extra = tuple(non_retryable)
@@ -252,6 +273,7 @@ class Bus:
         if postgres:
             self.path = self.engine.path  # the URL without its password, and the schema
         self.engine.max_body = max_payload_bytes + ENVELOPE_ALLOWANCE
+        self.engine.group_commit_delay = group_delay
         self._retention_upkeep = RetentionUpkeep(self.engine)
         self.engine.upkeep = self._retention_upkeep.after_write
         if retention:
@@ -330,13 +352,27 @@ class Bus:
             for r in rows
         ]
 
-    def dead_letters(self, agent: str | None = None, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters, newest first; ``agent`` keeps those of one recipient."""
+    def dead_letters(
+        self, agent: str | None = None, limit: int = 100, *, reason: str | None = None,
+        after: int | None = None,
+    ) -> list[DeadLetter]:
+        """Dead letters, newest first; ``agent`` keeps those of one recipient, ``reason``
+        those dead for it (``"failed"``, ``"expired"``, ...). ``after``: the number of the last
+        dead letter of a page; the next page is those older than it.
+
+        >>> page = bus.dead_letters(limit=50)                              # doctest: +SKIP
+        >>> more = bus.dead_letters(limit=50, after=page[-1].id)           # doctest: +SKIP
+        """
         if agent is not None:
             check_agent_id(agent, "agent")
         check_limit(limit)
+        if reason is not None and not isinstance(reason, str):
+            raise ValueError(f"reason must be a str, got {reason!r}")
+        if after is not None and (type(after) is not int or after < 0):
+            raise ValueError(f"after must be a dead-letter number, got {after!r}")
         with self.engine.reading() as conn:
-            rows = self.engine.storage.list_dead_letters(conn, agent, limit, self.engine.max_body)
+            rows = self.engine.storage.list_dead_letters(conn, agent, limit, self.engine.max_body,
+                                                         reason, after)
         return [dead_letter_from_row(row) for row in rows]
 
     def dead_letter(self, ref: int | str) -> DeadLetter | None:
@@ -414,16 +450,76 @@ class Bus:
         check_limit(limit)
         return ops.peek(self.engine, agent, limit)
 
+    def peek_page(
+        self,
+        agent: str,
+        *,
+        after: str | None = None,
+        limit: int = 50,
+        type: str | None = None,
+        status: str | None = None,
+        priority: int | None = None,
+        text: str | None = None,
+        scan: int = 10_000,
+    ) -> ops.PeekPage:
+        """A page of ``agent``'s inbox in :meth:`peek`'s order, for browsing a large one:
+        ``after`` is the position the page before gave (each page a seek in an index, never
+        an OFFSET). Filters: ``type``, ``status`` (a peek status), ``priority`` (1-5),
+        ``text`` (in the payload's JSON, any case). At most ``scan`` rows are looked at per
+        page, so a rare match gives a short page that says where to go on.
+
+        >>> page = bus.peek_page("bob", status="ready")              # doctest: +SKIP
+        >>> page = bus.peek_page("bob", status="ready", after=page.after)   # doctest: +SKIP
+        """
+        check_agent_id(agent, "agent")
+        check_limit(limit)
+        check_limit(scan)
+        if status is not None and status not in ops.PEEK_STATUSES:
+            raise ValueError(f"status must be one of {', '.join(ops.PEEK_STATUSES)}, got {status!r}")
+        if priority is not None and (
+                isinstance(priority, bool) or not isinstance(priority, int)
+                or not 1 <= priority <= 5):
+            raise ValueError(f"priority must be an int 1..5, got {priority!r}")
+        for name, value in (("type", type), ("text", text)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a str, got {value!r}")
+        return ops.peek_page(self.engine, agent, after=after, limit=limit, type=type,
+                             status=status, priority=priority, text=text, scan=scan)
+
+    def leases(self, agent: str | None = None, limit: int = 100) -> list[Lease]:
+        """Deliveries in flight (leases running now), the soonest to end first; ``agent``
+        keeps those of its inbox.
+
+        >>> [(l.agent, l.message.id, l.lease_ends_at) for l in bus.leases()]   # doctest: +SKIP
+        """
+        if agent is not None:
+            check_agent_id(agent, "agent")
+        check_limit(limit)
+        return ops.leases(self.engine, agent, limit)
+
+    def trace(self, message_id: str) -> MessageTrace | None:
+        """Message ``message_id`` and what became of it in each recipient's inbox (status,
+        attempts, last error, lease end, dead letter), or None when no row of it is left
+        (unknown, or pruned from the archive).
+
+        >>> [(r.agent, r.status) for r in bus.trace(message_id).recipients]   # doctest: +SKIP
+        """
+        if not isinstance(message_id, str) or not message_id:
+            raise ValueError(f"message_id must be a non-empty str, got {message_id!r}")
+        return ops.trace(self.engine, message_id)
+
     def tail(
         self,
         agent: str | None = None,
         types: Iterable[str] | None = None,
         *,
         timeout: float | None = None,
-    ) -> Iterator[SentRecord]:
+        after: int | None = None,
+    ) -> ops.Tail:
         """Yield messages as any process publishes them, from now on, for ``timeout``
         seconds (None: until the caller stops iterating). ``agent`` keeps those sent by or to
-        it; ``types`` those types.
+        it; ``types`` those types. ``after``: start at the ``position`` of an earlier tail
+        instead of now, so that following in slices of time misses nothing.
 
         >>> for record in bus.tail(types=["error"]): print(record.message.id)   # doctest: +SKIP
         """
@@ -433,7 +529,9 @@ class Bus:
             types = check_types(types)
         if timeout is not None:
             timeout = seconds(timeout, "timeout")
-        return ops.tail(self.engine, agent, types, timeout=timeout)
+        if after is not None and (type(after) is not int or after < 0):
+            raise ValueError(f"after must be the position of an earlier tail, got {after!r}")
+        return ops.tail(self.engine, agent, types, timeout=timeout, from_seq=after)
 
     def retention(self) -> ops.Retention:
         """The retention policy stored in the database (the same for every process).

@@ -150,14 +150,17 @@ class Delivery:
         with self._lock:
             self._check_open()
             now = bus.engine.now_ms()
-            with bus.engine.write() as tx:
+            error_name = None if error is None else exception_name(error)
+            error_text = None if error is None else exception_text(error)
+
+            def write(tx: Tx) -> None:
                 if not tx.storage.dead_letter(
-                    tx.conn, self._seq, self._claims, now, reason,
-                    None if error is None else exception_name(error),
-                    None if error is None else exception_text(error),
+                    tx.conn, self._seq, self._claims, now, reason, error_name, error_text,
                     context_json=context_json,
                 ):
                     raise self._lease_lost()
+
+            bus.engine.grouped(write)
             self._settled = "dead"
 
     def extend(self, lease: float | None = None) -> None:
@@ -168,10 +171,13 @@ class Delivery:
             self._check_open()
             now = bus.engine.now_ms()
             lease_until = now + int(lease_s * 1000)
-            with bus.engine.write() as tx:
+
+            def write(tx: Tx) -> None:
                 tx.mark_quiet()  # a later deadline makes no work for anyone
                 if not tx.storage.extend(tx.conn, self._seq, self._claims, lease_until):
                     raise self._lease_lost()
+
+            bus.engine.grouped(write)
             self.lease_until = lease_until / 1000
 
     def release(self) -> None:
@@ -190,10 +196,14 @@ class Delivery:
         with self._lock:
             if self._settled is not None:
                 return False
-            with bus.engine.write() as tx:
-                tx.storage.release(tx.conn, self._seq, self._claims, bus.engine.now_ms(),
-                                attempted=attempted, last_error=last_error)
+            now = bus.engine.now_ms()
+
+            def write(tx: Tx) -> None:
+                tx.storage.release(tx.conn, self._seq, self._claims, now,
+                                   attempted=attempted, last_error=last_error)
                 tx.mark([self.agent.id])  # ready again: wake the agent's other receivers
+
+            bus.engine.grouped(write)
             self._settled = "released"
         return True
 
@@ -286,9 +296,10 @@ class Delivery:
             backoff = bus.backoff_base * (2 ** (self.attempts - 1))
             delay = min(bus.backoff_cap, backoff)
         last_error = f"{error_name}: {error_message}" if exc is not None else None
-        with bus.engine.write() as tx:
+        due_at = now + ceil_ms(delay)  # never early, like a publish delay
+
+        def write(tx: Tx) -> None:
             if reason is None:
-                due_at = now + ceil_ms(delay)  # never early, like a publish delay
                 ok = tx.storage.retry(tx.conn, self._seq, self._claims, due_at, last_error)
                 tx.mark([self.agent.id])  # its waiters re-read the next due time
             else:
@@ -300,6 +311,8 @@ class Delivery:
                 raise self._lease_lost()
             if counted:  # messages_failed and error_rates both come from these counts
                 tx.storage.count_error(tx.conn, error_name or "UnknownError")
+
+        bus.engine.grouped(write)
         self._settled = "retrying" if reason is None else "dead"
         self._outcome = f"retry in {delay:g} s" if reason is None else f"dead letter ({reason})"
 

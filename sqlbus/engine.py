@@ -21,7 +21,7 @@ import contextvars
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from .backend import Storage
 from .errors import DatabaseError
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from .transaction import Transaction
 
 __all__ = ["Engine", "Tx", "Looked", "check_clock", "open_block", "RUNG", "MAX_CLOCK_MS"]
+
+T = TypeVar("T")
 
 # The latest time an id's 13 digits can hold: 2286-11-20T17:46:39.999Z, in epoch ms.
 MAX_CLOCK_MS = 9_999_999_999_999
@@ -142,12 +144,25 @@ class Engine:
         # receive() and run() of that agent skip those responses. Replaced, never mutated.
         self.awaiting: dict[str, frozenset[str]] = {}
         self._upkeep_due = 0.0  # time.monotonic() of the next upkeep
+        self.group_commit_delay = 0.0  # s a group's leader waits for company (SQLite)
 
     # -- what each backend provides -----------------------------------------------------------
 
     def write(self) -> WriteContext:
         """``with engine.write() as tx:`` one write transaction (a :class:`Tx`)."""
         raise NotImplementedError
+
+    def grouped(self, fn: Callable[[Tx], T], solo: bool = False) -> T:
+        """``fn(tx)`` in a write transaction that concurrent writes of this bus may share
+        (group commit, where the backend has it); returns ``fn``'s result, or raises its
+        error, once the write is committed. ``fn`` is library code that only writes (no user
+        code, no waiting): it may run on another caller's thread. ``solo``: never shared,
+        always on the caller's thread and connection, but in turn with the others (a claim).
+        This default gives each call its own transaction (PostgreSQL: a pool of connections
+        commits in parallel)."""
+        refuse_inside_block()
+        with self.write() as tx:
+            return fn(tx)
 
     def reading(self, conn: Any = None) -> AbstractContextManager[Any]:
         """``with engine.reading() as conn:`` reads (no transaction unless the caller begins a

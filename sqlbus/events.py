@@ -134,8 +134,7 @@ class Events:
             headers = {"priority": priority, "ttl": ttl, "correlation_id": correlation_id}
             op = prepare_interested(agent.bus.max_payload_bytes, agent.id, "event", payload,
                                     headers, now, event=name)
-            with engine.write() as tx:
-                return cast(str, op.write(tx, now))
+            return cast(str, engine.grouped(lambda tx: op.write(tx, now)))
         return agent.publish(targets, "event", payload, priority=priority, ttl=ttl,
                              correlation_id=correlation_id)
 

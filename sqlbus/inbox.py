@@ -91,7 +91,8 @@ class Inbox:
         notices = ack_notices(acking, now)
         claimed: list[tuple[Any, ...]] = []
         before = engine.token_before_look()
-        with engine.write() as tx:
+
+        def claim(tx: Tx) -> tuple[bool, Any, Any]:
             if acking:
                 ack_in(tx, self.id, acking, notices, now)
             else:
@@ -122,6 +123,11 @@ class Inbox:
             if now - self.touched_at >= TOUCH_EVERY_MS:
                 tx.storage.touch_agent(tx.conn, self.id, now)
                 self.touched_at = now
+            return more, baseline, due
+
+        # In turn with the bus's grouped writes, never shared: it reads its own connection's
+        # change counter (the wait point).
+        more, baseline, due = engine.grouped(claim, solo=True)
         mark_settled(acking, "acked")
         self.more = more
         deliveries = []

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
+from typing import Any
 
 import apsw
 import msgspec
@@ -25,7 +26,7 @@ from .engine import Engine
 from .errors import DatabaseError
 from .messages import Message, iso_ms, listed_message
 from .metrics import snapshot
-from .records import SentRecord
+from .records import Lease, MessageTrace, RecipientRecord, SentRecord, dead_letter_from_row
 from .sqlite import storage as sqlite_storage
 from .sqlite.checkpoint import WAL_WAIT, truncate_wal
 from .sqlite.engine import SqliteEngine
@@ -47,6 +48,14 @@ class InboxEntry(msgspec.Struct, kw_only=True):
     attempts: int
     visible_at: str
     payload_bytes: int = 0  # the stored message's size (JSON bytes), loaded or not
+
+
+class PeekPage(msgspec.Struct, kw_only=True):
+    """A page of an inbox (:meth:`sqlbus.Bus.peek_page`): ``entries`` in peek's order, and
+    ``after``, the position to ask for the next page with (None: this page reached the end)."""
+
+    entries: list[InboxEntry]
+    after: str | None
 
 
 class PruneResult(msgspec.Struct, kw_only=True):
@@ -582,6 +591,114 @@ def peek(engine: Engine, agent: str, limit: int) -> list[InboxEntry]:
     return entries
 
 
+PEEK_STATUSES = ("ready", "leased", "retrying", "scheduled", "expired")
+# The peek groups (ready, waiting, expired) a status is found in; a position before a group.
+_GROUP_OF = {"ready": 0, "leased": 1, "retrying": 1, "scheduled": 1, "expired": 2}
+_GROUP_START = ((0, -6, 0), (1, -1, 0), (2, -1, 0))
+
+
+def parse_position(after: str | None) -> tuple[int, int, int] | None:
+    """A page position (``"group.key.seq"``, as :class:`PeekPage` gives it) as numbers."""
+    if after is None:
+        return None
+    parts = after.split(".") if isinstance(after, str) else []
+    try:
+        position = tuple(int(part) for part in parts)
+    except ValueError:
+        position = ()
+    if len(position) != 3 or position[0] not in (0, 1, 2):
+        raise ValueError(f"after must be the position a page gave (like '0.-3.42'), got {after!r}")
+    return position[0], position[1], position[2]
+
+
+def peek_page(
+    engine: Engine, agent: str, *, after: str | None, limit: int, type: str | None,
+    status: str | None, priority: int | None, text: str | None, scan: int,
+) -> PeekPage:
+    """A page of ``agent``'s inbox in peek's order, after the position ``after``, keeping
+    the messages that match every filter given; at most ``scan`` rows are looked at for one
+    page, so a filter that matches little costs a bounded read and the page says where to go on."""
+    now = engine.now_ms()
+    position = parse_position(after)
+    if status is not None:
+        start = _GROUP_START[_GROUP_OF[status]]
+        if position is None or position < start:
+            position = start
+    needle = None if text is None else text.lower()
+    entries: list[InboxEntry] = []
+    looked = 0
+    with engine.reading() as conn, snapshot(engine.storage, conn):
+        while len(entries) < limit and looked < scan:
+            room = min(scan - looked, max(limit - len(entries), 100 if type or text or status else 0))
+            rows = engine.storage.peek_rows(conn, agent, now, room, engine.max_body,
+                                            position, priority)
+            for r in rows:
+                if status is not None and r.position[0] != _GROUP_OF[status]:
+                    return PeekPage(entries=entries, after=None)  # past the status's group
+                looked += 1
+                position = r.position
+                if (type is not None and r.type != type) or (
+                        status is not None and r.status != status):
+                    continue
+                if needle is not None and r.body is not None and needle not in r.body.decode(
+                        "utf-8", "replace").lower():
+                    continue  # not even in the stored JSON: no need to decode it
+                message = listed_message(agent, r.message_id, r.sender, r.type, r.priority,
+                                         r.sent_at, r.body)
+                if needle is not None and needle not in json_text(message.payload):
+                    continue
+                entries.append(InboxEntry(message=message, status=r.status, attempts=r.attempts,
+                                          visible_at=iso_ms(r.visible_at), payload_bytes=r.length))
+                if len(entries) == limit:
+                    break
+            else:  # every row read was looked at: fewer than asked for is the end
+                if len(rows) < room:
+                    return PeekPage(entries=entries, after=None)
+    assert position is not None
+    return PeekPage(entries=entries, after="{}.{}.{}".format(*position))
+
+
+def json_text(payload: Any) -> str:
+    """A payload's JSON, lower-cased, for a text search."""
+    return msgspec.json.encode(payload).decode().lower()
+
+
+def leases(engine: Engine, agent: str | None, limit: int) -> list[Lease]:
+    """Leases running now, the soonest to end first."""
+    with engine.reading() as conn:
+        rows = engine.storage.lease_rows(conn, engine.now_ms(), limit, agent, engine.max_body)
+    return [Lease(agent=r.agent, attempts=r.attempts, lease_ends_at=iso_ms(r.lease_ends_at),
+                  payload_bytes=r.length,
+                  message=listed_message(r.agent, r.message_id, r.sender, r.type, r.priority,
+                                         r.sent_at, r.body))
+            for r in rows]
+
+
+def trace(engine: Engine, message_id: str) -> MessageTrace | None:
+    """Message ``message_id`` and its row in every recipient's inbox, read in one snapshot."""
+    now = engine.now_ms()
+    with engine.reading() as conn, snapshot(engine.storage, conn):
+        rows = engine.storage.message_rows(conn, message_id, now, engine.max_body)
+        dead = {r.dead_letter_id: engine.storage.get_dead_letter(
+                    conn, r.dead_letter_id, max_body=engine.max_body)
+                for r in rows if r.dead_letter_id is not None}
+    if not rows:
+        return None
+    first = rows[0]
+    recipients = [r.agent for r in rows if r.agent is not None]
+    message = listed_message(recipients, first.message_id, first.sender, first.type,
+                             first.priority, first.sent_at, first.body)
+    records = []
+    for r in rows:
+        dead_row = None if r.dead_letter_id is None else dead.get(r.dead_letter_id)
+        records.append(RecipientRecord(
+            agent=r.agent, status=r.status, attempts=r.attempts, visible_at=iso_ms(r.visible_at),
+            done_at=None if r.done_at is None else iso_ms(r.done_at), last_error=r.last_error,
+            dead_letter=None if dead_row is None else dead_letter_from_row(dead_row)))
+    return MessageTrace(message=message, sent_at=iso_ms(first.sent_at),
+                        payload_bytes=first.length, recipients=records)
+
+
 def tail(
     engine: Engine,
     agent: str | None,
@@ -589,46 +706,71 @@ def tail(
     *,
     timeout: float | None,
     from_seq: int | None = None,
-) -> Iterator[SentRecord]:
-    """Yield messages as they are published (by any process), from now on, until
-    ``timeout`` seconds pass (None: forever). ``agent`` keeps messages sent by or to it,
-    ``types`` those types. The position and the timeout start at this call, not at the first
-    ``next()``: a message published in between is yielded."""
+) -> Tail:
+    """Yield messages as they are published (by any process), from now on (or from the
+    position ``from_seq`` of an earlier tail), until ``timeout`` seconds pass (None: forever).
+    ``agent`` keeps messages sent by or to it, ``types`` those types. The position and the
+    timeout start at this call, not at the first ``next()``: a message published in between is
+    yielded."""
     deadline = None if timeout is None else time.monotonic() + timeout
     if from_seq is None:
         with engine.reading() as conn:
             from_seq = engine.storage.last_seq(conn)
-    return _follow(engine, agent, None if types is None else set(types), deadline, from_seq)
+    return Tail(engine, agent, None if types is None else set(types), deadline, from_seq)
 
 
-def _follow(
-    engine: Engine, agent: str | None, wanted: set[str] | None, deadline: float | None, cursor: int
-) -> Iterator[SentRecord]:
-    while True:
-        baseline = engine.change_token()
-        with engine.reading() as conn:
-            rows = engine.storage.rows_after(conn, cursor, 500, engine.max_body)
-        groups: list[list[TailRow]] = []
-        for row in rows:
-            if groups and groups[-1][0].message_id == row.message_id:
-                groups[-1].append(row)
-            else:
-                groups.append([row])
-        for group in groups:
-            cursor = group[-1].seq
-            recipients = [row.agent for row in group if row.agent is not None]
-            first = group[0]
-            message = listed_message(recipients, first.message_id, first.sender, first.type,
-                                     first.priority, first.sent_at, first.body)
-            if wanted is not None and message.type not in wanted:
+class Tail(Iterator[SentRecord]):
+    """The iterator :meth:`sqlbus.Bus.tail` returns. ``position`` says how far it has read:
+    every message up to it was yielded (once the caller asked for the next one) or left out by
+    the filters, so ``bus.tail(after=t.position)`` goes on where this one stopped, losing
+    nothing and repeating nothing when this one ran out of time.
+
+    >>> t = bus.tail(timeout=1.0); records = list(t)             # doctest: +SKIP
+    >>> more = list(bus.tail(timeout=1.0, after=t.position))     # doctest: +SKIP
+    """
+
+    def __init__(self, engine: Engine, agent: str | None, wanted: set[str] | None,
+                 deadline: float | None, position: int) -> None:
+        self.position = position
+        self._records = self._follow(engine, agent, wanted, deadline)
+
+    def __next__(self) -> SentRecord:
+        return next(self._records)
+
+    def close(self) -> None:
+        """Stop following (a tail with no timeout otherwise waits for the next message)."""
+        self._records.close()
+
+    def _follow(
+        self, engine: Engine, agent: str | None, wanted: set[str] | None, deadline: float | None
+    ) -> Generator[SentRecord, None, None]:
+        while True:
+            baseline = engine.change_token()
+            with engine.reading() as conn:
+                rows = engine.storage.rows_after(conn, self.position, 500, engine.max_body)
+            groups: list[list[TailRow]] = []
+            for row in rows:
+                if groups and groups[-1][0].message_id == row.message_id:
+                    groups[-1].append(row)
+                else:
+                    groups.append([row])
+            for i, group in enumerate(groups):
+                recipients = [row.agent for row in group if row.agent is not None]
+                first = group[0]
+                message = listed_message(recipients, first.message_id, first.sender, first.type,
+                                         first.priority, first.sent_at, first.body)
+                kept = (wanted is None or message.type in wanted) and (
+                    agent is None or message.sender == agent or agent in recipients)
+                if kept:
+                    yield SentRecord(message=message, recipients=recipients,
+                                     sent_at=iso_ms(first.sent_at), payload_bytes=first.length)
+                # On PostgreSQL the rows of one transaction share their position (its id): it
+                # is passed only once the whole transaction is (a batch never splits them).
+                if i + 1 == len(groups) or groups[i + 1][-1].seq != group[-1].seq:
+                    self.position = group[-1].seq
+            if rows:
                 continue
-            if agent is not None and message.sender != agent and agent not in recipients:
-                continue
-            yield SentRecord(message=message, recipients=recipients,
-                             sent_at=iso_ms(first.sent_at), payload_bytes=first.length)
-        if rows:
-            continue
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            return
-        engine.wait_for_change(baseline, 1.0 if remaining is None else min(remaining, 1.0))
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            engine.wait_for_change(baseline, 1.0 if remaining is None else min(remaining, 1.0))

@@ -86,6 +86,44 @@ def stored_ttl(ttl: object) -> int:
     return ttl if type(ttl) is int and ttl >= 0 else Headers().ttl
 
 
+class Lease(msgspec.Struct, kw_only=True):
+    """A delivery in flight: ``agent``'s inbox holds ``message`` under a lease that ends at
+    ``lease_ends_at`` (ISO 8601 UTC) unless acked, failed or extended; ``attempts`` deliveries
+    so far, this one included."""
+
+    agent: str
+    message: Message
+    attempts: int
+    lease_ends_at: str
+    payload_bytes: int = 0
+
+
+class RecipientRecord(msgspec.Struct, kw_only=True):
+    """What became of a message in one recipient's inbox: ``status`` (``ready``, ``leased``,
+    ``retrying``, ``scheduled``, ``expired``, ``acked`` or ``dead``), ``attempts`` so far,
+    ``visible_at`` (when a lease ends or a retry comes due), ``done_at`` (acked or dead at),
+    ``last_error`` (the error of the attempt before, "Name: text") and, when dead, its dead
+    letter in full (with the traceback)."""
+
+    agent: str | None  # None: a broadcast that matched nobody
+    status: str
+    attempts: int
+    visible_at: str
+    done_at: str | None = None
+    last_error: str | None = None
+    dead_letter: DeadLetter | None = None
+
+
+class MessageTrace(msgspec.Struct, kw_only=True):
+    """One message and what became of it in every recipient's inbox (its archive record:
+    ``recipients`` are the agents it went to)."""
+
+    message: Message
+    sent_at: str
+    payload_bytes: int
+    recipients: list[RecipientRecord]
+
+
 def dead_letter_from_row(row: tuple[Any, ...]) -> DeadLetter:
     (dead_id, agent, reason, error_name, error_message, tb, context, failed_at, attempts, body,
      message_id, sender, type_, priority, sent_at, length) = row

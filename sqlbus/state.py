@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import msgspec
 
+from .arguments import check_limit
 from .encoding import check_agent_id, check_text, encode_json_value
 from .engine import Looked
 from .errors import ValidationError, VersionConflictError
@@ -158,6 +159,19 @@ class StateStore:
             lambda conn: [entry_from_row(row) for row in state_entries(conn, prefix)]
         )
 
+    def history(self, key: str, limit: int = 20) -> list[StateEntry]:
+        """``key``'s recent versions, newest first, from the change log (kept as long as the
+        archive retention keeps acked messages); a delete shows as ``deleted=True``.
+
+        >>> [(e.version, e.value) for e in bus.state.history("config")]   # doctest: +SKIP
+        """
+        check_key(key)
+        check_limit(limit)
+        state_history = self._bus.engine.storage.state_history
+        return self._read(
+            lambda conn: [entry_from_row(row[1:]) for row in state_history(conn, key, limit)]
+        )
+
     # -- writes --------------------------------------------------------------------------
 
     def set(
@@ -234,8 +248,7 @@ class StateStore:
         if self._run is not None:
             return cast(int, self._run(op.write, self._bus.engine.now_ms()))
         now = self._bus.engine.now_ms()
-        with self._bus.engine.write() as tx:
-            return op.write(tx, now)
+        return self._bus.engine.grouped(lambda tx: op.write(tx, now))
 
     def watch(self, prefix: str = "", *, poll: float = 1.0) -> Iterator[StateEntry]:
         """Yield the current entries under ``prefix`` (by key), then every later change.

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import apsw
+import grouping
 import postgres_server
 import pytest
 from probes import PostgresProbe, SQLiteProbe
@@ -81,6 +82,7 @@ BACKENDS = ("sqlite", "postgres")
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    grouping.install()  # SQLBUS_TEST_GROUP_COMMIT: the behaviour tests on group commit's path
     config.addinivalue_line(
         "markers", "backends: run each test of the module that uses the backend fixture once "
         "per backend ([sqlite], [postgres])")

@@ -29,7 +29,8 @@ from sqlbus.dashboard.guard import COOKIE, TokenError, choose_token, csrf_of  # 
 
 TOKEN = "a-test-token-of-32-characters-ok"
 EVIL = "<script>alert(1)</script>"
-PAGES = ["/", "/agents", "/agents/bob", "/dead-letters", "/state", "/state/team/plan", "/tail"]
+PAGES = ["/", "/agents", "/agents/bob", "/leases", "/dead-letters", "/state", "/state/team/plan",
+         "/tail"]
 
 
 @pytest.fixture
@@ -104,6 +105,76 @@ def test_the_inbox_filters_by_type_state_priority_and_text(client):
     assert "ship" in r.text and "both" not in r.text
     assert "Nothing in this inbox matches" in client.get("/agents/bob?priority=1").text
     assert "Nothing in this inbox matches" in client.get("/agents/bob?state=leased").text
+
+
+def next_link(html: str) -> str | None:
+    found = re.search(r'<a href="([^"]+)" rel="next">', html)
+    return None if found is None else found.group(1).replace("&amp;", "&")
+
+
+def test_the_inbox_pages_by_position_through_a_large_inbox_with_its_filters(client, bus):
+    alice = bus.agent("alice")
+    ids = alice.publish_many([{"to": "dave", "type": "request", "payload": {"i": i}}
+                              for i in range(120)])
+    seen, url, pages = [], "/agents/dave", 0
+    while url is not None:
+        html = client.get(url if url.startswith("/") else "/agents/dave" + url).text
+        seen += re.findall(r'href="/messages/([^"]+)"', html)
+        url, pages = next_link(html), pages + 1
+    assert seen == ids and pages == 3
+    assert "end of the inbox" in html
+    html = client.get("/agents/dave?type=request&state=ready&priority=3").text
+    assert "after=" in next_link(html) and "type=request" in next_link(html)
+    assert client.get("/agents/dave?after=garbage").status_code == 400
+    assert client.get("/agents/dave?priority=9").status_code == 400
+
+
+def test_the_message_page_shows_each_inbox_with_its_error_and_traceback(client, bus):
+    alice, bob, carol = bus.agent("alice"), bus.agent("bob"), bus.agent("carol")
+    message_id = alice.publish(["bob", "carol"], "request", {"task": "two"})
+    (d,) = bob.receive(types=["request"], limit=1) or [None]
+    while d.message.id != message_id:  # the fixture's request comes first
+        d.ack()
+        (d,) = bob.receive(types=["request"])
+    d.fail(KeyError("missing-part"), retryable=False)
+    (c,) = carol.receive(types=["request"])
+    html = client.get(f"/messages/{message_id}").text
+    assert "dead (non_retryable)" in html and "KeyError" in html and "missing-part" in html
+    assert "Traceback" in html and "leased" in html and c.message.id == message_id
+
+
+def test_the_leases_page_lists_what_is_in_flight_soonest_first(client, bus):
+    assert "No message is in flight" in client.get("/leases").text
+    (d,) = bus.agent("bob").receive(lease=60)
+    html = client.get("/leases").text
+    assert d.message.id in html and "bob" in html
+    assert "No message is in flight" in client.get("/leases?agent=carol").text
+
+
+def test_dead_letters_page_by_number(client, bus):
+    alice, erin = bus.agent("alice"), bus.agent("erin")
+    alice.publish_many([{"to": "erin", "type": "request", "payload": {"i": i}}
+                        for i in range(60)])
+    for d in erin.receive(limit=60):
+        d.fail(RuntimeError("no"), retryable=False)
+    first = client.get("/dead-letters?agent=erin").text
+    more = next_link(first)
+    assert more is not None and "agent=erin" in more
+    second = client.get("/dead-letters" + more).text
+    numbers = [int(n) for n in re.findall(r'href="/dead-letters/(\d+)"', first + second)]
+    assert len(numbers) == 60 == len(set(numbers)) and numbers == sorted(numbers, reverse=True)
+    assert next_link(second) is None
+    assert client.get("/dead-letters?after=x").status_code == 400
+
+
+def test_a_state_key_shows_its_recent_changes(client, bus):
+    bus.state.set("team/plan", {"step": "two"})
+    bus.state.set("gone", 1)
+    bus.state.delete("gone")
+    html = client.get("/state/team/plan").text
+    assert "Recent changes" in html and "two" in html and html.count("<tr><td>") >= 2
+    html = client.get("/state/gone").text  # deleted, its history still shown
+    assert "This key is deleted" in html and "deleted" in html
 
 
 def test_dead_letters_filter_by_agent_and_reason(client):
@@ -323,6 +394,23 @@ def test_the_tail_stream_sends_each_new_message(client, bus):
     assert data["to"] == ["carol"] and EVIL in data["payload"]  # text for textContent
 
 
+@pytest.mark.slow
+def test_the_tail_stream_misses_nothing_across_its_one_second_slices(client, bus):
+    alice = bus.agent("alice")
+    with client.stream("GET", "/sse/tail?agent=frank") as r:
+        lines = r.iter_lines()
+        time.sleep(0.3)
+        for i in range(8):  # 2.8 s: across at least two slices of the follower
+            alice.publish("frank", "notification", {"i": i})
+            time.sleep(0.35)
+        got = []
+        while len(got) < 8:
+            line = next(lines)
+            if line.startswith("data:"):
+                got.append(json.loads(json.loads(line[5:])["payload"])["i"])
+    assert got == list(range(8))
+
+
 # -- the command -----------------------------------------------------------------------------------
 
 
@@ -392,3 +480,59 @@ def test_the_command_serves_prints_the_url_and_never_logs_the_token(tmp_path):
         proc.terminate()
         _out, err = proc.communicate(timeout=10)
     assert TOKEN not in err
+
+
+@pytest.mark.backends
+def test_every_page_and_action_works_on_both_backends(database):
+    """The dashboard over each backend: every page renders with data, a requeue acts."""
+    b = database.connect()
+    try:
+        alice, bob = b.agent("alice"), b.agent("bob")
+        alice.publish("bob", "notification", {"text": EVIL}, priority=5)
+        alice.publish("bob", "request", {"task": "ship"})
+        (d,) = bob.receive(types=["notification"])
+        d.fail(ValueError(EVIL), retryable=False)
+        (leased,) = bob.receive(lease=60)
+        b.state.set("team/plan", {"step": 1})
+        dead = b.dead_letters()[0]
+        with TestClient(create_app(b, TOKEN), headers={"Authorization": f"Bearer {TOKEN}"}) as c:
+            for path in [*PAGES, f"/messages/{dead.message.id}", f"/dead-letters/{dead.id}",
+                         "/agents/bob?state=leased", "/metrics", "/healthz"]:
+                r = c.get(path)
+                assert r.status_code == 200, (path, r.text)
+                assert "<script>alert" not in r.text
+            assert leased.message.id in c.get("/leases").text
+            r = c.post(f"/dead-letters/{dead.id}/requeue", follow_redirects=False)
+            assert r.status_code == 303 and b.dead_letters() == []
+    finally:
+        b.close()
+
+
+def test_the_sampler_reads_once_for_many_callers_and_waits_longer_after_a_slow_read(bus):
+    import asyncio
+
+    from sqlbus.dashboard.live import COST_FACTOR, Sampler
+
+    sampler = Sampler(bus, interval=0.01)
+    real = sampler.follower
+
+    class Counting:  # the real follower, its reads counted and made slow
+        calls = 0
+
+        def read(self):
+            Counting.calls += 1
+            time.sleep(0.05)
+            return real.read()
+
+    sampler.follower = Counting()
+
+    async def main():
+        await asyncio.gather(*(sampler.latest() for _ in range(20)))
+        assert Counting.calls == 1
+        gap = sampler._next_read - time.monotonic()
+        assert gap > (COST_FACTOR - 5) * 0.05  # not 0.01 s: 50 times the read's 0.05 s
+        for _ in range(5):  # pages in the meantime are served from the sample
+            assert (await sampler.latest())["sent"] == bus.metrics().messages_sent
+        assert Counting.calls == 1
+
+    asyncio.run(main())

@@ -3,9 +3,9 @@ one template per page. No SQL here: every figure comes from a :class:`sqlbus.Bus
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import jinja2
 import msgspec
@@ -28,14 +28,15 @@ from ..bus import Bus
 from ..cli_common import parse_duration
 from ..errors import NotFoundError, SqlbusError
 from ..metrics import to_prometheus
+from ..ops import PEEK_STATUSES
 from .guard import Gate, csrf_of, same
 from .live import Sampler, chart_points
 from .streams import overview_events, tail_events
 
 HERE = Path(__file__).parent
 PAGE = 50  # rows a page
-SCAN = 500  # rows read to filter a page from (until the library pages and filters itself)
-MESSAGE_STATES = ("ready", "leased", "retrying", "scheduled", "expired")
+SCAN = 2_000  # rows a filtered inbox page looks at, at most (about 100 ms), before it stops
+MESSAGE_STATES = PEEK_STATUSES
 
 
 def _templates() -> Jinja2Templates:
@@ -89,8 +90,9 @@ class Dashboard:
 
     async def overview(self, request: Request) -> Response:
         latest = await self.sampler.latest()
-        return self.page(request, "overview.html", figures=latest,
-                         points=chart_points(self.sampler.rates()))
+        rates = self.sampler.rates()
+        return self.page(request, "overview.html", figures=latest, points=chart_points(rates),
+                         rates=" ".join(f"{r:.3f}" for r in rates))
 
     async def agents(self, request: Request) -> Response:
         infos, stats = await self.run(lambda: (self.bus.agents(), self.bus.stats()))
@@ -105,47 +107,51 @@ class Dashboard:
         q = request.query_params
         filters = {k: q.get(k, "") for k in ("type", "state", "priority", "q")}
         try:
-            entries = await self.run(self.bus.peek, agent, SCAN)
+            page = await self.run(lambda: self.bus.peek_page(
+                agent, after=q.get("after") or None, limit=PAGE, type=filters["type"] or None,
+                status=filters["state"] or None, priority=_priority(filters["priority"]),
+                text=filters["q"] or None, scan=SCAN))
         except (ValueError, SqlbusError) as exc:
             return self.page(request, "error.html", 400, message=str(exc))
-        rows = [e for e in entries if _matches(e, filters)][:PAGE]
-        return self.page(request, "inbox.html", agent=agent, rows=rows, filters=filters,
-                         states=MESSAGE_STATES, scanned=len(entries), scan=SCAN)
+        more = None if page.after is None else "?" + urlencode(
+            {**{k: v for k, v in filters.items() if v}, "after": page.after})
+        return self.page(request, "inbox.html", agent=agent, rows=page.entries,
+                         filters=filters, states=MESSAGE_STATES, more=more,
+                         first=not q.get("after"), scan=SCAN)
 
     async def message(self, request: Request) -> Response:
         message_id = request.path_params["id"]
-        found = await self.run(self._find_message, message_id)
-        if found is None:
-            return self.page(request, "error.html", 404, message=f"no message {message_id}")
-        message, deliveries, dead = found
-        return self.page(request, "message.html", message=message, deliveries=deliveries,
-                         dead=dead)
-
-    def _find_message(self, message_id: str) -> tuple[Any, list[Any], Any] | None:
-        # Stopgap until the library has a message lookup: the message's newest dead letter
-        # and its deliveries among the first SCAN rows of each inbox.
         try:
-            dead = self.bus.dead_letter(message_id)
-        except (ValueError, TypeError):
-            return None
-        deliveries = []
-        for stats in self.bus.stats():
-            for entry in self.bus.peek(stats.agent, SCAN):
-                if entry.message.id == message_id:
-                    deliveries.append((stats.agent, entry))
-        message = deliveries[0][1].message if deliveries else dead.message if dead else None
-        return None if message is None else (message, deliveries, dead)
-
-    async def dead_letters(self, request: Request) -> Response:
-        agent = request.query_params.get("agent") or None
-        reason = request.query_params.get("reason") or None
-        try:
-            rows = await self.run(self.bus.dead_letters, agent, SCAN)
+            trace = await self.run(self.bus.trace, message_id)
         except (ValueError, SqlbusError) as exc:
             return self.page(request, "error.html", 400, message=str(exc))
-        rows = [d for d in rows if reason is None or d.reason == reason][:PAGE]
+        if trace is None:
+            return self.page(request, "error.html", 404, message=f"no message {message_id}")
+        return self.page(request, "message.html", trace=trace, message=trace.message)
+
+    async def leases(self, request: Request) -> Response:
+        agent = request.query_params.get("agent") or None
+        try:
+            rows = await self.run(self.bus.leases, agent, PAGE * 4)
+        except (ValueError, SqlbusError) as exc:
+            return self.page(request, "error.html", 400, message=str(exc))
+        return self.page(request, "leases.html", rows=rows, agent=agent or "", limit=PAGE * 4)
+
+    async def dead_letters(self, request: Request) -> Response:
+        q = request.query_params
+        agent = q.get("agent") or None
+        reason = q.get("reason") or None
+        try:
+            after = int(q["after"]) if q.get("after") else None
+            rows = await self.run(lambda: self.bus.dead_letters(
+                agent, PAGE, reason=reason, after=after))
+        except (ValueError, SqlbusError) as exc:
+            return self.page(request, "error.html", 400, message=str(exc))
+        more = None if len(rows) < PAGE else "?" + urlencode(
+            {**({"agent": agent} if agent else {}), **({"reason": reason} if reason else {}),
+             "after": rows[-1].id})
         return self.page(request, "dead_letters.html", rows=rows, agent=agent or "",
-                         reason=reason or "")
+                         reason=reason or "", more=more)
 
     async def dead_letter(self, request: Request) -> Response:
         number = request.path_params["n"]
@@ -166,11 +172,12 @@ class Dashboard:
         key = request.path_params["key"]
         try:
             entry = await self.run(self.bus.state.get, key)
+            history = await self.run(self.bus.state.history, key, PAGE)
         except (ValueError, SqlbusError) as exc:
             return self.page(request, "error.html", 400, message=str(exc))
-        if entry is None:
+        if entry is None and not history:
             return self.page(request, "error.html", 404, message=f"no state key {key}")
-        return self.page(request, "state_key.html", entry=entry)
+        return self.page(request, "state_key.html", key=key, entry=entry, history=history)
 
     async def tail(self, request: Request) -> Response:
         agent = request.query_params.get("agent", "")
@@ -223,7 +230,7 @@ class Dashboard:
     # -- machine routes -----------------------------------------------------------------------
 
     async def metrics(self, request: Request) -> Response:
-        m = await self.run(self.bus.metrics)
+        m = await self.sampler.latest_metrics()  # the overview's read: one for all callers
         return PlainTextResponse(to_prometheus(m), media_type="text/plain; version=0.0.4")
 
     async def healthz(self, request: Request) -> Response:
@@ -248,19 +255,13 @@ class Dashboard:
                                    send_timeout=30)
 
 
-def _matches(entry: Any, filters: dict[str, str]) -> bool:
-    message = entry.message
-    if filters["type"] and message.type != filters["type"]:
-        return False
-    if filters["state"] and entry.status != filters["state"]:
-        return False
-    if filters["priority"] and str(message.headers.priority) != filters["priority"]:
-        return False
-    if filters["q"]:
-        text = json.dumps(message.payload, ensure_ascii=False)
-        if filters["q"].lower() not in text.lower():
-            return False
-    return True
+def _priority(text: str) -> int | None:
+    """The priority filter of a query string: empty for any, else 1..5."""
+    if not text:
+        return None
+    if not text.isdigit():
+        raise ValueError(f"priority must be 1..5, got {text!r}")
+    return int(text)
 
 
 def create_app(bus: Bus, token: str, read_only: bool = False) -> Any:
@@ -272,6 +273,7 @@ def create_app(bus: Bus, token: str, read_only: bool = False) -> Any:
         Route("/agents", d.agents),
         Route("/agents/{agent}", d.inbox),
         Route("/messages/{id}", d.message),
+        Route("/leases", d.leases),
         Route("/dead-letters", d.dead_letters),
         Route("/dead-letters/requeue", d.requeue_all, methods=["POST"]),
         Route("/dead-letters/purge", d.purge, methods=["POST"]),

@@ -12,10 +12,11 @@ from typing import Any
 from anyio import to_thread
 
 from ..bus import Bus
-from ..metrics import Metrics
+from ..metrics import Metrics, MetricsFollower
 
 HISTORY = 3600  # samples kept: one an interval, an hour at the default interval
 INTERVAL = 1.0  # s between reads of the bus's metrics, whatever the number of streams
+COST_FACTOR = 50  # the pause after a read is at least this many times its length (2% of a core)
 
 
 def figures(m: Metrics) -> dict[str, Any]:
@@ -36,26 +37,54 @@ def figures(m: Metrics) -> dict[str, Any]:
 
 
 class Sampler:
-    """The latest figures, read in a worker thread at most every ``interval`` seconds, and
-    ``history``: (monotonic s, acked total) pairs for the chart."""
+    """The latest figures and ``history``: (monotonic s, acked total) pairs for the chart.
+
+    One read of the bus's metrics at a time, in a worker thread, for every page and stream,
+    by a :class:`~sqlbus.metrics.MetricsFollower` (a read costs what changed since the last
+    one; on PostgreSQL a whole read). The next read comes ``interval`` s after the last one, or ``COST_FACTOR`` times as long as
+    the last read took, whichever is longer: on a bus whose metrics take long to read (a large
+    archive) the dashboard refreshes less often rather than use more than about 1/COST_FACTOR
+    of a core. Pages never wait for a read once there is a first sample."""
 
     def __init__(self, bus: Bus, interval: float = INTERVAL) -> None:
         self.bus = bus
+        self.follower = MetricsFollower(bus)  # bus.metrics(), read at the cost of the changes
         self.interval = interval
         self.history: deque[tuple[float, int]] = deque(maxlen=HISTORY)
+        self.metrics: Metrics | None = None  # the latest read
         self._latest: dict[str, Any] | None = None
-        self._read_at = float("-inf")
+        self._next_read = float("-inf")
         self._lock = asyncio.Lock()
+        self._reading: asyncio.Task[None] | None = None
 
     async def latest(self) -> dict[str, Any]:
-        """The figures, read again when the last read is ``interval`` seconds old."""
+        """The latest figures; a read is started when the last one is old enough (awaited only
+        when there is none yet)."""
+        if self._latest is None:
+            await self._read()
+        elif time.monotonic() >= self._next_read and (
+                self._reading is None or self._reading.done()):
+            self._reading = asyncio.get_running_loop().create_task(self._read())
+        assert self._latest is not None
+        return self._latest
+
+    async def latest_metrics(self) -> Metrics:
+        """The latest :class:`Metrics` (as :meth:`latest`)."""
+        await self.latest()
+        assert self.metrics is not None
+        return self.metrics
+
+    async def _read(self) -> None:
         async with self._lock:
-            if self._latest is None or time.monotonic() - self._read_at >= self.interval:
-                m = await to_thread.run_sync(self.bus.metrics)
-                self._read_at = time.monotonic()
-                self._latest = figures(m)
-                self.history.append((self._read_at, m.messages_received))
-            return self._latest
+            if self._latest is not None and time.monotonic() < self._next_read:
+                return  # another caller read while this one waited
+            started = time.monotonic()
+            m = await to_thread.run_sync(self.follower.read)
+            done = time.monotonic()
+            self._next_read = done + max(self.interval, COST_FACTOR * (done - started))
+            self.metrics = m
+            self._latest = figures(m)
+            self.history.append((done, m.messages_received))
 
     def rates(self) -> list[float]:
         """Acked per second between successive samples, oldest first (the chart's points)."""

@@ -49,6 +49,7 @@ async def tail_events(
     from a thread that follows the bus, until the client goes."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[str] = asyncio.Queue(TAIL_QUEUE)
+    types = [type_] if type_ else None
     stop = threading.Event()
 
     def put(data: str) -> None:
@@ -57,15 +58,16 @@ async def tail_events(
         queue.put_nowait(data)
 
     def follow() -> None:
-        # bus.tail blocks; each slice of 1 s lets the thread see the stop flag, and each new
-        # slice starts where the last one's position was read: a slice's start may miss a
-        # message published in the instant between two slices (stated in the report).
+        # bus.tail blocks; slices of 1 s let the thread see the stop flag, each slice going on
+        # from the position the last one reached, so nothing published between two is missed.
         try:
+            tail = bus.tail(agent, types, timeout=1.0)
             while not stop.is_set():
-                for record in bus.tail(agent, [type_] if type_ else None, timeout=1.0):
+                for record in tail:
                     loop.call_soon_threadsafe(put, _record(record))
                     if stop.is_set():
                         return
+                tail = bus.tail(agent, types, timeout=1.0, after=tail.position)
         except (SqlbusError, RuntimeError):  # the bus closed, or the loop ended: the page went
             return
 

@@ -9,7 +9,16 @@ from typing import Any
 
 import psycopg
 
-from ..backend import DeadLetterRow, PeekRow, RequeueTarget, SentRow, TailRow
+from ..backend import (
+    DeadLetterRow,
+    LeaseRow,
+    MessageRow,
+    PeekRow,
+    RequeueTarget,
+    SentRow,
+    TailRow,
+    peek_start,
+)
 from .retention import add_counters, retire_rows
 from .schema import BODY, BODY_LENGTH, LISTED, STATUS, statement
 
@@ -25,8 +34,9 @@ _DEAD = (
     + " FROM {s}.dead_letter AS d JOIN {s}.message AS m ON m.seq = d.seq"
 )
 _LIST_DEAD = (
-    _DEAD + " WHERE %(agent)s::text IS NULL OR m.agent = %(agent)s ORDER BY d.id DESC"
-    " LIMIT %(limit)s"
+    _DEAD + " WHERE (%(agent)s::text IS NULL OR m.agent = %(agent)s)"
+    " AND (%(reason)s::text IS NULL OR d.reason = %(reason)s)"
+    " AND (%(before)s::bigint IS NULL OR d.id < %(before)s) ORDER BY d.id DESC LIMIT %(limit)s"
 )
 _DEAD_BY_ID = _DEAD + " WHERE d.id = %(id)s"
 _DEAD_BY_MESSAGE = _DEAD + " WHERE m.message_id = %(message_id)s ORDER BY d.id DESC LIMIT 1"
@@ -38,12 +48,15 @@ def _dead_row(row: Any) -> DeadLetterRow:
 
 
 def list_dead_letters(
-    conn: psycopg.Connection, schema: str, agent: str | None, limit: int, max_body: int = 1 << 62
+    conn: psycopg.Connection, schema: str, agent: str | None, limit: int, max_body: int = 1 << 62,
+    reason: str | None = None, before: int | None = None,
 ) -> list[DeadLetterRow]:
-    """Dead letters, newest first, of one recipient or all (None); the body None when longer
-    than ``max_body`` bytes (not read)."""
-    rows = conn.execute(statement(schema, _LIST_DEAD),
-                        {"agent": agent, "limit": limit, "max_body": max_body}).fetchall()
+    """Dead letters, newest first, of one recipient or all (None), with ``reason`` (None:
+    any), numbered below ``before`` (None: all); the body None when longer than ``max_body``
+    bytes (not read)."""
+    rows = conn.execute(statement(schema, _LIST_DEAD), {
+        "agent": agent, "limit": limit, "max_body": max_body, "reason": reason, "before": before,
+    }).fetchall()
     return [_dead_row(row) for row in rows]
 
 
@@ -160,55 +173,103 @@ def list_sent(
 
 
 _LIVE = " AND (expires_at IS NULL OR expires_at >= %(now)s)"
-_PEEK_INBOX = " FROM {s}.message WHERE agent = %(agent)s AND "
-_PEEK_READY = (  # (-priority, seq): receive's order
-    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0" + _LIVE
+# As the SQLite twin's: %(k)s and %(q)s are where the page starts within the query's group
+# (sqlbus.backend.peek_start), %(priority)s keeps one priority.
+_PEEK_INBOX = (" FROM {s}.message WHERE agent = %(agent)s"
+               " AND (%(priority)s::int IS NULL OR priority = %(priority)s) AND ")
+_PEEK_READY = (  # (-priority, seq): receive's order; k a priority, q a seq within it
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0 AND priority = %(k)s"
+    " AND seq > %(q)s" + _LIVE + " ORDER BY seq LIMIT %(room)s",
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0 AND priority < %(k)s" + _LIVE
     + " ORDER BY priority DESC, seq LIMIT %(room)s",
     "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state IN (1, 4) AND visible_at <= %(now)s"
-    + _LIVE + " ORDER BY priority DESC, seq LIMIT %(room)s",
+    + _LIVE + " AND (priority < %(k)s OR (priority = %(k)s AND seq > %(q)s))"
+    " ORDER BY priority DESC, seq LIMIT %(room)s",
 )
-_PEEK_WAITING = (  # by when they become claimable
+_PEEK_WAITING = (  # by when they become claimable; after (k, q) = (visible_at, seq)
     "SELECT visible_at, seq, " + STATUS + _PEEK_INBOX + "state IN (1, 4) AND visible_at > %(now)s"
     " AND (state = 1 OR expires_at IS NULL OR expires_at >= %(now)s)"
-    " ORDER BY visible_at, seq LIMIT %(room)s",
+    " AND (visible_at, seq) > (%(k)s, %(q)s) ORDER BY visible_at, seq LIMIT %(room)s",
 )
-_PEEK_EXPIRED = (  # by when they expired
+_PEEK_EXPIRED = (  # by when they expired; after (k, q) = (expires_at, seq)
     "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + "state = 0 AND expires_at < %(now)s"
-    " ORDER BY expires_at, seq LIMIT %(room)s",
+    " AND (expires_at, seq) > (%(k)s, %(q)s) ORDER BY expires_at, seq LIMIT %(room)s",
     "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + "state IN (1, 4) AND expires_at < %(now)s"
-    " AND NOT (state = 1 AND visible_at > %(now)s) ORDER BY expires_at, seq LIMIT %(room)s",
+    " AND NOT (state = 1 AND visible_at > %(now)s) AND (expires_at, seq) > (%(k)s, %(q)s)"
+    " ORDER BY expires_at, seq LIMIT %(room)s",
 )
 _PEEK_LISTED = "SELECT seq, visible_at, attempts, " + LISTED + " FROM {s}.message WHERE seq = ANY(%(seqs)s)"
 
 
 def peek_rows(
     conn: psycopg.Connection, schema: str, agent: str, now: int, limit: int,
-    max_body: int = 1 << 62,
+    max_body: int = 1 << 62, after: tuple[int, int, int] | None = None,
+    priority: int | None = None,
 ) -> list[PeekRow]:
     """An agent's inbox without claiming, as the SQLite twin: ready rows first in the order a
     claim takes them, then the others by when they become claimable (lease end, due time),
-    expired ones last; each with its status at ``now`` and the body None when longer than
-    ``max_body``. Call it inside one read transaction (its queries must see one snapshot)."""
-    chosen: list[tuple[int, str]] = []
-    for queries in (_PEEK_READY, _PEEK_WAITING, _PEEK_EXPIRED):
+    expired ones last; each with its status at ``now``, the body None when longer than
+    ``max_body``, and its position; ``after`` and ``priority`` as the twin's. Call it inside
+    one read transaction (its queries must see one snapshot)."""
+    chosen: list[tuple[tuple[int, int, int], str]] = []
+    for group, queries in enumerate((_PEEK_READY, _PEEK_WAITING, _PEEK_EXPIRED)):
         room = limit - len(chosen)
         if room <= 0:
             break
-        params = {"agent": agent, "now": now, "room": room}
-        group = [row for query in queries
-                 for row in conn.execute(statement(schema, query), params).fetchall()]
-        group.sort()
-        chosen += [(seq, status) for _key, seq, status in group[:room]]
+        if after is not None and group < after[0]:
+            continue
+        k, q = peek_start(group, after)
+        params = {"agent": agent, "now": now, "room": room, "k": k, "q": q,
+                  "priority": priority}
+        found = sorted(row for query in queries
+                       for row in conn.execute(statement(schema, query), params).fetchall())
+        chosen += [((group, key, seq), status) for key, seq, status in found[:room]]
     if not chosen:
         return []
     listed = {row[0]: row[1:] for row in conn.execute(statement(schema, _PEEK_LISTED), {
-        "seqs": [seq for seq, _ in chosen], "max_body": max_body}).fetchall()}
+        "seqs": [position[2] for position, _ in chosen], "max_body": max_body}).fetchall()}
     rows = []
-    for seq, status in chosen:
-        *columns, body = listed[seq]
-        values: Any = (status, *columns, None if body is None else bytes(body))
+    for position, status in chosen:
+        *columns, body = listed[position[2]]
+        values: Any = (status, *columns, None if body is None else bytes(body), position)
         rows.append(PeekRow(*values))
     return rows
+
+
+_LEASES = (
+    "SELECT agent, visible_at, attempts, " + LISTED + " FROM {s}.message"
+    " WHERE state = 1 AND visible_at > %(now)s"
+    " AND (%(agent)s::text IS NULL OR agent = %(agent)s) ORDER BY visible_at, seq LIMIT %(limit)s"
+)
+
+
+def lease_rows(
+    conn: psycopg.Connection, schema: str, now: int, limit: int, agent: str | None = None,
+    max_body: int = 1 << 62,
+) -> list[LeaseRow]:
+    """Leases running at ``now``, the soonest to end first, as the SQLite twin's."""
+    rows = conn.execute(statement(schema, _LEASES), {
+        "now": now, "limit": limit, "agent": agent, "max_body": max_body}).fetchall()
+    values: list[Any] = [(*row[:-1], None if row[-1] is None else bytes(row[-1])) for row in rows]
+    return [LeaseRow(*v) for v in values]
+
+
+_MESSAGE_ROWS = (
+    "SELECT agent, CASE state WHEN 2 THEN 'acked' WHEN 3 THEN 'dead' ELSE " + STATUS + " END,"
+    " attempts, visible_at, done_at, last_error,"
+    " (SELECT d.id FROM {s}.dead_letter AS d WHERE d.seq = m.seq), " + LISTED
+    + " FROM {s}.message AS m WHERE message_id = %(message_id)s ORDER BY seq"
+)
+
+
+def message_rows(
+    conn: psycopg.Connection, schema: str, message_id: str, now: int, max_body: int = 1 << 62
+) -> list[MessageRow]:
+    """Every recipient's row of message ``message_id`` in publish order, as the SQLite twin's."""
+    rows = conn.execute(statement(schema, _MESSAGE_ROWS), {
+        "message_id": message_id, "now": now, "max_body": max_body}).fetchall()
+    values: list[Any] = [(*row[:-1], None if row[-1] is None else bytes(row[-1])) for row in rows]
+    return [MessageRow(*v) for v in values]
 
 
 def last_seq(conn: psycopg.Connection, schema: str) -> int:

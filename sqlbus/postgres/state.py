@@ -100,6 +100,20 @@ def state_log_after(
     return [StateChange(row[0], row[1], bytes(row[2]), *row[3:]) for row in rows]
 
 
+_HISTORY = (
+    "SELECT pos, key, value, version, deleted::int, updated_by, updated_at FROM {s}.state_log"
+    " WHERE key = %(key)s AND pos IS NOT NULL ORDER BY pos DESC LIMIT %(limit)s"
+)
+
+
+def state_history(
+    conn: psycopg.Connection, schema: str, key: str, limit: int
+) -> list[StateChange]:
+    """``key``'s committed changes, newest first, as the SQLite twin's."""
+    rows = conn.execute(statement(schema, _HISTORY), {"key": key, "limit": limit}).fetchall()
+    return [StateChange(row[0], row[1], bytes(row[2]), *row[3:]) for row in rows]
+
+
 def state_log_head(conn: psycopg.Connection, schema: str) -> int:
     """The position of the newest committed change (0: none)."""
     row = conn.execute(

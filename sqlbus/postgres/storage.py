@@ -27,6 +27,8 @@ from ..backend import (
     DeadLetterRow,
     DepthRow,
     InterestRow,
+    LeaseRow,
+    MessageRow,
     PeekRow,
     Pruned,
     RequeueTarget,
@@ -277,9 +279,10 @@ class PostgresStorage:
 
     def list_dead_letters(
         self, conn: Conn, agent: str | None, limit: int, max_body: int = 1 << 62,
+        reason: str | None = None, before: int | None = None,
     ) -> list[DeadLetterRow]:
         """Dead letters, newest first, of one recipient or all (None)."""
-        return admin.list_dead_letters(conn, self.schema, agent, limit, max_body)
+        return admin.list_dead_letters(conn, self.schema, agent, limit, max_body, reason, before)
 
     def get_dead_letter(
         self, conn: Conn, dead_letter_id: int | None, message_id: str | None = None,
@@ -316,9 +319,23 @@ class PostgresStorage:
 
     def peek_rows(
         self, conn: Conn, agent: str, now: int, limit: int, max_body: int = 1 << 62,
+        after: tuple[int, int, int] | None = None, priority: int | None = None,
     ) -> list[PeekRow]:
         """An inbox without claiming: ready rows in claim order, then waiting, then expired."""
-        return admin.peek_rows(conn, self.schema, agent, now, limit, max_body)
+        return admin.peek_rows(conn, self.schema, agent, now, limit, max_body, after, priority)
+
+    def lease_rows(
+        self, conn: Conn, now: int, limit: int, agent: str | None = None,
+        max_body: int = 1 << 62,
+    ) -> list[LeaseRow]:
+        """Leases running at ``now``, the soonest to end first."""
+        return admin.lease_rows(conn, self.schema, now, limit, agent, max_body)
+
+    def message_rows(
+        self, conn: Conn, message_id: str, now: int, max_body: int = 1 << 62
+    ) -> list[MessageRow]:
+        """Every recipient's row of message ``message_id``, in publish order."""
+        return admin.message_rows(conn, self.schema, message_id, now, max_body)
 
     def last_seq(self, conn: Conn) -> int:
         """The newest row's position (0 when empty): where a tail starts."""
@@ -459,3 +476,7 @@ class PostgresStorage:
     ) -> list[StateChange]:
         """Changes under ``prefix`` logged after ``after_seq``, in commit order."""
         return state.state_log_after(conn, self.schema, prefix, after_seq, limit)
+
+    def state_history(self, conn: Conn, key: str, limit: int) -> list[StateChange]:
+        """``key``'s logged changes, newest first."""
+        return state.state_history(conn, self.schema, key, limit)

@@ -13,10 +13,13 @@ from ..backend import (
     AgentRow,
     DeadLetterRow,
     InterestRow,
+    LeaseRow,
+    MessageRow,
     PeekRow,
     RequeueTarget,
     SentRow,
     TailRow,
+    peek_start,
 )
 from ..errors import DatabaseError
 from .connection import Connection
@@ -124,12 +127,16 @@ _DEAD = (
 
 
 def list_dead_letters(
-    conn: apsw.Connection, agent: str | None, limit: int, max_body: int = 1 << 62
+    conn: apsw.Connection, agent: str | None, limit: int, max_body: int = 1 << 62,
+    reason: str | None = None, before: int | None = None,
 ) -> list[DeadLetterRow]:
-    """Dead letters, newest first, the body None when longer than ``max_body``."""
+    """Dead letters, newest first, the body None when longer than ``max_body``; ``agent``
+    and ``reason`` keep those (None: any), ``before`` those numbered below it (a page after
+    the one that ended there: the walk goes down the primary key, never an OFFSET)."""
     return [DeadLetterRow(*row) for row in conn.execute(
-        f"{_DEAD} WHERE ?1 IS NULL OR m.agent = ?1 ORDER BY d.id DESC LIMIT ?2",
-        (agent, limit, max_body),
+        f"{_DEAD} WHERE (?1 IS NULL OR m.agent = ?1) AND (?4 IS NULL OR d.reason = ?4)"
+        " AND (?5 IS NULL OR d.id < ?5) ORDER BY d.id DESC LIMIT ?2",
+        (agent, limit, max_body, reason, before),
     )]
 
 
@@ -277,49 +284,107 @@ def list_sent(
 
 
 _LIVE = " AND (expires_at IS NULL OR expires_at >= ?1)"
-_PEEK_INBOX = " FROM message WHERE agent = ?2 AND "
-_PEEK_READY = (  # (-priority, seq): receive's order
-    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0" + _LIVE
+# Every peek query takes (now, agent, room, ?4, ?5, priority or None): ?4 and ?5 are where
+# the page starts within the query's group (see peek_rows), ?6 keeps one priority.
+_PEEK_INBOX = " FROM message WHERE agent = ?2 AND (?6 IS NULL OR priority = ?6) AND "
+_PEEK_READY = (  # (-priority, seq): receive's order; ?4 a priority, ?5 a seq within it
+    # the rest of priority ?4, then the lower priorities: each a seek in message_claim
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0 AND priority = ?4 AND seq > ?5"
+    + _LIVE + " ORDER BY seq LIMIT ?3",
+    "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + "state = 0 AND priority < ?4" + _LIVE
     + " ORDER BY priority DESC, seq LIMIT ?3",
     "SELECT -priority, seq, 'ready'" + _PEEK_INBOX + WAITING + " AND visible_at <= ?1"
-    + _LIVE + " ORDER BY priority DESC, seq LIMIT ?3",
+    + _LIVE + " AND (priority < ?4 OR (priority = ?4 AND seq > ?5))"
+    " ORDER BY priority DESC, seq LIMIT ?3",
 )
-_PEEK_WAITING = (  # by when they become claimable
+_PEEK_WAITING = (  # by when they become claimable; after (?4, ?5) = (visible_at, seq)
     f"SELECT visible_at, seq, {STATUS}" + _PEEK_INBOX + WAITING + " AND visible_at > ?1"
-    " AND (state = 1 OR expires_at IS NULL OR expires_at >= ?1) ORDER BY visible_at, seq LIMIT ?3",
+    " AND (state = 1 OR expires_at IS NULL OR expires_at >= ?1) AND (visible_at, seq) > (?4, ?5)"
+    " ORDER BY visible_at, seq LIMIT ?3",
 )
-_PEEK_EXPIRED = (  # by when they expired
+_PEEK_EXPIRED = (  # by when they expired; after (?4, ?5) = (expires_at, seq)
     "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + "state = 0 AND expires_at < ?1"
-    " ORDER BY expires_at, seq LIMIT ?3",
+    " AND (expires_at, seq) > (?4, ?5) ORDER BY expires_at, seq LIMIT ?3",
     "SELECT expires_at, seq, 'expired'" + _PEEK_INBOX + WAITING + " AND expires_at < ?1"
-    " AND NOT (state = 1 AND visible_at > ?1) ORDER BY expires_at, seq LIMIT ?3",
+    " AND NOT (state = 1 AND visible_at > ?1) AND (expires_at, seq) > (?4, ?5)"
+    " ORDER BY expires_at, seq LIMIT ?3",
 )
+PEEK_GROUPS = (_PEEK_READY, _PEEK_WAITING, _PEEK_EXPIRED)
 
 
 def peek_rows(
-    conn: apsw.Connection, agent: str, now: int, limit: int, max_body: int = 1 << 62
+    conn: apsw.Connection, agent: str, now: int, limit: int, max_body: int = 1 << 62,
+    after: tuple[int, int, int] | None = None, priority: int | None = None,
 ) -> list[PeekRow]:
     """An agent's inbox without claiming: (status, visible_at, attempts, and
-    :data:`LISTED`'s columns with the body None when longer than ``max_body``), the
-    status as ``STATUS`` names it at ``now``. Ready rows come first in the order a claim
-    takes them, then the others by when they become claimable (lease end, due time), expired
-    ones last. A group is read only while ``limit`` is not reached (the ready rows of a long
-    queue from the head of its index), and bodies only of the rows listed. Call it inside one
-    read transaction."""
-    chosen: list[tuple[int, str]] = []
-    for queries in (_PEEK_READY, _PEEK_WAITING, _PEEK_EXPIRED):
+    :data:`LISTED`'s columns with the body None when longer than ``max_body``, then the row's
+    position), the status as ``STATUS`` names it at ``now``. Ready rows come first in the
+    order a claim takes them, then the others by when they become claimable (lease end, due
+    time), expired ones last. A position is (group, key in the group's order, seq): with
+    ``after``, the rows after that one (each group a seek in its index, never an OFFSET);
+    ``priority`` keeps one priority. A group is read only while ``limit`` is not reached (the
+    ready rows of a long queue from the head of its index), and bodies only of the rows
+    listed. Call it inside one read transaction."""
+    chosen: list[tuple[tuple[int, int, int], str]] = []
+    for group, queries in enumerate(PEEK_GROUPS):
         room = limit - len(chosen)
         if room <= 0:
             break
-        group = [row for sql in queries for row in conn.execute(sql, (now, agent, room))]
-        group.sort()
-        chosen += [(seq, status) for _key, seq, status in group[:room]]
+        if after is not None and group < after[0]:
+            continue
+        params = (now, agent, room, *peek_start(group, after), priority)
+        found = sorted(row for sql in queries for row in conn.execute(sql, params))
+        chosen += [((group, key, seq), status) for key, seq, status in found[:room]]
     rows = []
-    for seq, status in chosen:
+    for position, status in chosen:
         listed: Any = conn.execute(
-            f"SELECT visible_at, attempts, {LISTED} FROM message WHERE seq = ?1", (seq, max_body)
+            f"SELECT visible_at, attempts, {LISTED} FROM message WHERE seq = ?1",
+            (position[2], max_body),
         ).fetchall()[0]
-        rows.append(PeekRow(status, *listed))
+        values: Any = (status, *listed, position)
+        rows.append(PeekRow(*values))
+    return rows
+
+
+def lease_rows(
+    conn: apsw.Connection, now: int, limit: int, agent: str | None = None,
+    max_body: int = 1 << 62,
+) -> list[LeaseRow]:
+    """Leases running at ``now``, the soonest to end first (of ``agent``'s inbox, or all):
+    read from message_wait, which holds only leased and scheduled rows."""
+    rows: list[Any] = conn.execute(
+        "SELECT seq FROM message WHERE " + WAITING + " AND state = 1 AND visible_at > ?1"
+        " AND (?3 IS NULL OR agent = ?3) ORDER BY visible_at, seq LIMIT ?2",
+        (now, limit, agent),
+    ).fetchall()
+    leases = []
+    for (seq,) in rows:
+        row: Any = conn.execute(
+            f"SELECT agent, visible_at, attempts, {LISTED} FROM message WHERE seq = ?1",
+            (seq, max_body),
+        ).fetchall()[0]
+        leases.append(LeaseRow(*row))
+    return leases
+
+
+def message_rows(
+    conn: apsw.Connection, message_id: str, now: int, max_body: int = 1 << 62
+) -> list[MessageRow]:
+    """Every recipient's row of message ``message_id`` in publish order (by its index): the
+    status at ``now`` as ``STATUS`` names it, or acked or dead, and the dead letter's number."""
+    seqs: list[Any] = conn.execute(
+        "SELECT seq FROM message WHERE message_id = ?1 ORDER BY seq", (message_id,)
+    ).fetchall()
+    rows = []
+    for (seq,) in seqs:
+        row: Any = conn.execute(
+            f"SELECT agent, CASE state WHEN 2 THEN 'acked' WHEN 3 THEN 'dead' ELSE {STATUS} END,"
+            " attempts, visible_at, done_at, last_error,"
+            f" (SELECT id FROM dead_letter WHERE dead_letter.seq = message.seq), {LISTED}"
+            " FROM message WHERE seq = ?3",
+            (now, max_body, seq),
+        ).fetchall()[0]
+        rows.append(MessageRow(*row))
     return rows
 
 

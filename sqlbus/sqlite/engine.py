@@ -18,7 +18,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import apsw
 import msgspec
@@ -30,7 +30,10 @@ from ..errors import DatabaseError
 from . import checkpoint, storage
 from .checkpoint import Checkpointer
 from .files import check_paths, create_file, database_error, file_sizes
+from .group import GroupCommit
 from .wakeup import Wakeup
+
+T = TypeVar("T")
 
 _all_engines: weakref.WeakSet[SqliteEngine] = weakref.WeakSet()
 
@@ -173,6 +176,7 @@ class SqliteEngine(Engine):
         self._lock = threading.Lock()
         self.wakeup = Wakeup(path)
         self._checkpointer = Checkpointer(self.open_connection)
+        self.group = GroupCommit(self)  # concurrent grouped() writes share a transaction
         self._file_id: tuple[int, int] | None = None
         self._open_file(mode)
         _all_engines.add(self)
@@ -307,6 +311,7 @@ class SqliteEngine(Engine):
             connections.release_inherited(conn.file)
             connections.park(conn)
         self._local = threading.local()
+        self.group.forget()  # the parent's queued writers are not here
         self.wakeup.forget()  # the parent's doorbell stays the parent's
         self.wakeup = Wakeup(self.path)
         self._checkpointer = Checkpointer(self.open_connection)  # the parent's thread is not here
@@ -322,6 +327,7 @@ class SqliteEngine(Engine):
         :class:`DatabaseError`, as does every later call. Safe to call twice."""
         self.closed = True
         self.wakeup.close()  # removes this process's doorbell and wakes its waiters
+        self.group.close()  # fails the queued writers at once
         self._checkpointer.close()
         # Other threads may be using their connections: close them while none is inside SQLite
         # (their next call sees the bus closed).
@@ -340,6 +346,17 @@ class SqliteEngine(Engine):
     def write(self) -> Write:
         """``with engine.write() as tx:`` one write transaction (:class:`Write`, :class:`Tx`)."""
         return Write(self)
+
+    def grouped(self, fn: Callable[[Tx], T], solo: bool = False) -> T:
+        """``fn(tx)`` in a write transaction that concurrent grouped writes of this bus may
+        share (:mod:`sqlbus.sqlite.group`); returns its result, or raises its error, once
+        committed. A caller alone writes at once. ``solo``: in turn, never shared."""
+        refuse_inside_block()
+        group = self.group
+        if group.mode == "off":
+            with Write(self) as tx:
+                return fn(tx)
+        return group.write(fn, solo)  # type: ignore[no-any-return]
 
     def reading(self, conn: storage.Connection | None = None) -> Read:
         """``with engine.reading() as conn:`` reads, errors translated (see :class:`Read`)."""

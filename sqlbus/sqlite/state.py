@@ -83,6 +83,16 @@ def state_log_after(
     )]
 
 
+def state_history(conn: apsw.Connection, key: str, limit: int) -> list[StateChange]:
+    """``key``'s logged changes, newest first (a walk of the log from its end: the log holds
+    what retention keeps, so a key written long ago costs a longer walk)."""
+    return [StateChange(*row) for row in conn.execute(
+        "SELECT seq, key, value, version, deleted, updated_by, updated_at FROM state_log"
+        " WHERE key = ?1 ORDER BY seq DESC LIMIT ?2",
+        (key, limit),
+    )]
+
+
 def state_log_head(conn: apsw.Connection) -> int:
     """The position of the newest logged change (0: none)."""
     return conn.execute("SELECT coalesce(max(seq), 0) FROM state_log").fetchall()[0][0]

@@ -18,10 +18,12 @@ from .admin import (
     get_dead_letter,
     interested_in_type,
     last_seq,
+    lease_rows,
     list_agents,
     list_dead_letters,
     list_interests,
     list_sent,
+    message_rows,
     peek_rows,
     purge_dead_letters,
     register_agent,
@@ -108,19 +110,27 @@ from .state import (
     lock_state,
     put_state,
     state_entries,
+    state_history,
     state_keys,
     state_log_after,
     state_snapshot,
 )
 from .stats import (
     acked_rows,
+    acked_summary,
     dead_reason_rows,
     depth_rows,
     error_count_rows,
     expired_leases,
+    follow_top,
+    messages_before,
     read_counters,
+    rows_at,
+    rows_since,
     rows_without_body,
     sent_rows,
+    unacked_positions,
+    unacked_seqs,
 )
 
 __all__ = [
@@ -143,7 +153,8 @@ __all__ = [
     "forget_request_timeout", "take_late_responses", "delivery_ms",
     # dead letters, the archive, peek and tail
     "list_dead_letters", "get_dead_letter", "requeue_targets", "dead_letter_ids", "requeue",
-    "purge_dead_letters", "list_sent", "peek_rows", "last_seq", "rows_after",
+    "purge_dead_letters", "list_sent", "peek_rows", "lease_rows", "message_rows", "last_seq",
+    "rows_after",
     # retention, counters and upkeep
     "get_retention", "set_retention", "add_counters", "archive_bound", "prune_acked",
     "archive_excess", "prune_oldest_acked", "prune_dead", "prune_state_log", "count_prunable",
@@ -151,7 +162,10 @@ __all__ = [
     # figures: metrics, stats and check
     "depth_rows", "acked_rows", "sent_rows", "dead_reason_rows", "error_count_rows",
     "read_counters", "count_expired", "expired_leases", "rows_without_body",
+    # following the rows by position (sqlbus.metrics.MetricsFollower; SQLite only)
+    "follow_top", "acked_summary", "unacked_positions", "unacked_seqs", "rows_since", "rows_at",
+    "messages_before",
     # shared state
     "get_state", "lock_state", "put_state", "state_keys", "state_entries", "state_snapshot",
-    "state_log_after",
+    "state_log_after", "state_history",
 ]

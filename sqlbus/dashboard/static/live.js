@@ -4,7 +4,8 @@
 
 function followCounters(box) {
   const line = document.getElementById("chart-line");
-  const rates = [];
+  // the hour so far, as the page drew it; the stream's samples extend it
+  const rates = line && line.dataset.rates ? line.dataset.rates.split(" ").map(Number) : [];
   let last = null;
   const source = new EventSource(box.dataset.stream);
   source.addEventListener("counters", (event) => {

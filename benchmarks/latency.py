@@ -277,9 +277,11 @@ def main() -> None:
                              "(sqlbus.postgres.wakeup.THROTTLE), to measure what it costs")
     args = parser.parse_args()
     if args.notify_throttle is not None:
-        import sqlbus.postgres.wakeup
+        # "as": a plain "import sqlbus.postgres.wakeup" would make sqlbus a local name of
+        # main(), unbound on the SQLite path below
+        import sqlbus.postgres.wakeup as postgres_wakeup
 
-        sqlbus.postgres.wakeup.THROTTLE = args.notify_throttle  # inherited by forked processes
+        postgres_wakeup.THROTTLE = args.notify_throttle  # inherited by forked processes
     if args.no_checkpointer:
         sqlbus.sqlite.checkpoint.CHECKPOINT_FRAMES = 0  # inherited by the forked processes
     workdir = tempfile.mkdtemp(prefix="sqlbus-latency-", dir=args.dir)

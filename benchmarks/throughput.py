@@ -8,6 +8,12 @@ Every figure is the median of ``--repeats`` runs, on files in one temporary dire
 file system). Raw apsw: WAL, synchronous=NORMAL, one INSERT per BEGIN IMMEDIATE transaction;
 claim = one ``UPDATE ... RETURNING`` transaction then one DELETE transaction. Payloads are
 ~200-byte JSON objects. The ratio column is sqlbus / raw; the target column is issue 2's.
+
+The fair floor (issue 21): raw apsw doing the least a durable priority queue must do per
+publish: msgspec-encode the payload, insert one row into a table with one claim-order index
+(``(agent, priority DESC, seq)``), one transaction per call (``executemany`` of 100 per
+transaction for batches; synchronous=FULL for durability="full"). The publish rows print their
+ratio against both the bare baseline above and this floor, with issue 21's targets.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from collections.abc import Callable
 
 import apsw
+import msgspec
 
 import sqlbus
 
@@ -66,6 +73,45 @@ def raw_insert_batches(conn: apsw.Connection, n: int, batch: int = 100) -> int:
     for _ in range(n // batch):
         conn.execute("BEGIN IMMEDIATE")
         conn.executemany("INSERT INTO queue (visible_at, body) VALUES (0, ?)", rows)
+        conn.execute("COMMIT")
+    return n // batch * batch
+
+
+# -- the fair floor (issue 21) -------------------------------------------------------------------
+
+_floor_encode = msgspec.json.Encoder().encode
+
+
+def floor_connection(path: str, synchronous: str = "NORMAL") -> apsw.Connection:
+    """The floor's table: one row per message, one index in claim order."""
+    conn = apsw.Connection(path)
+    conn.execute("PRAGMA journal_mode=WAL").fetchall()
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.set_busy_timeout(5000)
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS queue (seq INTEGER PRIMARY KEY, agent TEXT NOT NULL,"
+        " priority INTEGER NOT NULL, body BLOB NOT NULL);"
+        "CREATE INDEX IF NOT EXISTS queue_claim ON queue (agent, priority DESC, seq)"
+    )
+    return conn
+
+
+def floor_insert(conn: apsw.Connection, n: int) -> int:
+    """Per call: encode the payload, one row, one transaction."""
+    for _ in range(n):
+        body = _floor_encode(PAYLOAD)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO queue (agent, priority, body) VALUES ('consumer', 3, ?)", (body,))
+        conn.execute("COMMIT")
+    return n
+
+
+def floor_insert_batches(conn: apsw.Connection, n: int, batch: int = 100) -> int:
+    """Per batch: encode each payload, one executemany, one transaction."""
+    for _ in range(n // batch):
+        rows = [(_floor_encode(PAYLOAD),) for _ in range(batch)]
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO queue (agent, priority, body) VALUES ('consumer', 3, ?)", rows)
         conn.execute("COMMIT")
     return n // batch * batch
 
@@ -134,6 +180,42 @@ def bus_receive_ack_batches(agent: sqlbus.Agent, n: int, batch: int = 100) -> in
     return done
 
 
+def receive_rows(
+    args: argparse.Namespace, n: int, repeats: int, workdir: str, raw: apsw.Connection,
+    producer: sqlbus.Agent, consumer: sqlbus.Agent, record: Callable[[str, float, float, str], None],
+) -> None:
+    """The receive rows: one at a time, batches, and the cost at a large backlog."""
+    raw.execute("DELETE FROM queue")
+    bus_receive_ack_batches(consumer, 10**9)  # drain what the publish runs left
+    raw_insert_batches(raw, n * repeats)
+    prefill(producer, "consumer", n * repeats)
+    raw_one = median_rate(lambda: raw_claim_delete(raw, n), repeats)
+    ours_one = median_rate(lambda: bus_receive_ack(consumer, n), repeats)
+    record("receive + ack, one at a time", ours_one, raw_one, ">= 0.90")
+
+    prefill(producer, "consumer", n * 5 * repeats)
+    ours_many = median_rate(lambda: bus_receive_ack_batches(consumer, n * 5), repeats)
+    record("receive(limit=100) + batch ack", ours_many, raw_one, ">= 3.00")
+
+    # Backlog: the same receive+ack rate with 1,000 and with --backlog messages waiting.
+    small_bus = sqlbus.connect(os.path.join(workdir, "small.db"))
+    big_bus = sqlbus.connect(os.path.join(workdir, "big.db"))
+    measure = min(n, 1_000)
+    rates = {}
+    for label, backlog_bus, backlog in (("small", small_bus, 1_000), ("big", big_bus, args.backlog)):
+        p, c = backlog_bus.agent("producer"), backlog_bus.agent("consumer")
+        started = time.perf_counter()
+        prefill(p, "consumer", backlog + measure * repeats)
+        print(f"  prefilled {backlog + measure * repeats:,} in {time.perf_counter() - started:.1f} s",
+              flush=True)
+        rates[label] = median_rate(lambda c=c: bus_receive_ack(c, measure), repeats)
+    record(f"receive + ack at backlog {args.backlog:,} vs 1,000", rates["big"], rates["small"],
+           ">= 0.85")
+
+    small_bus.close()
+    big_bus.close()
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -144,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=1_000_000, help="the large backlog")
     parser.add_argument("--quick", action="store_true", help="n=5000, backlog=100000")
     parser.add_argument("--dir", default=None, help="directory for the database files")
+    parser.add_argument("--publish-only", action="store_true",
+                        help="only the publish rows (one, batches of 100, durability=full)")
     parser.add_argument("--postgres", nargs="?", const="postgresql://postgres@127.0.0.1:5432/test",
                         default=None, metavar="URL",
                         help="run the PostgreSQL section instead, against raw psycopg, in fresh "
@@ -174,48 +258,39 @@ def main(argv: list[str] | None = None) -> int:
     bus = sqlbus.connect(os.path.join(workdir, "bus.db"))
     producer, consumer = bus.agent("producer"), bus.agent("consumer")
 
+    floor = floor_connection(os.path.join(workdir, "floor.db"))
+    floor_results: list[tuple[str, float, float, str]] = []
+
+    def record_floor(name: str, ours: float, fair: float, target: str) -> None:
+        floor_results.append((name, ours, fair, target))
+        print(f"  {name}: sqlbus {ours:,.0f}/s, fair floor {fair:,.0f}/s, ratio {ours / fair:.2f}",
+              flush=True)
+
     raw_single = median_rate(lambda: raw_insert(raw, n), repeats)
+    floor_single = median_rate(lambda: floor_insert(floor, n), repeats)
     ours_single = median_rate(lambda: bus_publish(producer, n), repeats)
     record("publish, one per transaction", ours_single, raw_single, ">= 0.60")
+    record_floor("publish, one per transaction", ours_single, floor_single, ">= 0.80")
 
     raw_batch = median_rate(lambda: raw_insert_batches(raw, n * 5), repeats)
+    floor_batch = median_rate(lambda: floor_insert_batches(floor, n * 5), repeats)
     ours_batch = median_rate(lambda: bus_publish_many(producer, n * 5), repeats)
     record("publish_many, batches of 100", ours_batch, raw_batch, ">= 0.50")
+    record_floor("publish_many, batches of 100", ours_batch, floor_batch, ">= 0.60")
 
-    raw.execute("DELETE FROM queue")
-    bus_receive_ack_batches(consumer, 10**9)  # drain what the publish runs left
-    raw_insert_batches(raw, n * repeats)
-    prefill(producer, "consumer", n * repeats)
-    raw_one = median_rate(lambda: raw_claim_delete(raw, n), repeats)
-    ours_one = median_rate(lambda: bus_receive_ack(consumer, n), repeats)
-    record("receive + ack, one at a time", ours_one, raw_one, ">= 0.70")
-
-    prefill(producer, "consumer", n * 5 * repeats)
-    ours_many = median_rate(lambda: bus_receive_ack_batches(consumer, n * 5), repeats)
-    record("receive(limit=100) + batch ack", ours_many, raw_one, ">= 3.00")
-
-    # Backlog: the same receive+ack rate with 1,000 and with --backlog messages waiting.
-    small_bus = sqlbus.connect(os.path.join(workdir, "small.db"))
-    big_bus = sqlbus.connect(os.path.join(workdir, "big.db"))
-    measure = min(n, 1_000)
-    rates = {}
-    for label, backlog_bus, backlog in (("small", small_bus, 1_000), ("big", big_bus, args.backlog)):
-        p, c = backlog_bus.agent("producer"), backlog_bus.agent("consumer")
-        started = time.perf_counter()
-        prefill(p, "consumer", backlog + measure * repeats)
-        print(f"  prefilled {backlog + measure * repeats:,} in {time.perf_counter() - started:.1f} s",
-              flush=True)
-        rates[label] = median_rate(lambda c=c: bus_receive_ack(c, measure), repeats)
-    record(f"receive + ack at backlog {args.backlog:,} vs 1,000", rates["big"], rates["small"],
-           ">= 0.85")
+    if not args.publish_only:
+        receive_rows(args, n, repeats, workdir, raw, producer, consumer, record)
 
     raw_full = raw_connection(os.path.join(workdir, "raw-full.db"), "FULL")
+    floor_full = floor_connection(os.path.join(workdir, "floor-full.db"), "FULL")
     bus_full = sqlbus.connect(os.path.join(workdir, "full.db"), durability="full")
     full_producer = bus_full.agent("producer")
     full_n = max(200, n // 20)
     raw_full_rate = median_rate(lambda: raw_insert(raw_full, full_n), repeats)
+    floor_full_rate = median_rate(lambda: floor_insert(floor_full, full_n), repeats)
     ours_full = median_rate(lambda: bus_publish(full_producer, full_n), repeats)
     record("publish at durability=full (fsync)", ours_full, raw_full_rate, ">= 0.80")
+    record_floor("publish at durability=full (fsync)", ours_full, floor_full_rate, ">= 0.80")
 
     print()
     print("| workload | sqlbus msg/s | baseline msg/s | ratio | target |")
@@ -226,7 +301,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{'met' if met else 'MISSED'} |")
     print("\nBaselines: raw apsw doing the same logical work, except the backlog row (sqlbus at a "
           "1,000 backlog) and the batch-receive row (raw one-at-a-time claim + delete).")
-    for b in (bus, small_bus, big_bus, bus_full):
+    print()
+    print("| workload | sqlbus msg/s | fair floor msg/s | ratio | target (issue 21) |")
+    print("|---|---:|---:|---:|---|")
+    for name, ours, fair, target in floor_results:
+        met = float(target.split()[-1]) <= ours / fair
+        print(f"| {name} | {ours:,.0f} | {fair:,.0f} | {ours / fair:.2f} | {target} "
+              f"{'met' if met else 'MISSED'} |")
+    print("\nFair floor: raw apsw, msgspec-encode the payload, one row in a table with one "
+          "claim-order index (agent, priority DESC, seq), one transaction per call "
+          "(executemany of 100 per transaction for batches; synchronous=FULL for the fsync row).")
+    for b in (bus, bus_full):
         b.close()
     return 0
 

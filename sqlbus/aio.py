@@ -57,6 +57,7 @@ from .errors import DatabaseError, VersionConflictError
 from .messages import Message
 from .state import StateEntry, StateStore, Watch, check_key, check_poll, check_prefix
 from .transaction import Transaction, begin_block, end_block
+from .waking import ANY, FALLBACK, agent_tag
 from .worker import check_concurrency
 
 __all__ = [
@@ -208,6 +209,7 @@ class AsyncAgent:
         self.events = AsyncEvents(self)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wrapped: dict[Any, Callable[..., Any]] = {}
+        self._responses: _Responses | None = None
 
     def __repr__(self) -> str:
         return f"<sqlbus.aio.AsyncAgent {self.id!r}>"
@@ -346,23 +348,35 @@ class AsyncAgent:
         timeout = seconds(timeout, "timeout", allow_zero=False)
         agent = self.sync
         engine = agent.bus.engine
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         correlation_id = requests.new_correlation_id()
         requests.await_response(engine, agent.id, correlation_id)  # before the request exists
+        responses = self._responses
+        if responses is None or responses.loop is not loop:
+            responses = self._responses = _Responses(self, loop)
         try:
+            found = responses.expect(correlation_id)  # before the request: its reply is seen
             await _call(self._pool, requests.send_request, agent, engine, to, payload, timeout,
                         priority, ttl, correlation_id)
-
-            async def look() -> Looked:
-                _, message = await _call(self._pool, requests.take_response, agent, engine,
-                                         correlation_id)
-                return Looked(message, 0)
-
-            message = await engine.wait_until_async(look, timeout, agent.id)
-            if message is not None:
-                return requests.result_of(message)
-            return await _call(self._pool, requests.end_request, agent, engine, to, correlation_id,
-                               timeout)
+            while True:
+                remaining = deadline - loop.time()
+                if remaining > 0 and not found.done():
+                    await asyncio.wait([found], timeout=remaining)
+                if not found.done():
+                    responses.forget(correlation_id)
+                    if not found.done():  # out of time: the last look and the record
+                        return await _call(self._pool, requests.end_request, agent, engine, to,
+                                           correlation_id, timeout)
+                message = found.result()
+                if message is None:  # it waits in the inbox (no direct reply): take it
+                    _, message = await _call(self._pool, requests.take_response, agent, engine,
+                                             correlation_id)
+                if message is not None:
+                    return requests.result_of(message)
+                found = responses.expect(correlation_id)  # another taker had it: wait on
         finally:
+            responses.forget(correlation_id)
             requests.stop_awaiting(engine, agent.id, correlation_id)
 
     def _wrap(self, handler: Callable[..., Any]) -> Callable[..., Any]:
@@ -393,6 +407,60 @@ class AsyncAgent:
         functools.update_wrapper(call_on_loop, handler)
         self._wrapped[handler] = call_on_loop
         return call_on_loop
+
+
+class _Responses:
+    """The responses an agent's asyncio requests await, found for all of them by one look
+    per wake-up: one task waits for rings naming the agent and reads, in one statement on
+    the pool, which of the awaited correlation ids have a response, and resolves their
+    futures (the message; None when it waits in the inbox, for its request to take). With
+    one look per request instead, N requests in flight made N looks per response, so N
+    squared in all (issue 21)."""
+
+    def __init__(self, agent: AsyncAgent, loop: asyncio.AbstractEventLoop) -> None:
+        self.agent = agent
+        self.loop = loop
+        self.waiting: dict[str, asyncio.Future[Message | None]] = {}
+        self.task: asyncio.Task[None] | None = None
+
+    def expect(self, correlation_id: str) -> asyncio.Future[Message | None]:
+        """A future for the response to ``correlation_id``, looked for from now on."""
+        found: asyncio.Future[Message | None] = self.loop.create_future()
+        self.waiting[correlation_id] = found
+        if self.task is None or self.task.done():
+            self.task = self.loop.create_task(self._gather())
+        return found
+
+    def forget(self, correlation_id: str) -> None:
+        found = self.waiting.pop(correlation_id, None)
+        if found is not None and found.done() and not found.cancelled():
+            found.exception()  # retrieved: a failure its request did not wait for is not logged
+
+    async def _gather(self) -> None:
+        try:
+            await self._look_while_awaited()
+        except Exception as exc:  # the bus closed, the database failed: tell every request
+            for future in self.waiting.values():
+                if not future.done():
+                    future.set_exception(exc)
+
+    async def _look_while_awaited(self) -> None:
+        agent = self.agent.sync
+        engine = agent.bus.engine
+        tag = agent_tag(agent.id)
+        while True:
+            ids = [cid for cid, found in self.waiting.items() if not found.done()]
+            if not ids:
+                return  # expect() starts another task when a request comes
+            token = engine.wakeup.token(tag)  # before the look: a commit after it rings
+            found = await _call(self.agent._pool, requests.find_responses, agent, engine, ids)
+            for cid, message in found:
+                future = self.waiting.get(cid)
+                if future is not None and not future.done():
+                    future.set_result(message)
+            # Any ring since the token, not only one naming the agent: a ring for a tag that
+            # no wait is registered for yet is not counted as that tag's, only as a ring.
+            await engine.wakeup.wait_async(token, FALLBACK, ANY)
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

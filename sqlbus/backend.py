@@ -426,6 +426,13 @@ class Storage(Protocol[ConnT]):
     def find_response(self, conn: ConnT, agent: str, correlation_id: str) -> ResponseLook:
         """A requester's look for its response, in one read."""
 
+    def find_responses(
+        self, conn: ConnT, agent: str, correlation_ids: Sequence[str]
+    ) -> list[tuple[str, bytes | None, int]]:
+        """:meth:`find_response` for many requests at once, in one read: (correlation id,
+        the body of a direct reply or None, 1 when one waits in the inbox) for each id that
+        has one."""
+
     def take_response(
         self, conn: ConnT, agent: str, correlation_id: str, now: int
     ) -> tuple[int, bytes] | None:

@@ -399,7 +399,10 @@ def prepare(
         )
     if payload is None:
         payload = {}
-    encoded_payload = encode_payload(payload, type, max_payload_bytes, f"{prefix}payload")
+    if type_of(payload) is dict and type in _UNTYPED:  # encode_payload's common case, inline
+        encoded_payload = encode_json_value(payload, max_payload_bytes, f"{prefix}payload")
+    else:
+        encoded_payload = encode_payload(payload, type, max_payload_bytes, f"{prefix}payload")
     if broadcast_pattern is None and correlation_id is None and not direct_reply and (
         type_of(to) is str
     ):

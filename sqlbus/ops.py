@@ -35,6 +35,7 @@ from .sqlite.files import file_sizes
 UPKEEP_EVERY = 60.0  # s: how often each process runs a background retention pass
 UPKEEP_CATCH_UP = 1.0  # s: ... or this soon again when the last pass was a full batch
 UPKEEP_BATCH = 2000  # rows per background pass: a few ms of write lock
+UPKEEP_EXCESS = 10 * UPKEEP_BATCH  # rows above archive_max_messages one pass may prune
 
 
 class InboxEntry(msgspec.Struct, kw_only=True):
@@ -246,12 +247,19 @@ def prune(
 
 
 def upkeep(engine: Engine) -> int:
+    """One background retention pass (see :func:`upkeep_pass`); returns rows deleted or moved."""
+    return upkeep_pass(engine)[0]
+
+
+def upkeep_pass(engine: Engine) -> tuple[int, bool]:
     """One background retention pass under the policy stored in the file: at most
     ``UPKEEP_BATCH`` acked rows past ``archive_retention`` (and as many state changes), as many
     dead letters past ``dead_retention`` and as many of the oldest acked rows above
     ``archive_max_messages``, in one short transaction; in the same one it moves up to
     ``UPKEEP_BATCH`` expired messages to dead letters (SPEC 4: not only a claim on their inbox
-    does, so an inbox nobody reads does not keep them). Returns rows deleted or moved."""
+    does, so an inbox nobody reads does not keep them). Returns (rows deleted or moved,
+    whether the archive was within 10% of its ``archive_max_messages`` or above it: the next
+    pass should come soon)."""
     storage = engine.storage
     now = engine.now_ms()
     # Read before the write lock: the archive's bound walks every row older than the cutoff,
@@ -259,10 +267,15 @@ def upkeep(engine: Engine) -> int:
     with engine.reading() as conn:
         archive_ms, dead_ms, max_messages = storage.get_retention(conn)
         bound = 0 if archive_ms is None else storage.archive_bound(conn, now - archive_ms)
-        excess = 0 if max_messages is None else storage.archive_excess(conn, max_messages)
+        # Counted against a bound 10% below the cap: an archive that close to its cap is
+        # looked at every UPKEEP_CATCH_UP seconds (below), not every UPKEEP_EVERY, so that at
+        # full speed it never runs a minute of traffic past the cap (issue 21).
+        margin = 0 if max_messages is None else max_messages // 10
+        near = 0 if max_messages is None else storage.archive_excess(conn, max_messages - margin)
+        excess = max(0, near - margin)
         expired = storage.expired_rows(conn, now, UPKEEP_BATCH)
     if archive_ms is None and dead_ms is None and not excess and not expired:
-        return 0
+        return 0, near > 0
     acked = deleted = 0
     with engine.write() as tx:
         conn = tx.conn
@@ -271,11 +284,23 @@ def upkeep(engine: Engine) -> int:
         if archive_ms is not None:
             acked = storage.prune_acked(conn, now - archive_ms, UPKEEP_BATCH, bound=bound).deleted
             deleted += storage.prune_state_log(conn, now - archive_ms, UPKEEP_BATCH)
+        after = 0
         if excess > acked:  # the rows just pruned by age count against the excess
-            acked += storage.prune_oldest_acked(conn, min(excess - acked, UPKEEP_BATCH)).deleted
+            acked_now, after = storage.prune_oldest_acked(conn, min(excess - acked, UPKEEP_BATCH))
+            acked += acked_now
         if dead_ms is not None:
             deleted += storage.prune_dead(conn, now - dead_ms, UPKEEP_BATCH)
-    return deleted + acked
+    # The rest of the excess counted above, in more transactions of a batch each (writers go
+    # in between), up to UPKEEP_EXCESS rows a pass: at full speed an archive at its cap gains
+    # thousands of rows a second, and one batch a pass let it grow past the cap (issue 21).
+    while acked < min(excess, UPKEEP_EXCESS) and after:
+        with engine.write() as tx:
+            pruned, after = tx.storage.prune_oldest_acked(
+                tx.conn, min(excess - acked, UPKEEP_BATCH), after)
+        if not pruned:
+            break
+        acked += pruned
+    return deleted + acked, near > 0
 
 
 class RetentionUpkeep:
@@ -294,7 +319,10 @@ class RetentionUpkeep:
             return
         self.due = now + UPKEEP_EVERY
         try:
-            if upkeep(self.engine) >= UPKEEP_BATCH:
+            done, capped = upkeep_pass(self.engine)
+            # An archive at its cap gains rows as fast as the bus writes them: passes a
+            # minute apart let it overshoot by a minute of traffic (issue 21).
+            if done >= UPKEEP_BATCH or capped:
                 self.due = time.monotonic() + UPKEEP_CATCH_UP
         except DatabaseError:
             pass

@@ -175,6 +175,17 @@ def take_response(agent: Agent, engine: Engine, correlation_id: str) -> tuple[in
     return baseline, None if taken is None else decode_message(taken[1])
 
 
+def find_responses(
+    agent: Agent, engine: Engine, correlation_ids: list[str]
+) -> list[tuple[str, Message | None]]:
+    """Look for the responses of many requests of ``agent`` (one read): (correlation id, the
+    response, or None when it waits in the inbox and must be taken with
+    :func:`take_response`) for each id that has one."""
+    with engine.reading() as conn:
+        rows = engine.storage.find_responses(conn, agent.id, correlation_ids)
+    return [(cid, None if body is None else decode_message(body)) for cid, body, _ in rows]
+
+
 def result_of(response: Message) -> Any:
     payload = response.payload
     if payload.get("success") is True:

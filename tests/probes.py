@@ -584,7 +584,8 @@ class PostgresProbe(_BusLooks):
 # Maintenance below the public API (sqlbus.ops): the background retention pass and a tail
 # from the first position.
 
-UPKEEP_BATCH = ops.UPKEEP_BATCH  # rows one background retention pass deletes at most
+UPKEEP_BATCH = ops.UPKEEP_BATCH  # rows one background retention transaction deletes at most
+UPKEEP_EXCESS = ops.UPKEEP_EXCESS  # rows above archive_max_messages one pass prunes at most
 
 
 def run_upkeep(bus: sqlbus.Bus) -> int:

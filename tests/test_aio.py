@@ -290,3 +290,50 @@ def test_an_async_transaction_commits_all_or_nothing(database, own_sql) -> None:
     payloads, value = run(main())
     assert payloads == [{"n": 1}]
     assert value == 1
+
+
+def test_concurrent_requests_to_a_concurrent_async_handler_each_get_their_own_answer(database) -> None:
+    async def main():
+        async with await database.aio_connect() as bus:
+            alice, bob = await bus.agent("alice"), await bus.agent("bob")
+            running = []
+
+            async def on_request(message):
+                running.append(1)
+                peak = len(running)
+                await asyncio.sleep(0.01)
+                running.pop()
+                return {"n": message.payload["n"], "peak": peak}
+
+            await bob.subscribe("request", on_request)
+            runner = asyncio.create_task(bob.run(concurrency=8))
+            answers = await asyncio.gather(
+                *(alice.request("bob", {"n": n}, timeout=60.0) for n in range(60)))
+            bob.stop()
+            await asyncio.wait_for(runner, 30)
+            return answers
+
+    answers = run(main())
+    assert [a["n"] for a in answers] == list(range(60))
+    assert max(a["peak"] for a in answers) > 1  # handlers overlapped
+
+
+def test_an_async_request_takes_a_response_published_to_its_inbox(database) -> None:
+    async def main():
+        async with await database.aio_connect() as bus:
+            alice, bob = await bus.agent("alice"), await bus.agent("bob")
+            asking = asyncio.create_task(alice.request("bob", {"q": 1}, timeout=60.0))
+            while not (deliveries := await bob.receive(wait=5.0)):
+                pass
+            (d,) = deliveries
+            # a plain publish, not a direct reply: the response waits in alice's inbox
+            await bob.publish("alice", "response", {"success": True, "data": "plain",
+                                                   "request_id": d.message.id},
+                              correlation_id=d.message.headers.correlation_id)
+            await d.ack()
+            answer = await asyncio.wait_for(asking, 30)
+            return answer, await alice.receive()
+
+    answer, left = run(main())
+    assert answer == "plain"
+    assert left == []  # taken by the request, not left for a receiver

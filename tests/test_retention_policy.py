@@ -17,10 +17,11 @@ import apsw
 import pytest
 from click.testing import CliRunner
 from conftest import query
-from probes import ACKED, APPLICATION_ID, SCHEMA_VERSION, UPKEEP_BATCH, SQLiteProbe
+from probes import ACKED, APPLICATION_ID, SCHEMA_VERSION, UPKEEP_EXCESS, SQLiteProbe
 
 import sqlbus
 import sqlbus.aio
+from sqlbus import ops
 from sqlbus.bus import STORED
 from sqlbus.cli import cli
 
@@ -168,17 +169,36 @@ def test_archive_max_messages_prunes_the_oldest_acked_messages_first(make_bus, c
     assert bus.prune().acked == 0
 
 
-def test_the_background_pass_bounds_the_archive_a_small_batch_at_a_time(make_bus, probe):
+def test_the_background_pass_bounds_the_archive_a_bounded_number_of_rows_at_a_time(
+    make_bus, probe
+):
     bus = make_bus(archive_max_messages=None)
     alice, bob = bus.agent("alice"), bus.agent("bob")
-    n = UPKEEP_BATCH + 500
-    alice.publish_many([{"to": "bob", "type": "notification"} for _ in range(n)])
+    n = UPKEEP_EXCESS + 500
+    for start in range(0, n, 5000):
+        alice.publish_many([{"to": "bob", "type": "notification", "ttl": 0}
+                            for _ in range(min(5000, n - start))])
     bob.ack(bob.receive(limit=n))
     make_bus(archive_max_messages=100).agent("zed")
-    assert _counts(probe)[0] == n - UPKEEP_BATCH
+    # one pass prunes up to UPKEEP_EXCESS rows, in transactions of UPKEEP_BATCH rows
+    assert _counts(probe)[0] == n - UPKEEP_EXCESS
     later = make_bus()
     later.agent("zed")
     assert _counts(probe)[0] == 100
+
+
+def test_a_pass_near_the_archive_cap_says_the_next_pass_should_come_soon(make_bus, probe):
+    bus = make_bus(archive_max_messages=None)
+    alice, bob = bus.agent("alice"), bus.agent("bob")
+    alice.publish_many([{"to": "bob", "type": "notification", "ttl": 0} for _ in range(95)])
+    bob.ack(bob.receive(limit=95))
+    bus.set_retention(archive_max_messages=200)
+    assert ops.upkeep_pass(bus.engine) == (0, False)  # far below the cap: a minute on
+    bus.set_retention(archive_max_messages=100)
+    assert ops.upkeep_pass(bus.engine) == (0, True)  # within 10%: nothing to prune yet
+    bus.set_retention(archive_max_messages=90)
+    assert ops.upkeep_pass(bus.engine) == (5, True)
+    assert _counts(probe)[0] == 90
 
 
 def test_prune_without_arguments_applies_the_stored_policy(make_bus, clock):

@@ -5,6 +5,8 @@ handler. In progress (issue 15): not yet behind the engine."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import psycopg
 
 from ..backend import ResponseLook
@@ -15,6 +17,13 @@ _FIND = (
     "SELECT " + TOKEN + ", (SELECT " + BODY + " FROM {s}.message WHERE " + _RESPONSE_OF
     + " AND state = 2 AND claims = 0 ORDER BY seq LIMIT 1),"
     " EXISTS (SELECT 1 FROM {s}.message WHERE " + _RESPONSE_OF + " AND state = 0)"
+)
+_FOUND_OF = "agent = %(agent)s AND type = 'response' AND correlation_id = c.cid"
+_FIND_MANY = (
+    "SELECT cid, body, waiting FROM (SELECT c.cid, (SELECT " + BODY + " FROM {s}.message WHERE "
+    + _FOUND_OF + " AND state = 2 AND claims = 0 ORDER BY seq LIMIT 1) AS body,"
+    " EXISTS (SELECT 1 FROM {s}.message WHERE " + _FOUND_OF + " AND state = 0) AS waiting"
+    " FROM unnest(%(cids)s::text[]) AS c(cid)) AS found WHERE body IS NOT NULL OR waiting"
 )
 # SKIP LOCKED: two takers never wait on each other; the outer state test keeps a row another
 # taker acked between this one's pick and its update (READ COMMITTED rechecks the row) from
@@ -45,6 +54,18 @@ def find_response(
     ).fetchone()
     assert row is not None
     return ResponseLook(row[0], None if row[1] is None else bytes(row[1]), int(row[2]))
+
+
+def find_responses(
+    conn: psycopg.Connection, schema: str, agent: str, correlation_ids: Sequence[str]
+) -> list[tuple[str, bytes | None, int]]:
+    """:func:`find_response` for many requests of ``agent`` at once, in one statement:
+    (correlation id, the body of a direct reply or None, 1 when a response waits in the
+    inbox) for each id that has one."""
+    rows = conn.execute(
+        statement(schema, _FIND_MANY), {"agent": agent, "cids": list(correlation_ids)}
+    ).fetchall()
+    return [(cid, None if body is None else bytes(body), int(waiting)) for cid, body, waiting in rows]
 
 
 def take_response(

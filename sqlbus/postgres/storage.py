@@ -239,6 +239,12 @@ class PostgresStorage:
         """A requester's look for its response, in one read."""
         return responses.find_response(conn, self.schema, agent, correlation_id)
 
+    def find_responses(
+        self, conn: Conn, agent: str, correlation_ids: Sequence[str]
+    ) -> list[tuple[str, bytes | None, int]]:
+        """:meth:`find_response` for many requests at once, in one read."""
+        return responses.find_responses(conn, self.schema, agent, correlation_ids)
+
     def take_response(
         self, conn: Conn, agent: str, correlation_id: str, now: int,
     ) -> tuple[int, bytes] | None:

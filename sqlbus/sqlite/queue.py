@@ -49,6 +49,15 @@ def publish(
     than ``now`` schedules the rows instead (a delayed publish); a ``delivered`` message (a
     direct reply) is written as acked, for its requester to read (:func:`find_response`).
     """
+    if len(messages) == 1:  # the commonest write: one message to one inbox, its id ours
+        message = messages[0]
+        if not message.caller_id and not message.delivered and len(message.recipients) == 1:
+            visible = visible_at[0]
+            conn.cur.execute(_INSERT_ONE, (
+                message.id, message.sender, message.recipients[0], message.type,
+                message.correlation_id, message.priority, QUEUED if visible <= now else SCHEDULED,
+                visible, visible + message.ttl if message.ttl else None, now, None, message.body))
+            return [True]
     fresh: list[bool] = []
     values: list[Any] = []  # the rows' values, one after the other
     chosen: set[str] = set()  # caller-chosen ids of this batch: a repeat is skipped like one in the db

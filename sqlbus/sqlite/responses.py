@@ -6,14 +6,17 @@ a handler."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import apsw
+import msgspec
 
 from ..backend import ResponseLook
 from .connection import Connection
 from .schema import BINARY, BODY
 
+_encode_ids = msgspec.json.Encoder().encode
 _RESPONSE_OF = f"agent = ?1{BINARY} AND type = 'response' AND correlation_id = ?2{BINARY}"
 _RESPONSE_WHERE = _RESPONSE_OF + " AND state = 0"  # queued is ready (as in a claim: queue.py)
 
@@ -35,6 +38,29 @@ def find_response(conn: Connection, agent: str, correlation_id: str) -> Response
         (agent, correlation_id),
     ).fetchall()
     return ResponseLook(*rows[0])
+
+
+# find_responses: the two looks of find_response for each correlation id of a JSON list (?2),
+# in one statement.
+_FOUND_OF = f"agent = ?1{BINARY} AND type = 'response' AND correlation_id = j.value{BINARY}"
+_FIND_MANY = (
+    "SELECT j.value,"
+    f" (SELECT {BODY} FROM message WHERE {_FOUND_OF} AND state = 2 AND claims = 0"
+    " ORDER BY seq LIMIT 1),"
+    f" EXISTS (SELECT 1 FROM message WHERE {_FOUND_OF} AND state = 0)"
+    " FROM json_each(?2) AS j"
+)
+
+
+def find_responses(
+    conn: Connection, agent: str, correlation_ids: Sequence[str]
+) -> list[tuple[str, bytes | None, int]]:
+    """:func:`find_response` for many requests of ``agent`` at once, in one read:
+    (correlation id, the body of a direct reply or None, 1 when a response waits in the inbox
+    instead) for each of ``correlation_ids`` that has one."""
+    rows = conn.cur.execute(_FIND_MANY, (agent, _encode_ids(list(correlation_ids)).decode()))
+    # the ids with nothing are left out here: a WHERE on the subqueries' columns would run them twice
+    return [(cid, body, waiting) for cid, body, waiting in rows if body is not None or waiting]
 
 
 def take_response(

@@ -70,6 +70,7 @@ from .queue import (
 from .responses import (
     delivery_ms,
     find_response,
+    find_responses,
     forget_request_timeout,
     record_request_timeout,
     request_timed_out,
@@ -148,7 +149,7 @@ __all__ = [
     "publish", "publish_plain", "claim", "look", "wait_point", "next_due", "ack", "acked_now",
     "extend", "release", "retry", "dead_letter", "last_error", "body_length", "count_error",
     # request/response
-    "find_response", "take_response", "record_request_timeout", "request_timed_out",
+    "find_response", "find_responses", "take_response", "record_request_timeout", "request_timed_out",
     "forget_request_timeout", "take_late_responses", "delivery_ms",
     # dead letters, the archive, peek and tail
     "list_dead_letters", "get_dead_letter", "requeue_targets", "dead_letter_ids", "requeue",

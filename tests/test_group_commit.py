@@ -32,6 +32,16 @@ from sqlbus.engine import Tx
 pytestmark = pytest.mark.backends
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def grouping_on(monkeypatch):
+    """Group at every durability: the default ("auto") groups only where a commit is dear
+    (durability="full", a group_commit_delay); these tests look at the group itself."""
+    from sqlbus.sqlite.group import GroupCommit
+
+    if GroupCommit.mode == "auto":
+        monkeypatch.setattr(GroupCommit, "mode", "on")
 PAYLOAD = {"task": "resize", "image": "s3://bucket/" + "x" * 120, "width": 640, "height": 480}
 
 
@@ -455,6 +465,7 @@ CHILD = textwrap.dedent(
     agents = [bus.agent("p%d" % i) for i in range(8)]
     out = threading.Lock()
     group = bus.engine.group
+    group.mode = "on"  # also at durability="normal", where "auto" would not group
 
     def publish(agent):
         n = 0

@@ -353,7 +353,9 @@ class SqliteEngine(Engine):
         committed. A caller alone writes at once. ``solo``: in turn, never shared."""
         refuse_inside_block()
         group = self.group
-        if group.mode == "off":
+        mode = group.mode
+        if mode == "off" or (mode == "auto" and self.synchronous != "FULL"
+                             and not self.group_commit_delay):
             with Write(self) as tx:
                 return fn(tx)
         return group.write(fn, solo)  # type: ignore[no-any-return]

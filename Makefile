@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check sqlbus tests tools benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/throughput.py --group-commit --fanout
 	$(BIN)/python benchmarks/latency.py
 
 # The peers (persist-queue, litequeue, huey, redis-py; pgqueuer and procrastinate on the

@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                 # full run (1,000,000 backlog: a few minutes)
     python benchmarks/throughput.py --quick         # small N, 100,000 backlog
     python benchmarks/throughput.py --postgres [URL]  # the same on PostgreSQL (pg_throughput.py)
+    python benchmarks/throughput.py --group-commit --fanout   # and the issue 21 sections
 
 Every figure is the median of ``--repeats`` runs, on files in one temporary directory (same
 file system). Raw apsw: WAL, synchronous=NORMAL, one INSERT per BEGIN IMMEDIATE transaction;
@@ -228,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="directory for the database files")
     parser.add_argument("--publish-only", action="store_true",
                         help="only the publish rows (one, batches of 100, durability=full)")
+    parser.add_argument("--group-commit", action="store_true",
+                        help="then the group-commit section (benchmarks/group_commit.py --quick)")
+    parser.add_argument("--fanout", action="store_true",
+                        help="then the fan-out section (benchmarks/fanout.py, 10, 1,000 and "
+                             "20,000 recipients)")
     parser.add_argument("--postgres", nargs="?", const="postgresql://postgres@127.0.0.1:5432/test",
                         default=None, metavar="URL",
                         help="run the PostgreSQL section instead, against raw psycopg, in fresh "
@@ -313,6 +319,16 @@ def main(argv: list[str] | None = None) -> int:
           "(executemany of 100 per transaction for batches; synchronous=FULL for the fsync row).")
     for b in (bus, bus_full):
         b.close()
+    if args.group_commit:  # 1 vs 8 threads and asyncio tasks publishing, 1 vs 4 acking
+        import group_commit
+
+        print("\n## Group commit\n", flush=True)
+        group_commit.main(["--quick", "--rounds", "3"])
+    if args.fanout:  # one message to N recipients: time, bytes, each recipient's receive rate
+        import fanout
+
+        print("\n## Fan-out\n", flush=True)
+        fanout.main(["--cases", "10x20,1000x20,20000x20"])
     return 0
 
 

@@ -55,6 +55,7 @@ from .encoding import encode_json_value
 from .engine import Looked, open_block
 from .errors import DatabaseError, VersionConflictError
 from .messages import Message
+from .sqlite.group import mark_offload_thread
 from .state import StateEntry, StateStore, Watch, check_key, check_poll, check_prefix
 from .transaction import Transaction, begin_block, end_block
 from .waking import ANY, FALLBACK, agent_tag
@@ -109,7 +110,8 @@ async def connect(
         schema=schema, pool_size=pool_size, connect_timeout=connect_timeout,
         group_commit_delay=group_commit_delay,
     )
-    pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="sqlbus-aio")
+    pool = ThreadPoolExecutor(_POOL_THREADS, thread_name_prefix="sqlbus-aio",
+                              initializer=mark_offload_thread)
     try:
         bus = await asyncio.get_running_loop().run_in_executor(
             pool, functools.partial(_connect, path, **policy)

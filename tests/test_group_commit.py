@@ -547,3 +547,35 @@ def test_the_behaviour_tests_pass_with_every_write_in_a_group_led_by_another_thr
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+def test_the_default_groups_where_a_commit_is_dear_and_for_asyncio_calls(tmp_path, monkeypatch):
+    """mode "auto": threads at durability="normal" write alone (grouping measured slower
+    there); at "full", and for an asyncio bus's calls at any durability, writes share commits."""
+    from sqlbus.sqlite.group import GroupCommit
+
+    monkeypatch.setattr(GroupCommit, "mode", "auto")
+
+    def threads_publish(bus: sqlbus.Bus) -> None:
+        agents = [bus.agent(f"p{i}") for i in range(4)]
+        workers = [threading.Thread(target=lambda a=a: [a.publish("sink", "notification", {})
+                                                       for _ in range(50)]) for a in agents]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+
+    with sqlbus.connect(tmp_path / "normal.db") as bus:
+        threads_publish(bus)
+        assert bus.engine.group.writes == 0  # type: ignore[attr-defined]
+    with sqlbus.connect(tmp_path / "full.db", durability="full") as bus:
+        threads_publish(bus)
+        assert bus.engine.group.writes == 200  # type: ignore[attr-defined]
+
+    async def tasks_publish() -> int:
+        async with await sqlbus.aio.connect(tmp_path / "aio.db") as abus:
+            agent = await abus.agent("p")
+            await asyncio.gather(*(agent.publish("sink", "notification", {}) for _ in range(50)))
+            return abus.sync.engine.group.writes  # type: ignore[attr-defined]
+
+    assert asyncio.run(tasks_publish()) == 50

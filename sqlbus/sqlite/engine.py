@@ -30,7 +30,7 @@ from ..errors import DatabaseError
 from . import checkpoint, storage
 from .checkpoint import Checkpointer
 from .files import check_paths, create_file, database_error, file_sizes
-from .group import GroupCommit
+from .group import GroupCommit, offload_thread
 from .wakeup import Wakeup
 
 T = TypeVar("T")
@@ -355,7 +355,8 @@ class SqliteEngine(Engine):
         group = self.group
         mode = group.mode
         if mode == "off" or (mode == "auto" and self.synchronous != "FULL"
-                             and not self.group_commit_delay):
+                             and not self.group_commit_delay
+                             and (solo or not offload_thread())):
             with Write(self) as tx:
                 return fn(tx)
         return group.write(fn, solo)  # type: ignore[no-any-return]

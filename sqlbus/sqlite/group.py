@@ -50,10 +50,11 @@ from . import storage
 if TYPE_CHECKING:
     from .engine import SqliteEngine
 
-__all__ = ["GroupCommit", "MODES"]
+__all__ = ["GroupCommit", "MODES", "mark_offload_thread", "offload_thread"]
 
 # How grouped writes run: "auto" (the default: "on" where a commit is dear, with
-# durability="full" (one fsync each) or a group_commit_delay; else "off"), "on" (a caller
+# durability="full" (one fsync each) or a group_commit_delay, and for asyncio calls; else
+# "off"), "on" (a caller
 # alone writes alone, concurrent ones share a transaction), "off" (every write its own
 # transaction), "always" (every write goes through the group, inside a savepoint, even
 # alone: for running the behaviour tests on the group's path). Measured on 2 cores
@@ -61,6 +62,22 @@ __all__ = ["GroupCommit", "MODES"]
 # a write to another thread costs, and grouping made 8 publishing threads 0.71x of one thread
 # (0.78x without) and 4 acking threads 0.54x (0.82x without); at "full" it made them 3.2x.
 MODES = ("auto", "on", "off", "always")
+
+# The threads of an asyncio bus's pool (``sqlbus.aio``): their writes come from concurrent
+# tasks that each hand a call to a thread anyway, so joining a group costs them no more; at
+# durability="normal" grouping made 8 asyncio publishing tasks 1.27x one task's rate, against
+# 0.70x without (benchmarks/group_commit.py --modes off,on,auto).
+_offload = threading.local()
+
+
+def mark_offload_thread() -> None:
+    """Make this thread's grouped writes group at any durability (an asyncio pool thread)."""
+    _offload.marked = True
+
+
+def offload_thread() -> bool:
+    """Whether this thread is an asyncio bus's pool thread (:func:`mark_offload_thread`)."""
+    return getattr(_offload, "marked", False)
 
 _WAITING, _LEAD, _DONE = 0, 1, 2
 # The most writes one transaction takes: writers that arrive while a group is written join it

@@ -21,7 +21,7 @@ import msgspec
 
 from . import connections
 from .arguments import STORED, Stored, seconds
-from .backend import TailRow
+from .backend import PeekRow, TailRow
 from .engine import Engine
 from .errors import DatabaseError
 from .messages import Message, iso_ms, listed_message
@@ -575,20 +575,9 @@ def _vacuum(engine: Engine, before: int, reader: str) -> VacuumResult:
 def peek(engine: Engine, agent: str, limit: int) -> list[InboxEntry]:
     """An agent's inbox without claiming anything, read in one snapshot: ready messages in
     the order receive takes them, then the others by when they become claimable, expired
-    ones last."""
-    now = engine.now_ms()
-    with engine.reading() as conn, snapshot(engine.storage, conn):
-        rows = engine.storage.peek_rows(conn, agent, now, limit, engine.max_body)
-    entries = []
-    for r in rows:
-        entries.append(
-            # a row that cannot be decoded shows as an error message (SPEC 4.2)
-            InboxEntry(message=listed_message(agent, r.message_id, r.sender, r.type, r.priority,
-                                              r.sent_at, r.body),
-                       status=r.status, attempts=r.attempts, visible_at=iso_ms(r.visible_at),
-                       payload_bytes=r.length)
-        )
-    return entries
+    ones last (the first page of :func:`peek_page`, unfiltered)."""
+    return peek_page(engine, agent, after=None, limit=limit, type=None, status=None,
+                     priority=None, text=None, scan=limit).entries
 
 
 PEEK_STATUSES = ("ready", "leased", "retrying", "scheduled", "expired")
@@ -620,42 +609,53 @@ def peek_page(
     page, so a filter that matches little costs a bounded read and the page says where to go on."""
     now = engine.now_ms()
     position = parse_position(after)
-    if status is not None:
-        start = _GROUP_START[_GROUP_OF[status]]
-        if position is None or position < start:
-            position = start
+    group = None if status is None else _GROUP_OF[status]
+    if group is not None and (position is None or position < _GROUP_START[group]):
+        position = _GROUP_START[group]
     needle = None if text is None else text.lower()
+    chunk = 1 if type is None and status is None and text is None else PEEK_CHUNK
     entries: list[InboxEntry] = []
     looked = 0
     with engine.reading() as conn, snapshot(engine.storage, conn):
         while len(entries) < limit and looked < scan:
-            room = min(scan - looked, max(limit - len(entries), 100 if type or text or status else 0))
+            room = min(scan - looked, max(limit - len(entries), chunk))
             rows = engine.storage.peek_rows(conn, agent, now, room, engine.max_body,
                                             position, priority)
             for r in rows:
-                if status is not None and r.position[0] != _GROUP_OF[status]:
+                if group is not None and r.position[0] != group:
                     return PeekPage(entries=entries, after=None)  # past the status's group
                 looked += 1
                 position = r.position
-                if (type is not None and r.type != type) or (
-                        status is not None and r.status != status):
-                    continue
-                if needle is not None and r.body is not None and needle not in r.body.decode(
-                        "utf-8", "replace").lower():
-                    continue  # not even in the stored JSON: no need to decode it
-                message = listed_message(agent, r.message_id, r.sender, r.type, r.priority,
-                                         r.sent_at, r.body)
-                if needle is not None and needle not in json_text(message.payload):
-                    continue
-                entries.append(InboxEntry(message=message, status=r.status, attempts=r.attempts,
-                                          visible_at=iso_ms(r.visible_at), payload_bytes=r.length))
-                if len(entries) == limit:
-                    break
+                entry = _kept(agent, r, type, status, needle)
+                if entry is not None:
+                    entries.append(entry)
+                    if len(entries) == limit:
+                        break
             else:  # every row read was looked at: fewer than asked for is the end
                 if len(rows) < room:
                     return PeekPage(entries=entries, after=None)
     assert position is not None
     return PeekPage(entries=entries, after="{}.{}.{}".format(*position))
+
+
+PEEK_CHUNK = 100  # rows a filtered page reads at a time
+
+
+def _kept(agent: str, r: PeekRow, type: str | None, status: str | None,
+          needle: str | None) -> InboxEntry | None:
+    """Row ``r`` as an inbox entry when it passes the filters (the columns first, then the
+    stored JSON, and only then a decode), else None."""
+    if (type is not None and r.type != type) or (status is not None and r.status != status):
+        return None
+    if needle is not None and r.body is not None and needle not in r.body.decode(
+            "utf-8", "replace").lower():
+        return None
+    # a row that cannot be decoded shows as an error message (SPEC 4.2)
+    message = listed_message(agent, r.message_id, r.sender, r.type, r.priority, r.sent_at, r.body)
+    if needle is not None and needle not in json_text(message.payload):
+        return None
+    return InboxEntry(message=message, status=r.status, attempts=r.attempts,
+                      visible_at=iso_ms(r.visible_at), payload_bytes=r.length)
 
 
 def json_text(payload: Any) -> str:

@@ -352,19 +352,12 @@ def lease_rows(
 ) -> list[LeaseRow]:
     """Leases running at ``now``, the soonest to end first (of ``agent``'s inbox, or all):
     read from message_wait, which holds only leased and scheduled rows."""
-    rows: list[Any] = conn.execute(
-        "SELECT seq FROM message WHERE " + WAITING + " AND state = 1 AND visible_at > ?1"
-        " AND (?3 IS NULL OR agent = ?3) ORDER BY visible_at, seq LIMIT ?2",
-        (now, limit, agent),
-    ).fetchall()
-    leases = []
-    for (seq,) in rows:
-        row: Any = conn.execute(
-            f"SELECT agent, visible_at, attempts, {LISTED} FROM message WHERE seq = ?1",
-            (seq, max_body),
-        ).fetchall()[0]
-        leases.append(LeaseRow(*row))
-    return leases
+    return [LeaseRow(*row) for row in conn.execute(
+        f"SELECT agent, visible_at, attempts, {LISTED} FROM message WHERE {WAITING}"
+        " AND state = 1 AND visible_at > ?1 AND (?3 IS NULL OR agent = ?3)"
+        " ORDER BY visible_at, seq LIMIT ?4",
+        (now, max_body, agent, limit),
+    )]
 
 
 def message_rows(
@@ -372,20 +365,13 @@ def message_rows(
 ) -> list[MessageRow]:
     """Every recipient's row of message ``message_id`` in publish order (by its index): the
     status at ``now`` as ``STATUS`` names it, or acked or dead, and the dead letter's number."""
-    seqs: list[Any] = conn.execute(
-        "SELECT seq FROM message WHERE message_id = ?1 ORDER BY seq", (message_id,)
-    ).fetchall()
-    rows = []
-    for (seq,) in seqs:
-        row: Any = conn.execute(
-            f"SELECT agent, CASE state WHEN 2 THEN 'acked' WHEN 3 THEN 'dead' ELSE {STATUS} END,"
-            " attempts, visible_at, done_at, last_error,"
-            f" (SELECT id FROM dead_letter WHERE dead_letter.seq = message.seq), {LISTED}"
-            " FROM message WHERE seq = ?3",
-            (now, max_body, seq),
-        ).fetchall()[0]
-        rows.append(MessageRow(*row))
-    return rows
+    return [MessageRow(*row) for row in conn.execute(
+        f"SELECT agent, CASE state WHEN 2 THEN 'acked' WHEN 3 THEN 'dead' ELSE {STATUS} END,"
+        " attempts, visible_at, done_at, last_error,"
+        f" (SELECT id FROM dead_letter WHERE dead_letter.seq = message.seq), {LISTED}"
+        " FROM message WHERE message_id = ?3 ORDER BY seq",
+        (now, max_body, message_id),
+    )]
 
 
 def last_seq(conn: apsw.Connection) -> int:

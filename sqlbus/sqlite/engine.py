@@ -30,7 +30,7 @@ from ..errors import DatabaseError
 from . import checkpoint, storage
 from .checkpoint import Checkpointer
 from .files import check_paths, create_file, database_error, file_sizes
-from .group import GroupCommit, offload_thread
+from .group import GroupCommit
 from .wakeup import Wakeup
 
 T = TypeVar("T")
@@ -353,10 +353,7 @@ class SqliteEngine(Engine):
         committed. A caller alone writes at once. ``solo``: in turn, never shared."""
         refuse_inside_block()
         group = self.group
-        mode = group.mode
-        if mode == "off" or (mode == "auto" and self.synchronous != "FULL"
-                             and not self.group_commit_delay
-                             and (solo or not offload_thread())):
+        if not group.takes(solo):
             with Write(self) as tx:
                 return fn(tx)
         return group.write(fn, solo)  # type: ignore[no-any-return]

@@ -148,6 +148,16 @@ class GroupCommit:
 
     # -- the caller's side ---------------------------------------------------------------------
 
+    def takes(self, solo: bool = False) -> bool:
+        """Whether a write of this thread goes through the group (see ``MODES``): in "auto",
+        where a commit is dear (durability="full", a group_commit_delay) or, for a write that
+        may share, on an asyncio bus's pool thread."""
+        if self.mode != "auto":
+            return self.mode != "off"
+        engine = self.engine
+        return (engine.synchronous == "FULL" or bool(engine.group_commit_delay)
+                or (not solo and offload_thread()))
+
     def write(self, fn: Callable[[Tx], Any], solo: bool = False) -> Any:
         """Run ``fn(tx)`` in a write transaction that concurrent callers may share; returns
         its result (or raises its error) once the transaction has committed. ``solo``: takes

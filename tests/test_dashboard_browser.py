@@ -65,55 +65,15 @@ def dashboard(tmp_path: Path):
         proc.communicate(timeout=10)
 
 
-def test_the_overview_shows_a_publish_from_another_process_live_without_console_errors(
-    dashboard,
-):
+@pytest.fixture
+def browser_page():
+    """A Chromium page, and the list its console errors, page errors and dialogs go to (the
+    tests assert it stays empty)."""
     _need(CHROMIUM, os.path.exists(CHROMIUM) or shutil.which("chromium") is not None)
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
         _need("the playwright package", False)
-    db, base = dashboard
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        try:
-            page = browser.new_page()
-            page.on("console", lambda m: m.type == "error" and errors.append(m.text))
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(f"{base}/?token={TOKEN}")
-            assert page.url == base + "/"  # redirected without the token
-            sent = page.locator('[data-key="sent"]')
-            assert sent.inner_text() == "2"
-            page.wait_for_timeout(1500)  # the stream is open
-            subprocess.run([sys.executable, "-c",
-                            "import sqlbus, sys; b = sqlbus.connect(sys.argv[1]); "
-                            "b.agent('alice').publish('bob', 'notification', {'n': 1})",
-                            str(db)], check=True, timeout=60)
-            # a poll from here: wait_for_function evaluates a string, which the CSP refuses
-            deadline = time.monotonic() + 10
-            while sent.inner_text() != "3" and time.monotonic() < deadline:
-                page.wait_for_timeout(100)
-            assert sent.inner_text() == "3"
-        finally:
-            browser.close()
-    assert errors == []
-
-
-def test_every_view_renders_without_console_errors_and_a_dead_letter_is_requeued_from_its_page(
-    dashboard, tmp_path
-):
-    _need(CHROMIUM, os.path.exists(CHROMIUM) or shutil.which("chromium") is not None)
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _need("the playwright package", False)
-    db, base = dashboard
-    with sqlbus.connect(db) as bus:
-        dead = bus.dead_letters()[0]
-    views = ["/", "/agents", "/agents/carol", "/leases", "/dead-letters",
-             f"/dead-letters/{dead.id}", f"/messages/{dead.message.id}", "/state",
-             "/state/team/plan", "/tail"]
     errors: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
@@ -122,20 +82,55 @@ def test_every_view_renders_without_console_errors_and_a_dead_letter_is_requeued
             page.on("console", lambda m: m.type == "error" and errors.append(m.text))
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.on("dialog", lambda d: errors.append("a dialog opened: " + d.message))
-            page.goto(f"{base}/?token={TOKEN}")
-            for view in views:
-                response = page.goto(base + view)
-                assert response is not None and response.status == 200, view
-                shot = tmp_path / (view.strip("/").replace("/", "_") or "overview")
-                page.screenshot(path=f"{shot}.png", full_page=True)
-                assert Path(f"{shot}.png").stat().st_size > 5000, view  # something was drawn
-            page.goto(base + "/dead-letters")
-            page.locator(f'form[action="/dead-letters/{dead.id}/requeue"] button').click()
-            page.wait_for_load_state()
-            assert page.url == base + "/dead-letters", page.content()[:300]
-            assert "No dead letters" in page.content()
+            yield page, errors
         finally:
             browser.close()
+
+
+def test_the_overview_shows_a_publish_from_another_process_live_without_console_errors(
+    dashboard, browser_page,
+):
+    db, base = dashboard
+    page, errors = browser_page
+    page.goto(f"{base}/?token={TOKEN}")
+    assert page.url == base + "/"  # redirected without the token
+    sent = page.locator('[data-key="sent"]')
+    assert sent.inner_text() == "2"
+    page.wait_for_timeout(1500)  # the stream is open
+    subprocess.run([sys.executable, "-c",
+                    "import sqlbus, sys; b = sqlbus.connect(sys.argv[1]); "
+                    "b.agent('alice').publish('bob', 'notification', {'n': 1})",
+                    str(db)], check=True, timeout=60)
+    # a poll from here: wait_for_function evaluates a string, which the CSP refuses
+    deadline = time.monotonic() + 10
+    while sent.inner_text() != "3" and time.monotonic() < deadline:
+        page.wait_for_timeout(100)
+    assert sent.inner_text() == "3"
+    assert errors == []
+
+
+def test_every_view_renders_without_console_errors_and_a_dead_letter_is_requeued_from_its_page(
+    dashboard, browser_page, tmp_path
+):
+    db, base = dashboard
+    page, errors = browser_page
+    with sqlbus.connect(db) as bus:
+        dead = bus.dead_letters()[0]
+    views = ["/", "/agents", "/agents/carol", "/leases", "/dead-letters",
+             f"/dead-letters/{dead.id}", f"/messages/{dead.message.id}", "/state",
+             "/state/team/plan", "/tail"]
+    page.goto(f"{base}/?token={TOKEN}")
+    for view in views:
+        response = page.goto(base + view)
+        assert response is not None and response.status == 200, view
+        shot = tmp_path / (view.strip("/").replace("/", "_") or "overview")
+        page.screenshot(path=f"{shot}.png", full_page=True)
+        assert Path(f"{shot}.png").stat().st_size > 5000, view  # something was drawn
+    page.goto(base + "/dead-letters")
+    page.locator(f'form[action="/dead-letters/{dead.id}/requeue"] button').click()
+    page.wait_for_load_state()
+    assert page.url == base + "/dead-letters", page.content()[:300]
+    assert "No dead letters" in page.content()
     assert errors == []
     with sqlbus.connect(db) as bus:
         assert bus.dead_letters() == []

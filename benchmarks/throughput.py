@@ -49,16 +49,20 @@ def median_rate(run: Callable[[], int], repeats: int) -> float:
 # -- raw apsw ---------------------------------------------------------------------------------
 
 
-def raw_connection(path: str, synchronous: str = "NORMAL") -> apsw.Connection:
+def wal_connection(path: str, synchronous: str, ddl: str) -> apsw.Connection:
+    """A raw connection in WAL mode at ``synchronous``, with the tables ``ddl`` makes."""
     conn = apsw.Connection(path)
     conn.execute("PRAGMA journal_mode=WAL").fetchall()
     conn.execute(f"PRAGMA synchronous={synchronous}")
     conn.set_busy_timeout(5000)
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY, visible_at INTEGER NOT NULL,"
-        " body BLOB NOT NULL)"
-    )
+    conn.execute(ddl)
     return conn
+
+
+def raw_connection(path: str, synchronous: str = "NORMAL") -> apsw.Connection:
+    return wal_connection(path, synchronous,
+                          "CREATE TABLE IF NOT EXISTS queue (id INTEGER PRIMARY KEY,"
+                          " visible_at INTEGER NOT NULL, body BLOB NOT NULL)")
 
 
 def raw_insert(conn: apsw.Connection, n: int) -> int:
@@ -85,16 +89,10 @@ _floor_encode = msgspec.json.Encoder().encode
 
 def floor_connection(path: str, synchronous: str = "NORMAL") -> apsw.Connection:
     """The floor's table: one row per message, one index in claim order."""
-    conn = apsw.Connection(path)
-    conn.execute("PRAGMA journal_mode=WAL").fetchall()
-    conn.execute(f"PRAGMA synchronous={synchronous}")
-    conn.set_busy_timeout(5000)
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS queue (seq INTEGER PRIMARY KEY, agent TEXT NOT NULL,"
-        " priority INTEGER NOT NULL, body BLOB NOT NULL);"
-        "CREATE INDEX IF NOT EXISTS queue_claim ON queue (agent, priority DESC, seq)"
-    )
-    return conn
+    return wal_connection(path, synchronous,
+                          "CREATE TABLE IF NOT EXISTS queue (seq INTEGER PRIMARY KEY,"
+                          " agent TEXT NOT NULL, priority INTEGER NOT NULL, body BLOB NOT NULL);"
+                          "CREATE INDEX IF NOT EXISTS queue_claim ON queue (agent, priority DESC, seq)")
 
 
 def floor_insert(conn: apsw.Connection, n: int) -> int:

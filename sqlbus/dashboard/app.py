@@ -113,11 +113,12 @@ class Dashboard:
                 text=filters["q"] or None, scan=SCAN))
         except (ValueError, SqlbusError) as exc:
             return self.page(request, "error.html", 400, message=str(exc))
-        more = None if page.after is None else "?" + urlencode(
-            {**{k: v for k, v in filters.items() if v}, "after": page.after})
+        kept = {k: v for k, v in filters.items() if v}
+        more = None if page.after is None else "?" + urlencode({**kept, "after": page.after})
+        first = None if not q.get("after") else "?" + urlencode(kept)
         return self.page(request, "inbox.html", agent=agent, rows=page.entries,
-                         filters=filters, states=MESSAGE_STATES, more=more,
-                         first=not q.get("after"), scan=SCAN)
+                         filters=filters, states=MESSAGE_STATES, more=more, first=first,
+                         scan=SCAN)
 
     async def message(self, request: Request) -> Response:
         message_id = request.path_params["id"]

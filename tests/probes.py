@@ -122,9 +122,35 @@ class _BusLooks:
     # -- tables both backends keep alike (P: the driver's placeholder) ---------------------
 
     P = "?"
+    ROW_COLUMNS = _ROW_COLUMNS  # inbox_rows' columns, in the backend's SQL
 
     def sql(self, query: str, params: tuple = ()) -> list[tuple]:
         raise NotImplementedError
+
+    # -- inbox rows: one per message and recipient ------------------------------------------
+
+    def inbox_rows(
+        self,
+        message_id: str | None = None,
+        *,
+        agent: str | None = _ANY,
+        type: str | None = None,
+        state: str | None = None,
+    ) -> list[InboxRow]:
+        """The rows (of one message, one recipient, type or state), in publish order."""
+        where, params = _filters(message_id, agent, type, state, self.P)
+        rows = self.sql(f"SELECT {self.ROW_COLUMNS} FROM message{where} ORDER BY seq", params)
+        return [
+            InboxRow(*row[:7], _STATE_NAMES[row[7]], *row[8:])  # type: ignore[arg-type, call-arg]
+            for row in rows
+        ]
+
+    def inbox_count(
+        self, *, agent: str | None = _ANY, type: str | None = None, state: str | None = None
+    ) -> int:
+        """How many rows are kept (for a recipient, of a type, in a state)."""
+        where, params = _filters(None, agent, type, state, self.P)
+        return self.sql(f"SELECT count(*) FROM message{where}", params)[0][0]
 
     def shared_body_count(self) -> int:
         """Bodies kept once for several recipients (a fan-out keeps one, not one per row)."""
@@ -157,16 +183,6 @@ class _BusLooks:
         return self.sql("SELECT count(*) FROM interest")[0][0]
 
     # -- looks made of inbox_rows ------------------------------------------------------------
-
-    def inbox_rows(
-        self,
-        message_id: str | None = None,
-        *,
-        agent: str | None = _ANY,
-        type: str | None = None,
-        state: str | None = None,
-    ) -> list[InboxRow]:
-        raise NotImplementedError
 
     def message_states(self, message_id: str) -> list[str]:
         """The state of each row of a message (one per recipient), in publish order."""
@@ -256,30 +272,6 @@ class SQLiteProbe(_BusLooks):
         finally:
             conn.close()
 
-    # -- inbox rows: one per message and recipient ------------------------------------------
-
-    def inbox_rows(
-        self,
-        message_id: str | None = None,
-        *,
-        agent: str | None = _ANY,
-        type: str | None = None,
-        state: str | None = None,
-    ) -> list[InboxRow]:
-        """The rows (of one message, one recipient, type or state), in publish order."""
-        where, params = _filters(message_id, agent, type, state)
-        rows = self.sql(f"SELECT {_ROW_COLUMNS} FROM message{where} ORDER BY seq", params)
-        return [
-            InboxRow(*row[:7], _STATE_NAMES[row[7]], *row[8:])  # type: ignore[arg-type, call-arg]
-            for row in rows
-        ]
-
-    def inbox_count(
-        self, *, agent: str | None = _ANY, type: str | None = None, state: str | None = None
-    ) -> int:
-        """How many rows are kept (for a recipient, of a type, in a state)."""
-        where, params = _filters(None, agent, type, state)
-        return self.sql(f"SELECT count(*) FROM message{where}", params)[0][0]
 
     def replace_body(self, message_id: str, body: bytes) -> None:
         """Damage the file: the stored body of a message (to one recipient) becomes ``body``."""
@@ -435,6 +427,7 @@ class PostgresProbe(_BusLooks):
     ``?``, and what it sees is what was committed."""
 
     P = "%s"
+    ROW_COLUMNS = _PG_ROW_COLUMNS
 
     def __init__(self, url: str, schema: str) -> None:
         self.url = url
@@ -472,30 +465,6 @@ class PostgresProbe(_BusLooks):
             count = 'SELECT count(*) FROM "{}"'
             return {t: conn.execute(count.format(t)).fetchall()[0][0] for t in tables}
 
-    # -- inbox rows ---------------------------------------------------------------------------
-
-    def inbox_rows(
-        self,
-        message_id: str | None = None,
-        *,
-        agent: str | None = _ANY,
-        type: str | None = None,
-        state: str | None = None,
-    ) -> list[InboxRow]:
-        """The rows (of one message, one recipient, type or state), in publish order."""
-        where, params = _filters(message_id, agent, type, state, "%s")
-        rows = self.sql(f"SELECT {_PG_ROW_COLUMNS} FROM message{where} ORDER BY seq", params)
-        return [
-            InboxRow(*row[:7], _STATE_NAMES[row[7]], *row[8:])  # type: ignore[arg-type, call-arg]
-            for row in rows
-        ]
-
-    def inbox_count(
-        self, *, agent: str | None = _ANY, type: str | None = None, state: str | None = None
-    ) -> int:
-        """How many rows are kept (for a recipient, of a type, in a state)."""
-        where, params = _filters(None, agent, type, state, "%s")
-        return self.sql(f"SELECT count(*) FROM message{where}", params)[0][0]
 
     def replace_body(self, message_id: str, body: bytes) -> None:
         """Damage the schema: the stored body of a message (to one recipient) becomes ``body``."""

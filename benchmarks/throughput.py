@@ -218,6 +218,16 @@ def receive_rows(
 # -- the run ----------------------------------------------------------------------------------
 
 
+def print_table(base: str, goal: str, rows: list[tuple[str, float, float, str]]) -> None:
+    """(workload, sqlbus rate, ``base`` rate, target ratio) rows as a Markdown table."""
+    print(f"\n| workload | sqlbus msg/s | {base} msg/s | ratio | {goal} |")
+    print("|---|---:|---:|---:|---|")
+    for name, ours, theirs, target in rows:
+        met = float(target.split()[-1]) <= ours / theirs
+        print(f"| {name} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f} | {target} "
+              f"{'met' if met else 'MISSED'} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=20_000, help="operations per measurement")
@@ -296,22 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     record("publish at durability=full (fsync)", ours_full, raw_full_rate, ">= 0.80")
     record_floor("publish at durability=full (fsync)", ours_full, floor_full_rate, ">= 0.80")
 
-    print()
-    print("| workload | sqlbus msg/s | baseline msg/s | ratio | target |")
-    print("|---|---:|---:|---:|---|")
-    for name, ours, base, target in results:
-        met = float(target.split()[-1]) <= ours / base
-        print(f"| {name} | {ours:,.0f} | {base:,.0f} | {ours / base:.2f} | {target} "
-              f"{'met' if met else 'MISSED'} |")
+    print_table("baseline", "target", results)
     print("\nBaselines: raw apsw doing the same logical work, except the backlog row (sqlbus at a "
           "1,000 backlog) and the batch-receive row (raw one-at-a-time claim + delete).")
-    print()
-    print("| workload | sqlbus msg/s | fair floor msg/s | ratio | target (issue 21) |")
-    print("|---|---:|---:|---:|---|")
-    for name, ours, fair, target in floor_results:
-        met = float(target.split()[-1]) <= ours / fair
-        print(f"| {name} | {ours:,.0f} | {fair:,.0f} | {ours / fair:.2f} | {target} "
-              f"{'met' if met else 'MISSED'} |")
+    print_table("fair floor", "target (issue 21)", floor_results)
     print("\nFair floor: raw apsw, msgspec-encode the payload, one row in a table with one "
           "claim-order index (agent, priority DESC, seq), one transaction per call "
           "(executemany of 100 per transaction for batches; synchronous=FULL for the fsync row).")

@@ -143,7 +143,7 @@ class PeekRow(NamedTuple):
     sent_at: int
     length: int
     body: bytes | None
-    position: tuple[int, int, int] = (0, 0, 0)  # (group, key, seq): where a next page starts
+    position: tuple[int, int, int]  # (group, key, seq): where a next page starts
 
 
 def peek_start(group: int, after: tuple[int, int, int] | None) -> tuple[int, int]:

@@ -36,7 +36,6 @@ from .streams import overview_events, tail_events
 HERE = Path(__file__).parent
 PAGE = 50  # rows a page
 SCAN = 2_000  # rows a filtered inbox page looks at, at most (about 100 ms), before it stops
-MESSAGE_STATES = PEEK_STATUSES
 
 
 def _templates() -> Jinja2Templates:
@@ -117,7 +116,7 @@ class Dashboard:
         more = None if page.after is None else "?" + urlencode({**kept, "after": page.after})
         first = None if not q.get("after") else "?" + urlencode(kept)
         return self.page(request, "inbox.html", agent=agent, rows=page.entries,
-                         filters=filters, states=MESSAGE_STATES, more=more, first=first,
+                         filters=filters, states=PEEK_STATUSES, more=more, first=first,
                          scan=SCAN)
 
     async def message(self, request: Request) -> Response:
